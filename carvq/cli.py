@@ -1,0 +1,77 @@
+"""The `carvq` command. Subcommands import their heavy dependencies lazily, so the runtime
+commands work without torch or transformers installed."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from carvq.errors import CarvqError
+
+
+def _cmd_convert(args) -> int:
+    from carvq.converter.config import Config
+    from carvq.converter.convert import convert
+
+    base = Config(group_size=args.group_size, levels=args.levels, adaptor_rank=args.adaptor_rank,
+                  adaptor_hidden=args.adaptor_hidden if args.adaptor_rank else 0, activation=args.activation)
+    report = convert(args.input, args.output, base, target_bpw=args.target_bpw, iters=args.iters, seed=args.seed,
+                     calibration=args.calibration, head_type=args.head_type, hf_outtype=args.hf_outtype,
+                     progress=not args.quiet)
+    print(report.format())
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from carvq.inspect import inspect_text
+
+    print(inspect_text(args.file))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from carvq import __version__
+
+    p = argparse.ArgumentParser(prog="carvq", description="CARVQ embedding compression for llama.cpp models")
+    p.add_argument("--version", action="version", version=f"carvq {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="compress a model's token embedding to CARVQ-GGUF")
+    c.add_argument("input", help="a GGUF file or a Hugging Face checkpoint directory")
+    c.add_argument("-o", "--output", required=True, help="the CARVQ-GGUF to write")
+    c.add_argument("--group-size", type=int, default=8, help="columns per sub-vector, d (default 8)")
+    c.add_argument("--levels", type=int, default=3, help="residual levels per group, L (default 3)")
+    c.add_argument("--adaptor-rank", type=int, default=4, help="width m of the per-token table sigma_0; 0 = no adaptor (default 4)")
+    c.add_argument("--adaptor-hidden", type=int, default=64, help="hidden width of the adaptor MLP (default 64)")
+    c.add_argument("--activation", choices=("gelu", "silu", "relu"), default="gelu")
+    c.add_argument("--iters", type=int, default=2, help="RVQ/adaptor alternation rounds at most (default 2)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--target-bpw", type=float, help="pick group size and levels: least weighted error with lookup bpw <= this")
+    c.add_argument("--calibration", help="text file whose token counts weight the objective (default: a prior from the tokenizer)")
+    c.add_argument("--head-type", help="type of the output.weight written for a tied model (default: the source embedding's type)")
+    c.add_argument("--hf-outtype", default="auto", help="outtype passed to convert_hf_to_gguf.py for a HF checkpoint")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=_cmd_convert)
+
+    i = sub.add_parser("inspect", help="tensors, types, sizes and CARVQ parameters of a GGUF")
+    i.add_argument("file")
+    i.set_defaults(func=_cmd_inspect)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CarvqError as exc:
+        print(f"carvq: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("carvq: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        print(f"carvq: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Token weights for the training objective: how often each token is looked up.
+
+Two sources:
+- a calibration text, tokenized with the model's own tokenizer: w_t = count_t + 1;
+- no text: a Zipf prior over a frequency rank read from the tokenizer itself
+  (SentencePiece: higher score = more frequent; BPE: lower id = earlier merge = more frequent),
+  scaled as if from PRIOR_TOKENS tokens of text.
+Special and unused tokens get the floor weight 1 either way.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from carvq.errors import CarvqError
+from carvq.gguf_io import field_value
+
+PRIOR_TOKENS = 100_000
+ZIPF_OFFSET = 10.0
+TOKEN_TYPE_NORMAL = 1
+
+
+def zipf_weights(rank: np.ndarray, ordinary: np.ndarray) -> np.ndarray:
+    """w = 1 + PRIOR_TOKENS * p(rank), p Zipf over the ordinary tokens only."""
+    p = np.where(ordinary, 1.0 / (rank + ZIPF_OFFSET), 0.0)
+    p /= max(p.sum(), 1e-30)
+    return 1.0 + PRIOR_TOKENS * p
+
+
+def prior_from_gguf(reader, n_vocab: int) -> tuple[np.ndarray, str]:
+    """Zipf prior from the GGUF tokenizer metadata; returns (weights, description)."""
+    model = field_value(reader, "tokenizer.ggml.model", "")
+    types = field_value(reader, "tokenizer.ggml.token_type")
+    ordinary = np.ones(n_vocab, bool)
+    if types is not None and len(types) == n_vocab:
+        ordinary = np.asarray(types) == TOKEN_TYPE_NORMAL
+    scores = field_value(reader, "tokenizer.ggml.scores")
+    if model == "llama" and scores is not None and len(scores) == n_vocab:
+        score = np.where(ordinary, np.asarray(scores, np.float64), -np.inf)
+        order = np.argsort(-score, kind="stable")
+        how = "SentencePiece score rank"
+    else:
+        order = np.arange(n_vocab)
+        how = "token id rank (BPE merge order)"
+    rank = np.empty(n_vocab, np.float64)
+    rank[order] = np.cumsum(ordinary[order]) - 1  # rank among ordinary tokens only
+    return zipf_weights(rank, ordinary), f"Zipf prior over {how}"
+
+
+def from_counts(counts: np.ndarray) -> np.ndarray:
+    return counts.astype(np.float64) + 1.0
+
+
+def count_tokens(tokenizer, text_path: Path, n_vocab: int) -> tuple[np.ndarray, int]:
+    """Token counts of a text file under a transformers tokenizer."""
+    try:
+        text = Path(text_path).read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise CarvqError(f"{text_path}: cannot read calibration text ({exc.strerror})") from None
+    if not text.strip():
+        raise CarvqError(f"{text_path}: calibration text is empty")
+    ids: list[int] = []
+    chunk = 1 << 16  # tokenizers are slow on one huge string; paragraphs boundaries are fine
+    for start in range(0, len(text), chunk):
+        ids.extend(tokenizer.encode(text[start : start + chunk], add_special_tokens=False))
+    arr = np.asarray(ids, np.int64)
+    arr = arr[(arr >= 0) & (arr < n_vocab)]
+    return np.bincount(arr, minlength=n_vocab)[:n_vocab], int(arr.size)

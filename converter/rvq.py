@@ -1,0 +1,147 @@
+"""Group residual vector quantization with token-frequency weights, in PyTorch.
+
+Rows of the embedding M (V x n) are cut into G = n/d sub-vectors; each group has L
+levels of K centroids. All groups are processed together as a batch (G, V, d), in
+chunks of groups so the (G, V, K) distance tensor stays within memory.
+
+Every fit minimises the *weighted* squared error sum_t w_t ||x_t - x^_t||^2: frequent
+tokens are atypical rows, and plain k-means sacrifices exactly them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# (groups x rows x K) float32 elements per chunk: ~256 MB of distances at most.
+_CHUNK_ELEMS = 64 * 1024 * 1024
+
+
+@dataclass
+class RVQ:
+    codebooks: torch.Tensor  # (G, L, K, d) float32
+    codes: torch.Tensor  # (V, G, L) uint8
+
+    def reconstruct(self) -> torch.Tensor:
+        """(V, n) float32, levels summed in order 0..L-1 as FORMAT.md prescribes."""
+        G, L, K, d = self.codebooks.shape
+        V = self.codes.shape[0]
+        out = torch.zeros(G, V, d)
+        for level in range(L):
+            out += _lookup(self.codebooks[:, level], self.codes[:, :, level])
+        return out.permute(1, 0, 2).reshape(V, G * d)
+
+
+def _lookup(cb: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """cb (G, K, d), codes (V, G) -> (G, V, d)."""
+    G, K, d = cb.shape
+    idx = codes.t().long()  # (G, V)
+    return torch.gather(cb, 1, idx.unsqueeze(-1).expand(-1, -1, d))
+
+
+def _group_chunks(G: int, V: int, K: int):
+    step = max(1, _CHUNK_ELEMS // max(1, V * K))
+    for start in range(0, G, step):
+        yield slice(start, min(G, start + step))
+
+
+def assign(x: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+    """Nearest centroid per group: x (G, V, d), cb (G, K, d) -> (G, V) int64."""
+    G, V, _ = x.shape
+    out = torch.empty(G, V, dtype=torch.long)
+    for sl in _group_chunks(G, V, cb.shape[1]):
+        c = cb[sl]
+        dist = (c * c).sum(-1).unsqueeze(1) - 2 * torch.bmm(x[sl], c.transpose(1, 2))  # (g, V, K)
+        out[sl] = dist.argmin(-1)
+    return out
+
+
+def _weighted_means(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, K: int):
+    """Per group: sum_t w_t x_t and sum_t w_t over each cluster."""
+    G, V, d = x.shape
+    sums = torch.zeros(G, K, d)
+    sums.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, d), x * w.view(1, V, 1))
+    mass = torch.zeros(G, K)
+    mass.scatter_add_(1, idx, w.view(1, V).expand(G, -1).contiguous())
+    return sums, mass
+
+
+def _kmeanspp(x: torch.Tensor, w: torch.Tensor, K: int, gen: torch.Generator) -> torch.Tensor:
+    """Weighted k-means++ seeding, batched over groups: x (G, V, d) -> (G, K, d)."""
+    G, V, d = x.shape
+    first = torch.multinomial(w, G, replacement=True, generator=gen)  # one seed row per group
+    cb = torch.empty(G, K, d)
+    cb[:, 0] = x[torch.arange(G), first]
+    best = ((x - cb[:, :1]) ** 2).sum(-1)  # (G, V)
+    for k in range(1, K):
+        p = best * w.view(1, V) + 1e-30
+        pick = torch.multinomial(p, 1, generator=gen).squeeze(1)
+        cb[:, k] = x[torch.arange(G), pick]
+        best = torch.minimum(best, ((x - cb[:, k : k + 1]) ** 2).sum(-1))
+    return cb
+
+
+def kmeans(x: torch.Tensor, w: torch.Tensor, K: int, iters: int, gen: torch.Generator) -> torch.Tensor:
+    """Weighted Lloyd iterations from k-means++ seeds; empty clusters are re-seeded at
+    the worst-served row of their group. x (G, V, d), w (V,) -> codebooks (G, K, d)."""
+    G, V, d = x.shape
+    cb = _kmeanspp(x, w, K, gen)
+    for _ in range(iters):
+        idx = assign(x, cb)
+        sums, mass = _weighted_means(x, w, idx, K)
+        empty = mass <= 0
+        cb = torch.where(empty.unsqueeze(-1), cb, sums / mass.clamp_min(1e-30).unsqueeze(-1))
+        if empty.any():
+            err = ((x - torch.gather(cb, 1, idx.unsqueeze(-1).expand(-1, -1, d))) ** 2).sum(-1) * w
+            for g, k in empty.nonzero().tolist():
+                cb[g, k] = x[g, err[g].argmax()]
+                err[g, err[g].argmax()] = 0
+    return cb
+
+
+def fit(M: torch.Tensor, w: torch.Tensor, d: int, L: int, K: int, iters: int, refine: int,
+        gen: torch.Generator, progress=None) -> RVQ:
+    """Greedy residual fit (level by level), then `refine` rounds in which each level's
+    codebook is refitted against what the other levels leave."""
+    V, n = M.shape
+    G = n // d
+    x = M.reshape(V, G, d).permute(1, 0, 2).contiguous()  # (G, V, d)
+    residual = x.clone()
+    cbs, idxs = [], []
+    for _ in range(L):
+        cb = kmeans(residual, w, K, iters, gen)
+        idx = assign(residual, cb)
+        residual -= torch.gather(cb, 1, idx.unsqueeze(-1).expand(-1, -1, d))
+        cbs.append(cb)
+        idxs.append(idx)
+        if progress:
+            progress.update(1)
+    for _ in range(refine):
+        for level in range(L):
+            chosen = torch.gather(cbs[level], 1, idxs[level].unsqueeze(-1).expand(-1, -1, d))
+            target = residual + chosen  # what this level should explain
+            idx = assign(target, cbs[level])
+            sums, mass = _weighted_means(target, w, idx, K)
+            keep = (mass <= 0).unsqueeze(-1)
+            cbs[level] = torch.where(keep, cbs[level], sums / mass.clamp_min(1e-30).unsqueeze(-1))
+            idx = assign(target, cbs[level])
+            idxs[level] = idx
+            residual = target - torch.gather(cbs[level], 1, idx.unsqueeze(-1).expand(-1, -1, d))
+        if progress:
+            progress.update(1)
+    codebooks = torch.stack(cbs, dim=1)  # (G, L, K, d)
+    codes = torch.stack(idxs, dim=-1).permute(1, 0, 2).to(torch.uint8).contiguous()  # (V, G, L)
+    return RVQ(codebooks, codes)
+
+
+def encode(M: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Greedy residual encoding of M with fixed codebooks (G, L, K, d) -> codes (V, G, L)."""
+    G, L, K, d = codebooks.shape
+    V = M.shape[0]
+    residual = M.reshape(V, G, d).permute(1, 0, 2).contiguous()
+    idxs = []
+    for level in range(L):
+        idx = assign(residual, codebooks[:, level])
+        residual = residual - torch.gather(codebooks[:, level], 1, idx.unsqueeze(-1).expand(-1, -1, d))
+        idxs.append(idx)
+    return torch.stack(idxs, dim=-1).permute(1, 0, 2).to(torch.uint8).contiguous()

@@ -1,0 +1,109 @@
+"""CARVQ fitting: RVQ and the corrective adaptor, alternated while the weighted error falls."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from carvq.reference import CarvqTensors, Layout, pack_codes
+from carvq.converter import adaptor as adaptor_mod
+from carvq.converter import rvq
+from carvq.converter.config import Config
+
+KMEANS_ITERS = 12
+REFINE_ROUNDS = 3
+ADAPTOR_STEPS = 300
+ADAPTOR_BATCH = 2048
+ADAPTOR_LR = 1e-2
+PROXY_ROWS = 8192
+
+
+@dataclass
+class Fit:
+    tensors: CarvqTensors
+    reconstruction: np.ndarray  # (V, n) float32, decoded from the stored tensors
+    rounds: int
+
+
+def weighted_error(M: torch.Tensor, R: torch.Tensor, w: torch.Tensor) -> float:
+    """sum_t w_t ||M_t - R_t||^2 / sum_t w_t ||M_t||^2."""
+    num = (((M - R) ** 2).sum(1) * w).sum()
+    den = ((M**2).sum(1) * w).sum()
+    return float(num / den.clamp_min(1e-30))
+
+
+def _round_codebooks(cb: torch.Tensor, cfg: Config) -> torch.Tensor:
+    return cb.half().float() if cfg.codebook_type == "F16" else cb
+
+
+def _fit_rvq(target: torch.Tensor, w: torch.Tensor, cfg: Config, gen: torch.Generator, bar) -> rvq.RVQ:
+    q = rvq.fit(target, w, cfg.group_size, cfg.levels, cfg.codebook_size, KMEANS_ITERS, REFINE_ROUNDS, gen, bar)
+    # The stored codebooks may be F16: encode against exactly what the decoder will see.
+    cb = _round_codebooks(q.codebooks, cfg)
+    return rvq.RVQ(cb, rvq.encode(target, cb))
+
+
+def compress(M_np: np.ndarray, w_np: np.ndarray, cfg: Config, iters: int, seed: int, progress: bool = True) -> Fit:
+    """Fit CARVQ to M (V, n) under token weights w (V,)."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    M = torch.from_numpy(np.ascontiguousarray(M_np, np.float32))
+    w = torch.from_numpy(np.asarray(w_np, np.float64)).float()
+    V, n = M.shape
+    rounds = max(1, iters)
+    per_round = cfg.levels + REFINE_ROUNDS + (ADAPTOR_STEPS if cfg.adaptor_rank else 0)
+    bar = tqdm(total=rounds * per_round, desc="carvq fit", unit="step", disable=not progress, leave=False)
+
+    best = None
+    correction = torch.zeros_like(M)
+    adaptor = None
+    for r in range(rounds):
+        q = _fit_rvq(M - correction, w, cfg, gen, bar)
+        approx = q.reconstruct()
+        if cfg.adaptor_rank:
+            adaptor = adaptor_mod.Adaptor(V, n, cfg.adaptor_rank, cfg.adaptor_hidden, cfg.activation, gen)
+            adaptor_mod.train(adaptor, M - approx, w, ADAPTOR_STEPS, ADAPTOR_BATCH, ADAPTOR_LR, gen, bar)
+            with torch.no_grad():
+                correction = adaptor()
+        err = weighted_error(M, approx + correction, w)
+        if best is not None and err >= best[0]:
+            break  # alternation stopped helping
+        best = (err, q, adaptor, r + 1)
+    bar.close()
+    _, q, adaptor, used = best
+    tensors = _to_tensors(q, adaptor, cfg, V, n)
+    return Fit(tensors, tensors.decode(np.arange(V)), used)
+
+
+def _to_tensors(q: rvq.RVQ, adaptor, cfg: Config, V: int, n: int) -> CarvqTensors:
+    """The stored form: numpy arrays in FORMAT.md's shapes and types."""
+    layout = Layout(V, n, cfg.group_size, cfg.levels, cfg.codebook_size,
+                    cfg.adaptor_rank, cfg.adaptor_hidden, cfg.activation if cfg.adaptor_rank else "none")
+    np_type = {"F16": np.float16, "F32": np.float32}
+    codes = pack_codes(q.codes.numpy())
+    codebooks = q.codebooks.numpy().astype(np_type[cfg.codebook_type])
+    if not cfg.adaptor_rank:
+        return CarvqTensors(layout, codes, codebooks)
+    with torch.no_grad():
+        return CarvqTensors(
+            layout, codes, codebooks,
+            sigma0=adaptor.sigma0.numpy().astype(np_type[cfg.sigma0_type]),
+            up_w=adaptor.up.weight.numpy().astype(np_type[cfg.mlp_type]),
+            up_b=adaptor.up.bias.numpy().astype(np.float32),
+            down_w=adaptor.down.weight.numpy().astype(np_type[cfg.mlp_type]),
+            down_b=adaptor.down.bias.numpy().astype(np.float32),
+        )
+
+
+def proxy_error(M_np: np.ndarray, w_np: np.ndarray, cfg: Config, seed: int) -> float:
+    """Cheap estimate of a configuration's weighted error: RVQ alone on rows drawn by weight."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.from_numpy(np.asarray(w_np, np.float64)).float()
+    rows = min(PROXY_ROWS, M_np.shape[0])
+    ids = torch.multinomial(w / w.sum(), rows, replacement=False, generator=gen)
+    M = torch.from_numpy(np.ascontiguousarray(M_np, np.float32))[ids]
+    ones = torch.ones(rows)
+    q = rvq.fit(M, ones, cfg.group_size, cfg.levels, cfg.codebook_size, 8, 1, gen)
+    return weighted_error(M, q.reconstruct(), ones)

@@ -1,0 +1,140 @@
+// carvq.h - decoder for CARVQ-compressed token embeddings (docs/FORMAT.md, version 1)
+//
+// Self-contained: C11 + libc only, no ggml / llama.cpp dependency, so it can be unit-tested
+// on its own and called from a ggml custom op (each of nth threads decodes a slice of rows).
+//
+// Only the RVQ part of the decode lives here; the optional adaptor (sigma0 -> up -> act ->
+// down) is two matrix multiplies that the caller does with ggml.
+//
+// Build requirements:
+//   - compile carvq.c with -ffp-contract=off (the file also sets it with pragmas/attributes;
+//     the flag makes it hold for every compiler), and never with -ffast-math: the RVQ sum
+//     must be bit-exact with carvq/reference.py.
+//   - SIMD paths are chosen at compile time: AVX (F32) / F16C (F16) on x86, SSE2 as the
+//     x86-64 baseline, NEON on ARM (F16 on AArch64). Define CARVQ_NO_SIMD to build the
+//     scalar path only.
+//
+// Typical use (a loader):
+//   struct carvq_layout l = { V, n, CARVQ_FORMAT_VERSION, d, L, K, m, h };
+//   if (carvq_layout_check(&l, err, sizeof(err))) -> refuse the file (err says why)
+//   compare carvq_layout_codes_ne / carvq_layout_codebooks_ne with the tensors' ne
+//   if (carvq_codes_check(&l, codes, err, sizeof(err))) -> refuse the file
+// and per batch (a ggml custom op, thread ith of nth):
+//   if (carvq_ids_check(&l, ids, n_ids, err, sizeof(err))) -> abort / report
+//   carvq_rows_decode(&l, codes, codebooks, type, ids, n_ids, out, n, first, last)
+//   with [first, last) this thread's slice of [0, n_ids).
+
+#ifndef CARVQ_H
+#define CARVQ_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define CARVQ_FORMAT_VERSION 1
+
+// limits from FORMAT.md ("Metadata keys")
+#define CARVQ_MAX_LEVELS          16
+#define CARVQ_MIN_CODEBOOK_SIZE    2
+#define CARVQ_MAX_CODEBOOK_SIZE   16
+#define CARVQ_MAX_ADAPTOR_RANK  1024
+#define CARVQ_MAX_ADAPTOR_HIDDEN 65536
+
+// Shape parameters of one CARVQ embedding. Field order is part of the ABI (40 bytes, no
+// padding; checked with static_assert in carvq.c).
+struct carvq_layout {
+    int64_t n_vocab;         // V
+    int64_t n_embd;          // n
+    int32_t format_version;  // carvq.format_version, must be CARVQ_FORMAT_VERSION
+    int32_t group_size;      // d, n % d == 0
+    int32_t levels;          // L, 1..16
+    int32_t codebook_size;   // K, 2..16
+    int32_t adaptor_rank;    // m, 0..1024
+    int32_t adaptor_hidden;  // h, 0..65536, 0 iff m == 0
+};
+
+// element type of token_embd.carvq.codebooks (values match nothing in ggml on purpose)
+enum carvq_codebook_type {
+    CARVQ_CODEBOOK_F32 = 0,
+    CARVQ_CODEBOOK_F16 = 1,
+};
+
+// ---- layout -------------------------------------------------------------------------------
+
+// 0 when the layout is valid (FORMAT.md "Validation": version, ranges, n % d, and every byte
+// size below fits in int64_t and size_t); otherwise non-zero and a one-line message in err
+// (err may be NULL; the message is truncated to err_size - 1 chars and NUL-terminated).
+int carvq_layout_check(const struct carvq_layout * l, char * err, size_t err_size);
+
+// Derived sizes. All return -1 when the layout fails carvq_layout_check.
+int64_t carvq_layout_n_groups      (const struct carvq_layout * l);  // G = n / d
+int64_t carvq_layout_code_row_bytes(const struct carvq_layout * l);  // B = ceil(G*L / 2)
+int64_t carvq_layout_codes_nbytes  (const struct carvq_layout * l);  // V * B
+int64_t carvq_layout_codebooks_nelements(const struct carvq_layout * l);  // G*L*K*d
+int64_t carvq_layout_codebooks_nbytes(const struct carvq_layout * l, enum carvq_codebook_type type);
+
+// Expected tensor shapes in ggml ne order (fastest axis first), for an exact shape compare:
+// codes ne = { B, V }, codebooks ne = { d, K, L, G }. Return 0, or -1 (ne untouched) when
+// the layout fails carvq_layout_check.
+int carvq_layout_codes_ne    (const struct carvq_layout * l, int64_t ne[2]);
+int carvq_layout_codebooks_ne(const struct carvq_layout * l, int64_t ne[4]);
+
+// ---- data checks (the layout must have passed carvq_layout_check) ------------------------
+
+// Scans all V rows of the packed codes (V * B bytes). Non-zero when a code is >= K or, for
+// odd G*L, the padding nibble of a row's last byte is not zero; err names the first bad row.
+int carvq_codes_check(const struct carvq_layout * l, const uint8_t * codes, char * err, size_t err_size);
+
+// Non-zero when some ids[i] is outside 0..V-1; err names the first such position and id.
+int carvq_ids_check(const struct carvq_layout * l, const int32_t * ids, int64_t n_ids, char * err, size_t err_size);
+
+// ---- decode -------------------------------------------------------------------------------
+
+// Decodes the RVQ part of rows first..last-1 of the id list: for r in [first, last), writes
+// the n floats of token ids[r] to out + r * out_row_stride (stride in floats, >= n). Only
+// those n floats of those rows are written, so threads may share one out buffer.
+// [first, last) is clamped to [0, n_ids). Preconditions (not checked here, for speed): the
+// layout, codes and ids passed the checks above; codebooks holds G*L*K*d elements of
+// cb_type; out does not overlap codes or codebooks.
+// Bit-exact with carvq/reference.py decode_rvq: each element is ((0 + c_0) + c_1) + ... +
+// c_{L-1} in float32, F16 codebook values converted exactly (NaN payloads aside).
+void carvq_rows_decode(
+        const struct carvq_layout * l,
+        const uint8_t  * codes,
+        const void     * codebooks,
+        enum carvq_codebook_type cb_type,
+        const int32_t  * ids,
+        int64_t          n_ids,
+        float          * out,
+        int64_t          out_row_stride,
+        int64_t          first,
+        int64_t          last);
+
+// Same contract, always the portable scalar path (for tests and benchmarks).
+void carvq_rows_decode_scalar(
+        const struct carvq_layout * l,
+        const uint8_t  * codes,
+        const void     * codebooks,
+        enum carvq_codebook_type cb_type,
+        const int32_t  * ids,
+        int64_t          n_ids,
+        float          * out,
+        int64_t          out_row_stride,
+        int64_t          first,
+        int64_t          last);
+
+// Which path carvq_rows_decode takes for cb_type in this build:
+// "avx", "f16c", "sse2", "neon" or "scalar".
+const char * carvq_simd_name(enum carvq_codebook_type cb_type);
+
+// Exact IEEE 754 binary16 -> binary32 conversion (all values, subnormals, inf; NaN payload kept).
+float carvq_fp16_to_fp32(uint16_t h);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif // CARVQ_H

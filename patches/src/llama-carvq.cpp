@@ -1,0 +1,207 @@
+// llama-carvq.cpp - load CARVQ embedding tensors and build their lookup in the graph.
+//
+// Why a ggml custom op for the RVQ part rather than a new ggml op: the decode is one
+// self-contained kernel (carvq.c) that only the CPU backend needs; ggml_custom_4d gives
+// it ggml's thread pool (ith/nth) without touching ggml's op enum, its CPU dispatch
+// tables or any backend, which keeps the patch series small. The adaptor is ordinary
+// ggml ops (get_rows, mul_mat, add, tanh ...), so it runs on ggml's fast kernels.
+
+#include "llama-carvq.h"
+
+#include "llama-impl.h"
+#include "llama-model-loader.h"
+#include "llama-model.h"
+
+#include "ggml.h"
+#include "gguf.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+static_assert(sizeof(carvq_layout) == 40, "carvq_layout is part of the decoder ABI");
+
+static const char * CARVQ_KEY_VERSION = "carvq.format_version";
+
+static uint32_t carvq_key_u32(const gguf_context * meta, const char * key) {
+    const int64_t id = gguf_find_key(meta, key);
+    if (id < 0) {
+        throw std::runtime_error(format("CARVQ: metadata key %s is missing", key));
+    }
+    if (gguf_get_kv_type(meta, id) != GGUF_TYPE_UINT32) {
+        throw std::runtime_error(format("CARVQ: metadata key %s is not a UINT32", key));
+    }
+    return gguf_get_val_u32(meta, id);
+}
+
+static std::string carvq_key_str(const gguf_context * meta, const char * key) {
+    const int64_t id = gguf_find_key(meta, key);
+    if (id < 0 || gguf_get_kv_type(meta, id) != GGUF_TYPE_STRING) {
+        throw std::runtime_error(format("CARVQ: metadata key %s is missing or not a string", key));
+    }
+    return gguf_get_val_str(meta, id);
+}
+
+bool llama_carvq_present(const llama_model_loader & ml) {
+    return gguf_find_key(ml.metadata, CARVQ_KEY_VERSION) >= 0;
+}
+
+static void carvq_expect_type(const ggml_tensor * t, bool allow_f16, bool is_codes = false) {
+    const bool ok = is_codes ? t->type == GGML_TYPE_I8
+                             : (t->type == GGML_TYPE_F32 || (allow_f16 && t->type == GGML_TYPE_F16));
+    if (!ok) {
+        throw std::runtime_error(format("CARVQ: tensor %s has type %s, expected %s", t->name, ggml_type_name(t->type),
+                                        is_codes ? "i8" : (allow_f16 ? "f32 or f16" : "f32")));
+    }
+}
+
+void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml, llama_carvq & carvq) {
+    const gguf_context * meta = ml.metadata;
+    carvq_layout & l = carvq.layout;
+    l.n_vocab        = model.vocab.n_tokens();
+    l.n_embd         = model.hparams.n_embd;
+    l.format_version = (int32_t) carvq_key_u32(meta, CARVQ_KEY_VERSION);
+    l.group_size     = (int32_t) std::min<uint32_t>(carvq_key_u32(meta, "carvq.group_size"),     INT32_MAX);
+    l.levels         = (int32_t) std::min<uint32_t>(carvq_key_u32(meta, "carvq.levels"),         INT32_MAX);
+    l.codebook_size  = (int32_t) std::min<uint32_t>(carvq_key_u32(meta, "carvq.codebook_size"),  INT32_MAX);
+    l.adaptor_rank   = (int32_t) std::min<uint32_t>(carvq_key_u32(meta, "carvq.adaptor_rank"),   INT32_MAX);
+    l.adaptor_hidden = (int32_t) std::min<uint32_t>(carvq_key_u32(meta, "carvq.adaptor_hidden"), INT32_MAX);
+
+    char err[256];
+    if (carvq_layout_check(&l, err, sizeof(err)) != 0) {
+        throw std::runtime_error(format("CARVQ: %s", err));
+    }
+
+    const std::string act = carvq_key_str(meta, "carvq.adaptor_activation");
+    if (l.adaptor_rank == 0) {
+        carvq.activation = LLAMA_CARVQ_ACT_NONE;
+    } else if (act == "relu") {
+        carvq.activation = LLAMA_CARVQ_ACT_RELU;
+    } else if (act == "silu") {
+        carvq.activation = LLAMA_CARVQ_ACT_SILU;
+    } else if (act == "gelu") {
+        carvq.activation = LLAMA_CARVQ_ACT_GELU;
+    } else {
+        throw std::runtime_error(format("CARVQ: unknown adaptor activation '%s'", act.c_str()));
+    }
+
+    int64_t codes_ne[2];
+    int64_t cb_ne[4];
+    carvq_layout_codes_ne(&l, codes_ne);
+    carvq_layout_codebooks_ne(&l, cb_ne);
+
+    // create_tensor checks each shape exactly and names the tensor when it differs
+    const LLM_TN & tn = model.tn;
+    carvq.codes     = model.create_tensor(tn(LLM_TENSOR_CARVQ_CODES),     {codes_ne[0], codes_ne[1]}, 0);
+    carvq.codebooks = model.create_tensor(tn(LLM_TENSOR_CARVQ_CODEBOOKS), {cb_ne[0], cb_ne[1], cb_ne[2], cb_ne[3]}, 0);
+    carvq_expect_type(carvq.codes, false, true);
+    carvq_expect_type(carvq.codebooks, true);
+
+    if (l.adaptor_rank > 0) {
+        const int64_t m = l.adaptor_rank, h = l.adaptor_hidden, n = l.n_embd, V = l.n_vocab;
+        carvq.sigma0 = model.create_tensor(tn(LLM_TENSOR_CARVQ_SIGMA0),            {m, V}, 0);
+        carvq.up_w   = model.create_tensor(tn(LLM_TENSOR_CARVQ_UP, "weight"),      {m, h}, 0);
+        carvq.up_b   = model.create_tensor(tn(LLM_TENSOR_CARVQ_UP, "bias"),        {h},    0);
+        carvq.down_w = model.create_tensor(tn(LLM_TENSOR_CARVQ_DOWN, "weight"),    {h, n}, 0);
+        carvq.down_b = model.create_tensor(tn(LLM_TENSOR_CARVQ_DOWN, "bias"),      {n},    0);
+        carvq_expect_type(carvq.sigma0, true);
+        carvq_expect_type(carvq.up_w, true);
+        carvq_expect_type(carvq.up_b, false);
+        carvq_expect_type(carvq.down_w, true);
+        carvq_expect_type(carvq.down_b, false);
+    } else {
+        // tensors of an adaptor that the metadata says is absent: refuse, do not ignore
+        const std::string absent[] = {
+            tn(LLM_TENSOR_CARVQ_SIGMA0).str(),
+            tn(LLM_TENSOR_CARVQ_UP, "weight").str(), tn(LLM_TENSOR_CARVQ_UP, "bias").str(),
+            tn(LLM_TENSOR_CARVQ_DOWN, "weight").str(), tn(LLM_TENSOR_CARVQ_DOWN, "bias").str(),
+        };
+        for (const std::string & name : absent) {
+            if (ml.get_tensor_meta(name.c_str()) != nullptr) {
+                throw std::runtime_error(format("CARVQ: tensor %s present but carvq.adaptor_rank is 0", name.c_str()));
+            }
+        }
+    }
+    LLAMA_LOG_INFO("%s: CARVQ embedding v%d: d=%d L=%d K=%d, adaptor m=%d h=%d (%s), decoder path %s\n", __func__,
+                   l.format_version, l.group_size, l.levels, l.codebook_size, l.adaptor_rank, l.adaptor_hidden,
+                   l.adaptor_rank ? act.c_str() : "none",
+                   carvq_simd_name(carvq.codebooks->type == GGML_TYPE_F16 ? CARVQ_CODEBOOK_F16 : CARVQ_CODEBOOK_F32));
+}
+
+void llama_carvq_check_data(const llama_carvq & carvq) {
+    if (!carvq.enabled()) {
+        return;
+    }
+    char err[256];
+    if (carvq_codes_check(&carvq.layout, (const uint8_t *) carvq.codes->data, err, sizeof(err)) != 0) {
+        throw std::runtime_error(format("CARVQ: tensor %s: %s", carvq.codes->name, err));
+    }
+}
+
+// dst = RVQ rows of ids; src[0] codes, src[1] codebooks, src[2] ids. Thread ith decodes
+// a contiguous slice of rows.
+static void carvq_rvq_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const carvq_layout * l = (const carvq_layout *) userdata;
+    const ggml_tensor * codes = dst->src[0];
+    const ggml_tensor * cb    = dst->src[1];
+    const ggml_tensor * ids   = dst->src[2];
+    const int64_t n_ids = ids->ne[0];
+
+    if (ith == 0) {
+        char err[160];
+        if (carvq_ids_check(l, (const int32_t *) ids->data, n_ids, err, sizeof(err)) != 0) {
+            GGML_ABORT("CARVQ lookup: %s", err);
+        }
+    }
+    const int64_t per   = (n_ids + nth - 1) / nth;
+    const int64_t first = per * ith;
+    const int64_t last  = std::min(n_ids, first + per);
+    if (first >= last) {
+        return;
+    }
+    // the ids check of thread 0 may run concurrently: ids out of range were already
+    // rejected by llama_batch_allocr, this check only turns a broken invariant into an abort
+    carvq_rows_decode(l, (const uint8_t *) codes->data, cb->data,
+                      cb->type == GGML_TYPE_F16 ? CARVQ_CODEBOOK_F16 : CARVQ_CODEBOOK_F32,
+                      (const int32_t *) ids->data, n_ids, (float *) dst->data,
+                      (int64_t) (dst->nb[1] / sizeof(float)), first, last);
+}
+
+static ggml_tensor * carvq_as_f32(ggml_context * ctx, ggml_tensor * t) {
+    return t->type == GGML_TYPE_F32 ? t : ggml_cast(ctx, t, GGML_TYPE_F32);
+}
+
+// GELU, tanh form, composed from exact f32 ops: ggml_gelu rounds its input to f16 for a
+// table lookup, which would break the format's float32 contract.
+static ggml_tensor * carvq_gelu_tanh(ggml_context * ctx, ggml_tensor * x) {
+    const float c = 0.7978845608028654f; // sqrt(2/pi)
+    ggml_tensor * x3    = ggml_mul(ctx, ggml_sqr(ctx, x), x);
+    ggml_tensor * inner = ggml_scale(ctx, ggml_add(ctx, x, ggml_scale(ctx, x3, 0.044715f)), c);
+    ggml_tensor * one_t = ggml_scale_bias(ctx, ggml_tanh(ctx, inner), 1.0f, 1.0f);
+    return ggml_mul(ctx, ggml_scale(ctx, x, 0.5f), one_t);
+}
+
+ggml_tensor * llama_carvq_build_lookup(ggml_context * ctx, const llama_carvq & carvq, ggml_tensor * tokens) {
+    const carvq_layout & l = carvq.layout;
+    ggml_tensor * args[3] = { carvq.codes, carvq.codebooks, tokens };
+    ggml_tensor * cur = ggml_custom_4d(ctx, GGML_TYPE_F32, l.n_embd, tokens->ne[0], 1, 1, args, 3,
+                                       carvq_rvq_op, GGML_N_TASKS_MAX, (void *) &carvq.layout);
+    ggml_set_name(cur, "carvq_rvq");
+    if (l.adaptor_rank == 0) {
+        return cur;
+    }
+    ggml_tensor * z = ggml_get_rows(ctx, carvq.sigma0, tokens);                      // [m, T]
+    ggml_tensor * u = ggml_add(ctx, ggml_mul_mat(ctx, carvq_as_f32(ctx, carvq.up_w), z), carvq.up_b);
+    switch (carvq.activation) {
+        case LLAMA_CARVQ_ACT_RELU: u = ggml_relu(ctx, u);        break;
+        case LLAMA_CARVQ_ACT_SILU: u = ggml_silu(ctx, u);        break;
+        case LLAMA_CARVQ_ACT_GELU: u = carvq_gelu_tanh(ctx, u);  break;
+        default: GGML_ABORT("CARVQ: bad activation");
+    }
+    ggml_tensor * y = ggml_add(ctx, ggml_mul_mat(ctx, carvq_as_f32(ctx, carvq.down_w), u), carvq.down_b); // [n, T]
+    cur = ggml_add(ctx, cur, y);
+    ggml_set_name(cur, "carvq_embd");
+    return cur;
+}

@@ -1,0 +1,46 @@
+// llama-carvq.h - CARVQ token embeddings inside llama.cpp (docs/FORMAT.md of carvq).
+//
+// A CARVQ-GGUF has no token_embd.weight; its rows are decoded on the fly from
+// token_embd.carvq.* tensors. This header is what the hooks in llama-model and
+// llama-graph see; the work is in llama-carvq.cpp and the llama.cpp-free decoder carvq.c.
+#pragma once
+
+#include "carvq.h"
+
+#include <cstdint>
+
+struct ggml_context;
+struct ggml_tensor;
+struct llama_model_loader;
+struct llama_model_base;
+
+struct llama_carvq {
+    ggml_tensor * codes     = nullptr; // I8  {B, V}: packed 4-bit codes
+    ggml_tensor * codebooks = nullptr; // F32/F16 {d, K, L, G}
+    ggml_tensor * sigma0    = nullptr; // F32/F16 {m, V}     (adaptor only)
+    ggml_tensor * up_w      = nullptr; // F32/F16 {m, h}
+    ggml_tensor * up_b      = nullptr; // F32 {h}
+    ggml_tensor * down_w    = nullptr; // F32/F16 {h, n}
+    ggml_tensor * down_b    = nullptr; // F32 {n}
+
+    carvq_layout layout = {};
+    int activation = 0; // llama_carvq_act
+
+    bool enabled() const { return codes != nullptr; }
+};
+
+enum llama_carvq_act { LLAMA_CARVQ_ACT_NONE, LLAMA_CARVQ_ACT_RELU, LLAMA_CARVQ_ACT_SILU, LLAMA_CARVQ_ACT_GELU };
+
+// true when the file carries CARVQ metadata (then token_embd.weight is optional)
+bool llama_carvq_present(const llama_model_loader & ml);
+
+// Reads carvq.* keys and creates the tensors through the model's create_tensor, checking
+// every shape and type against the format. Throws std::runtime_error naming the key or tensor.
+void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml, llama_carvq & carvq);
+
+// After the data is loaded: every code < K. Throws std::runtime_error naming the first bad row.
+void llama_carvq_check_data(const llama_carvq & carvq);
+
+// The input embeddings of `tokens` (I32 [n_tokens]) as an F32 [n_embd, n_tokens] tensor:
+// RVQ decode (custom op) plus the adaptor MLP (ggml ops).
+ggml_tensor * llama_carvq_build_lookup(ggml_context * ctx, const llama_carvq & carvq, ggml_tensor * tokens);

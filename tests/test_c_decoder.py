@@ -1,0 +1,414 @@
+"""The C decoder (patches/src/carvq.c) against the NumPy reference (carvq/reference.py).
+
+carvq.c is built into throw-away shared libraries (portable default flags, -march=native when
+the CPU has AVX2+F16C, and a scalar-only build) and loaded with cffi in ABI mode. The RVQ
+decode must match reference.decode_rvq bit for bit on every path.
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+cffi = pytest.importorskip("cffi")
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    from carvq import reference
+except ImportError:  # package not installed: use the source tree
+    sys.path.insert(0, str(ROOT))
+    from carvq import reference
+
+SRC = ROOT / "patches" / "src" / "carvq.c"
+CC = os.environ.get("CC", "cc")
+BASE_FLAGS = ["-std=c11", "-O2", "-ffp-contract=off", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror"]
+
+CDEF = """
+struct carvq_layout {
+    int64_t n_vocab; int64_t n_embd;
+    int32_t format_version, group_size, levels, codebook_size, adaptor_rank, adaptor_hidden;
+};
+enum carvq_codebook_type { CARVQ_CODEBOOK_F32 = 0, CARVQ_CODEBOOK_F16 = 1 };
+int carvq_layout_check(const struct carvq_layout * l, char * err, size_t err_size);
+int64_t carvq_layout_n_groups(const struct carvq_layout * l);
+int64_t carvq_layout_code_row_bytes(const struct carvq_layout * l);
+int64_t carvq_layout_codes_nbytes(const struct carvq_layout * l);
+int64_t carvq_layout_codebooks_nelements(const struct carvq_layout * l);
+int64_t carvq_layout_codebooks_nbytes(const struct carvq_layout * l, enum carvq_codebook_type type);
+int carvq_layout_codes_ne(const struct carvq_layout * l, int64_t ne[2]);
+int carvq_layout_codebooks_ne(const struct carvq_layout * l, int64_t ne[4]);
+int carvq_codes_check(const struct carvq_layout * l, const uint8_t * codes, char * err, size_t err_size);
+int carvq_ids_check(const struct carvq_layout * l, const int32_t * ids, int64_t n_ids, char * err, size_t err_size);
+void carvq_rows_decode(const struct carvq_layout * l, const uint8_t * codes, const void * codebooks,
+    enum carvq_codebook_type cb_type, const int32_t * ids, int64_t n_ids, float * out,
+    int64_t out_row_stride, int64_t first, int64_t last);
+void carvq_rows_decode_scalar(const struct carvq_layout * l, const uint8_t * codes, const void * codebooks,
+    enum carvq_codebook_type cb_type, const int32_t * ids, int64_t n_ids, float * out,
+    int64_t out_row_stride, int64_t first, int64_t last);
+const char * carvq_simd_name(enum carvq_codebook_type cb_type);
+float carvq_fp16_to_fp32(uint16_t h);
+"""
+
+
+def _cpu_has(*flags: str) -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    words = set(text.split())
+    return all(f in words for f in flags)
+
+
+class Lib:
+    def __init__(self, name: str, path: Path):
+        self.name = name
+        self.ffi = cffi.FFI()
+        self.ffi.cdef(CDEF)
+        self.lib = self.ffi.dlopen(str(path))
+
+    def simd(self, cb_type: int) -> str:
+        return self.ffi.string(self.lib.carvq_simd_name(cb_type)).decode()
+
+
+@pytest.fixture(scope="module")
+def libs(tmp_path_factory) -> dict[str, Lib]:
+    if shutil.which(CC) is None:
+        pytest.skip(f"no C compiler {CC!r}")
+    out = tmp_path_factory.mktemp("carvq_c")
+    variants = {"default": [], "scalar": ["-DCARVQ_NO_SIMD"]}
+    if _cpu_has("avx2", "f16c"):
+        variants["native"] = ["-march=native"]
+    built = {}
+    for name, extra in variants.items():  # one compile at a time
+        so = out / f"libcarvq_{name}.so"
+        subprocess.run([CC, *BASE_FLAGS, *extra, "-o", str(so), str(SRC)], check=True)
+        built[name] = Lib(name, so)
+    return built
+
+
+VARIANTS = ["default", "native", "scalar"]
+
+
+@pytest.fixture(params=VARIANTS)
+def lib(request, libs) -> Lib:
+    if request.param not in libs:
+        pytest.skip(f"build {request.param} not available on this machine")
+    return libs[request.param]
+
+
+def make_layout(lib: Lib, V, n, d, L, K, m=0, h=0, version=1):
+    lay = lib.ffi.new("struct carvq_layout *")
+    lay.n_vocab, lay.n_embd, lay.format_version = V, n, version
+    lay.group_size, lay.levels, lay.codebook_size = d, L, K
+    lay.adaptor_rank, lay.adaptor_hidden = m, h
+    return lay
+
+
+def check_msg(lib: Lib, fn, *args) -> tuple[int, str]:
+    err = lib.ffi.new("char[]", 256)
+    rc = fn(*args, err, 256)
+    return rc, lib.ffi.string(err).decode()
+
+
+def ptr(lib: Lib, ctype: str, arr: np.ndarray):
+    assert arr.flags.c_contiguous
+    return lib.ffi.cast(ctype, arr.ctypes.data)
+
+
+# ---- buffers that end at a PROT_NONE page: an over-read or over-write past them faults ----
+
+_PAGE = mmap.PAGESIZE
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_keep: list = []  # guarded mappings stay mapped for the whole session
+
+
+def guarded(shape, dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    data_pages = (nbytes + _PAGE - 1) // _PAGE
+    mm = mmap.mmap(-1, (data_pages + 1) * _PAGE)
+    base = np.frombuffer(mm, np.uint8)
+    addr = base.ctypes.data
+    if _libc.mprotect(ctypes.c_void_p(addr + data_pages * _PAGE), _PAGE, 0) != 0:
+        raise OSError(ctypes.get_errno(), "mprotect")
+    start = data_pages * _PAGE - nbytes
+    _keep.append(mm)
+    return base[start:start + nbytes].view(dtype).reshape(shape)
+
+
+# ---- random cases -----------------------------------------------------------------------
+
+SPECIAL_F32 = np.array([0.0, -0.0, 1e-45, -1e-45, 1.17549435e-38, 3.4e38, -3.4e38, np.inf, -np.inf, 1.0, -1.0],
+                       np.float32)
+
+
+def random_codebooks(rng, shape, f16: bool) -> np.ndarray:
+    if f16:
+        cb = rng.standard_normal(shape).astype(np.float16)
+        bits = cb.view(np.uint16)
+        wild = rng.random(shape) < 0.1  # arbitrary half bit patterns: subnormals, +-0, inf, huge
+        raw = rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
+        raw = np.where((raw & 0x7C00) == 0x7C00, raw & 0x83FF, raw)  # NaN/inf -> subnormal or zero
+        raw[rng.random(shape) < 0.01] = 0x7C00  # a few infs
+        bits[wild] = raw[wild]
+        return cb
+    cb = (rng.standard_normal(shape) * rng.choice([1e-3, 1.0, 1e3])).astype(np.float32)
+    wild = rng.random(shape) < 0.05
+    cb[wild] = rng.choice(SPECIAL_F32, size=int(wild.sum()))
+    return cb
+
+
+def random_case(rng, d=None, L=None, K=None):
+    d = d if d is not None else int(rng.choice([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 15, 16, 17, 20, 24, 32, 33]))
+    G = int(rng.integers(1, 14)) if rng.random() < 0.8 else int(rng.integers(14, 80))
+    L = L if L is not None else int(rng.choice([1, 2, 3, 4, 5, 7, 8, 16]))
+    K = K if K is not None else int(rng.integers(2, 17))
+    V = int(rng.integers(1, 40))
+    return V, G * d, d, L, K
+
+
+def run_decode(lib: Lib, scalar: bool, V, n, d, L, K, f16: bool, rng):
+    G = n // d
+    codes = rng.integers(0, K, size=(V, G, L), dtype=np.uint8)
+    packed_np = reference.pack_codes(codes)
+    packed = guarded(packed_np.shape, np.uint8)
+    packed[...] = packed_np
+    cb_np = random_codebooks(rng, (G, L, K, d), f16)
+    cb = guarded(cb_np.shape, cb_np.dtype)
+    cb[...] = cb_np
+
+    n_ids = int(rng.integers(0, 50))
+    ids_np = rng.integers(0, V, size=n_ids).astype(np.int32)  # with replacement: repeats
+    if n_ids > 3:
+        ids_np[1] = ids_np[0]
+    ids = guarded(ids_np.shape, np.int32)
+    ids[...] = ids_np
+    first = int(rng.integers(0, n_ids + 1))
+    last = int(rng.integers(first, n_ids + 1))
+    stride = n + int(rng.choice([0, 0, 1, 3, 8]))
+    sentinel = np.uint32(0x7FBADBAD)
+    out = guarded((max(n_ids, 1), stride), np.float32)
+    out.view(np.uint32)[...] = sentinel
+
+    lay = make_layout(lib, V, n, d, L, K)
+    assert lib.lib.carvq_layout_check(lay, lib.ffi.NULL, 0) == 0
+    fn = lib.lib.carvq_rows_decode_scalar if scalar else lib.lib.carvq_rows_decode
+    fn(lay, ptr(lib, "uint8_t *", packed), ptr(lib, "void *", cb), 1 if f16 else 0,
+       ptr(lib, "int32_t *", ids), n_ids, ptr(lib, "float *", out), stride, first, last)
+
+    layout = reference.Layout(n_vocab=V, n_embd=n, group_size=d, levels=L, codebook_size=K)
+    with np.errstate(over="ignore", invalid="ignore"):  # inf/huge codebook values on purpose
+        want = reference.decode_rvq(layout, packed_np, cb_np, ids_np[first:last])
+    got = out[first:last, :n]
+    case = f"V={V} n={n} d={d} L={L} K={K} f16={f16} ids={n_ids} [{first},{last}) stride={stride}"
+    assert got.dtype == want.dtype == np.float32
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), case
+    untouched = np.ones(out.shape, bool)
+    untouched[first:last, :n] = False
+    assert np.all(out.view(np.uint32)[untouched] == sentinel), "wrote outside its rows: " + case
+
+
+@pytest.mark.parametrize("f16", [False, True], ids=["f32", "f16"])
+@pytest.mark.parametrize("scalar", [False, True], ids=["dispatch", "scalar"])
+def test_decode_random_layouts(lib, scalar, f16):
+    rng = np.random.default_rng(1234 + 2 * scalar + f16)
+    for _ in range(250):
+        run_decode(lib, scalar, *random_case(rng), f16, rng)
+
+
+@pytest.mark.parametrize("f16", [False, True], ids=["f32", "f16"])
+@pytest.mark.parametrize("d", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16, 24])
+def test_decode_every_small_group_size(lib, d, f16):
+    # the SIMD paths branch on d (over-read prefix, overlapping tail): cover each d with
+    # minimal codebooks (L=1, K=2), where the over-read guard matters most, and typical ones
+    rng = np.random.default_rng(77 + d + 100 * f16)
+    for L, K in [(1, 2), (1, 16), (2, 3), (3, 16), (16, 16)]:
+        for G in [1, 2, 3, 5, 8]:
+            run_decode(lib, False, int(rng.integers(1, 6)), G * d, d, L, K, f16, rng)
+
+
+def test_simd_names(libs):
+    assert libs["scalar"].simd(0) == "scalar" and libs["scalar"].simd(1) == "scalar"
+    if "native" in libs:
+        assert libs["native"].simd(0) == "avx"
+        assert libs["native"].simd(1) == "f16c"
+
+
+def test_fp16_to_fp32_all_values(libs):
+    lib = libs["scalar"]
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    want = bits.view(np.float16).astype(np.float32)
+    got = np.array([lib.lib.carvq_fp16_to_fp32(int(b)) for b in bits], np.float32)
+    finite = ~np.isnan(want)
+    assert np.array_equal(got[finite].view(np.uint32), want[finite].view(np.uint32))
+    assert np.all(np.isnan(got[~finite]))
+
+
+def test_decode_zero_ids_and_empty_slice(lib):
+    lay = make_layout(lib, 4, 8, 4, 2, 4)
+    out = np.full((2, 8), 7.0, np.float32)
+    codes = np.zeros((4, 2), np.uint8)
+    cb = np.zeros((2, 2, 4, 4), np.float32)
+    ids = np.array([1, 2], np.int32)
+    for first, last in [(0, 0), (2, 2), (1, 0), (-5, -1), (3, 9)]:
+        lib.lib.carvq_rows_decode(lay, ptr(lib, "uint8_t *", codes), ptr(lib, "void *", cb), 0,
+                                  ptr(lib, "int32_t *", ids), 2, ptr(lib, "float *", out), 8, first, last)
+    assert np.all(out == 7.0)
+    # out-of-range slice bounds are clamped to [0, n_ids)
+    lib.lib.carvq_rows_decode(lay, ptr(lib, "uint8_t *", codes), ptr(lib, "void *", cb), 0,
+                              ptr(lib, "int32_t *", ids), 2, ptr(lib, "float *", out), 8, -3, 99)
+    assert np.all(out == 0.0)
+
+
+# ---- validation -------------------------------------------------------------------------
+
+def test_layout_check_accepts_valid(libs):
+    lib = libs["default"]
+    for args in [(1, 1, 1, 1, 2), (151936, 896, 8, 3, 16), (32000, 4096, 4, 16, 16, 1024, 65536), (5, 6, 6, 2, 7, 8, 16)]:
+        rc, msg = check_msg(lib, lib.lib.carvq_layout_check, make_layout(lib, *args))
+        assert rc == 0 and msg == "", (args, msg)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (dict(version=2), "format_version 2"),
+    (dict(version=0), "format_version 0"),
+    (dict(n=10, d=4), "does not divide"),
+    (dict(d=0), "does not divide"),
+    (dict(d=-2), "does not divide"),
+    (dict(V=0), "empty"),
+    (dict(n=0), "empty"),
+    (dict(V=-1), "empty"),
+    (dict(L=0), "levels 0"),
+    (dict(L=17), "levels 17"),
+    (dict(K=17), "codebook_size 17"),
+    (dict(K=1), "codebook_size 1"),
+    (dict(K=0), "codebook_size 0"),
+    (dict(m=1025, h=8), "adaptor_rank 1025"),
+    (dict(m=8, h=65537), "adaptor_hidden 65537"),
+    (dict(m=8, h=0), "both be zero"),
+    (dict(m=0, h=8), "both be zero"),
+    (dict(m=-1, h=8), "adaptor_rank -1"),
+    (dict(V=2**62, n=8, d=1, L=16, K=16), "overflows"),        # codes V*B
+    (dict(V=1, n=2**60, d=1, L=16, K=16), "overflows"),        # G*L
+    (dict(V=1, n=2**58, d=2**20, L=16, K=16), "overflows"),    # codebooks G*L*K*d*4
+    (dict(V=2**40, n=2**30, d=2**30, L=1, K=2), "overflows"),  # dense V*n*4
+    (dict(V=2**60, n=1, d=1, L=1, K=2, m=1024, h=1), "overflows"),  # sigma0
+    (dict(V=1, n=2**50, d=2**25, L=1, K=2, m=1, h=65536), "overflows"),  # down.weight
+])
+def test_layout_check_rejects(libs, args, needle):
+    lib = libs["default"]
+    full = dict(V=100, n=64, d=8, L=3, K=16, m=0, h=0, version=1)
+    full.update(args)
+    lay = make_layout(lib, full["V"], full["n"], full["d"], full["L"], full["K"], full["m"], full["h"], full["version"])
+    rc, msg = check_msg(lib, lib.lib.carvq_layout_check, lay)
+    assert rc != 0
+    assert needle in msg and "\n" not in msg
+    assert lib.lib.carvq_layout_codes_nbytes(lay) == -1
+    assert lib.lib.carvq_layout_codebooks_nbytes(lay, 0) == -1
+    assert lib.lib.carvq_layout_code_row_bytes(lay) == -1
+    ne = lib.ffi.new("int64_t[4]", [11, 12, 13, 14])
+    assert lib.lib.carvq_layout_codebooks_ne(lay, ne) == -1 and list(ne) == [11, 12, 13, 14]
+    # the data checks refuse an invalid layout instead of reading
+    rc, msg2 = check_msg(lib, lib.lib.carvq_codes_check, lay, lib.ffi.NULL)
+    assert rc != 0 and msg2 == msg
+    rc, msg3 = check_msg(lib, lib.lib.carvq_ids_check, lay, lib.ffi.NULL, 0)
+    assert rc != 0 and msg3 == msg
+
+
+def test_layout_check_null_err_and_truncation(libs):
+    lib = libs["default"]
+    lay = make_layout(lib, 10, 10, 4, 1, 2)
+    assert lib.lib.carvq_layout_check(lay, lib.ffi.NULL, 0) != 0
+    err = lib.ffi.new("char[]", b"x" * 8)
+    assert lib.lib.carvq_layout_check(lay, err, 8) != 0
+    assert len(lib.ffi.string(err)) == 7
+
+
+def test_layout_sizes_match_reference(libs):
+    lib = libs["default"]
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        V, n, d, L, K = random_case(rng)
+        lay = make_layout(lib, V, n, d, L, K)
+        ref = reference.Layout(n_vocab=V, n_embd=n, group_size=d, levels=L, codebook_size=K)
+        B = ref.code_row_bytes
+        assert lib.lib.carvq_layout_n_groups(lay) == ref.n_groups
+        assert lib.lib.carvq_layout_code_row_bytes(lay) == B
+        assert lib.lib.carvq_layout_codes_nbytes(lay) == reference.pack_codes(np.zeros((V, ref.n_groups, L))).nbytes == V * B
+        assert lib.lib.carvq_layout_codebooks_nelements(lay) == ref.n_groups * L * K * d
+        assert lib.lib.carvq_layout_codebooks_nbytes(lay, 0) == 4 * ref.n_groups * L * K * d
+        assert lib.lib.carvq_layout_codebooks_nbytes(lay, 1) == 2 * ref.n_groups * L * K * d
+        ne2 = lib.ffi.new("int64_t[2]")
+        ne4 = lib.ffi.new("int64_t[4]")
+        assert lib.lib.carvq_layout_codes_ne(lay, ne2) == 0 and list(ne2) == [B, V]
+        assert lib.lib.carvq_layout_codebooks_ne(lay, ne4) == 0 and list(ne4) == [d, K, L, ref.n_groups]
+
+
+def test_codes_check(libs):
+    lib = libs["default"]
+    rng = np.random.default_rng(9)
+    for _ in range(150):
+        V, n, d, L, K = random_case(rng)
+        G = n // d
+        codes = rng.integers(0, K, size=(V, G, L), dtype=np.uint8)
+        lay = make_layout(lib, V, n, d, L, K)
+        packed = reference.pack_codes(codes)
+        rc, msg = check_msg(lib, lib.lib.carvq_codes_check, lay, ptr(lib, "uint8_t *", packed))
+        assert rc == 0 and msg == ""
+        if K == 16:
+            continue
+        bad_rows = sorted(rng.choice(V, size=min(V, int(rng.integers(1, 4))), replace=False))
+        for r in bad_rows:
+            codes[r, rng.integers(G), rng.integers(L)] = rng.integers(K, 16)
+        r0 = int(bad_rows[0])
+        g0, l0 = [int(x[0]) for x in np.nonzero(codes[r0] >= K)]
+        packed = reference.pack_codes(codes)
+        rc, msg = check_msg(lib, lib.lib.carvq_codes_check, lay, ptr(lib, "uint8_t *", packed))
+        assert rc != 0
+        assert msg.startswith(f"codes row {r0}: code {g0 * L + l0} (group {g0}, level {l0}) is {codes[r0, g0, l0]},"), msg
+        with pytest.raises(reference.CarvqError):
+            reference.decode_rvq(reference.Layout(V, n, d, L, K), packed, np.zeros((G, L, K, d), np.float32), [r0])
+
+
+def test_codes_check_padding_nibble(libs):
+    lib = libs["default"]
+    for K in (16, 5):
+        V, n, d, L = 7, 12, 4, 3  # G*L = 9, odd: 5 bytes per row, last high nibble is padding
+        lay = make_layout(lib, V, n, d, L, K)
+        packed = reference.pack_codes(np.ones((V, 3, L), np.uint8))
+        assert packed.shape == (V, 5)
+        assert lib.lib.carvq_codes_check(lay, ptr(lib, "uint8_t *", packed), lib.ffi.NULL, 0) == 0
+        packed[4, 4] |= 0x10
+        packed[6, 4] |= 0x30
+        rc, msg = check_msg(lib, lib.lib.carvq_codes_check, lay, ptr(lib, "uint8_t *", packed))
+        assert rc != 0 and msg.startswith("codes row 4: padding nibble"), msg
+
+
+def test_codes_check_k16_even_accepts_everything(libs):
+    lib = libs["default"]
+    lay = make_layout(lib, 256, 8, 4, 2, 16)
+    packed = np.arange(256, dtype=np.uint8).reshape(256, 1)
+    assert lib.lib.carvq_codes_check(lay, ptr(lib, "uint8_t *", packed), lib.ffi.NULL, 0) == 0
+
+
+def test_ids_check(libs):
+    lib = libs["default"]
+    lay = make_layout(lib, 50, 8, 4, 2, 4)
+    ok = np.array([0, 49, 3, 3, 0], np.int32)
+    rc, msg = check_msg(lib, lib.lib.carvq_ids_check, lay, ptr(lib, "int32_t *", ok), len(ok))
+    assert rc == 0 and msg == ""
+    rc, _ = check_msg(lib, lib.lib.carvq_ids_check, lay, lib.ffi.NULL, 0)
+    assert rc == 0
+    for bad, pos in [([0, 50, -1], 1), ([-1], 0), ([1, 2, 3, 2**31 - 1], 3), ([-2**31], 0)]:
+        arr = np.array(bad, np.int32)
+        rc, msg = check_msg(lib, lib.lib.carvq_ids_check, lay, ptr(lib, "int32_t *", arr), len(arr))
+        assert rc != 0
+        assert msg == f"token id {bad[pos]} at position {pos} outside 0..49", msg
