@@ -28,6 +28,84 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+TOOLS = ("llama-cli", "llama-server", "llama-perplexity", "llama-quantize", "llama-imatrix", "llama-bench", "llama-completion")
+
+
+def _cmd_tools(args) -> int:
+    from carvq.runtime import library_dir, tool_path
+
+    print(f"library: {library_dir()}")
+    for name in TOOLS:
+        path = tool_path(name)
+        print(f"{name:<18} {path}{'' if path.exists() else '  (missing)'}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from carvq.runtime.model import Model
+
+    with Model(args.model, n_ctx=args.ctx, verbose=args.verbose) as model:
+        for piece in model.generate(args.prompt, args.max_tokens, args.temperature, args.top_p, args.seed):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    print()
+    return 0
+
+
+def _fit_history(model, history: list[dict], max_tokens: int, n_ctx: int) -> list[dict]:
+    """Drop the oldest exchanges until prompt + reply fit the context."""
+    while len(history) > 1:
+        n = len(model.tokenize(model.chat_prompt(history), parse_special=True))
+        if n + max_tokens <= n_ctx:
+            break
+        drop = 1 if history[0]["role"] != "system" else 2
+        del history[drop - 1 : drop + 1]
+    return history
+
+
+def _cmd_chat(args) -> int:
+    from carvq.runtime.model import Model
+
+    with Model(args.model, n_ctx=args.ctx, verbose=args.verbose) as model:
+        history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+        print(f"carvq chat: {args.model} ({'CARVQ' if model.is_carvq else 'stock'} embedding). "
+              "/exit to quit, Ctrl-C stops a reply.", file=sys.stderr)
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                print()
+                return 0
+            except KeyboardInterrupt:
+                print()
+                continue
+            if line.strip() in ("/exit", "/quit"):
+                return 0
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line})
+            history = _fit_history(model, history, args.max_tokens, args.ctx)
+            reply: list[str] = []
+            try:
+                for piece in model.chat(history, args.max_tokens, args.temperature, args.top_p, args.seed):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+                    reply.append(piece)
+            except KeyboardInterrupt:
+                sys.stdout.write(" [stopped]")
+            print()
+            history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _add_sampling(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
+    p.add_argument("-n", "--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ctx", type=int, default=2048, help="context length in tokens")
+    p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from carvq import __version__
 
@@ -55,6 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="tensors, types, sizes and CARVQ parameters of a GGUF")
     i.add_argument("file")
     i.set_defaults(func=_cmd_inspect)
+
+    ch = sub.add_parser("chat", help="interactive, streaming chat with a GGUF (CARVQ or stock)")
+    ch.add_argument("model")
+    ch.add_argument("--system", help="system prompt")
+    _add_sampling(ch, 256, 0.7)
+    ch.set_defaults(func=_cmd_chat)
+
+    g = sub.add_parser("generate", help="continue a prompt")
+    g.add_argument("model")
+    g.add_argument("-p", "--prompt", required=True)
+    _add_sampling(g, 128, 0.8)
+    g.set_defaults(func=_cmd_generate)
+
+    t = sub.add_parser("tools", help="where the bundled, patched llama.cpp tools are")
+    t.set_defaults(func=_cmd_tools)
     return p
 
 

@@ -47,6 +47,7 @@ class Report:
     rounds: int
     source_bytes: int = 0
     notes: list[str] = field(default_factory=list)
+    reconstruction: np.ndarray | None = field(default=None, repr=False)  # (V, n), as decoded from the file
 
     @property
     def n_weights(self) -> int:
@@ -259,4 +260,5 @@ def _convert_reader(reader, src, out, gguf_path, model_dir, base, target_bpw, it
         weighted_rel_error=float(np.sqrt(((err**2).sum(1) * wn).sum() / max(((M**2).sum(1) * wn).sum(), 1e-30))),
         mean_cos=float(row_cos.mean()), worst_cos=float(row_cos.min()),
         seconds=time.perf_counter() - start, rounds=fit.rounds, source_bytes=int(embd.n_bytes), notes=notes,
+        reconstruction=R,
     )

@@ -49,7 +49,7 @@ def compress(M_np: np.ndarray, w_np: np.ndarray, cfg: Config, iters: int, seed: 
     """Fit CARVQ to M (V, n) under token weights w (V,)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    M = torch.from_numpy(np.ascontiguousarray(M_np, np.float32))
+    M = torch.from_numpy(np.array(M_np, dtype=np.float32, copy=True))  # torch wants it writable
     w = torch.from_numpy(np.asarray(w_np, np.float64)).float()
     V, n = M.shape
     rounds = max(1, iters)

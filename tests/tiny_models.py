@@ -44,7 +44,6 @@ from typing import Any, Sequence
 
 __all__ = [
     "ARCHES",
-    "DEFAULT_LLAMA_CPP_DIR",
     "SPECIAL_TOKENS",
     "llama_cpp_dir",
     "synthetic_corpus",
@@ -58,7 +57,6 @@ __all__ = [
 ARCHES = ("llama", "qwen2", "gemma3", "phi3")
 
 #: Where the pinned llama.cpp source tree lives unless ``CARVQ_LLAMA_CPP_DIR`` says otherwise.
-DEFAULT_LLAMA_CPP_DIR = Path("~/.cache/carvq/src/llama_cpp_python-0.3.36/vendor/llama.cpp").expanduser()
 
 #: Special-token ids baked into every tokenizer made here (same for all arches).
 SPECIAL_TOKENS = {"unk": (0, "<unk>"), "bos": (1, "<s>"), "eos": (2, "</s>"), "pad": (3, "<pad>")}
@@ -90,8 +88,9 @@ _CODAS = ["", "", "", "n", "r", "s", "t", "l", "m", "nd", "st", "ng"]
 
 def llama_cpp_dir() -> Path:
     """The pinned llama.cpp source tree (``$CARVQ_LLAMA_CPP_DIR`` or the default cache path)."""
-    env = os.environ.get("CARVQ_LLAMA_CPP_DIR")
-    return Path(env).expanduser() if env else DEFAULT_LLAMA_CPP_DIR
+    from carvq.llama_source import source_tree  # honours $CARVQ_LLAMA_CPP_DIR, fetches when absent
+
+    return source_tree()
 
 
 def _pseudo_word(rng: random.Random) -> str:

@@ -433,6 +433,35 @@ static void carvq_row_f16_scalar(const struct carvq_geom * gm, const uint8_t * c
         VSTORE(out + (g + 1) * d, v1); /* after v0: overwrites v0's spill-over lanes */             \
     }
 
+// Chunk loop (d > W) of one group: W-wide chunks at 0, W, 2W, ... and, when W does not
+// divide d, a last chunk at d - W overlapping the previous one (recomputing equal values).
+#define CARVQ_CHUNK_LOOP(W, VT, VZERO, VLOAD, VADD, VSTORE, SUM)                                     \
+    for (int64_t i = 0;;) {                                                                         \
+        VT v = VZERO();                                                                             \
+        SUM;                                                                                        \
+        VSTORE(o + i, v);                                                                           \
+        if (i + (W) == d) break;                                                                    \
+        i += (W);                                                                                   \
+        if (i + (W) > d) i = d - (W);                                                               \
+    }
+
+// d > W and L = LC in 1..4: the LC code vectors of a group in registers, levels unrolled.
+#define CARVQ_CHUNKS(LC, ET, W, VT, VZERO, VLOAD, VADD, VSTORE)                                      \
+    for (int64_t g = 0; g < gm->G; ++g) {                                                           \
+        const int64_t j = g * (LC);                                                                 \
+        const ET * p = cb + g * LKD;                                                                \
+        const ET * q0 = p + carvq_code(crow, j) * d;                                                \
+        const ET * q1 = (LC) > 1 ? p + 1 * KD + carvq_code(crow, j + 1) * d : q0;                   \
+        const ET * q2 = (LC) > 2 ? p + 2 * KD + carvq_code(crow, j + 2) * d : q0;                   \
+        const ET * q3 = (LC) > 3 ? p + 3 * KD + carvq_code(crow, j + 3) * d : q0;                   \
+        float * o = out + g * d;                                                                    \
+        CARVQ_CHUNK_LOOP(W, VT, VZERO, VLOAD, VADD, VSTORE,                                         \
+            v = VADD(v, VLOAD(q0 + i));                                                             \
+            if ((LC) > 1) v = VADD(v, VLOAD(q1 + i));                                               \
+            if ((LC) > 2) v = VADD(v, VLOAD(q2 + i));                                               \
+            if ((LC) > 3) v = VADD(v, VLOAD(q3 + i)))                                               \
+    }
+
 // One SIMD row decoder per (element type, vector width, ISA). The body is the same for
 // all, so it is a macro over the vector operations:
 //   VT vector type, VZERO() zero, VLOAD(p) W elements of ET at p as floats,
@@ -467,6 +496,13 @@ static void NAME(const struct carvq_geom * gm, const uint8_t * crow, const void 
         TAIL(gm, crow, cb, out, g_fast);                                                            \
         return;                                                                                     \
     }                                                                                               \
+    switch (L) {                                                                                    \
+        case 1: CARVQ_CHUNKS(1, ET, W, VT, VZERO, VLOAD, VADD, VSTORE); return;                     \
+        case 2: CARVQ_CHUNKS(2, ET, W, VT, VZERO, VLOAD, VADD, VSTORE); return;                     \
+        case 3: CARVQ_CHUNKS(3, ET, W, VT, VZERO, VLOAD, VADD, VSTORE); return;                     \
+        case 4: CARVQ_CHUNKS(4, ET, W, VT, VZERO, VLOAD, VADD, VSTORE); return;                     \
+        default: break;                                                                             \
+    }                                                                                               \
     const ET * ptr[CARVQ_MAX_LEVELS];                                                               \
     for (int64_t g = 0; g < gm->G; ++g) {                                                           \
         const ET * p = cb + g * LKD;                                                                \
@@ -474,17 +510,8 @@ static void NAME(const struct carvq_geom * gm, const uint8_t * crow, const void 
             ptr[l] = p + carvq_code(crow, g * L + l) * d;                                           \
         }                                                                                           \
         float * o = out + g * d;                                                                    \
-        int64_t i = 0;                                                                              \
-        for (;;) {                                                                                  \
-            VT v = VZERO();                                                                         \
-            for (int64_t l = 0; l < L; ++l) {                                                       \
-                v = VADD(v, VLOAD(ptr[l] + i));                                                     \
-            }                                                                                       \
-            VSTORE(o + i, v);                                                                       \
-            if (i + (W) == d) break;                                                                \
-            i += (W);                                                                               \
-            if (i + (W) > d) i = d - (W);                                                           \
-        }                                                                                           \
+        CARVQ_CHUNK_LOOP(W, VT, VZERO, VLOAD, VADD, VSTORE,                                         \
+            for (int64_t l = 0; l < L; ++l) v = VADD(v, VLOAD(ptr[l] + i)))                         \
     }                                                                                               \
 }
 

@@ -188,10 +188,11 @@ ggml_tensor * llama_carvq_build_lookup(ggml_context * ctx, const llama_carvq & c
     ggml_tensor * args[3] = { carvq.codes, carvq.codebooks, tokens };
     ggml_tensor * cur = ggml_custom_4d(ctx, GGML_TYPE_F32, l.n_embd, tokens->ne[0], 1, 1, args, 3,
                                        carvq_rvq_op, GGML_N_TASKS_MAX, (void *) &carvq.layout);
-    ggml_set_name(cur, "carvq_rvq");
     if (l.adaptor_rank == 0) {
+        ggml_set_name(cur, "carvq_embd"); // the name the runtime's embedding_rows() reads back
         return cur;
     }
+    ggml_set_name(cur, "carvq_rvq");
     ggml_tensor * z = ggml_get_rows(ctx, carvq.sigma0, tokens);                      // [m, T]
     ggml_tensor * u = ggml_add(ctx, ggml_mul_mat(ctx, carvq_as_f32(ctx, carvq.up_w), z), carvq.up_b);
     switch (carvq.activation) {

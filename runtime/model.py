@@ -1,0 +1,345 @@
+"""A Pythonic runtime over the patched libllama: load, tokenize, generate, chat.
+
+Needs only numpy and the compiled cffi module; no torch, no transformers.
+"""
+from __future__ import annotations
+
+import codecs
+import os
+import threading
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from carvq.errors import CarvqError
+
+try:
+    from carvq.runtime._llama_cffi import ffi, lib
+except ImportError as exc:  # pragma: no cover - only without a built package
+    raise ImportError(f"carvq's llama.cpp bindings are not built ({exc}); install carvq with pip") from None
+
+_init_lock = threading.Lock()
+_initialised = False
+_log_state = {"verbose": False, "last_error": ""}
+
+
+@ffi.def_extern()
+def carvq_log_callback(level, text, user_data):  # noqa: ARG001
+    msg = ffi.string(text).decode("utf-8", "replace")
+    if level == lib.GGML_LOG_LEVEL_ERROR and msg.strip():
+        _log_state["last_error"] = msg.strip()
+    if _log_state["verbose"]:
+        os.write(2, msg.encode("utf-8", "replace"))
+
+
+@ffi.def_extern()
+def carvq_eval_callback(tensor, ask, user_data):
+    capture = ffi.from_handle(user_data)
+    name = ffi.string(tensor.name).decode()
+    if ask:
+        return name == capture["name"]
+    if name == capture["name"] and tensor.type == lib.GGML_TYPE_F32:
+        n0, n1 = tensor.ne[0], tensor.ne[1]
+        row_stride = tensor.nb[1] // 4
+        buf = ffi.buffer(ffi.cast("float *", tensor.data), 4 * row_stride * n1)
+        capture["rows"] = np.frombuffer(buf, np.float32).reshape(n1, row_stride)[:, :n0].copy()
+    return True
+
+
+def _ensure_backend(verbose: bool) -> None:
+    global _initialised
+    _log_state["verbose"] = verbose
+    with _init_lock:
+        if not _initialised:
+            lib.llama_log_set(lib.carvq_log_callback, ffi.NULL)
+            lib.llama_backend_init()
+            _initialised = True
+
+
+class Model:
+    """A GGUF model (CARVQ or stock) loaded through the patched llama.cpp.
+
+    >>> with Model("model.gguf") as m:
+    ...     print("".join(m.generate("The capital of France is", max_tokens=8, temperature=0)))
+    """
+
+    def __init__(self, path, *, n_ctx: int = 2048, n_batch: int = 512, n_threads: int | None = None,
+                 use_mmap: bool = True, verbose: bool = False):
+        path = Path(path)
+        if not path.is_file():
+            raise CarvqError(f"{path}: no such file")
+        _ensure_backend(verbose)
+        self.path = path
+        self._n_ctx, self._n_batch = n_ctx, n_batch
+        self._n_threads = n_threads or max(1, os.cpu_count() or 1)
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = 0
+        params.load_mode = lib.LLAMA_LOAD_MODE_MMAP if use_mmap else lib.LLAMA_LOAD_MODE_NONE
+        _log_state["last_error"] = ""
+        self._model = lib.llama_model_load_from_file(str(path).encode(), params)
+        if self._model == ffi.NULL:
+            self._model = None
+            raise CarvqError(f"{path}: llama.cpp could not load the model: {_log_state['last_error'] or 'unknown error'}")
+        self._vocab = lib.llama_model_get_vocab(self._model)
+        self._ctx = None
+
+    # ---- lifecycle -------------------------------------------------------------------
+    def _live_model(self):
+        if self._model is None:
+            raise CarvqError("the model is closed")
+        return self._model
+
+    def _context(self, fresh: bool = False, cb_capture=None):
+        self._live_model()
+        if cb_capture is not None or fresh or self._ctx is None:
+            cparams = lib.llama_context_default_params()
+            cparams.n_ctx = self._n_ctx
+            cparams.n_batch = self._n_batch
+            cparams.n_ubatch = self._n_batch
+            cparams.n_threads = self._n_threads
+            cparams.n_threads_batch = self._n_threads
+            cparams.no_perf = True
+            if cb_capture is not None:
+                cparams.cb_eval = lib.carvq_eval_callback
+                cparams.cb_eval_user_data = cb_capture
+            ctx = lib.llama_init_from_model(self._model, cparams)
+            if ctx == ffi.NULL:
+                raise CarvqError(f"llama.cpp could not create a context: {_log_state['last_error'] or 'unknown error'}")
+            if cb_capture is not None:
+                return ctx
+            if self._ctx is not None:
+                lib.llama_free(self._ctx)
+            self._ctx = ctx
+        return self._ctx
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            lib.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---- facts -----------------------------------------------------------------------
+    @property
+    def n_vocab(self) -> int:
+        self._live_model()
+        return lib.llama_vocab_n_tokens(self._vocab)
+
+    @property
+    def n_embd(self) -> int:
+        return lib.llama_model_n_embd(self._live_model())
+
+    @property
+    def size(self) -> int:
+        """Bytes of all tensors, as llama.cpp counts them."""
+        return lib.llama_model_size(self._live_model())
+
+    @property
+    def n_params(self) -> int:
+        return lib.llama_model_n_params(self._live_model())
+
+    def metadata(self) -> dict[str, str]:
+        model = self._live_model()
+        out = {}
+        buf = ffi.new("char[]", 1 << 16)
+        for i in range(lib.llama_model_meta_count(model)):
+            lib.llama_model_meta_key_by_index(model, i, buf, len(buf))
+            key = ffi.string(buf).decode("utf-8", "replace")
+            lib.llama_model_meta_val_str_by_index(model, i, buf, len(buf))
+            out[key] = ffi.string(buf).decode("utf-8", "replace")
+        return out
+
+    @property
+    def is_carvq(self) -> bool:
+        buf = ffi.new("char[]", 64)
+        return lib.llama_model_meta_val_str(self._live_model(), b"carvq.format_version", buf, len(buf)) >= 0
+
+    # ---- text ------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        self._live_model()
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        out = ffi.new("llama_token[]", cap)
+        n = lib.llama_tokenize(self._vocab, data, len(data), out, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            out = ffi.new("llama_token[]", cap)
+            n = lib.llama_tokenize(self._vocab, data, len(data), out, cap, add_special, parse_special)
+        if n < 0:
+            raise CarvqError("tokenization failed")
+        return list(out[0:n])
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        self._live_model()
+        buf = ffi.new("char[]", 256)
+        n = lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ffi.new("char[]", -n)
+            n = lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return ffi.buffer(buf, n)[:]
+
+    def detokenize(self, tokens: Iterable[int], remove_special: bool = False) -> str:
+        self._live_model()
+        toks = list(tokens)
+        arr = ffi.new("llama_token[]", toks or [0])
+        cap = 16 * len(toks) + 16
+        buf = ffi.new("char[]", cap)
+        n = lib.llama_detokenize(self._vocab, arr, len(toks), buf, cap, remove_special, False)
+        if n < 0:
+            buf = ffi.new("char[]", -n)
+            n = lib.llama_detokenize(self._vocab, arr, len(toks), buf, -n, remove_special, False)
+        return ffi.buffer(buf, n)[:].decode("utf-8", "replace")
+
+    def chat_prompt(self, messages: list[dict], add_assistant: bool = True) -> str:
+        """The model's chat template (llama.cpp's built-in templates) applied to messages."""
+        tmpl = lib.llama_model_chat_template(self._live_model(), ffi.NULL)
+        if tmpl == ffi.NULL:
+            raise CarvqError(f"{self.path.name} has no chat template")
+        keep = []
+        msgs = ffi.new("llama_chat_message[]", len(messages))
+        for i, m in enumerate(messages):
+            role, content = ffi.new("char[]", m["role"].encode()), ffi.new("char[]", m["content"].encode())
+            keep += [role, content]
+            msgs[i].role, msgs[i].content = role, content
+        cap = 4096 + sum(len(m["content"]) * 2 for m in messages)
+        buf = ffi.new("char[]", cap)
+        n = lib.llama_chat_apply_template(tmpl, msgs, len(messages), add_assistant, buf, cap)
+        if n > cap:
+            buf = ffi.new("char[]", n)
+            n = lib.llama_chat_apply_template(tmpl, msgs, len(messages), add_assistant, buf, n)
+        if n < 0:
+            raise CarvqError("llama.cpp does not support this model's chat template")
+        return ffi.buffer(buf, n)[:].decode("utf-8", "replace")
+
+    # ---- evaluation ------------------------------------------------------------------
+    def _decode(self, ctx, tokens: list[int], start_pos: int, all_logits: bool) -> None:
+        for off in range(0, len(tokens), self._n_batch):
+            chunk = tokens[off : off + self._n_batch]
+            batch = lib.llama_batch_init(len(chunk), 0, 1)
+            try:
+                batch.n_tokens = len(chunk)
+                for i, tok in enumerate(chunk):
+                    batch.token[i] = tok
+                    batch.pos[i] = start_pos + off + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = 1 if (all_logits or off + i == len(tokens) - 1) else 0
+                rc = lib.llama_decode(ctx, batch)
+            finally:
+                lib.llama_batch_free(batch)
+            if rc != 0:
+                raise CarvqError(f"llama_decode failed (code {rc}): {_log_state['last_error'] or 'see llama.cpp log'}")
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """Logits of every position of `tokens` (one sequence from position 0): (len, n_vocab)."""
+        if not tokens:
+            raise CarvqError("no tokens")
+        if len(tokens) > self._n_ctx:
+            raise CarvqError(f"{len(tokens)} tokens exceed the context of {self._n_ctx}")
+        ctx = self._context()
+        lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+        out = np.empty((len(tokens), self.n_vocab), np.float32)
+        for off in range(0, len(tokens), self._n_batch):
+            chunk = tokens[off : off + self._n_batch]
+            self._decode(ctx, chunk, off, all_logits=True)
+            for i in range(len(chunk)):
+                ptr = lib.llama_get_logits_ith(ctx, i)
+                out[off + i] = np.frombuffer(ffi.buffer(ptr, 4 * out.shape[1]), np.float32)
+        return out
+
+    def embedding_rows(self, token_ids: list[int]) -> np.ndarray:
+        """Input embeddings of `token_ids` exactly as the patched llama.cpp's CARVQ lookup
+        computes them (before any architecture scaling): (len, n_embd) float32."""
+        if not self.is_carvq:
+            raise CarvqError(f"{self.path.name} is not a CARVQ-GGUF; embedding_rows reads the CARVQ lookup")
+        ids = [int(t) for t in token_ids]
+        if not ids or min(ids) < 0 or max(ids) >= self.n_vocab:
+            raise CarvqError(f"token ids must be in 0..{self.n_vocab - 1}")
+        capture = {"name": "carvq_embd", "rows": None}
+        handle = ffi.new_handle(capture)
+        rows = []
+        ctx = self._context(cb_capture=handle)
+        try:
+            for off in range(0, len(ids), self._n_batch):
+                lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+                capture["rows"] = None
+                chunk = ids[off : off + self._n_batch]
+                self._decode(ctx, chunk, 0, all_logits=True)
+                if capture["rows"] is None:
+                    raise CarvqError("the CARVQ lookup tensor was not seen in the graph")
+                rows.append(capture["rows"])
+        finally:
+            lib.llama_free(ctx)
+        return np.concatenate(rows, axis=0)
+
+    # ---- generation ------------------------------------------------------------------
+    def _sampler(self, temperature: float, top_p: float, seed: int):
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if temperature <= 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+        else:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(top_p, 1))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(temperature))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    def generate_tokens(self, tokens: list[int], max_tokens: int = 128, temperature: float = 0.8,
+                        top_p: float = 0.95, seed: int = 0) -> Iterator[int]:
+        """Sample up to max_tokens after `tokens`; stops at end-of-generation tokens."""
+        if not tokens:
+            raise CarvqError("empty prompt")
+        if len(tokens) + max_tokens > self._n_ctx:
+            raise CarvqError(f"prompt ({len(tokens)} tokens) + max_tokens exceeds the context of {self._n_ctx}")
+        ctx = self._context()
+        lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+        sampler = self._sampler(temperature, top_p, seed)
+        try:
+            self._decode(ctx, tokens, 0, all_logits=False)
+            pos = len(tokens)
+            for _ in range(max_tokens):
+                tok = lib.llama_sampler_sample(sampler, ctx, -1)
+                if lib.llama_vocab_is_eog(self._vocab, tok):
+                    return
+                yield tok
+                self._decode(ctx, [tok], pos, all_logits=False)
+                pos += 1
+        finally:
+            lib.llama_sampler_free(sampler)
+
+    def _stream_text(self, tokens: Iterator[int]) -> Iterator[str]:
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        for tok in tokens:
+            text = decoder.decode(self.token_bytes(tok))
+            if text:
+                yield text
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield tail
+
+    def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.95,
+                 seed: int = 0) -> Iterator[str]:
+        """Stream the continuation of `prompt`, piece by piece."""
+        toks = self.tokenize(prompt, add_special=True, parse_special=False)
+        return self._stream_text(self.generate_tokens(toks, max_tokens, temperature, top_p, seed))
+
+    def chat(self, messages: list[dict], max_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.95,
+             seed: int = 0) -> Iterator[str]:
+        """Stream the assistant's reply to `messages` ([{"role": ..., "content": ...}]),
+        formatted with the model's chat template."""
+        prompt = self.chat_prompt(messages, add_assistant=True)
+        toks = self.tokenize(prompt, add_special=True, parse_special=True)
+        return self._stream_text(self.generate_tokens(toks, max_tokens, temperature, top_p, seed))

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny random checkpoints, their GGUFs and CARVQ conversions (made once per session)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tiny_models import make_tiny_checkpoint
+
+# Small but complete configurations; each arch exercises another adaptor variant.
+TINY_ARCHES = {
+    "llama": dict(adaptor_rank=4, adaptor_hidden=16, activation="gelu"),
+    "qwen2": dict(adaptor_rank=0, adaptor_hidden=0, activation="gelu"),
+    "gemma3": dict(adaptor_rank=3, adaptor_hidden=8, activation="silu"),
+}
+
+
+def tiny_config(arch: str):
+    from carvq.converter.config import Config
+
+    return Config(group_size=8, levels=2, codebook_type="F32", **TINY_ARCHES[arch])
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("carvq")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(workdir):
+    """arch -> HF checkpoint directory (tied heads)."""
+    cache = {}
+
+    def get(arch: str) -> Path:
+        if arch not in cache:
+            cache[arch] = make_tiny_checkpoint(arch, workdir / f"hf-{arch}", tied=True, seed=1)
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(workdir, tiny_hf):
+    """arch -> F32 GGUF of the tiny checkpoint, made by the pinned convert_hf_to_gguf.py."""
+    from carvq.converter.hf import convert_hf
+
+    cache = {}
+
+    def get(arch: str) -> Path:
+        if arch not in cache:
+            out = workdir / f"{arch}.gguf"
+            convert_hf(tiny_hf(arch), out, "f32")
+            cache[arch] = out
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_carvq(workdir, tiny_gguf):
+    """arch -> (CARVQ-GGUF path, conversion report), converted from the GGUF."""
+    from carvq.converter.convert import convert
+
+    cache = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            out = workdir / f"{arch}.carvq.gguf"
+            report = convert(tiny_gguf(arch), out, tiny_config(arch), iters=2, seed=0, progress=False)
+            cache[arch] = (out, report)
+        return cache[arch]
+
+    return get

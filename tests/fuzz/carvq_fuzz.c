@@ -1,0 +1,308 @@
+// Fuzz / differential harness for patches/src/carvq.c.
+//
+// Each input is turned into a layout plus codes, codebooks and ids (mostly valid, sometimes
+// not). The harness runs carvq_layout_check / carvq_codes_check / carvq_ids_check, and only
+// when they pass decodes the rows three ways: carvq_rows_decode (SIMD when compiled in),
+// carvq_rows_decode_scalar and a naive loop written here from FORMAT.md. All three must be
+// bit-identical and must not write outside their rows. A second mode feeds raw 64-bit shapes
+// to the layout checks and verifies (with 128-bit arithmetic) that every accepted layout has
+// byte sizes that fit in int64_t.
+//
+// NaN results are compared as "both NaN": when both operands of an add are NaN, which
+// payload survives depends on operand order, and compilers may swap the operands of a
+// commutative add (in C and in NumPy alike), so FORMAT.md's bit-exactness excludes NaN
+// payloads. Every non-NaN result must match bit for bit.
+//
+// libFuzzer:  clang -O1 -g -ffp-contract=off -fsanitize=fuzzer,address,undefined -march=native
+//                 -Ipatches/src tests/fuzz/carvq_fuzz.c patches/src/carvq.c -o carvq_fuzz
+//             ./carvq_fuzz -max_total_time=60
+// standalone: cc -O2 -ffp-contract=off -DCARVQ_FUZZ_STANDALONE -Ipatches/src
+//                 tests/fuzz/carvq_fuzz.c patches/src/carvq.c -o carvq_fuzz
+//             ./carvq_fuzz [iterations [seed]]     random inputs, prints "carvq_fuzz: N passed, 0 failed"
+//             ./carvq_fuzz FILE...                 replays inputs (e.g. a libFuzzer crash file)
+// (the standalone build is how the NEON path is checked under qemu-aarch64)
+
+#include "carvq.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#endif
+
+#define FUZZ_FAIL(...) do { fprintf(stderr, "carvq_fuzz: " __VA_ARGS__); fputc('\n', stderr); abort(); } while (0)
+
+struct reader {
+    const uint8_t * p;
+    size_t n, i;
+};
+
+static uint8_t rd_u8(struct reader * r) {
+    return r->i < r->n ? r->p[r->i++] : 0;
+}
+
+static uint64_t rd_u64(struct reader * r) {
+    uint64_t x = 0;
+    for (int k = 0; k < 8; ++k) {
+        x |= (uint64_t) rd_u8(r) << (8 * k);
+    }
+    return x;
+}
+
+// the naive decode, straight from FORMAT.md
+static float naive_half(uint16_t h) {
+    const int e = (h >> 10) & 31, m = h & 1023;
+    float v;
+    if (e == 31) {
+        return carvq_fp16_to_fp32(h); // inf / NaN: bit patterns, not arithmetic
+    }
+    if (e == 0) {
+        v = (float) m * (1.0f / 16777216.0f); // m * 2^-24, exact
+    } else {
+        v = (float) (1024 + m) * (1.0f / 16777216.0f);
+        for (int k = 1; k < e; ++k) {
+            v *= 2.0f; // exact power-of-two scaling
+        }
+    }
+    return (h & 0x8000) ? -v : v;
+}
+
+static void naive_decode(const struct carvq_layout * l, const uint8_t * codes, const void * cb, int f16,
+        int32_t id, float * out) {
+    const int64_t d = l->group_size, G = l->n_embd / d, L = l->levels, K = l->codebook_size;
+    const int64_t B = (G * L + 1) / 2;
+    for (int64_t g = 0; g < G; ++g) {
+        for (int64_t i = 0; i < d; ++i) {
+            float acc = 0.0f;
+            for (int64_t lv = 0; lv < L; ++lv) {
+                const int64_t j = g * L + lv;
+                const uint8_t byte = codes[id * B + j / 2];
+                const int c = (j % 2 == 0) ? (byte & 0x0F) : (byte >> 4);
+                const int64_t e = ((g * L + lv) * K + c) * d + i;
+                acc = acc + (f16 ? naive_half(((const uint16_t *) cb)[e]) : ((const float *) cb)[e]);
+            }
+            out[g * d + i] = acc;
+        }
+    }
+}
+
+// 128-bit products: the harness's own overflow arithmetic, independent of carvq.c
+static int fits(unsigned __int128 x) {
+    return x <= (unsigned __int128) INT64_MAX;
+}
+
+static void fuzz_huge(struct reader * r) {
+    struct carvq_layout l;
+    l.n_vocab = (int64_t) rd_u64(r);
+    l.n_embd = (int64_t) rd_u64(r);
+    l.format_version = 1;
+    l.group_size = (int32_t) (uint32_t) rd_u64(r);
+    l.levels = (int32_t) (rd_u8(r) % 20) - 1;
+    l.codebook_size = (int32_t) (rd_u8(r) % 20) - 1;
+    l.adaptor_rank = (int32_t) (uint32_t) rd_u64(r) % 2000;
+    l.adaptor_hidden = l.adaptor_rank ? (int32_t) ((uint32_t) rd_u64(r) % 70000) : 0;
+    char err[256] = "";
+    const int rc = carvq_layout_check(&l, err, sizeof(err));
+    if (rc != 0) {
+        if (err[0] == '\0' || strchr(err, '\n')) FUZZ_FAIL("bad message for a rejected layout");
+        if (carvq_layout_codes_nbytes(&l) != -1 || carvq_layout_codebooks_nbytes(&l, CARVQ_CODEBOOK_F32) != -1)
+            FUZZ_FAIL("size of a rejected layout is not -1");
+        return;
+    }
+    const unsigned __int128 V = (uint64_t) l.n_vocab, n = (uint64_t) l.n_embd, d = (uint64_t) l.group_size;
+    const unsigned __int128 G = n / d, GL = G * (uint64_t) l.levels, B = (GL + 1) / 2;
+    const unsigned __int128 cb = GL * (uint64_t) l.codebook_size * d;
+    if (l.n_vocab < 1 || l.n_embd < 1 || l.group_size < 1 || n % d != 0) FUZZ_FAIL("accepted a bad shape");
+    if (!fits(V * B) || !fits(cb * 4) || !fits(V * n * 4) || !fits(V * (uint64_t) l.adaptor_rank * 4) ||
+        !fits(n * (uint64_t) l.adaptor_hidden * 4)) {
+        FUZZ_FAIL("accepted a layout whose byte sizes overflow: V=%" PRId64 " n=%" PRId64, l.n_vocab, l.n_embd);
+    }
+    if ((unsigned __int128) carvq_layout_codes_nbytes(&l) != V * B ||
+        (unsigned __int128) carvq_layout_codebooks_nbytes(&l, CARVQ_CODEBOOK_F32) != cb * 4 ||
+        (unsigned __int128) carvq_layout_codebooks_nbytes(&l, CARVQ_CODEBOOK_F16) != cb * 2 ||
+        (unsigned __int128) carvq_layout_code_row_bytes(&l) != B) {
+        FUZZ_FAIL("wrong sizes");
+    }
+}
+
+static const uint32_t SENTINEL = 0x7fbadbadu;
+static long n_decoded; // inputs that reached the decode (reported by the standalone driver)
+
+int LLVMFuzzerTestOneInput(const uint8_t * data, size_t size);
+
+int LLVMFuzzerTestOneInput(const uint8_t * data, size_t size) {
+    struct reader r = { data, size, 0 };
+    const uint8_t flags = rd_u8(&r);
+    if (flags & 0x10) {
+        fuzz_huge(&r);
+        return 0;
+    }
+    // small shapes, so that buffers can be allocated and filled
+    struct carvq_layout l;
+    l.format_version = (flags & 3) == 3 ? (int32_t) rd_u8(&r) : 1;
+    l.n_vocab = 1 + rd_u8(&r);
+    l.group_size = rd_u8(&r) % 34;
+    const int64_t G = rd_u8(&r) % 32;
+    const uint8_t mis = rd_u8(&r);
+    l.n_embd = G * l.group_size + ((mis & 0x80) ? (mis & 7) : 0);
+    l.levels = rd_u8(&r) % 18;
+    l.codebook_size = rd_u8(&r) % 18;
+    const uint8_t m = rd_u8(&r), h = rd_u8(&r);
+    l.adaptor_rank = (m & 3) ? m * 5 : 0;
+    l.adaptor_hidden = (h & 3) ? h * 300 : 0;
+    const int f16 = (flags >> 2) & 1, raw_codes = (flags >> 3) & 1, wild_ids = (flags >> 5) & 1;
+    const int64_t pad = (flags >> 6) * 3;
+    const int64_t n_ids = rd_u8(&r);
+    const uint8_t fa = rd_u8(&r), fb = rd_u8(&r);
+
+    char err[256] = "";
+    if (carvq_layout_check(&l, err, sizeof(err)) != 0) {
+        if (err[0] == '\0') FUZZ_FAIL("rejected layout without a message");
+        return 0;
+    }
+    const int64_t V = l.n_vocab, n = l.n_embd, K = l.codebook_size;
+    const int64_t B = carvq_layout_code_row_bytes(&l);
+    const int64_t GL = (n / l.group_size) * l.levels;
+    const int64_t cb_nel = carvq_layout_codebooks_nelements(&l);
+    const size_t esize = f16 ? 2 : 4;
+    if (carvq_layout_codebooks_nbytes(&l, f16 ? CARVQ_CODEBOOK_F16 : CARVQ_CODEBOOK_F32) != cb_nel * (int64_t) esize)
+        FUZZ_FAIL("codebooks_nbytes");
+
+    // exactly-sized heap buffers so that ASan sees any over-read / over-write
+    uint8_t * codes = malloc((size_t) (V * B));
+    uint8_t * cb = malloc((size_t) cb_nel * esize + 1);
+    int32_t * ids = malloc((size_t) n_ids * sizeof(int32_t) + 1);
+    for (int64_t t = 0; t < V; ++t) {
+        for (int64_t b = 0; b < B; ++b) {
+            uint8_t x = rd_u8(&r);
+            if (!raw_codes) { // valid codes, zero padding
+                const unsigned lo = (x & 15u) % (unsigned) K;
+                unsigned hi = (unsigned) (x >> 4) % (unsigned) K;
+                if (2 * b + 1 >= GL) hi = 0;
+                x = (uint8_t) (lo | (hi << 4));
+            }
+            codes[t * B + b] = x;
+        }
+    }
+    // codebook values: the input's bytes as raw bit patterns (NaN, inf, subnormals, -0 ...),
+    // cycled when the input is shorter
+    const size_t rest = r.n - r.i;
+    for (size_t k = 0; k < (size_t) cb_nel * esize; ++k) {
+        cb[k] = rest ? r.p[r.i + k % rest] : (uint8_t) k;
+    }
+    for (int64_t k = 0; k < n_ids; ++k) {
+        const uint8_t x = rest ? r.p[r.i + (size_t) k % rest] : (uint8_t) k;
+        ids[k] = wild_ids ? (int32_t) x - 8 : (int32_t) (x % V);
+    }
+
+    int codes_ok = 1;
+    for (int64_t k = 0; k < V * B && codes_ok; ++k) {
+        const int64_t b = k % B;
+        const unsigned lo = codes[k] & 15u, hi = codes[k] >> 4;
+        if (lo >= (unsigned) K || (2 * b + 1 < GL ? hi >= (unsigned) K : hi != 0)) codes_ok = 0;
+    }
+    if ((carvq_codes_check(&l, codes, err, sizeof(err)) == 0) != codes_ok) FUZZ_FAIL("codes_check disagrees");
+    int ids_ok = 1;
+    for (int64_t k = 0; k < n_ids; ++k) {
+        if (ids[k] < 0 || ids[k] >= V) ids_ok = 0;
+    }
+    if ((carvq_ids_check(&l, ids, n_ids, err, sizeof(err)) == 0) != ids_ok) FUZZ_FAIL("ids_check disagrees");
+
+    if (codes_ok && ids_ok) {
+        const int64_t stride = n + pad;
+        const int64_t first = n_ids ? (fa % (n_ids + 1)) : 0;
+        const int64_t last = n_ids ? first + (fb % (n_ids - first + 1)) : 0;
+        const size_t out_nel = (size_t) (n_ids * stride);
+        float * out[2];
+        for (int k = 0; k < 2; ++k) {
+            out[k] = malloc(out_nel * sizeof(float) + 1);
+            for (size_t e = 0; e < out_nel; ++e) memcpy(&out[k][e], &SENTINEL, 4);
+        }
+        const enum carvq_codebook_type type = f16 ? CARVQ_CODEBOOK_F16 : CARVQ_CODEBOOK_F32;
+        n_decoded++;
+        carvq_rows_decode(&l, codes, cb, type, ids, n_ids, out[0], stride, first, last);
+        carvq_rows_decode_scalar(&l, codes, cb, type, ids, n_ids, out[1], stride, first, last);
+        float * want = malloc((size_t) n * sizeof(float));
+        for (int64_t row = 0; row < n_ids; ++row) {
+            const int inside = row >= first && row < last;
+            if (inside) naive_decode(&l, codes, cb, f16, ids[row], want);
+            for (int k = 0; k < 2; ++k) {
+                for (int64_t e = 0; e < stride; ++e) {
+                    uint32_t got;
+                    memcpy(&got, &out[k][row * stride + e], 4);
+                    if (inside && e < n) {
+                        uint32_t w;
+                        memcpy(&w, &want[e], 4);
+                        const int both_nan = (got & 0x7fffffffu) > 0x7f800000u && (w & 0x7fffffffu) > 0x7f800000u;
+                        if (got != w && !both_nan) {
+                            FUZZ_FAIL("%s decode differs from naive: V=%" PRId64 " n=%" PRId64 " d=%d L=%d K=%d f16=%d "
+                                    "row %" PRId64 " elem %" PRId64 ": %08x vs %08x", k ? "scalar" : carvq_simd_name(type),
+                                    V, n, l.group_size, l.levels, l.codebook_size, f16, row, e, got, w);
+                        }
+                    } else if (got != SENTINEL) {
+                        FUZZ_FAIL("decode wrote outside its rows (row %" PRId64 ", elem %" PRId64 ")", row, e);
+                    }
+                }
+            }
+        }
+        free(want);
+        free(out[0]);
+        free(out[1]);
+    }
+    free(codes);
+    free(cb);
+    free(ids);
+    return 0;
+}
+
+#if defined(CARVQ_FUZZ_STANDALONE)
+static uint64_t rng_state;
+
+static uint64_t rng_next(void) { // splitmix64
+    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+int main(int argc, char ** argv) {
+    if (argc > 1 && (argv[1][0] < '0' || argv[1][0] > '9')) { // replay files
+        for (int a = 1; a < argc; ++a) {
+            FILE * f = fopen(argv[a], "rb");
+            if (!f) { perror(argv[a]); return 1; }
+            static uint8_t buf[1 << 20];
+            const size_t len = fread(buf, 1, sizeof(buf), f);
+            fclose(f);
+            LLVMFuzzerTestOneInput(buf, len);
+        }
+        printf("carvq_fuzz: %d passed, 0 failed\n", argc - 1);
+        return 0;
+    }
+    const long iters = argc > 1 ? atol(argv[1]) : 10000;
+    rng_state = argc > 2 ? strtoull(argv[2], NULL, 10) : 1;
+    static uint8_t buf[4096];
+    for (long it = 0; it < iters; ++it) {
+        const size_t len = 12 + (size_t) (rng_next() % (sizeof(buf) - 12));
+        for (size_t k = 0; k < len; ++k) buf[k] = (uint8_t) rng_next();
+        // bias towards decodable inputs: version 1, no huge mode, valid codes and ids
+        if (it % 4 != 0) {
+            buf[0] &= (uint8_t) ~(0x10 | 0x08 | 0x20);
+            if ((buf[0] & 3) == 3) buf[0] &= (uint8_t) ~1;
+            buf[2] = (uint8_t) (1 + buf[2] % 33);               // d >= 1
+            buf[4] &= 0x7f;                                     // n % d == 0
+            buf[5] = (uint8_t) (1 + buf[5] % 16);               // L
+            buf[6] = (uint8_t) (2 + buf[6] % 15);               // K
+            buf[7] &= (uint8_t) ~3;                             // m = 0
+            buf[8] &= (uint8_t) ~3;                             // h = 0
+        }
+        LLVMFuzzerTestOneInput(buf, len);
+    }
+    printf("carvq_fuzz: simd=%s/%s, %ld of %ld inputs decoded\n", carvq_simd_name(CARVQ_CODEBOOK_F32),
+            carvq_simd_name(CARVQ_CODEBOOK_F16), n_decoded, iters);
+    printf("carvq_fuzz: %ld passed, 0 failed\n", iters);
+    return 0;
+}
+#endif

@@ -1,0 +1,126 @@
+"""Bad input: one readable line on stderr, non-zero exit, no partial output, input untouched."""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_config
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_cli(*args):
+    # cwd: not the repo root, whose carvq/ source folder would shadow the installed package
+    return subprocess.run([sys.executable, "-m", "carvq.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=Path(__file__).parent)
+
+
+def assert_clean_failure(proc, out: Path, fragment: str):
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("carvq: error:") and fragment in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+    leftovers = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.") or p == out]
+    assert leftovers == [], leftovers
+
+
+def test_missing_file(tmp_path):
+    out = tmp_path / "out.gguf"
+    assert_clean_failure(run_cli("convert", tmp_path / "nope.gguf", "-o", out, "-q"), out, "no such file")
+
+
+def test_not_a_gguf(tmp_path):
+    src = tmp_path / "text.gguf"
+    src.write_text("hello, I am not a model\n")
+    out = tmp_path / "out.gguf"
+    assert_clean_failure(run_cli("convert", src, "-o", out, "-q"), out, "not a GGUF")
+
+
+def test_truncated_gguf(tmp_path, tiny_gguf):
+    data = tiny_gguf("llama").read_bytes()
+    for cut in (len(data) // 2, 200):
+        src = tmp_path / f"trunc{cut}.gguf"
+        src.write_bytes(data[:cut])
+        before = _digest(src)
+        out = tmp_path / f"out{cut}.gguf"
+        assert_clean_failure(run_cli("convert", src, "-o", out, "-q"), out, "truncated")
+        assert _digest(src) == before
+
+
+def _rewrite_without(src: Path, dst: Path, drop: str = "", arch: str | None = None) -> None:
+    import gguf
+
+    from carvq import gguf_io as gio
+
+    reader = gio.open_gguf(src)
+    writer = gguf.GGUFWriter(None, arch or reader.get_field("general.architecture").contents())
+    gio.copy_fields(reader, writer, skip=set())
+    for t in reader.tensors:
+        if t.name != drop:
+            gio.add_source_tensor(writer, t)
+    gio.write_gguf(writer, dst, progress=False)
+
+
+def test_no_token_embd(tmp_path, tiny_gguf):
+    src = tmp_path / "noembd.gguf"
+    _rewrite_without(tiny_gguf("llama"), src, drop="token_embd.weight")
+    out = tmp_path / "out.gguf"
+    assert_clean_failure(run_cli("convert", src, "-o", out, "-q"), out, "no token_embd.weight")
+
+
+def test_unsupported_architecture(tmp_path, tiny_gguf):
+    src = tmp_path / "bert.gguf"
+    _rewrite_without(tiny_gguf("llama"), src, arch="bert")
+    out = tmp_path / "out.gguf"
+    assert_clean_failure(run_cli("convert", src, "-o", out, "-q"), out, "not supported")
+
+
+def test_impossible_target_bpw(tmp_path, tiny_gguf):
+    out = tmp_path / "out.gguf"
+    proc = run_cli("convert", tiny_gguf("llama"), "-o", out, "--target-bpw", "0.05", "-q")
+    assert_clean_failure(proc, out, "impossible")
+
+
+def test_output_equals_input(tmp_path, tiny_gguf):
+    src = tmp_path / "same.gguf"
+    src.write_bytes(tiny_gguf("llama").read_bytes())
+    before = _digest(src)
+    proc = run_cli("convert", src, "-o", src, "-q")
+    assert proc.returncode != 0 and "is the input" in proc.stderr
+    assert _digest(src) == before
+
+
+def test_output_directory_missing(tmp_path, tiny_gguf):
+    out = tmp_path / "no" / "such" / "dir" / "out.gguf"
+    proc = run_cli("convert", tiny_gguf("llama"), "-o", out, "-q", "--adaptor-rank", "0", "--iters", "1")
+    assert proc.returncode != 0 and "does not exist" in proc.stderr
+    assert not out.parent.exists()
+
+
+def test_write_failure_leaves_nothing(tmp_path, tiny_gguf, monkeypatch):
+    """A write that fails midway (disk full) leaves neither the target nor a temp file."""
+    import errno
+
+    from carvq import gguf_io as gio
+    from carvq.converter.convert import convert
+    from carvq.errors import CarvqError
+
+    def failing_write(writer, path, progress):
+        Path(path).write_bytes(b"GGUF partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gio, "write_gguf", failing_write)
+    src = tiny_gguf("llama")
+    before = _digest(src)
+    out = tmp_path / "out.gguf"
+    with pytest.raises(CarvqError, match="No space left"):
+        convert(src, out, tiny_config("qwen2"), iters=1, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    assert _digest(src) == before

@@ -1,0 +1,125 @@
+"""The converter on tiny random llama, qwen2 and gemma3 models, from HF and from GGUF."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from conftest import TINY_ARCHES, tiny_config
+
+ARCHES = list(TINY_ARCHES)
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("source", ["gguf", "hf"])
+def test_convert_roundtrip(arch, source, workdir, tiny_hf, tiny_gguf, tiny_carvq):
+    import gguf
+
+    from carvq import gguf_io as gio
+    from carvq.converter.convert import convert
+    from carvq.reference import decode_rows
+
+    if source == "gguf":
+        out, report = tiny_carvq(arch)
+    else:
+        out = workdir / f"{arch}.fromhf.carvq.gguf"
+        report = convert(tiny_hf(arch), out, tiny_config(arch), iters=2, seed=0, hf_outtype="f32", progress=False)
+
+    reader = gguf.GGUFReader(out)  # any GGUF reader opens it
+    assert reader.get_field("general.architecture").contents() == arch
+    assert gio.tensor_by_name(reader, "token_embd.weight") is None
+    head = gio.tensor_by_name(reader, "output.weight")
+    assert head is not None and bool(reader.get_field("carvq.head_copy").contents())
+
+    V = report.n_vocab
+    rows = decode_rows(out, np.arange(V))
+    assert rows.dtype == np.float32
+    assert np.array_equal(rows, report.reconstruction), "file decode differs from the converter's reconstruction"
+
+    carvq_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith("token_embd.carvq."))
+    n_weights = V * report.n_embd
+    assert reader.get_field("carvq.bpw").contents() == pytest.approx(8 * carvq_bytes / n_weights, rel=1e-6)
+    assert reader.get_field("carvq.head_bpw").contents() == pytest.approx(8 * int(head.n_bytes) / n_weights, rel=1e-6)
+
+    # every other tensor is the source's, byte for byte
+    src = gio.open_gguf(tiny_gguf(arch))
+    for t in src.tensors:
+        if t.name == "token_embd.weight":
+            # the tied head is a byte copy of the source embedding (same type by default)
+            assert np.array_equal(np.asarray(head.data), np.asarray(t.data))
+            continue
+        other = gio.tensor_by_name(reader, t.name)
+        assert other is not None and other.tensor_type == t.tensor_type
+        assert np.array_equal(np.asarray(other.data), np.asarray(t.data)), t.name
+    for name, field in src.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        assert reader.get_field(name) is not None, name
+        assert reader.get_field(name).contents() == field.contents(), name
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_carvq_embedding_module_matches_substituted_matrix(arch, tiny_hf, tiny_carvq):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from carvq.converter.torch_module import CARVQEmbedding
+
+    out, report = tiny_carvq(arch)
+    ids = torch.tensor([[1, 5, 17, 42, 99, 200, 7, 3, 250, 11]])
+
+    dense = AutoModelForCausalLM.from_pretrained(tiny_hf(arch), dtype=torch.float32).eval()
+    dense.config.tie_word_embeddings = False
+    original_head = dense.get_output_embeddings().weight.detach().clone()
+    dense.lm_head = torch.nn.Linear(original_head.shape[1], original_head.shape[0], bias=False)
+    dense.lm_head.weight.data.copy_(original_head)  # untie: only the lookup changes
+    with torch.no_grad():
+        dense.get_input_embeddings().weight.copy_(torch.from_numpy(report.reconstruction))
+        want = dense(ids).logits
+
+    emb = dense.get_input_embeddings()
+    scale = float(getattr(emb, "embed_scale", 1.0))
+    dense.set_input_embeddings(CARVQEmbedding.from_gguf(out, scale=scale))
+    with torch.no_grad():
+        got = dense(ids).logits
+    rel = (got - want).abs().max() / want.abs().max()
+    assert rel <= 1e-5, f"relative logit difference {rel:.2e}"
+
+
+def test_determinism(workdir, tiny_gguf):
+    from carvq.converter.convert import convert
+
+    paths = []
+    for i in range(2):
+        out = workdir / f"determinism-{i}.gguf"
+        convert(tiny_gguf("llama"), out, tiny_config("llama"), iters=2, seed=7, progress=False)
+        paths.append(out)
+    assert _sha256(paths[0]) == _sha256(paths[1])
+
+
+def test_target_bpw_picks_config_under_budget(workdir, tiny_gguf):
+    from carvq.converter.config import Config
+    from carvq.converter.convert import convert
+
+    out = workdir / "target.gguf"
+    report = convert(tiny_gguf("llama"), out, Config(adaptor_rank=0, adaptor_hidden=0), target_bpw=2.5,
+                     iters=1, progress=False)
+    lookup_bpw = 8 * report.lookup_bytes / (report.n_vocab * report.n_embd)
+    assert lookup_bpw <= 2.5
+    assert report.notes and "target-bpw" in report.notes[0]
+
+
+def test_inspect_lists_tensors_and_totals(tiny_carvq, capsys):
+    from carvq.cli import main
+
+    out, report = tiny_carvq("llama")
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "token_embd.carvq.codes" in text and "I8" in text
+    assert "CARVQ format 1" in text and "head copy" in text
+    assert f"{report.n_vocab} x {report.n_embd}" in text
