@@ -23,13 +23,20 @@ HERE = Path(__file__).resolve().parent
 OWN_SOURCES = {f"src/{name}": HERE / "src" / name for name in ("carvq.c", "carvq.h", "llama-carvq.h", "llama-carvq.cpp")}
 
 
+STOCK = False  # --stock: the pristine tree, for comparisons against unpatched llama.cpp
+
+
 def series() -> list[Path]:
-    return sorted(HERE.glob("*.patch"))
+    return [] if STOCK else sorted(HERE.glob("*.patch"))
+
+
+def own_sources() -> dict[str, Path]:
+    return {} if STOCK else OWN_SOURCES
 
 
 def fingerprint(source: Path) -> str:
-    h = hashlib.sha256(str(source.resolve()).encode())
-    for path in [*series(), *OWN_SOURCES.values(), Path(__file__)]:
+    h = hashlib.sha256(f"{source.resolve()} stock={STOCK}".encode())
+    for path in [*series(), *own_sources().values(), Path(__file__)]:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()
@@ -37,7 +44,7 @@ def fingerprint(source: Path) -> str:
 
 def build_staging(source: Path, staging: Path) -> None:
     shutil.copytree(source, staging, symlinks=True)
-    for rel, ours in OWN_SOURCES.items():
+    for rel, ours in own_sources().items():
         shutil.copyfile(ours, staging / rel)
     for patch in series():
         proc = subprocess.run(["git", "apply", "--verbose", "-p1", str(patch)], cwd=staging,
@@ -77,7 +84,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--source", required=True, type=Path)
     ap.add_argument("--dest", required=True, type=Path)
+    ap.add_argument("--stock", action="store_true", help="no patches: the pristine tree")
     args = ap.parse_args()
+    global STOCK
+    STOCK = args.stock
     stamp = args.dest / ".carvq-stamp"
     want = fingerprint(args.source)
     if stamp.is_file() and stamp.read_text() == want:

@@ -100,7 +100,11 @@ int carvq_ids_check(const struct carvq_layout * l, const int32_t * ids, int64_t 
 // layout, codes and ids passed the checks above; codebooks holds G*L*K*d elements of
 // cb_type; out does not overlap codes or codebooks.
 // Bit-exact with carvq/reference.py decode_rvq: each element is ((0 + c_0) + c_1) + ... +
-// c_{L-1} in float32, F16 codebook values converted exactly (NaN payloads aside).
+// c_{L-1} in float32, F16 codebook values converted exactly. This holds for every non-NaN
+// result in the default FP environment (no flush-to-zero / denormals-are-zero). Where two
+// NaNs meet, which payload survives depends on operand order, which neither C compilers nor
+// NumPy fix for a commutative add; such a result is a NaN on every path.
+// Reads stay inside the G*L*K*d codebook elements (no padding needed).
 void carvq_rows_decode(
         const struct carvq_layout * l,
         const uint8_t  * codes,

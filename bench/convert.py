@@ -1,0 +1,81 @@
+"""Convert SmolLM2-135M-Instruct and Gemma-3-270M (both from PyPI) at --target-bpw 1.6.
+
+Records wall time, peak memory, bpw and both reconstruction errors; writes
+bench/results/convert.json and a Markdown table (bench/results/convert.md) for the README.
+
+    python bench/convert.py [--models smollm2 gemma3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import models  # noqa: E402
+
+from carvq.llama_source import cache_dir  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = {"smollm2": ("SmolLM2-135M-Instruct", models.smollm2), "gemma3": ("Gemma-3-270M", models.gemma3_270m)}
+
+
+def convert_one(name: str, src: Path, target: float) -> dict:
+    out = cache_dir() / "bench" / f"{name}.target{target}.carvq.gguf"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "carvq.cli", "convert", str(src), "-o", str(out), "-q",
+                           "--target-bpw", str(target)], capture_output=True, text=True, cwd=RESULTS)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr)
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    report = proc.stdout
+    grab = lambda pat: float(re.search(pat, report).group(1))  # noqa: E731
+    return {
+        "model": name, "target_bpw": target, "wall_s": round(wall, 1),
+        "peak_rss_mib": round(max(peak_kib, before) / 1024, 1),
+        "lookup_bpw": grab(r"lookup total\s+[\d,]+\s+([\d.]+)"),
+        "head_bpw": grab(r"head copy \(\w+\)\s+[\d,]+\s+([\d.]+)") if "head copy (" in report else 0.0,
+        "rel_error": grab(r"relative error \(Frobenius\)\s+([\d.]+)"),
+        "weighted_rel_error": grab(r"relative error \(token-weighted\)\s+([\d.]+)"),
+        "config": re.search(r"config: (.*)", report).group(1).strip(),
+        "report": report,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--target-bpw", type=float, default=1.6)
+    args = ap.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    rows = []
+    for key in args.models:
+        name, fetch = MODELS[key]
+        print(f"converting {name} ...", flush=True)
+        rows.append(convert_one(name, fetch(), args.target_bpw))
+        print(rows[-1]["report"], flush=True)
+    meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
+            f"{__import__('os').cpu_count()} cores", "python": platform.python_version()}
+    (RESULTS / "convert.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [f"Measured {meta['date']} on {meta['machine']}.", "",
+             "| model | config chosen | lookup bpw | head copy bpw | rel. error | weighted rel. error | wall time | peak RSS |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['config']} | {r['lookup_bpw']:.4f} | {r['head_bpw']:.3f} | {r['rel_error']:.4f} | "
+                     f"{r['weighted_rel_error']:.4f} | {r['wall_s']:.0f} s | {r['peak_rss_mib']:.0f} MiB |")
+    (RESULTS / "convert.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

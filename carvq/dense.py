@@ -1,0 +1,47 @@
+"""Dense variants of a GGUF: the same model with a given float32 `token_embd.weight`.
+
+Used to check the patched lookup against a plain get_rows on the decoded matrix, and by
+the quality benchmark to simulate embedding types that llama.cpp cannot store natively.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from carvq import gguf_io as gio
+from carvq.errors import CarvqError
+
+
+def write_dense_embedding(src, out: Path, matrix: np.ndarray) -> None:
+    """Copy `src` (a GGUF path or reader) to `out` with token_embd.weight = matrix (F32),
+    dropping any CARVQ tensors and carvq.* keys. Every other tensor and key is copied."""
+    import gguf
+
+    reader = gio.open_gguf(src) if isinstance(src, (str, Path)) else src
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    if matrix.ndim != 2:
+        raise CarvqError("embedding matrix must be 2-D")
+    writer = gguf.GGUFWriter(None, gio.field_value(reader, "general.architecture"))
+    carvq_keys = {name for name in reader.fields if name.startswith("carvq.")}
+    gio.copy_fields(reader, writer, skip=carvq_keys)
+    placed = False
+    for t in reader.tensors:
+        if t.name == gio.EMBD or t.name.startswith(gio.PREFIX):
+            if not placed:
+                writer.add_tensor(gio.EMBD, matrix)
+                placed = True
+            continue
+        gio.add_source_tensor(writer, t)
+    if not placed:
+        raise CarvqError(f"{src}: no embedding to replace")
+    with gio.atomic_output(Path(out)) as tmp:
+        gio.write_gguf(writer, tmp, progress=False)
+
+
+def decode_all(path) -> np.ndarray:
+    """Every row of a CARVQ-GGUF's embedding, decoded by the NumPy reference."""
+    from carvq.reference import read_tensors
+
+    tensors = read_tensors(path)
+    return tensors.decode(np.arange(tensors.layout.n_vocab))

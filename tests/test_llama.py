@@ -1,0 +1,258 @@
+"""The patched llama.cpp on CARVQ-GGUFs: exact lookup, unchanged stock behaviour, tools, bad files."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TINY_ARCHES
+from tiny_models import synthetic_corpus
+
+ARCHES = list(TINY_ARCHES)
+IDS = [1, 5, 17, 42, 99, 200, 7, 3, 250, 11, 64, 128, 300, 2, 19]
+
+
+def tool(name: str) -> Path:
+    from carvq.runtime import tool_path
+
+    path = tool_path(name)
+    assert path.exists(), f"{name} is not installed at {path}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def dense_twin(workdir, tiny_carvq):
+    """arch -> the CARVQ model with token_embd.weight = its dense F32 reconstruction."""
+    from carvq.dense import decode_all, write_dense_embedding
+
+    cache = {}
+
+    def get(arch: str) -> Path:
+        if arch not in cache:
+            path, _ = tiny_carvq(arch)
+            out = workdir / f"{arch}.dense.gguf"
+            write_dense_embedding(path, out, decode_all(path))
+            cache[arch] = out
+        return cache[arch]
+
+    return get
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_lookup_is_exact(arch, tiny_carvq, dense_twin):
+    from carvq.runtime.model import Model
+
+    path, _ = tiny_carvq(arch)
+    with Model(path, n_ctx=64) as carvq_model, Model(dense_twin(arch), n_ctx=64) as dense_model:
+        assert carvq_model.is_carvq and not dense_model.is_carvq
+        got, want = carvq_model.logits(IDS), dense_model.logits(IDS)
+    rel = np.abs(got - want).max() / np.abs(want).max()
+    assert rel <= 1e-4, f"{arch}: relative logit difference {rel:.2e}"
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_embedding_rows_match_reference(arch, tiny_carvq):
+    from carvq.reference import decode_rows, read_tensors
+    from carvq.runtime.model import Model
+
+    path, _ = tiny_carvq(arch)
+    want = decode_rows(path, IDS)
+    with Model(path, n_ctx=64) as model:
+        got = model.embedding_rows(IDS)
+    if read_tensors(path).layout.adaptor_rank == 0:
+        assert np.array_equal(got, want), "the RVQ decode must be bit-exact"
+    else:
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_model_api_and_close(tiny_carvq):
+    from carvq.errors import CarvqError
+    from carvq.runtime.model import Model
+
+    path, report = tiny_carvq("llama")
+    model = Model(path, n_ctx=128)
+    assert model.n_vocab == report.n_vocab and model.n_embd == report.n_embd
+    assert model.size > 0 and model.n_params > 0
+    assert model.metadata()["carvq.format_version"] == "1"
+    toks = model.tokenize("the cat sat on the mat")
+    assert model.detokenize(toks[1:]).strip() == "the cat sat on the mat"
+    a = "".join(model.generate("the cat", max_tokens=8, temperature=0))
+    b = "".join(model.generate("the cat", max_tokens=8, temperature=0))
+    assert a == b  # greedy is deterministic
+    sampled = list(model.generate("the cat", max_tokens=8, temperature=0.9, top_p=0.9, seed=3))
+    assert isinstance(sampled, list)
+    model.close()
+    with pytest.raises(CarvqError, match="closed"):
+        model.tokenize("x")
+    model.close()  # idempotent
+
+
+def _run_text(workdir: Path) -> Path:
+    text = workdir / "corpus.txt"
+    if not text.exists():
+        text.write_text("\n".join(synthetic_corpus(seed=5)[:400]))
+    return text
+
+
+def _perplexity(binary: Path, model: Path, text: Path, extra=()):
+    return subprocess.run([str(binary), "-m", str(model), "-f", str(text), "-c", "64", "-b", "64",
+                           "--chunks", "4", "-t", "2", *extra], capture_output=True, text=True, timeout=300)
+
+
+def test_perplexity_tool_on_carvq(tiny_carvq, workdir):
+    path, _ = tiny_carvq("gemma3")
+    proc = _perplexity(tool("llama-perplexity"), path, _run_text(workdir))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = re.search(r"Final estimate: PPL = ([0-9.]+)", proc.stdout + proc.stderr)
+    assert m and math.isfinite(float(m.group(1))) and float(m.group(1)) > 1
+
+
+def test_bench_tool_on_carvq(tiny_carvq):
+    path, _ = tiny_carvq("llama")
+    proc = subprocess.run([str(tool("llama-bench")), "-m", str(path), "-p", "16", "-n", "8", "-r", "1", "-t", "2", "-o", "json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(proc.stdout)
+    assert results and all(r["avg_ts"] > 0 for r in results)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_answers_a_completion(tiny_carvq):
+    path, _ = tiny_carvq("qwen2")
+    port = _free_port()
+    server = subprocess.Popen([str(tool("llama-server")), "-m", str(path), "--host", "127.0.0.1", "--port", str(port),
+                               "-c", "256", "-t", "2", "--no-webui"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        body = json.dumps({"prompt": "the cat", "n_predict": 8, "temperature": 0}).encode()
+        while True:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/completion", data=body,
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    answer = json.loads(resp.read())
+                break
+            except Exception:
+                if server.poll() is not None or time.time() > deadline:
+                    raise AssertionError(f"llama-server did not answer: {server.stderr.read()[-2000:] if server.poll() is not None else 'timeout'}")
+                time.sleep(0.5)
+        assert isinstance(answer.get("content"), str) and answer.get("tokens_predicted", 0) > 0
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def test_quantize_passes_carvq_through(tiny_carvq, workdir):
+    """llama-quantize quantizes the body and leaves every CARVQ tensor byte for byte."""
+    from carvq import gguf_io as gio
+
+    path, _ = tiny_carvq("llama")
+    out = workdir / "llama.carvq.q8.gguf"
+    proc = subprocess.run([str(tool("llama-quantize")), str(path), str(out), "q8_0", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    src, dst = gio.open_gguf(path), gio.open_gguf(out)
+    for t in src.tensors:
+        if t.name.startswith("token_embd.carvq."):
+            other = gio.tensor_by_name(dst, t.name)
+            assert other.tensor_type == t.tensor_type and np.array_equal(np.asarray(other.data), np.asarray(t.data))
+    assert gio.tensor_by_name(dst, "blk.0.ffn_up.weight").tensor_type.name == "Q8_0"
+
+
+# ---- stock behaviour --------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def stock_perplexity() -> Path:
+    """llama-perplexity built from the same tree without the patch series (ccache makes it cheap)."""
+    repo = Path(__file__).resolve().parent.parent
+    build = repo / "build" / "stock"
+    cfg = subprocess.run(["cmake", "-G", "Ninja", "-S", str(repo), "-B", str(build), "-DCARVQ_STOCK=ON",
+                          "-DCMAKE_BUILD_TYPE=Release"], capture_output=True, text=True)
+    assert cfg.returncode == 0, cfg.stdout[-2000:] + cfg.stderr[-2000:]
+    proc = subprocess.run(["cmake", "--build", str(build), "--target", "llama-perplexity"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    return build / "bin" / "llama-perplexity"
+
+
+def test_stock_model_unchanged(tiny_gguf, workdir, stock_perplexity):
+    """The same stock GGUF gives bit-identical logits through the patched and the unpatched build."""
+    text = _run_text(workdir)
+    saved = []
+    for name, binary in (("stock", stock_perplexity), ("patched", tool("llama-perplexity"))):
+        out = workdir / f"logits-{name}.bin"
+        proc = _perplexity(binary, tiny_gguf("llama"), text, ("--kl-divergence-base", str(out)))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        saved.append(out.read_bytes())
+    assert len(saved[0]) > 1000 and saved[0] == saved[1]
+
+
+# ---- bad CARVQ files ---------------------------------------------------------------------
+
+def _load_in_subprocess(path: Path):
+    """Load through the runtime in a child process: a crash there cannot take pytest down."""
+    return subprocess.run([sys.executable, "-m", "carvq.cli", "generate", str(path), "-p", "the", "-n", "2"],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent)
+
+
+def _rewrite(src: Path, dst: Path, *, version=None, codes_rows_delta=0):
+    import gguf
+
+    from carvq import gguf_io as gio
+
+    reader = gio.open_gguf(src)
+    writer = gguf.GGUFWriter(None, gio.field_value(reader, "general.architecture"))
+    gio.copy_fields(reader, writer, skip={gio.K_VERSION} if version is not None else set())
+    if version is not None:
+        writer.add_uint32(gio.K_VERSION, version)
+    for t in reader.tensors:
+        if t.name == gio.T_CODES and codes_rows_delta:
+            data = np.asarray(t.data)[: data_rows(t) + codes_rows_delta]
+            writer.add_tensor(t.name, np.ascontiguousarray(data).view(np.int8))
+        else:
+            gio.add_source_tensor(writer, t)
+    gio.write_gguf(writer, dst, progress=False)
+
+
+def data_rows(t) -> int:
+    return int(t.shape[1])
+
+
+def test_bad_file_truncated(tiny_carvq, workdir):
+    path, _ = tiny_carvq("llama")
+    bad = workdir / "truncated.carvq.gguf"
+    bad.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+    proc = _load_in_subprocess(bad)
+    assert proc.returncode == 1 and "carvq: error:" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_bad_file_codes_wrong_size(tiny_carvq, workdir):
+    path, _ = tiny_carvq("llama")
+    bad = workdir / "badcodes.carvq.gguf"
+    _rewrite(path, bad, codes_rows_delta=-3)
+    proc = _load_in_subprocess(bad)
+    assert proc.returncode == 1 and "token_embd.carvq.codes" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_bad_file_unknown_version(tiny_carvq, workdir):
+    path, _ = tiny_carvq("llama")
+    bad = workdir / "v99.carvq.gguf"
+    _rewrite(path, bad, version=99)
+    proc = _load_in_subprocess(bad)
+    assert proc.returncode == 1 and "version" in proc.stderr, proc.stderr[-2000:]
