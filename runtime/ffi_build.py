@@ -47,6 +47,7 @@ struct llama_model_params {
     bool check_tensors;
     ...;
 };
+enum llama_flash_attn_type { LLAMA_FLASH_ATTN_TYPE_AUTO, LLAMA_FLASH_ATTN_TYPE_DISABLED, LLAMA_FLASH_ATTN_TYPE_ENABLED, ... };
 struct llama_context_params {
     uint32_t n_ctx;
     uint32_t n_batch;
@@ -55,6 +56,9 @@ struct llama_context_params {
     int32_t  n_threads_batch;
     ggml_backend_sched_eval_callback cb_eval;
     void * cb_eval_user_data;
+    enum llama_flash_attn_type flash_attn_type;
+    enum ggml_type type_k;
+    enum ggml_type type_v;
     bool embeddings;
     bool no_perf;
     ...;

@@ -27,7 +27,9 @@ _log_state = {"verbose": False, "last_error": ""}
 @ffi.def_extern()
 def carvq_log_callback(level, text, user_data):  # noqa: ARG001
     msg = ffi.string(text).decode("utf-8", "replace")
-    if level == lib.GGML_LOG_LEVEL_ERROR and msg.strip():
+    # keep the most specific error: llama.cpp ends a failed load with a generic line
+    if level == lib.GGML_LOG_LEVEL_ERROR and msg.strip() and (
+            "error loading model:" in msg or "error loading model:" not in _log_state["last_error"]):
         _log_state["last_error"] = msg.strip()
     if _log_state["verbose"]:
         os.write(2, msg.encode("utf-8", "replace"))
@@ -65,7 +67,7 @@ class Model:
     """
 
     def __init__(self, path, *, n_ctx: int = 2048, n_batch: int = 512, n_threads: int | None = None,
-                 use_mmap: bool = True, verbose: bool = False):
+                 use_mmap: bool = True, kv_f32: bool = False, verbose: bool = False):
         path = Path(path)
         if not path.is_file():
             raise CarvqError(f"{path}: no such file")
@@ -73,6 +75,7 @@ class Model:
         self.path = path
         self._n_ctx, self._n_batch = n_ctx, n_batch
         self._n_threads = n_threads or max(1, os.cpu_count() or 1)
+        self._kv_f32 = kv_f32  # F32 attention end to end: logits continuous in the inputs (tests)
         params = lib.llama_model_default_params()
         params.n_gpu_layers = 0
         params.load_mode = lib.LLAMA_LOAD_MODE_MMAP if use_mmap else lib.LLAMA_LOAD_MODE_NONE
@@ -100,6 +103,9 @@ class Model:
             cparams.n_threads = self._n_threads
             cparams.n_threads_batch = self._n_threads
             cparams.no_perf = True
+            if self._kv_f32:  # and no flash attention, which rounds Q to F16
+                cparams.type_k = cparams.type_v = lib.GGML_TYPE_F32
+                cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
             if cb_capture is not None:
                 cparams.cb_eval = lib.carvq_eval_callback
                 cparams.cb_eval_user_data = cb_capture
@@ -262,14 +268,13 @@ class Model:
         return out
 
     def embedding_rows(self, token_ids: list[int]) -> np.ndarray:
-        """Input embeddings of `token_ids` exactly as the patched llama.cpp's CARVQ lookup
-        computes them (before any architecture scaling): (len, n_embd) float32."""
-        if not self.is_carvq:
-            raise CarvqError(f"{self.path.name} is not a CARVQ-GGUF; embedding_rows reads the CARVQ lookup")
+        """Input embeddings of `token_ids` as llama.cpp computes them: the lookup (CARVQ decode
+        or get_rows) read back from the graph node build_inp_embd names "embd", before any
+        architecture scaling applied after it (Gemma's sqrt(n)): (len, n_embd) float32."""
         ids = [int(t) for t in token_ids]
         if not ids or min(ids) < 0 or max(ids) >= self.n_vocab:
             raise CarvqError(f"token ids must be in 0..{self.n_vocab - 1}")
-        capture = {"name": "carvq_embd", "rows": None}
+        capture = {"name": "embd", "rows": None}
         handle = ffi.new_handle(capture)
         rows = []
         ctx = self._context(cb_capture=handle)
@@ -280,7 +285,7 @@ class Model:
                 chunk = ids[off : off + self._n_batch]
                 self._decode(ctx, chunk, 0, all_logits=True)
                 if capture["rows"] is None:
-                    raise CarvqError("the CARVQ lookup tensor was not seen in the graph")
+                    raise CarvqError("the embedding tensor was not seen in the graph")
                 rows.append(capture["rows"])
         finally:
             lib.llama_free(ctx)

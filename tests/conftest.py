@@ -8,10 +8,13 @@ import pytest
 from tiny_models import make_tiny_checkpoint
 
 # Small but complete configurations; each arch exercises another adaptor variant.
+# gemma3 gets none: its FFN's ggml_gelu rounds inputs to F16 for a table lookup, so the
+# adaptor's float32 rounding differences (1e-7) could flip roundings and blur the
+# logit comparison; RVQ alone is bit-exact, which makes gemma3's comparison exact too.
 TINY_ARCHES = {
     "llama": dict(adaptor_rank=4, adaptor_hidden=16, activation="gelu"),
-    "qwen2": dict(adaptor_rank=0, adaptor_hidden=0, activation="gelu"),
-    "gemma3": dict(adaptor_rank=3, adaptor_hidden=8, activation="silu"),
+    "qwen2": dict(adaptor_rank=3, adaptor_hidden=8, activation="silu"),
+    "gemma3": dict(adaptor_rank=0, adaptor_hidden=0, activation="gelu"),
 }
 
 
