@@ -17,7 +17,7 @@ def _digest(path: Path) -> str:
 
 def run_cli(*args):
     # cwd: not the repo root, whose carvq/ source folder would shadow the installed package
-    return subprocess.run([sys.executable, "-m", "carvq.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "carvq.cli", *map(str, args)], capture_output=True, text=True, errors="replace",
                           cwd=Path(__file__).parent)
 
 

@@ -106,7 +106,7 @@ def _run_text(workdir: Path) -> Path:
 
 def _perplexity(binary: Path, model: Path, text: Path, extra=()):
     return subprocess.run([str(binary), "-m", str(model), "-f", str(text), "-c", "64", "-b", "64",
-                           "--chunks", "4", "-t", "2", *extra], capture_output=True, text=True, timeout=300)
+                           "--chunks", "4", "-t", "2", *extra], capture_output=True, text=True, errors="replace", timeout=300)
 
 
 def test_perplexity_tool_on_carvq(tiny_carvq, workdir):
@@ -120,7 +120,7 @@ def test_perplexity_tool_on_carvq(tiny_carvq, workdir):
 def test_bench_tool_on_carvq(tiny_carvq):
     path, _ = tiny_carvq("llama")
     proc = subprocess.run([str(tool("llama-bench")), "-m", str(path), "-p", "16", "-n", "8", "-r", "1", "-t", "2", "-o", "json"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(proc.stdout)
     assert results and all(r["avg_ts"] > 0 for r in results)
@@ -167,7 +167,7 @@ def test_quantize_passes_carvq_through(tiny_carvq, workdir):
 
     path, _ = tiny_carvq("llama")
     out = workdir / "llama.carvq.q8.gguf"
-    proc = subprocess.run([str(tool("llama-quantize")), str(path), str(out), "q8_0", "2"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([str(tool("llama-quantize")), str(path), str(out), "q8_0", "2"], capture_output=True, text=True, errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     src, dst = gio.open_gguf(path), gio.open_gguf(out)
     for t in src.tensors:
@@ -185,9 +185,9 @@ def stock_perplexity() -> Path:
     repo = Path(__file__).resolve().parent.parent
     build = repo / "build" / "stock"
     cfg = subprocess.run(["cmake", "-G", "Ninja", "-S", str(repo), "-B", str(build), "-DCARVQ_STOCK=ON",
-                          "-DCMAKE_BUILD_TYPE=Release"], capture_output=True, text=True)
+                          "-DCMAKE_BUILD_TYPE=Release"], capture_output=True, text=True, errors="replace")
     assert cfg.returncode == 0, cfg.stdout[-2000:] + cfg.stderr[-2000:]
-    proc = subprocess.run(["cmake", "--build", str(build), "--target", "llama-perplexity"], capture_output=True, text=True)
+    proc = subprocess.run(["cmake", "--build", str(build), "--target", "llama-perplexity"], capture_output=True, text=True, errors="replace")
     assert proc.returncode == 0, proc.stdout[-3000:]
     return build / "bin" / "llama-perplexity"
 
@@ -209,7 +209,7 @@ def test_stock_model_unchanged(tiny_gguf, workdir, stock_perplexity):
 def _load_in_subprocess(path: Path):
     """Load through the runtime in a child process: a crash there cannot take pytest down."""
     return subprocess.run([sys.executable, "-m", "carvq.cli", "generate", str(path), "-p", "the", "-n", "2"],
-                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent)
+                          capture_output=True, text=True, errors="replace", timeout=120, cwd=Path(__file__).parent)
 
 
 def _rewrite(src: Path, dst: Path, *, version=None, codes_rows_delta=0):

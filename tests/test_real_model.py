@@ -48,7 +48,7 @@ def smollm2_carvq() -> Path:
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run([sys.executable, "-m", "carvq.cli", "convert", str(smollm2_path()), "-o", str(out), "-q"],
-                              capture_output=True, text=True, cwd=Path(__file__).parent)
+                              capture_output=True, text=True, errors="replace", cwd=Path(__file__).parent)
         assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
