@@ -3,6 +3,7 @@ commands work without torch or transformers installed."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from carvq.errors import CarvqError
@@ -16,7 +17,7 @@ def _cmd_convert(args) -> int:
                   adaptor_hidden=args.adaptor_hidden if args.adaptor_rank else 0, activation=args.activation)
     report = convert(args.input, args.output, base, target_bpw=args.target_bpw, iters=args.iters, seed=args.seed,
                      calibration=args.calibration, head_type=args.head_type, hf_outtype=args.hf_outtype,
-                     progress=not args.quiet)
+                     body_type=args.body_type, progress=not args.quiet)
     print(report.format())
     return 0
 
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target-bpw", type=float, help="pick group size and levels: least weighted error with lookup bpw <= this")
     c.add_argument("--calibration", help="text file whose token counts weight the objective (default: a prior from the tokenizer)")
     c.add_argument("--head-type", help="type of the output.weight written for a tied model (default: the source embedding's type)")
+    c.add_argument("--body-type", help="also quantize every other tensor with llama-quantize, e.g. Q4_K_M")
     c.add_argument("--hf-outtype", default="auto", help="outtype passed to convert_hf_to_gguf.py for a HF checkpoint")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=_cmd_convert)
@@ -161,6 +163,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("carvq: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `carvq inspect X | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:
         print(f"carvq: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -173,6 +173,24 @@ def _write(reader, out: Path, arch: str, fit: train.Fit, cfg: Config, source_typ
         gio.write_gguf(writer, tmp, progress)
 
 
+def quantize_body(src: Path, out: Path, body_type: str, keep_head: bool) -> None:
+    """Quantize every tensor but the CARVQ ones (which the patched llama-quantize passes
+    through) with the bundled llama-quantize."""
+    import subprocess
+
+    from carvq.runtime import tool_path
+
+    binary = tool_path("llama-quantize")
+    if not binary.exists():
+        raise CarvqError(f"--body-type needs the bundled llama-quantize, not found at {binary}")
+    with gio.atomic_output(out) as tmp:
+        cmd = [str(binary), *(["--leave-output-tensor"] if keep_head else []), str(src), str(tmp), body_type]
+        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+        if proc.returncode != 0:
+            lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+            raise CarvqError(f"llama-quantize {body_type} failed: {lines[-1] if lines else proc.returncode}")
+
+
 def choose_config(M, w, base: Config, target_bpw: float, seed: int, progress: bool) -> tuple[Config, list[str]]:
     V, n = M.shape
     options = cfgmod.candidates(base, V, n, target_bpw)
@@ -194,7 +212,7 @@ def choose_config(M, w, base: Config, target_bpw: float, seed: int, progress: bo
 
 def convert(input_path, output_path, base: Config, *, target_bpw: float | None = None, iters: int = 2,
             seed: int = 0, calibration=None, head_type: str | None = None, hf_outtype: str = "auto",
-            progress: bool = True) -> Report:
+            body_type: str | None = None, progress: bool = True) -> Report:
     start = time.perf_counter()
     src, out = Path(input_path), Path(output_path)
     if not src.exists():
@@ -213,8 +231,14 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
             gguf_path = Path(tmpdir) / "source.gguf"
             hf.convert_hf(src, gguf_path, hf_outtype)
         reader = gio.open_gguf(gguf_path)
-        return _convert_reader(reader, src, out, gguf_path, model_dir, base, target_bpw, iters, seed,
-                               calibration, head_type, progress, start)
+        written = Path(tmpdir) / "carvq.gguf" if body_type else out
+        report = _convert_reader(reader, src, written, gguf_path, model_dir, base, target_bpw, iters, seed,
+                                 calibration, head_type, progress, start)
+        if body_type:
+            quantize_body(written, out, body_type, keep_head=report.head_copied)
+            report.output = str(out)
+            report.notes.append(f"transformer body quantized to {body_type} by llama-quantize; CARVQ tensors passed through")
+        return report
 
 
 def _convert_reader(reader, src, out, gguf_path, model_dir, base, target_bpw, iters, seed, calibration,

@@ -257,3 +257,23 @@ def test_bad_file_unknown_version(tiny_carvq, workdir):
     _rewrite(path, bad, version=99)
     proc = _load_in_subprocess(bad)
     assert proc.returncode == 1 and "version" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_convert_with_body_type(tiny_gguf, workdir):
+    """carvq convert --body-type quantizes the body with llama-quantize; the lookup stays CARVQ."""
+    from carvq import gguf_io as gio
+    from carvq.converter.convert import convert
+    from carvq.runtime.model import Model
+
+    from conftest import tiny_config
+
+    out = workdir / "llama.carvq.body-q8.gguf"
+    report = convert(tiny_gguf("llama"), out, tiny_config("llama"), iters=1, body_type="Q8_0", progress=False)
+    reader = gio.open_gguf(out)
+    assert gio.tensor_by_name(reader, "blk.0.ffn_up.weight").tensor_type.name == "Q8_0"
+    assert gio.tensor_by_name(reader, "output.weight").tensor_type.name == "F32"  # the head copy is kept
+    from carvq.reference import decode_rows
+
+    assert np.array_equal(decode_rows(reader, np.arange(report.n_vocab)), report.reconstruction)
+    with Model(out, n_ctx=64) as model:
+        assert model.is_carvq and len(model.logits(IDS[:4])) == 4
