@@ -75,6 +75,9 @@ def main() -> None:
                      f"{r['weighted_rel_error']:.4f} | {r['wall_s']:.0f} s | {r['peak_rss_mib']:.0f} MiB |")
     (RESULTS / "convert.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    import update_readme
+
+    update_readme.update("convert")
 
 
 if __name__ == "__main__":

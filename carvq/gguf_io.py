@@ -134,8 +134,9 @@ def _embedding_width(reader) -> int:
     cb = tensor_by_name(reader, T_CODEBOOKS)
     if cb is None:
         raise CarvqError(f"CARVQ tensor {T_CODEBOOKS} is missing")
-    # codebooks ne = [d, K, L, G]
-    return int(cb.shape[0]) * int(cb.shape[3]) if len(cb.shape) == 4 else -1
+    if len(cb.shape) != 4:
+        raise CarvqError(f"CARVQ tensor {T_CODEBOOKS} must have 4 dimensions (G, L, K, d), has {len(cb.shape)}")
+    return int(cb.shape[0]) * int(cb.shape[3])  # ne = [d, K, L, G]
 
 
 def _expect(reader, name: str, types: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:

@@ -10,18 +10,14 @@ The llama.cpp tree comes from $CARVQ_LLAMA_CPP_DIR (default: the carvq cache).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tests.tiny_models import (  # noqa: E402
+from tiny_models import (
     SPECIAL_TOKENS,
     convert_to_gguf,
-    import_gguf,
     llama_cpp_dir,
     make_tiny_checkpoint,
     train_tokenizer,
@@ -83,7 +79,8 @@ def test_tiny_checkpoint(tmp_path: Path, arch: str, tied: bool, hf_class: str, g
     if not (tree / "convert_hf_to_gguf.py").is_file():
         pytest.skip(f"llama.cpp tree not found at {tree} (set CARVQ_LLAMA_CPP_DIR)")
     out = convert_to_gguf(model_dir, tmp_path / f"{arch}.gguf", outtype="f32", tree=tree)
-    gguf = import_gguf(tree)
+    import gguf  # the installed gguf is the pinned tree's gguf-py (scripts/setup.sh)
+
     reader = gguf.GGUFReader(out)
     assert _field(reader, "general.architecture") == gguf_arch
     tensors = {t.name: t for t in reader.tensors}

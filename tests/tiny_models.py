@@ -11,7 +11,7 @@ deterministic for a given ``seed`` (byte-identical files):
   ``gemma3`` (text-only ``Gemma3ForCausalLM``) / ``phi3`` model and saves it
   with ``save_pretrained`` (safetensors) next to that tokenizer.
 * :func:`convert_to_gguf` runs the pinned llama.cpp ``convert_hf_to_gguf.py``
-  on such a checkpoint; :func:`import_gguf` imports the tree's own gguf-py.
+  on such a checkpoint.
 
 Why SentencePiece BPE: each of the four converters in the pinned tree takes
 the SentencePiece path when ``tokenizer.model`` is present (``llama``:
@@ -50,7 +50,6 @@ __all__ = [
     "train_tokenizer",
     "make_tiny_checkpoint",
     "convert_to_gguf",
-    "import_gguf",
 ]
 
 #: Architectures :func:`make_tiny_checkpoint` can build.
@@ -469,24 +468,3 @@ def convert_to_gguf(
     return Path(outfile)
 
 
-def import_gguf(tree: Path | None = None) -> Any:
-    """Import and return the ``gguf`` package from ``<tree>/gguf-py`` (not a pip-installed one).
-
-    If another ``gguf`` is already in ``sys.modules`` it is evicted first, so
-    that ``gguf.GGUFReader`` is the tree's reader.
-    """
-    import importlib
-
-    gguf_py = ((Path(tree) if tree is not None else llama_cpp_dir()) / "gguf-py").resolve()
-    mod = sys.modules.get("gguf")
-    if mod is not None:
-        if Path(mod.__file__ or "").resolve().is_relative_to(gguf_py):
-            return mod
-        for name in [n for n in sys.modules if n == "gguf" or n.startswith("gguf.")]:
-            del sys.modules[name]
-    if str(gguf_py) not in sys.path:
-        sys.path.insert(0, str(gguf_py))
-    mod = importlib.import_module("gguf")
-    if not Path(mod.__file__ or "").resolve().is_relative_to(gguf_py):
-        raise ImportError(f"imported gguf from {mod.__file__}, expected {gguf_py}")
-    return mod
