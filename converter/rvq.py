@@ -15,6 +15,8 @@ import torch
 
 # (groups x rows x K) float32 elements per chunk: ~256 MB of distances at most.
 _CHUNK_ELEMS = 64 * 1024 * 1024
+# Codebooks are learnt on at most this many rows; every row is encoded at the end.
+MAX_FIT_ROWS = 65536
 
 
 @dataclass
@@ -99,17 +101,41 @@ def kmeans(x: torch.Tensor, w: torch.Tensor, K: int, iters: int, gen: torch.Gene
     return cb
 
 
+def fit_rows(w: torch.Tensor, max_rows: int, gen: torch.Generator):
+    """Rows to learn codebooks on, with weights that keep the objective unbiased: the
+    heaviest quarter of the budget exactly, a uniform sample of the rest scaled by
+    1/sampling rate. None when every row fits the budget."""
+    V = w.numel()
+    if V <= max_rows:
+        return None, w
+    n_heavy = max_rows // 4
+    heavy = torch.topk(w, n_heavy).indices
+    rest_mask = torch.ones(V, dtype=torch.bool)
+    rest_mask[heavy] = False
+    rest = rest_mask.nonzero().squeeze(1)
+    pick = rest[torch.randperm(rest.numel(), generator=gen)[: max_rows - n_heavy]]
+    rate = (max_rows - n_heavy) / rest.numel()
+    ids = torch.cat([heavy, pick]).sort().values
+    ws = w.clone()
+    ws[pick] = w[pick] / rate
+    return ids, ws[ids]
+
+
 def fit(M: torch.Tensor, w: torch.Tensor, d: int, L: int, K: int, iters: int, refine: int,
-        gen: torch.Generator, progress=None) -> RVQ:
-    """Greedy residual fit (level by level), then `refine` rounds in which each level's
-    codebook is refitted against what the other levels leave."""
+        gen: torch.Generator, progress=None, init: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy residual fit (level by level; or start from `init` codebooks), then `refine`
+    rounds in which each level's codebook is refitted against what the other levels leave.
+    Codebooks are learnt on at most MAX_FIT_ROWS rows (see fit_rows). Returns the codebooks
+    (G, L, K, d); `encode` gives every row's codes."""
     V, n = M.shape
     G = n // d
-    x = M.reshape(V, G, d).permute(1, 0, 2).contiguous()  # (G, V, d)
+    ids, w_fit = fit_rows(w, MAX_FIT_ROWS, gen)
+    rows = M if ids is None else M[ids]
+    x = rows.reshape(rows.shape[0], G, d).permute(1, 0, 2).contiguous()  # (G, V', d)
     residual = x.clone()
     cbs, idxs = [], []
-    for _ in range(L):
-        cb = kmeans(residual, w, K, iters, gen)
+    for level in range(L):
+        cb = kmeans(residual, w_fit, K, iters, gen) if init is None else init[:, level].clone()
         idx = assign(residual, cb)
         residual -= torch.gather(cb, 1, idx.unsqueeze(-1).expand(-1, -1, d))
         cbs.append(cb)
@@ -121,7 +147,7 @@ def fit(M: torch.Tensor, w: torch.Tensor, d: int, L: int, K: int, iters: int, re
             chosen = torch.gather(cbs[level], 1, idxs[level].unsqueeze(-1).expand(-1, -1, d))
             target = residual + chosen  # what this level should explain
             idx = assign(target, cbs[level])
-            sums, mass = _weighted_means(target, w, idx, K)
+            sums, mass = _weighted_means(target, w_fit, idx, K)
             keep = (mass <= 0).unsqueeze(-1)
             cbs[level] = torch.where(keep, cbs[level], sums / mass.clamp_min(1e-30).unsqueeze(-1))
             idx = assign(target, cbs[level])
@@ -129,9 +155,7 @@ def fit(M: torch.Tensor, w: torch.Tensor, d: int, L: int, K: int, iters: int, re
             residual = target - torch.gather(cbs[level], 1, idx.unsqueeze(-1).expand(-1, -1, d))
         if progress:
             progress.update(1)
-    codebooks = torch.stack(cbs, dim=1)  # (G, L, K, d)
-    codes = torch.stack(idxs, dim=-1).permute(1, 0, 2).to(torch.uint8).contiguous()  # (V, G, L)
-    return RVQ(codebooks, codes)
+    return torch.stack(cbs, dim=1)  # (G, L, K, d)
 
 
 def encode(M: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:

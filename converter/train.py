@@ -38,10 +38,12 @@ def _round_codebooks(cb: torch.Tensor, cfg: Config) -> torch.Tensor:
     return cb.half().float() if cfg.codebook_type == "F16" else cb
 
 
-def _fit_rvq(target: torch.Tensor, w: torch.Tensor, cfg: Config, gen: torch.Generator, bar) -> rvq.RVQ:
-    q = rvq.fit(target, w, cfg.group_size, cfg.levels, cfg.codebook_size, KMEANS_ITERS, REFINE_ROUNDS, gen, bar)
+def _fit_rvq(target: torch.Tensor, w: torch.Tensor, cfg: Config, gen: torch.Generator, bar,
+             init: torch.Tensor | None = None) -> rvq.RVQ:
+    cb = rvq.fit(target, w, cfg.group_size, cfg.levels, cfg.codebook_size, KMEANS_ITERS, REFINE_ROUNDS, gen, bar,
+                 init=init)
     # The stored codebooks may be F16: encode against exactly what the decoder will see.
-    cb = _round_codebooks(q.codebooks, cfg)
+    cb = _round_codebooks(cb, cfg)
     return rvq.RVQ(cb, rvq.encode(target, cb))
 
 
@@ -60,7 +62,8 @@ def compress(M_np: np.ndarray, w_np: np.ndarray, cfg: Config, iters: int, seed: 
     correction = torch.zeros_like(M)
     adaptor = None
     for r in range(rounds):
-        q = _fit_rvq(M - correction, w, cfg, gen, bar)
+        # later rounds refine the previous codebooks against the new target (warm start)
+        q = _fit_rvq(M - correction, w, cfg, gen, bar, init=None if best is None else best[1].codebooks)
         approx = q.reconstruct()
         if cfg.adaptor_rank:
             adaptor = adaptor_mod.Adaptor(V, n, cfg.adaptor_rank, cfg.adaptor_hidden, cfg.activation, gen)
@@ -105,5 +108,5 @@ def proxy_error(M_np: np.ndarray, w_np: np.ndarray, cfg: Config, seed: int) -> f
     ids = torch.multinomial(w / w.sum(), rows, replacement=False, generator=gen)
     M = torch.from_numpy(np.ascontiguousarray(M_np, np.float32))[ids]
     ones = torch.ones(rows)
-    q = rvq.fit(M, ones, cfg.group_size, cfg.levels, cfg.codebook_size, 8, 1, gen)
-    return weighted_error(M, q.reconstruct(), ones)
+    cb = rvq.fit(M, ones, cfg.group_size, cfg.levels, cfg.codebook_size, 8, 1, gen)
+    return weighted_error(M, rvq.RVQ(cb, rvq.encode(M, cb)).reconstruct(), ones)
