@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import resource
@@ -52,6 +53,19 @@ def convert_one(name: str, src: Path, target: float) -> dict:
     }
 
 
+def machine() -> str:
+    """CPU model and core count, from /proc/cpuinfo where there is one."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith(("model name", "Model")):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({platform.machine()}), {os.cpu_count()} cores"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -64,8 +78,7 @@ def main() -> None:
         print(f"converting {name} ...", flush=True)
         rows.append(convert_one(name, fetch(), args.target_bpw))
         print(rows[-1]["report"], flush=True)
-    meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
-            f"{__import__('os').cpu_count()} cores", "python": platform.python_version()}
+    meta = {"date": date.today().isoformat(), "machine": machine(), "python": platform.python_version()}
     (RESULTS / "convert.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"Measured {meta['date']} on {meta['machine']}.", "",
              "| model | config chosen | lookup bpw | head copy bpw | rel. error | weighted rel. error | wall time | peak RSS |",

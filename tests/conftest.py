@@ -15,6 +15,7 @@ TINY_ARCHES = {
     "llama": dict(adaptor_rank=4, adaptor_hidden=16, activation="gelu"),
     "qwen2": dict(adaptor_rank=3, adaptor_hidden=8, activation="silu"),
     "gemma3": dict(adaptor_rank=0, adaptor_hidden=0, activation="gelu"),
+    "phi3": dict(adaptor_rank=2, adaptor_hidden=8, activation="relu"),
 }
 
 
