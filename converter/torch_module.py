@@ -11,7 +11,7 @@ from carvq.reference import CarvqTensors, read_tensors
 def _t(a) -> torch.Tensor:
     import numpy as np
 
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    return torch.from_numpy(np.array(a, dtype=np.float32, copy=True))  # torch wants it writable
 
 
 class CARVQEmbedding(nn.Module):
