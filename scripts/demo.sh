@@ -23,11 +23,21 @@ printf '\n== carvq convert (defaults)\n'
 carvq convert "$src" -o "$out"
 
 printf '\n== what it saved\n'
-carvq inspect "$out" | tail -n 8
+carvq inspect "$out" | tail -n 5
 $PY - "$src" "$out" <<'PY'
 import os, sys
+from carvq import gguf_io as gio
+src, out = (gio.open_gguf(p) for p in sys.argv[1:3])
+mib = lambda n: n / 2**20
+embd = gio.tensor_by_name(src, "token_embd.weight")
+lookup = sum(int(t.n_bytes) for t in out.tensors if t.name.startswith("token_embd.carvq."))
+head = gio.tensor_by_name(out, "output.weight")
+print(f"embedding lookup: {mib(embd.n_bytes):.2f} MiB ({embd.tensor_type.name}) -> {mib(lookup):.2f} MiB (CARVQ)")
+if gio.field_value(out, "carvq.head_copy"):
+    print(f"output head: the source shares it with the lookup; CARVQ needs its own copy: "
+          f"+{mib(head.n_bytes):.2f} MiB ({head.tensor_type.name}; --head-type trades its precision for size)")
 a, b = (os.path.getsize(p) for p in sys.argv[1:3])
-print(f"file: {a/2**20:.1f} MiB -> {b/2**20:.1f} MiB")
+print(f"file: {mib(a):.1f} MiB -> {mib(b):.1f} MiB")
 PY
 
 printf '\n== carvq chat (greedy), three turns\n'
