@@ -53,6 +53,15 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from carvq.runtime.evaluate import evaluate, to_json
+
+    result = evaluate(args.model, args.text, args.reference, ctx=args.ctx, chunks=args.chunks,
+                      threads=args.threads, progress=not args.quiet and not args.json)
+    print(to_json(result) if args.json else result.table())
+    return 0
+
+
 def _fit_history(model, history: list[dict], max_tokens: int, n_ctx: int) -> list[dict]:
     """Drop the oldest exchanges until prompt + reply fit the context."""
     while len(history) > 1:
@@ -147,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-p", "--prompt", required=True)
     _add_sampling(g, 128, 0.8)
     g.set_defaults(func=_cmd_generate)
+
+    e = sub.add_parser("eval", help="perplexity, and KL divergence against a reference, on a text (llama-perplexity)")
+    e.add_argument("model")
+    e.add_argument("--text", required=True, help="plain text file")
+    e.add_argument("--reference", help="the model to compare with (e.g. the uncompressed one)")
+    e.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
+    e.add_argument("--chunks", type=int, help="evaluate at most this many chunks")
+    e.add_argument("-t", "--threads", type=int)
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=_cmd_eval)
 
     t = sub.add_parser("tools", help="where the bundled, patched llama.cpp tools are")
     t.set_defaults(func=_cmd_tools)

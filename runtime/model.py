@@ -67,7 +67,7 @@ class Model:
     """
 
     def __init__(self, path, *, n_ctx: int = 2048, n_batch: int = 512, n_threads: int | None = None,
-                 use_mmap: bool = True, kv_f32: bool = False, verbose: bool = False):
+                 use_mmap: bool = True, kv_f32: bool = False, vocab_only: bool = False, verbose: bool = False):
         path = Path(path)
         if not path.is_file():
             raise CarvqError(f"{path}: no such file")
@@ -79,6 +79,7 @@ class Model:
         params = lib.llama_model_default_params()
         params.n_gpu_layers = 0
         params.load_mode = lib.LLAMA_LOAD_MODE_MMAP if use_mmap else lib.LLAMA_LOAD_MODE_NONE
+        params.vocab_only = vocab_only  # tokenizer only: no weights read
         _log_state["last_error"] = ""
         self._model = lib.llama_model_load_from_file(str(path).encode(), params)
         if self._model == ffi.NULL:

@@ -1,0 +1,57 @@
+"""carvq eval on a tiny model: finite perplexity, zero KLD against itself, a clear error for short text."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from tiny_models import synthetic_corpus
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "carvq.cli", *map(str, args)], capture_output=True, text=True,
+                          errors="replace", cwd=Path(__file__).parent)
+
+
+def _text(workdir: Path) -> Path:
+    path = workdir / "eval-corpus.txt"
+    if not path.exists():
+        path.write_text("\n".join(synthetic_corpus(seed=11)[:300]))
+    return path
+
+
+def test_eval_perplexity_is_finite(tiny_carvq, workdir):
+    path, _ = tiny_carvq("llama")
+    proc = run_cli("eval", path, "--text", _text(workdir), "--ctx", "64", "--chunks", "8", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert math.isfinite(result["ppl"]) and result["ppl"] > 1 and result["chunks"] == 8
+
+
+def test_eval_model_against_itself_has_zero_kld(tiny_gguf, workdir):
+    from carvq.runtime.evaluate import evaluate
+
+    model = tiny_gguf("llama")
+    result = evaluate(model, _text(workdir), model, ctx=64, chunks=6, progress=False)
+    assert result.kld_mean <= 1e-6 and result.kld_p99 <= 1e-6
+    assert result.top1 == 1.0 and abs(result.delta_ppl) <= 1e-6 * result.ppl
+
+
+def test_eval_table_against_reference(tiny_carvq, tiny_gguf, workdir):
+    path, _ = tiny_carvq("llama")
+    proc = run_cli("eval", path, "--text", _text(workdir), "--reference", tiny_gguf("llama"), "--ctx", "64",
+                   "--chunks", "4", "-q")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "mean KLD" in proc.stdout and "top-1 agreement" in proc.stdout
+
+
+def test_eval_short_text_is_a_clear_error(tiny_carvq, workdir):
+    path, _ = tiny_carvq("llama")
+    short = workdir / "short.txt"
+    short.write_text("the cat sat")
+    proc = run_cli("eval", path, "--text", short, "--ctx", "64")
+    assert proc.returncode == 1
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("carvq: error:") and "too short" in lines[-1], proc.stderr[-1000:]
