@@ -62,6 +62,20 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_footprint(args) -> int:
+    from carvq.runtime import footprint as fp
+
+    models = [fp.footprint(args.model, args.tokens, measure=not args.no_rss)]
+    if args.baseline:
+        models.append(fp.footprint(args.baseline, args.tokens, measure=not args.no_rss))
+    print(fp.to_json(models) if args.json else fp.table(models))
+    if args.plot:
+        fp.plot(models, args.plot)
+        if not args.json:
+            print(f"chart: {args.plot}")
+    return 0
+
+
 def _fit_history(model, history: list[dict], max_tokens: int, n_ctx: int) -> list[dict]:
     """Drop the oldest exchanges until prompt + reply fit the context."""
     while len(history) > 1:
@@ -167,6 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=_cmd_eval)
+
+    f = sub.add_parser("footprint", help="file bytes by category and resident memory, with and without mmap")
+    f.add_argument("model")
+    f.add_argument("--baseline", help="another GGUF to compare with (e.g. the stock model)")
+    f.add_argument("--tokens", type=int, default=16, help="tokens generated while measuring RSS (default 16)")
+    f.add_argument("--no-rss", action="store_true", help="file bytes only")
+    f.add_argument("--json", action="store_true")
+    f.add_argument("--plot", help="write a PNG stacked-bar chart here")
+    f.set_defaults(func=_cmd_footprint)
 
     t = sub.add_parser("tools", help="where the bundled, patched llama.cpp tools are")
     t.set_defaults(func=_cmd_tools)
