@@ -76,6 +76,15 @@ def _cmd_footprint(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from carvq.runtime.speed import bench
+
+    result = bench(args.model, args.baseline, rounds=args.rounds, prompt=args.prompt, gen=args.gen,
+                   threads=args.threads, progress=not args.json)
+    print(result.to_json() if args.json else result.table())
+    return 0
+
+
 def _fit_history(model, history: list[dict], max_tokens: int, n_ctx: int) -> list[dict]:
     """Drop the oldest exchanges until prompt + reply fit the context."""
     while len(history) > 1:
@@ -190,6 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json", action="store_true")
     f.add_argument("--plot", help="write a PNG stacked-bar chart here")
     f.set_defaults(func=_cmd_footprint)
+
+    b = sub.add_parser("bench", help="prompt and generation tokens/s against a baseline, alternating A/B (llama-bench)")
+    b.add_argument("model")
+    b.add_argument("--baseline", required=True)
+    b.add_argument("--rounds", type=int, default=5)
+    b.add_argument("-p", "--prompt", type=int, default=128, help="prompt tokens (default 128)")
+    b.add_argument("-n", "--gen", type=int, default=32, help="generated tokens (default 32)")
+    b.add_argument("-t", "--threads", type=int)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=_cmd_bench)
 
     t = sub.add_parser("tools", help="where the bundled, patched llama.cpp tools are")
     t.set_defaults(func=_cmd_tools)
