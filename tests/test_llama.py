@@ -277,3 +277,13 @@ def test_convert_with_body_type(tiny_gguf, workdir):
     assert np.array_equal(decode_rows(reader, np.arange(report.n_vocab)), report.reconstruction)
     with Model(out, n_ctx=64) as model:
         assert model.is_carvq and len(model.logits(IDS[:4])) == 4
+
+
+def test_lookup_bench_runs():
+    """The decoder benchmark (bench/lookup.py's engine) runs and reports every measurement."""
+    proc = subprocess.run([str(tool("carvq-lookup-bench")), "2048", "512", "8", "3"], capture_output=True, text=True,
+                          errors="replace", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert {r["what"] for r in rows} == {"memcpy_f32", "carvq", "get_rows_q8_0", "get_rows_q4_k"}
+    assert all(r["rows_per_s"] > 0 for r in rows)

@@ -186,8 +186,11 @@ static ggml_tensor * carvq_gelu_tanh(ggml_context * ctx, ggml_tensor * x) {
 ggml_tensor * llama_carvq_build_lookup(ggml_context * ctx, const llama_carvq & carvq, ggml_tensor * tokens) {
     const carvq_layout & l = carvq.layout;
     ggml_tensor * args[3] = { carvq.codes, carvq.codebooks, tokens };
+    // rows are the unit of work: a few rows (generation) decode on one thread, which
+    // spares the other threads' wake-up (measured in bench/lookup_bench.c)
+    const int n_tasks = tokens->ne[0] < 8 ? 1 : GGML_N_TASKS_MAX;
     ggml_tensor * cur = ggml_custom_4d(ctx, GGML_TYPE_F32, l.n_embd, tokens->ne[0], 1, 1, args, 3,
-                                       carvq_rvq_op, GGML_N_TASKS_MAX, (void *) &carvq.layout);
+                                       carvq_rvq_op, n_tasks, (void *) &carvq.layout);
     if (l.adaptor_rank == 0) {
         ggml_set_name(cur, "carvq_embd"); // the name the runtime's embedding_rows() reads back
         return cur;
