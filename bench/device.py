@@ -14,7 +14,6 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import models  # noqa: E402
 import update_readme  # noqa: E402
 from convert import MODELS, convert_one, machine  # noqa: E402
 
