@@ -106,7 +106,7 @@ def proxy_error(M_np: np.ndarray, w_np: np.ndarray, cfg: Config, seed: int) -> f
     w = torch.from_numpy(np.asarray(w_np, np.float64)).float()
     rows = min(PROXY_ROWS, M_np.shape[0])
     ids = torch.multinomial(w / w.sum(), rows, replacement=False, generator=gen)
-    M = torch.from_numpy(np.ascontiguousarray(M_np, np.float32))[ids]
+    M = torch.from_numpy(np.ascontiguousarray(np.asarray(M_np)[ids.numpy()], np.float32))  # a writable copy
     ones = torch.ones(rows)
     cb = rvq.fit(M, ones, cfg.group_size, cfg.levels, cfg.codebook_size, 8, 1, gen)
     return weighted_error(M, rvq.RVQ(cb, rvq.encode(M, cb)).reconstruct(), ones)

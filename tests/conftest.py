@@ -1,6 +1,8 @@
 """Shared fixtures: tiny random checkpoints, their GGUFs and CARVQ conversions (made once per session)."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,13 @@ TINY_ARCHES = {
     "gemma3": dict(adaptor_rank=0, adaptor_hidden=0, activation="gelu"),
     "phi3": dict(adaptor_rank=2, adaptor_hidden=8, activation="relu"),
 }
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """`carvq ARGS` in a child process, run from tests/: the repo root's carvq/ source
+    folder would shadow the installed package."""
+    return subprocess.run([sys.executable, "-m", "carvq.cli", *map(str, args)], capture_output=True, text=True,
+                          errors="replace", cwd=Path(__file__).parent)
 
 
 def tiny_config(arch: str):

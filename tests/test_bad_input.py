@@ -2,23 +2,16 @@
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import tiny_config
+from conftest import run_cli, tiny_config
 
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
-
-def run_cli(*args):
-    # cwd: not the repo root, whose carvq/ source folder would shadow the installed package
-    return subprocess.run([sys.executable, "-m", "carvq.cli", *map(str, args)], capture_output=True, text=True, errors="replace",
-                          cwd=Path(__file__).parent)
 
 
 def assert_clean_failure(proc, out: Path, fragment: str):

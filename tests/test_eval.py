@@ -3,16 +3,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
+from conftest import run_cli
 from tiny_models import synthetic_corpus
 
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "carvq.cli", *map(str, args)], capture_output=True, text=True,
-                          errors="replace", cwd=Path(__file__).parent)
 
 
 def _text(workdir: Path) -> Path:

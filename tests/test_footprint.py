@@ -2,14 +2,8 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "carvq.cli", *map(str, args)], capture_output=True, text=True,
-                          errors="replace", cwd=Path(__file__).parent)
+from conftest import run_cli
 
 
 def test_categories_sum_to_file_size(tiny_carvq, tiny_gguf):
