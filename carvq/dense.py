@@ -13,9 +13,11 @@ from carvq import gguf_io as gio
 from carvq.errors import CarvqError
 
 
-def write_dense_embedding(src, out: Path, matrix: np.ndarray) -> None:
+def write_dense_embedding(src, out: Path, matrix: np.ndarray, keep_head: bool = False) -> None:
     """Copy `src` (a GGUF path or reader) to `out` with token_embd.weight = matrix (F32),
-    dropping any CARVQ tensors and carvq.* keys. Every other tensor and key is copied."""
+    dropping any CARVQ tensors and carvq.* keys. Every other tensor and key is copied.
+    keep_head: a tied source gains output.weight = a byte copy of its own embedding, so
+    that only the lookup changes (llama.cpp would otherwise read logits from `matrix`)."""
     import gguf
 
     reader = gio.open_gguf(src) if isinstance(src, (str, Path)) else src
@@ -26,11 +28,14 @@ def write_dense_embedding(src, out: Path, matrix: np.ndarray) -> None:
     carvq_keys = {name for name in reader.fields if name.startswith("carvq.")}
     gio.copy_fields(reader, writer, skip=carvq_keys)
     placed = False
+    add_head = keep_head and gio.tensor_by_name(reader, gio.HEAD) is None
     for t in reader.tensors:
         if t.name == gio.EMBD or t.name.startswith(gio.PREFIX):
             if not placed:
                 writer.add_tensor(gio.EMBD, matrix)
                 placed = True
+            if add_head and t.name == gio.EMBD:
+                gio.add_source_tensor(writer, t, name=gio.HEAD)
             continue
         gio.add_source_tensor(writer, t)
     if not placed:

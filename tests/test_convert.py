@@ -123,3 +123,18 @@ def test_inspect_lists_tensors_and_totals(tiny_carvq, capsys):
     assert "token_embd.carvq.codes" in text and "I8" in text
     assert "CARVQ format 1" in text and "head copy" in text
     assert f"{report.n_vocab} x {report.n_embd}" in text
+
+
+def test_dense_variant_keeps_the_tied_head(tiny_gguf, workdir):
+    """bench/simulate.py's variants change only the lookup: a tied source gains a byte copy of its head."""
+    from carvq import gguf_io as gio
+    from carvq.dense import write_dense_embedding
+
+    src = gio.open_gguf(tiny_gguf("llama"))
+    embd = gio.tensor_by_name(src, "token_embd.weight")
+    matrix = gio.dequantize(embd) * 0.5
+    out = workdir / "dense-keephead.gguf"
+    write_dense_embedding(src, out, matrix, keep_head=True)
+    reader = gio.open_gguf(out)
+    assert np.array_equal(np.asarray(gio.tensor_by_name(reader, "output.weight").data), np.asarray(embd.data))
+    assert np.array_equal(gio.dequantize(gio.tensor_by_name(reader, "token_embd.weight")), matrix)
