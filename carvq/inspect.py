@@ -29,7 +29,7 @@ def inspect_text(path) -> str:
 
 def carvq_summary(reader) -> list[str]:
     lo = gio.read_layout(reader)
-    carvq_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith(gio.T_CODES.rsplit(".", 1)[0]))
+    carvq_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith(gio.PREFIX))
     head = gio.tensor_by_name(reader, gio.HEAD)
     head_copy = bool(gio.field_value(reader, gio.K_HEAD_COPY, False))
     n_w = lo.n_vocab * lo.n_embd

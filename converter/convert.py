@@ -269,8 +269,8 @@ def _convert_reader(reader, src, out, gguf_path, model_dir, base, target_bpw, it
         head = _head_tensor(embd, M, head_type or embd.tensor_type.name)
     head_bytes = int(head[0].nbytes) if head is not None else 0
     parts = cfgmod.part_bytes(cfg, V, n)
-    bpw_lookup = 8.0 * sum(parts.values()) / (V * n)
-    _write(reader, out, arch, fit, cfg, embd.tensor_type.name, head, bpw_lookup, 8.0 * head_bytes / (V * n), progress)
+    _write(reader, out, arch, fit, cfg, embd.tensor_type.name, head, cfgmod.bpw(cfg, V, n), 8.0 * head_bytes / (V * n),
+           progress)
 
     R = fit.reconstruction
     err = M - R

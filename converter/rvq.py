@@ -34,11 +34,14 @@ class RVQ:
         return out.permute(1, 0, 2).reshape(V, G * d)
 
 
+def _pick(cb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The chosen centroid of every row: cb (G, K, d), idx (G, V) -> (G, V, d)."""
+    return torch.gather(cb, 1, idx.unsqueeze(-1).expand(-1, -1, cb.shape[2]))
+
+
 def _lookup(cb: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """cb (G, K, d), codes (V, G) -> (G, V, d)."""
-    G, K, d = cb.shape
-    idx = codes.t().long()  # (G, V)
-    return torch.gather(cb, 1, idx.unsqueeze(-1).expand(-1, -1, d))
+    return _pick(cb, codes.t().long())
 
 
 def _group_chunks(G: int, V: int, K: int):
@@ -94,7 +97,7 @@ def kmeans(x: torch.Tensor, w: torch.Tensor, K: int, iters: int, gen: torch.Gene
         empty = mass <= 0
         cb = torch.where(empty.unsqueeze(-1), cb, sums / mass.clamp_min(1e-30).unsqueeze(-1))
         if empty.any():
-            err = ((x - torch.gather(cb, 1, idx.unsqueeze(-1).expand(-1, -1, d))) ** 2).sum(-1) * w
+            err = ((x - _pick(cb, idx)) ** 2).sum(-1) * w
             for g, k in empty.nonzero().tolist():
                 cb[g, k] = x[g, err[g].argmax()]
                 err[g, err[g].argmax()] = 0
@@ -137,14 +140,14 @@ def fit(M: torch.Tensor, w: torch.Tensor, d: int, L: int, K: int, iters: int, re
     for level in range(L):
         cb = kmeans(residual, w_fit, K, iters, gen) if init is None else init[:, level].clone()
         idx = assign(residual, cb)
-        residual -= torch.gather(cb, 1, idx.unsqueeze(-1).expand(-1, -1, d))
+        residual -= _pick(cb, idx)
         cbs.append(cb)
         idxs.append(idx)
         if progress:
             progress.update(1)
     for _ in range(refine):
         for level in range(L):
-            chosen = torch.gather(cbs[level], 1, idxs[level].unsqueeze(-1).expand(-1, -1, d))
+            chosen = _pick(cbs[level], idxs[level])
             target = residual + chosen  # what this level should explain
             idx = assign(target, cbs[level])
             sums, mass = _weighted_means(target, w_fit, idx, K)
@@ -152,7 +155,7 @@ def fit(M: torch.Tensor, w: torch.Tensor, d: int, L: int, K: int, iters: int, re
             cbs[level] = torch.where(keep, cbs[level], sums / mass.clamp_min(1e-30).unsqueeze(-1))
             idx = assign(target, cbs[level])
             idxs[level] = idx
-            residual = target - torch.gather(cbs[level], 1, idx.unsqueeze(-1).expand(-1, -1, d))
+            residual = target - _pick(cbs[level], idx)
         if progress:
             progress.update(1)
     return torch.stack(cbs, dim=1)  # (G, L, K, d)
@@ -166,6 +169,6 @@ def encode(M: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     idxs = []
     for level in range(L):
         idx = assign(residual, codebooks[:, level])
-        residual = residual - torch.gather(codebooks[:, level], 1, idx.unsqueeze(-1).expand(-1, -1, d))
+        residual = residual - _pick(codebooks[:, level], idx)
         idxs.append(idx)
     return torch.stack(idxs, dim=-1).permute(1, 0, 2).to(torch.uint8).contiguous()
