@@ -58,14 +58,19 @@ class EvalResult:
 _FLOAT = r"([-+]?[0-9.]+(?:e[-+]?\d+)?)"
 
 
-def _run(args: list[str], desc: str, progress: bool, expect: str = "") -> str:
+RERUNS = 2
+
+
+def _run(args: list[str], desc: str, progress: bool, expect: str) -> str:
     """Run llama-perplexity, advancing a progress bar per chunk; its whole output.
     llama.cpp's logger writes from a worker thread and can lose its last lines at exit,
-    so a run that succeeded without printing `expect` is run once more."""
-    text = _run_once(args, desc, progress)
-    if expect and expect not in text:
+    so a run that succeeded without printing the regex `expect` (the last result line)
+    is run again, RERUNS times at most."""
+    for _ in range(RERUNS):
         text = _run_once(args, desc, progress)
-    return text
+        if re.search(expect, text):
+            return text
+    return _run_once(args, desc, progress)
 
 
 def _run_once(args: list[str], desc: str, progress: bool) -> str:
@@ -130,7 +135,7 @@ def evaluate(model, text, reference=None, *, ctx: int = 512, chunks: int | None 
         common += ["--chunks", str(chunks)]
     start = time.perf_counter()
     if reference is None:
-        out = _run([str(binary), "-m", str(model), *common], "perplexity", progress, "Final estimate")
+        out = _run([str(binary), "-m", str(model), *common], "perplexity", progress, r"Final estimate: PPL =")
         ppl = _grab(r"Final estimate: PPL = " + _FLOAT, out)
         err = _grab(r"Final estimate: PPL = [0-9.]+ \+/- " + _FLOAT, out)
         n = len(re.findall(r"\[(\d+)\]", out))
@@ -138,9 +143,9 @@ def evaluate(model, text, reference=None, *, ctx: int = 512, chunks: int | None 
     with tempfile.TemporaryDirectory(prefix="carvq-eval-") as tmp:
         base = Path(tmp) / "reference-logits.bin"
         ref_out = _run([str(binary), "-m", str(reference), *common, "--kl-divergence-base", str(base)],
-                       "reference", progress, "Final estimate")
+                       "reference", progress, r"Final estimate: PPL =")
         out = _run([str(binary), "-m", str(model), *common, "--kl-divergence-base", str(base), "--kl-divergence"],
-                   "model vs reference", progress, "Same top p")
+                   "model vs reference", progress, r"Same top p:")  # the table header says "Same top p" too
     n = len(re.findall(r"^\s*\d+\s+[0-9.]+\s+±", out, re.M))
     return EvalResult(
         str(model), str(text), ctx, n,
