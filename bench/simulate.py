@@ -38,8 +38,10 @@ def _ggml():
     return lib
 
 
-def simulate(matrix: np.ndarray, type_name: str) -> tuple[np.ndarray, float]:
-    """(dequantized matrix, bits per weight) of `matrix` stored as `type_name` in 256-blocks."""
+def simulate(matrix: np.ndarray, type_name: str, uniform_imatrix: bool = True) -> tuple[np.ndarray, float]:
+    """(dequantized matrix, bits per weight) of `matrix` stored as `type_name` in 256-blocks.
+    uniform_imatrix: pass an all-ones importance vector to every type (what a lookup table
+    would get); False passes none where the type allows it (its own x^2 weighting)."""
     import gguf
 
     qtype = gguf.GGMLQuantizationType[type_name]
@@ -51,7 +53,8 @@ def simulate(matrix: np.ndarray, type_name: str) -> tuple[np.ndarray, float]:
     out = np.zeros(rows * BLOCK // block_size * type_size, np.uint8)
     lib = _ggml()
     lib.ggml_quantize_init(int(qtype))
-    imatrix = np.ones(BLOCK, np.float32) if lib.ggml_quantize_requires_imatrix(int(qtype)) else None
+    needs = uniform_imatrix or lib.ggml_quantize_requires_imatrix(int(qtype))
+    imatrix = np.ones(BLOCK, np.float32) if needs else None
     lib.ggml_quantize_chunk(int(qtype), flat.ctypes.data, out.ctypes.data, 0, rows, BLOCK,
                             imatrix.ctypes.data if imatrix is not None else None)
     deq = gguf.quants.dequantize(out.reshape(rows, -1), qtype).reshape(matrix.shape)

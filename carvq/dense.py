@@ -13,17 +13,22 @@ from carvq import gguf_io as gio
 from carvq.errors import CarvqError
 
 
-def write_dense_embedding(src, out: Path, matrix: np.ndarray, keep_head: bool = False) -> None:
-    """Copy `src` (a GGUF path or reader) to `out` with token_embd.weight = matrix (F32),
+def write_dense_embedding(src, out: Path, matrix, keep_head: bool = False) -> None:
+    """Copy `src` (a GGUF path or reader) to `out` with token_embd.weight = matrix,
     dropping any CARVQ tensors and carvq.* keys. Every other tensor and key is copied.
+    matrix: a float32 or float16 array (written as F32 / F16), or a tensor of another
+    reader (its bytes are copied, e.g. an embedding quantized by llama-quantize), or None
+    to keep the source's own embedding bytes.
     keep_head: a tied source gains output.weight = a byte copy of its own embedding, so
     that only the lookup changes (llama.cpp would otherwise read logits from `matrix`)."""
     import gguf
 
     reader = gio.open_gguf(src) if isinstance(src, (str, Path)) else src
-    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
-    if matrix.ndim != 2:
-        raise CarvqError("embedding matrix must be 2-D")
+    if isinstance(matrix, np.ndarray):
+        dtype = np.float16 if matrix.dtype == np.float16 else np.float32
+        matrix = np.ascontiguousarray(matrix, dtype=dtype)
+        if matrix.ndim != 2:
+            raise CarvqError("embedding matrix must be 2-D")
     writer = gguf.GGUFWriter(None, gio.field_value(reader, "general.architecture"))
     carvq_keys = {name for name in reader.fields if name.startswith("carvq.")}
     gio.copy_fields(reader, writer, skip=carvq_keys)
@@ -32,7 +37,10 @@ def write_dense_embedding(src, out: Path, matrix: np.ndarray, keep_head: bool = 
     for t in reader.tensors:
         if t.name == gio.EMBD or t.name.startswith(gio.PREFIX):
             if not placed:
-                writer.add_tensor(gio.EMBD, matrix)
+                if isinstance(matrix, np.ndarray):
+                    writer.add_tensor(gio.EMBD, matrix)
+                else:
+                    gio.add_source_tensor(writer, t if matrix is None else matrix, name=gio.EMBD)
                 placed = True
             if add_head and t.name == gio.EMBD:
                 gio.add_source_tensor(writer, t, name=gio.HEAD)

@@ -123,7 +123,11 @@ def _grab(pattern: str, text: str) -> float:
 
 
 def evaluate(model, text, reference=None, *, ctx: int = 512, chunks: int | None = None,
-             threads: int | None = None, progress: bool = True) -> EvalResult:
+             threads: int | None = None, progress: bool = True, base_logits: Path | None = None) -> EvalResult:
+    """Perplexity of `model` on `text`; with `reference`, KL divergence against it.
+    base_logits: where to keep the reference's logits so that later calls with the same
+    reference, text, ctx and chunks skip the reference run (its perplexity is kept beside
+    it in a .json); by default they go to a temporary file."""
     model, text = Path(model), Path(text)
     for path in (model, text, *( [Path(reference)] if reference else [])):
         if not path.is_file():
@@ -141,20 +145,37 @@ def evaluate(model, text, reference=None, *, ctx: int = 512, chunks: int | None 
         n = len(re.findall(r"\[(\d+)\]", out))
         return EvalResult(str(model), str(text), ctx, n, ppl, err, seconds=time.perf_counter() - start)
     with tempfile.TemporaryDirectory(prefix="carvq-eval-") as tmp:
-        base = Path(tmp) / "reference-logits.bin"
-        ref_out = _run([str(binary), "-m", str(reference), *common, "--kl-divergence-base", str(base)],
-                       "reference", progress, r"Final estimate: PPL =")
+        base = Path(base_logits) if base_logits else Path(tmp) / "reference-logits.bin"
+        ref_ppl = _reference_logits(binary, Path(reference), common, base, progress)
         out = _run([str(binary), "-m", str(model), *common, "--kl-divergence-base", str(base), "--kl-divergence"],
                    "model vs reference", progress, r"Same top p:")  # the table header says "Same top p" too
     n = len(re.findall(r"^\s*\d+\s+[0-9.]+\s+±", out, re.M))
     return EvalResult(
         str(model), str(text), ctx, n,
         ppl=_grab(r"Mean PPL\(Q\)\s*:\s*" + _FLOAT, out), ppl_err=_grab(r"Mean PPL\(Q\)\s*:\s*[0-9.]+\s*±\s*" + _FLOAT, out),
-        reference=str(reference), ref_ppl=_grab(r"Final estimate: PPL = " + _FLOAT, ref_out),
+        reference=str(reference), ref_ppl=ref_ppl,
         kld_mean=_grab(r"Mean\s+KLD:\s*" + _FLOAT, out), kld_p99=_grab(r"99\.0%\s+KLD:\s*" + _FLOAT, out),
         kld_max=_grab(r"Maximum KLD:\s*" + _FLOAT, out), top1=_grab(r"Same top p:\s*" + _FLOAT, out) / 100.0,
         seconds=time.perf_counter() - start,
     )
+
+
+def _reference_logits(binary: Path, reference: Path, common: list[str], base: Path, progress: bool) -> float:
+    """Write the reference's logits to `base` unless a run with the same settings already
+    did; the reference perplexity."""
+    stamp = base.with_name(base.name + ".json")
+    key = {"reference": str(reference.resolve()), "size": reference.stat().st_size,
+           "mtime_ns": reference.stat().st_mtime_ns, "args": common}
+    if base.is_file() and stamp.is_file():
+        saved = json.loads(stamp.read_text())
+        if saved.get("key") == key:
+            return float(saved["ppl"])
+    stamp.unlink(missing_ok=True)
+    out = _run([str(binary), "-m", str(reference), *common, "--kl-divergence-base", str(base)],
+               "reference", progress, r"Final estimate: PPL =")
+    ppl = _grab(r"Final estimate: PPL = " + _FLOAT, out)
+    stamp.write_text(json.dumps({"key": key, "ppl": ppl}))
+    return ppl
 
 
 def to_json(result: EvalResult) -> str:

