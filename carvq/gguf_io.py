@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from carvq.errors import CarvqError
-from carvq.reference import FORMAT_VERSION, PREFIX, CarvqTensors, Layout
+from carvq.reference import FORMAT_VERSION, PREFIX, READABLE_VERSIONS, CarvqTensors, Layout
 
 GGUF_MAGIC = b"GGUF"
 EMBD = "token_embd.weight"
@@ -33,6 +33,8 @@ K_SRC_TYPE = "carvq.source_type"
 K_HEAD_COPY = "carvq.head_copy"
 K_BPW = "carvq.bpw"
 K_HEAD_BPW = "carvq.head_bpw"
+K_HOT_ROWS = "carvq.hot_rows"
+K_HOT_LEVELS = "carvq.hot_levels"
 
 T_CODES = PREFIX + "codes"
 T_CODEBOOKS = PREFIX + "codebooks"
@@ -42,6 +44,10 @@ T_UP_B = PREFIX + "up.bias"
 T_DOWN_W = PREFIX + "down.weight"
 T_DOWN_B = PREFIX + "down.bias"
 ADAPTOR_TENSORS = (T_SIGMA0, T_UP_W, T_UP_B, T_DOWN_W, T_DOWN_B)
+T_HOT_IDS = PREFIX + "hot_ids"
+T_HOT_CODES = PREFIX + "hot_codes"
+T_HOT_CODEBOOKS = PREFIX + "hot_codebooks"
+HOT_TENSORS = (T_HOT_IDS, T_HOT_CODES, T_HOT_CODEBOOKS)
 
 
 def open_gguf(path: str | os.PathLike):
@@ -107,8 +113,9 @@ def read_layout(reader) -> Layout:
     version = field_value(reader, K_VERSION)
     if version is None:
         raise CarvqError("not a CARVQ-GGUF: no carvq.format_version key")
-    if version != FORMAT_VERSION:
-        raise CarvqError(f"CARVQ format version {version} is not supported (this carvq reads version {FORMAT_VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise CarvqError(f"CARVQ format version {version} is not supported (this carvq reads versions "
+                         f"{', '.join(map(str, READABLE_VERSIONS))})")
     codes = tensor_by_name(reader, T_CODES)
     if codes is None:
         raise CarvqError(f"CARVQ tensor {T_CODES} is missing")
@@ -123,6 +130,8 @@ def read_layout(reader) -> Layout:
             adaptor_rank=int(field_value(reader, K_RANK)),
             adaptor_hidden=int(field_value(reader, K_HIDDEN)),
             activation=str(field_value(reader, K_ACT)),
+            hot_rows=int(field_value(reader, K_HOT_ROWS, 0) if version >= 2 else 0),
+            hot_levels=int(field_value(reader, K_HOT_LEVELS, 0) if version >= 2 else 0),
         )
     except TypeError:
         raise CarvqError("CARVQ metadata incomplete: a carvq.* key is missing") from None
@@ -156,14 +165,27 @@ def read_carvq_tensors(reader) -> CarvqTensors:
     lo = layout
     codes = _expect(reader, T_CODES, ("I8",), (lo.n_vocab, lo.code_row_bytes)).view(np.uint8)
     codebooks = _expect(reader, T_CODEBOOKS, ("F32", "F16"), (lo.n_groups, lo.levels, lo.codebook_size, lo.group_size))
+    hot = {}
+    if lo.hot_rows:
+        hot_ids = _expect(reader, T_HOT_IDS, ("I32",), (lo.hot_rows,))
+        if hot_ids.min() < 0 or hot_ids.max() >= lo.n_vocab or (np.diff(hot_ids.astype(np.int64)) <= 0).any():
+            raise CarvqError(f"CARVQ tensor {T_HOT_IDS} must hold strictly increasing token ids in 0..{lo.n_vocab - 1}")
+        hot = dict(hot_ids=hot_ids,
+                   hot_codes=_expect(reader, T_HOT_CODES, ("I8",), (lo.hot_rows, lo.hot_code_row_bytes)).view(np.uint8),
+                   hot_codebooks=_expect(reader, T_HOT_CODEBOOKS, ("F32", "F16"),
+                                         (lo.n_groups, lo.hot_levels, lo.codebook_size, lo.group_size)))
+    else:
+        stray = [n for n in HOT_TENSORS if tensor_by_name(reader, n) is not None]
+        if stray:
+            raise CarvqError(f"CARVQ tensor {stray[0]} present but carvq.hot_rows is 0")
     present = [n for n in ADAPTOR_TENSORS if tensor_by_name(reader, n) is not None]
     if not lo.adaptor_rank:
         if present:
             raise CarvqError(f"CARVQ tensor {present[0]} present but carvq.adaptor_rank is 0")
-        return CarvqTensors(lo, codes, codebooks)
+        return CarvqTensors(lo, codes, codebooks, **hot)
     m, h, n = lo.adaptor_rank, lo.adaptor_hidden, lo.n_embd
     return CarvqTensors(
-        lo, codes, codebooks,
+        lo, codes, codebooks, **hot,
         sigma0=_expect(reader, T_SIGMA0, ("F32", "F16"), (lo.n_vocab, m)),
         up_w=_expect(reader, T_UP_W, ("F32", "F16"), (h, m)),
         up_b=_expect(reader, T_UP_B, ("F32",), (h,)),
@@ -188,6 +210,9 @@ def atomic_output(target: Path) -> Iterator[Path]:
         raise CarvqError(f"{target}: cannot write ({exc.strerror})") from None
     os.close(fd)
     tmp = Path(tmp_name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; the result should look like any new file
     try:
         yield tmp
         os.replace(tmp, target)

@@ -38,6 +38,7 @@ def carvq_summary(reader) -> list[str]:
         f"(source type {gio.field_value(reader, gio.K_SRC_TYPE)})",
         f"  group size {lo.group_size} ({lo.n_groups} groups), levels {lo.levels}, codebook size {lo.codebook_size}",
         "  adaptor: " + (f"rank {lo.adaptor_rank}, hidden {lo.adaptor_hidden}, {lo.activation}" if lo.adaptor_rank else "none"),
+        "  hot rows: " + (f"{lo.hot_rows} tokens with {lo.hot_levels} more levels" if lo.hot_rows else "none"),
         f"  lookup: {carvq_bytes:,} bytes = {8 * carvq_bytes / n_w:.4f} bpw (metadata says {gio.field_value(reader, gio.K_BPW):.4f})",
     ]
     if head_copy and head is not None:

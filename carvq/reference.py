@@ -1,4 +1,4 @@
-"""NumPy reference decoder of CARVQ-GGUF (docs/FORMAT.md, version 1).
+"""NumPy reference decoder of CARVQ-GGUF (docs/FORMAT.md, versions 1 and 2).
 
 This module is the executable form of the format text: it favours clarity over speed
 and needs only NumPy (plus gguf-py to open files). The C decoder and the converter's
@@ -13,7 +13,8 @@ import numpy as np
 
 from carvq.errors import CarvqError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what the writer writes
+READABLE_VERSIONS = (1, 2)  # version 1 is version 2 without hot rows
 PREFIX = "token_embd.carvq."
 ACTIVATIONS = ("relu", "silu", "gelu")
 
@@ -30,6 +31,16 @@ class Layout:
     adaptor_rank: int = 0
     adaptor_hidden: int = 0
     activation: str = "none"
+    hot_rows: int = 0  # N: rows with extra residual levels (version 2)
+    hot_levels: int = 0  # Lh
+
+    @property
+    def hot_code_row_bytes(self) -> int:
+        return (self.n_groups * self.hot_levels + 1) // 2
+
+    def hot_layout(self) -> "Layout":
+        """The hot levels seen as an RVQ of their own over the N hot rows (for packing)."""
+        return Layout(max(self.hot_rows, 1), self.n_embd, self.group_size, max(self.hot_levels, 1), self.codebook_size)
 
     @property
     def n_groups(self) -> int:
@@ -59,6 +70,10 @@ class Layout:
             raise CarvqError("adaptor rank and hidden width must both be zero or both non-zero")
         if self.adaptor_rank and self.activation not in ACTIVATIONS:
             raise CarvqError(f"unknown adaptor activation {self.activation!r}")
+        if not 0 <= self.hot_rows <= self.n_vocab or not 0 <= self.hot_levels <= 16:
+            raise CarvqError(f"hot rows {self.hot_rows} or hot levels {self.hot_levels} out of range")
+        if (self.hot_rows == 0) != (self.hot_levels == 0):
+            raise CarvqError("hot rows and hot levels must both be zero or both non-zero")
 
 
 def pack_codes(codes: np.ndarray) -> np.ndarray:
@@ -107,6 +122,29 @@ def decode_rvq(layout: Layout, codes_packed: np.ndarray, codebooks: np.ndarray, 
     return acc.reshape(ids.size, layout.n_embd)
 
 
+def add_hot(layout: Layout, hot_ids, hot_codes_packed, hot_codebooks, token_ids, out: np.ndarray) -> None:
+    """Hot part of the decode, in place: for each id that is a hot row, continue the RVQ sum
+    in `out` with its hot levels, level 0 first (bit-exact contract)."""
+    if not layout.hot_rows:
+        return
+    ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+    hot_ids = np.asarray(hot_ids, dtype=np.int64)
+    pos = np.searchsorted(hot_ids, ids)
+    found = (pos < hot_ids.size) & (hot_ids[np.minimum(pos, hot_ids.size - 1)] == ids)
+    if not found.any():
+        return
+    hot = layout.hot_layout()
+    codes = unpack_codes(np.asarray(hot_codes_packed).view(np.uint8)[pos[found]], hot)
+    if codes.max() >= layout.codebook_size:
+        raise CarvqError("hot code outside the codebook")
+    cb = np.asarray(hot_codebooks, dtype=np.float32)  # (G, Lh, K, d)
+    g_idx = np.arange(layout.n_groups)[None, :]
+    acc = out[found].reshape(-1, layout.n_groups, layout.group_size).astype(np.float32)
+    for level in range(layout.hot_levels):
+        acc += cb[g_idx, level, codes[:, :, level]]
+    out[found] = acc.reshape(-1, layout.n_embd)
+
+
 def decode_adaptor(layout: Layout, sigma0, up_w, up_b, down_w, down_b, token_ids) -> np.ndarray:
     """Adaptor part of the decode: (len(ids), n) float32."""
     ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
@@ -118,14 +156,17 @@ def decode_adaptor(layout: Layout, sigma0, up_w, up_b, down_w, down_b, token_ids
 class CarvqTensors:
     """The CARVQ tensors of a file, as NumPy arrays in the shapes of FORMAT.md."""
 
-    def __init__(self, layout: Layout, codes, codebooks, sigma0=None, up_w=None, up_b=None, down_w=None, down_b=None):
+    def __init__(self, layout: Layout, codes, codebooks, sigma0=None, up_w=None, up_b=None, down_w=None, down_b=None,
+                 hot_ids=None, hot_codes=None, hot_codebooks=None):
         self.layout = layout
         self.codes = codes
         self.codebooks = codebooks
         self.sigma0, self.up_w, self.up_b, self.down_w, self.down_b = sigma0, up_w, up_b, down_w, down_b
+        self.hot_ids, self.hot_codes, self.hot_codebooks = hot_ids, hot_codes, hot_codebooks
 
     def decode(self, token_ids) -> np.ndarray:
         out = decode_rvq(self.layout, self.codes, self.codebooks, token_ids)
+        add_hot(self.layout, self.hot_ids, self.hot_codes, self.hot_codebooks, token_ids, out)
         if self.layout.adaptor_rank:
             out = out + decode_adaptor(self.layout, self.sigma0, self.up_w, self.up_b, self.down_w, self.down_b, token_ids)
         return out.astype(np.float32)

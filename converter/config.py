@@ -19,6 +19,8 @@ class Config:
     codebook_type: str = "F16"
     sigma0_type: str = "F16"
     mlp_type: str = "F16"
+    hot_rows: int = 0  # the N most frequent tokens get hot_levels extra residual levels
+    hot_levels: int = 0
 
     def without_adaptor(self) -> "Config":
         return replace(self, adaptor_rank=0, adaptor_hidden=0)
@@ -35,6 +37,11 @@ class Config:
             raise CarvqError(f"codebook size {self.codebook_size} outside 2..16 (codes are 4-bit)")
         if self.adaptor_rank < 0 or self.adaptor_hidden < 0 or (self.adaptor_rank > 0) != (self.adaptor_hidden > 0):
             raise CarvqError("--adaptor-rank and --adaptor-hidden must both be 0 or both positive")
+        if self.hot_rows < 0 or not 0 <= self.hot_levels <= 16 or (self.hot_rows > 0) != (self.hot_levels > 0):
+            raise CarvqError("--hot-rows and --hot-levels must both be 0 or both positive (hot levels 1..16)")
+
+    def clamp_hot(self, n_vocab: int) -> "Config":
+        return replace(self, hot_rows=min(self.hot_rows, n_vocab))
 
 
 def part_bytes(cfg: Config, n_vocab: int, n_embd: int) -> dict[str, int]:
@@ -46,6 +53,10 @@ def part_bytes(cfg: Config, n_vocab: int, n_embd: int) -> dict[str, int]:
         "codebooks": G * cfg.levels * cfg.codebook_size * cfg.group_size * TYPE_BYTES[cfg.codebook_type],
         "sigma0": n_vocab * m * TYPE_BYTES[cfg.sigma0_type],
         "mlp": (h * m + n_embd * h) * TYPE_BYTES[cfg.mlp_type] + (h + n_embd) * 4 if m else 0,
+        # ids (I32) + codes + codebooks of the hot levels
+        "hot": (cfg.hot_rows * (4 + (G * cfg.hot_levels + 1) // 2)
+                + G * cfg.hot_levels * cfg.codebook_size * cfg.group_size * TYPE_BYTES[cfg.codebook_type])
+        if cfg.hot_rows else 0,
     }
     return parts
 

@@ -73,7 +73,8 @@ class Report:
             f"  model: {self.arch}, embedding {self.n_vocab} x {self.n_embd}, source type {self.source_type} "
             f"({self.source_bytes / 2**20:.2f} MiB, {self.bpw(self.source_bytes):.3f} bpw)",
             f"  config: group size {c.group_size}, levels {c.levels}, codebook {c.codebook_size} ({c.codebook_type}), "
-            f"adaptor rank {c.adaptor_rank}, hidden {c.adaptor_hidden}, {c.activation if c.adaptor_rank else 'no adaptor'}",
+            f"adaptor rank {c.adaptor_rank}, hidden {c.adaptor_hidden}, {c.activation if c.adaptor_rank else 'no adaptor'}, "
+            + (f"{c.hot_rows} hot rows with {c.hot_levels} more levels" if c.hot_rows else "no hot rows"),
             f"  token weights: {self.weights_from}",
             "",
             f"  {'part':<26}{'bytes':>14}{'bpw':>9}",
@@ -156,6 +157,8 @@ def _write(reader, out: Path, arch: str, fit: train.Fit, cfg: Config, source_typ
     writer.add_bool(gio.K_HEAD_COPY, head is not None)
     writer.add_float32(gio.K_BPW, bpw_lookup)
     writer.add_float32(gio.K_HEAD_BPW, bpw_head)
+    writer.add_uint32(gio.K_HOT_ROWS, cfg.hot_rows)
+    writer.add_uint32(gio.K_HOT_LEVELS, cfg.hot_levels)
     for tensor in reader.tensors:
         if tensor.name != gio.EMBD:
             gio.add_source_tensor(writer, tensor)
@@ -166,6 +169,10 @@ def _write(reader, out: Path, arch: str, fit: train.Fit, cfg: Config, source_typ
             for name, arr in ((gio.T_SIGMA0, t.sigma0), (gio.T_UP_W, t.up_w), (gio.T_UP_B, t.up_b),
                               (gio.T_DOWN_W, t.down_w), (gio.T_DOWN_B, t.down_b)):
                 writer.add_tensor(name, arr)
+        if cfg.hot_rows:
+            writer.add_tensor(gio.T_HOT_IDS, t.hot_ids)
+            writer.add_tensor(gio.T_HOT_CODES, t.hot_codes.view(np.int8))
+            writer.add_tensor(gio.T_HOT_CODEBOOKS, t.hot_codebooks)
         if head is not None:
             data, qtype = head
             writer.add_tensor(gio.HEAD, data, raw_dtype=qtype)
@@ -193,6 +200,7 @@ def quantize_body(src: Path, out: Path, body_type: str, keep_head: bool) -> None
 
 def choose_config(M, w, base: Config, target_bpw: float, seed: int, progress: bool) -> tuple[Config, list[str]]:
     V, n = M.shape
+    base = base.clamp_hot(V)
     options = cfgmod.candidates(base, V, n, target_bpw)
     if not options and base.adaptor_rank:
         options = cfgmod.candidates(base.without_adaptor(), V, n, target_bpw)
@@ -259,6 +267,7 @@ def _convert_reader(reader, src, out, gguf_path, model_dir, base, target_bpw, it
         cfg, notes = choose_config(M, w, base, target_bpw, seed, progress)
     else:
         cfg = base
+    cfg = cfg.clamp_hot(V)
     cfg.check(n)
 
     fit = train.compress(M, w, cfg, iters, seed, progress)

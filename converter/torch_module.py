@@ -15,7 +15,8 @@ def _t(a) -> torch.Tensor:
 
 
 class CARVQEmbedding(nn.Module):
-    """Decodes rows as FORMAT.md states: RVQ levels summed in order, plus the adaptor."""
+    """Decodes rows as FORMAT.md states: RVQ levels summed in order, hot levels for hot
+    rows, plus the adaptor."""
 
     def __init__(self, tensors: CarvqTensors, scale: float = 1.0):
         super().__init__()
@@ -28,6 +29,14 @@ class CARVQEmbedding(nn.Module):
         self.register_buffer("codes", torch.from_numpy(codes))
         self.register_buffer("codebooks", _t(tensors.codebooks))  # (G, L, K, d)
         self.scale = scale
+        if lo.hot_rows:
+            # hot slot of each token: 0 for none, j + 1 for hot row j
+            slot = np.zeros(lo.n_vocab, np.int64)
+            slot[np.asarray(tensors.hot_ids, np.int64)] = np.arange(1, lo.hot_rows + 1)
+            hot_codes = unpack_codes(np.asarray(tensors.hot_codes), lo.hot_layout()).astype(np.int64)  # (N, G, Lh)
+            self.register_buffer("hot_slot", torch.from_numpy(slot))
+            self.register_buffer("hot_codes", torch.from_numpy(hot_codes))
+            self.register_buffer("hot_codebooks", _t(tensors.hot_codebooks))  # (G, Lh, K, d)
         if lo.adaptor_rank:
             self.register_buffer("sigma0", _t(tensors.sigma0))
             self.register_buffer("up_w", _t(tensors.up_w))
@@ -64,6 +73,14 @@ class CARVQEmbedding(nn.Module):
         out = torch.zeros(flat.numel(), lo.n_groups, lo.group_size)
         for level in range(lo.levels):
             out = out + self.codebooks[:, level][g.unsqueeze(0), codes[:, :, level]]  # (T, G, d)
+        if lo.hot_rows:
+            slot = self.hot_slot[flat]
+            rows = torch.nonzero(slot).squeeze(1)
+            hot = self.hot_codes[slot[rows] - 1]  # (H, G, Lh)
+            acc = out[rows]
+            for level in range(lo.hot_levels):
+                acc = acc + self.hot_codebooks[:, level][g.unsqueeze(0), hot[:, :, level]]
+            out = out.index_copy(0, rows, acc)
         out = out.reshape(flat.numel(), lo.n_embd)
         if lo.adaptor_rank:
             u = self._activation(self.sigma0[flat] @ self.up_w.T + self.up_b)

@@ -1,7 +1,7 @@
 """CARVQ fitting: RVQ and the corrective adaptor, alternated while the weighted error falls."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -56,7 +56,8 @@ def compress(M_np: np.ndarray, w_np: np.ndarray, cfg: Config, iters: int, seed: 
     V, n = M.shape
     rounds = max(1, iters)
     per_round = cfg.levels + REFINE_ROUNDS + (ADAPTOR_STEPS if cfg.adaptor_rank else 0)
-    bar = tqdm(total=rounds * per_round, desc="carvq fit", unit="step", disable=not progress, leave=False)
+    hot_steps = cfg.hot_levels + REFINE_ROUNDS if cfg.hot_rows else 0
+    bar = tqdm(total=rounds * per_round + hot_steps, desc="carvq fit", unit="step", disable=not progress, leave=False)
 
     best = None
     correction = torch.zeros_like(M)
@@ -74,10 +75,34 @@ def compress(M_np: np.ndarray, w_np: np.ndarray, cfg: Config, iters: int, seed: 
         if best is not None and err >= best[0]:
             break  # alternation stopped helping
         best = (err, q, adaptor, r + 1)
-    bar.close()
     _, q, adaptor, used = best
     tensors = _to_tensors(q, adaptor, cfg, V, n)
+    if cfg.hot_rows:
+        _fit_hot(tensors, M.numpy(), w, cfg, gen, bar)
+    bar.close()
     return Fit(tensors, tensors.decode(np.arange(V)), used)
+
+
+def hot_row_ids(w: torch.Tensor, count: int) -> np.ndarray:
+    """The `count` heaviest tokens (ties: lower id first), in increasing id order."""
+    order = np.argsort(-w.double().numpy(), kind="stable")[:count]
+    return np.sort(order).astype(np.int32)
+
+
+def _fit_hot(tensors: CarvqTensors, M: np.ndarray, w: torch.Tensor, cfg: Config, gen: torch.Generator, bar) -> None:
+    """Extra residual levels for the most frequent rows, fitted to what the rest of the
+    decode (RVQ + adaptor) leaves of them, weighted by their frequency. Frequent tokens
+    dominate the model's behaviour on text (KLD), and a few thousand of them cost little."""
+    ids = hot_row_ids(w, cfg.hot_rows)
+    decoded = tensors.decode(ids)
+    target = torch.from_numpy(np.ascontiguousarray(M[ids] - decoded, np.float32))
+    hot_cfg = replace(cfg, levels=cfg.hot_levels)
+    q = _fit_rvq(target, w[torch.from_numpy(ids.astype(np.int64))], hot_cfg, gen, bar)
+    layout = replace(tensors.layout, hot_rows=cfg.hot_rows, hot_levels=cfg.hot_levels)
+    tensors.layout = layout
+    tensors.hot_ids = ids
+    tensors.hot_codes = pack_codes(q.codes.numpy())
+    tensors.hot_codebooks = q.codebooks.numpy().astype({"F16": np.float16, "F32": np.float32}[cfg.codebook_type])
 
 
 def _to_tensors(q: rvq.RVQ, adaptor, cfg: Config, V: int, n: int) -> CarvqTensors:

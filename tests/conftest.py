@@ -13,11 +13,12 @@ from tiny_models import make_tiny_checkpoint
 # gemma3 gets none: its FFN's ggml_gelu rounds inputs to F16 for a table lookup, so the
 # adaptor's float32 rounding differences (1e-7) could flip roundings and blur the
 # logit comparison; RVQ alone is bit-exact, which makes gemma3's comparison exact too.
+# Hot rows (format v2) on three of them, qwen2 without, so both decode paths run in llama.cpp.
 TINY_ARCHES = {
-    "llama": dict(adaptor_rank=4, adaptor_hidden=16, activation="gelu"),
+    "llama": dict(adaptor_rank=4, adaptor_hidden=16, activation="gelu", hot_rows=24, hot_levels=2),
     "qwen2": dict(adaptor_rank=3, adaptor_hidden=8, activation="silu"),
-    "gemma3": dict(adaptor_rank=0, adaptor_hidden=0, activation="gelu"),
-    "phi3": dict(adaptor_rank=2, adaptor_hidden=8, activation="relu"),
+    "gemma3": dict(adaptor_rank=0, adaptor_hidden=0, activation="gelu", hot_rows=40, hot_levels=3),
+    "phi3": dict(adaptor_rank=2, adaptor_hidden=8, activation="relu", hot_rows=7, hot_levels=1),
 }
 
 

@@ -34,6 +34,7 @@ CDEF = """
 struct carvq_layout {
     int64_t n_vocab; int64_t n_embd;
     int32_t format_version, group_size, levels, codebook_size, adaptor_rank, adaptor_hidden;
+    int64_t hot_rows; int32_t hot_levels;
 };
 enum carvq_codebook_type { CARVQ_CODEBOOK_F32 = 0, CARVQ_CODEBOOK_F16 = 1 };
 int carvq_layout_check(const struct carvq_layout * l, char * err, size_t err_size);
@@ -44,7 +45,14 @@ int64_t carvq_layout_codebooks_nelements(const struct carvq_layout * l);
 int64_t carvq_layout_codebooks_nbytes(const struct carvq_layout * l, enum carvq_codebook_type type);
 int carvq_layout_codes_ne(const struct carvq_layout * l, int64_t ne[2]);
 int carvq_layout_codebooks_ne(const struct carvq_layout * l, int64_t ne[4]);
+int carvq_layout_hot_codes_ne(const struct carvq_layout * l, int64_t ne[2]);
+int carvq_layout_hot_codebooks_ne(const struct carvq_layout * l, int64_t ne[4]);
 int carvq_codes_check(const struct carvq_layout * l, const uint8_t * codes, char * err, size_t err_size);
+int carvq_hot_check(const struct carvq_layout * l, const int32_t * hot_ids, const uint8_t * hot_codes,
+    char * err, size_t err_size);
+void carvq_rows_hot_add(const struct carvq_layout * l, const int32_t * hot_ids, const uint8_t * hot_codes,
+    const void * hot_codebooks, enum carvq_codebook_type cb_type, const int32_t * ids, int64_t n_ids,
+    float * out, int64_t out_row_stride, int64_t first, int64_t last);
 int carvq_ids_check(const struct carvq_layout * l, const int32_t * ids, int64_t n_ids, char * err, size_t err_size);
 void carvq_rows_decode(const struct carvq_layout * l, const uint8_t * codes, const void * codebooks,
     enum carvq_codebook_type cb_type, const int32_t * ids, int64_t n_ids, float * out,
@@ -103,11 +111,12 @@ def lib(request, libs) -> Lib:
     return libs[request.param]
 
 
-def make_layout(lib: Lib, V, n, d, L, K, m=0, h=0, version=1):
+def make_layout(lib: Lib, V, n, d, L, K, m=0, h=0, version=1, N=0, Lh=0):
     lay = lib.ffi.new("struct carvq_layout *")
     lay.n_vocab, lay.n_embd, lay.format_version = V, n, version
     lay.group_size, lay.levels, lay.codebook_size = d, L, K
     lay.adaptor_rank, lay.adaptor_hidden = m, h
+    lay.hot_rows, lay.hot_levels = N, Lh
     return lay
 
 
@@ -224,6 +233,78 @@ def test_decode_random_layouts(lib, scalar, f16):
         run_decode(lib, scalar, *random_case(rng), f16, rng)
 
 
+def run_hot_decode(lib: Lib, V, n, d, L, K, f16: bool, rng):
+    """carvq_rows_decode then carvq_rows_hot_add against decode_rvq then add_hot, bit for bit."""
+    G = n // d
+    N = int(rng.integers(1, V + 1))
+    Lh = int(rng.choice([1, 2, 3, 4, 7, 16]))
+    layout = reference.Layout(n_vocab=V, n_embd=n, group_size=d, levels=L, codebook_size=K, hot_rows=N, hot_levels=Lh)
+    codes_np = reference.pack_codes(rng.integers(0, K, size=(V, G, L), dtype=np.uint8))
+    cb_np = random_codebooks(rng, (G, L, K, d), f16)
+    hot_ids_np = np.sort(rng.choice(V, size=N, replace=False)).astype(np.int32)
+    hot_codes_np = reference.pack_codes(rng.integers(0, K, size=(N, G, Lh), dtype=np.uint8))
+    hot_cb_np = random_codebooks(rng, (G, Lh, K, d), f16)
+    arrays = {}
+    for name, arr in dict(codes=codes_np, cb=cb_np, hot_ids=hot_ids_np, hot_codes=hot_codes_np, hot_cb=hot_cb_np).items():
+        arrays[name] = guarded(arr.shape, arr.dtype)  # reads past any of them fault
+        arrays[name][...] = arr
+    n_ids = int(rng.integers(0, 50))
+    ids_np = rng.integers(0, V, size=n_ids).astype(np.int32)
+    ids = guarded(ids_np.shape, np.int32)
+    ids[...] = ids_np
+    first = int(rng.integers(0, n_ids + 1))
+    last = int(rng.integers(first, n_ids + 1))
+    out = guarded((max(n_ids, 1), n), np.float32)
+    out[...] = 0
+
+    lay = make_layout(lib, V, n, d, L, K, version=2, N=N, Lh=Lh)
+    assert lib.lib.carvq_layout_check(lay, lib.ffi.NULL, 0) == 0
+    assert lib.lib.carvq_hot_check(lay, ptr(lib, "int32_t *", arrays["hot_ids"]), ptr(lib, "uint8_t *", arrays["hot_codes"]),
+                                   lib.ffi.NULL, 0) == 0
+    cb_type = 1 if f16 else 0
+    lib.lib.carvq_rows_decode(lay, ptr(lib, "uint8_t *", arrays["codes"]), ptr(lib, "void *", arrays["cb"]), cb_type,
+                              ptr(lib, "int32_t *", ids), n_ids, ptr(lib, "float *", out), n, first, last)
+    lib.lib.carvq_rows_hot_add(lay, ptr(lib, "int32_t *", arrays["hot_ids"]), ptr(lib, "uint8_t *", arrays["hot_codes"]),
+                               ptr(lib, "void *", arrays["hot_cb"]), cb_type, ptr(lib, "int32_t *", ids), n_ids,
+                               ptr(lib, "float *", out), n, first, last)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = reference.decode_rvq(layout, codes_np, cb_np, ids_np[first:last])
+        reference.add_hot(layout, hot_ids_np, hot_codes_np, hot_cb_np, ids_np[first:last], want)
+    case = f"V={V} n={n} d={d} L={L} K={K} N={N} Lh={Lh} f16={f16} ids={n_ids} [{first},{last})"
+    assert np.array_equal(out[first:last].view(np.uint32), want.view(np.uint32)), case
+
+
+@pytest.mark.parametrize("f16", [False, True], ids=["f32", "f16"])
+def test_decode_hot_rows(lib, f16):
+    rng = np.random.default_rng(777 + f16)
+    for _ in range(150):
+        run_hot_decode(lib, *random_case(rng), f16, rng)
+
+
+def test_hot_check(libs):
+    lib = libs["default"]
+    V, n, d, L, K, N, Lh = 50, 16, 8, 2, 5, 4, 3
+    lay = make_layout(lib, V, n, d, L, K, version=2, N=N, Lh=Lh)
+    ne = lib.ffi.new("int64_t[4]")
+    assert lib.lib.carvq_layout_hot_codes_ne(lay, ne) == 0 and list(ne)[:2] == [3, N]  # ceil(2*3/2)
+    assert lib.lib.carvq_layout_hot_codebooks_ne(lay, ne) == 0 and list(ne) == [d, K, Lh, 2]
+    good_codes = reference.pack_codes(np.zeros((N, 2, Lh), np.uint8))
+
+    def check(ids, codes):
+        return check_msg(lib, lib.lib.carvq_hot_check, lay, lib.ffi.from_buffer("int32_t[]", np.asarray(ids, np.int32)),
+                         lib.ffi.from_buffer("uint8_t[]", np.ascontiguousarray(codes, np.uint8)))
+
+    assert check([1, 5, 7, 49], good_codes) == (0, "")
+    for ids, needle in [([1, 5, 5, 9], "hot_ids[2] = 5"), ([3, 2, 7, 9], "hot_ids[1] = 2"),
+                        ([1, 5, 7, 50], "hot_ids[3] = 50"), ([-1, 5, 7, 9], "hot_ids[0] = -1")]:
+        rc, msg = check(ids, good_codes)
+        assert rc != 0 and needle in msg, (ids, msg)
+    bad = good_codes.copy()
+    bad[2, 1] = 0x06  # code 2 of hot row 2 is 6 >= K
+    rc, msg = check([1, 5, 7, 9], bad)
+    assert rc != 0 and "hot_codes row 2" in msg, msg
+
+
 @pytest.mark.parametrize("f16", [False, True], ids=["f32", "f16"])
 @pytest.mark.parametrize("d", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16, 24])
 def test_decode_every_small_group_size(lib, d, f16):
@@ -278,7 +359,14 @@ def test_layout_check_accepts_valid(libs):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (dict(version=2), "format_version 2"),
+    (dict(version=3), "format_version 3"),
+    (dict(N=5, Lh=2), "need carvq.format_version 2"),
+    (dict(version=2, N=101, Lh=2), "hot_rows 101"),
+    (dict(version=2, N=-1, Lh=2), "hot_rows -1"),
+    (dict(version=2, N=5, Lh=17), "hot_levels 17"),
+    (dict(version=2, N=5, Lh=0), "both be zero"),
+    (dict(version=2, N=0, Lh=3), "both be zero"),
+    (dict(version=2, V=2**62, n=8, d=1, L=1, K=2, N=2**62, Lh=16), "overflows"),  # hot codes
     (dict(version=0), "format_version 0"),
     (dict(n=10, d=4), "does not divide"),
     (dict(d=0), "does not divide"),
@@ -305,9 +393,10 @@ def test_layout_check_accepts_valid(libs):
 ])
 def test_layout_check_rejects(libs, args, needle):
     lib = libs["default"]
-    full = dict(V=100, n=64, d=8, L=3, K=16, m=0, h=0, version=1)
+    full = dict(V=100, n=64, d=8, L=3, K=16, m=0, h=0, version=1, N=0, Lh=0)
     full.update(args)
-    lay = make_layout(lib, full["V"], full["n"], full["d"], full["L"], full["K"], full["m"], full["h"], full["version"])
+    lay = make_layout(lib, full["V"], full["n"], full["d"], full["L"], full["K"], full["m"], full["h"], full["version"],
+                      full["N"], full["Lh"])
     rc, msg = check_msg(lib, lib.lib.carvq_layout_check, lay)
     assert rc != 0
     assert needle in msg and "\n" not in msg

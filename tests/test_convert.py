@@ -121,7 +121,7 @@ def test_inspect_lists_tensors_and_totals(tiny_carvq, capsys):
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "token_embd.carvq.codes" in text and "I8" in text
-    assert "CARVQ format 1" in text and "head copy" in text
+    assert "CARVQ format 2" in text and "head copy" in text and "hot rows: 24 tokens with 2 more levels" in text
     assert f"{report.n_vocab} x {report.n_embd}" in text
 
 

@@ -1,4 +1,4 @@
-// carvq.c - decoder for CARVQ-compressed token embeddings (docs/FORMAT.md, version 1).
+// carvq.c - decoder for CARVQ-compressed token embeddings (docs/FORMAT.md, versions 1 and 2).
 // See carvq.h for the API. Build with -ffp-contract=off and without -ffast-math.
 
 #include "carvq.h"
@@ -49,9 +49,11 @@
 #endif
 
 static_assert(sizeof(float) == 4, "carvq needs IEEE binary32 float");
-static_assert(sizeof(struct carvq_layout) == 40, "struct carvq_layout ABI changed");
+static_assert(sizeof(struct carvq_layout) == 56, "struct carvq_layout ABI changed");
 static_assert(offsetof(struct carvq_layout, format_version) == 16, "struct carvq_layout ABI changed");
 static_assert(offsetof(struct carvq_layout, adaptor_hidden) == 36, "struct carvq_layout ABI changed");
+static_assert(offsetof(struct carvq_layout, hot_rows) == 40, "struct carvq_layout ABI changed");
+static_assert(offsetof(struct carvq_layout, hot_levels) == 48, "struct carvq_layout ABI changed");
 static_assert(CARVQ_MAX_LEVELS <= 16 && CARVQ_MAX_CODEBOOK_SIZE <= 16, "codes are 4-bit nibbles");
 
 // ---- helpers ---------------------------------------------------------------------------
@@ -109,6 +111,9 @@ struct carvq_sizes {
     int64_t B;            // code bytes per row
     int64_t codes_nbytes;
     int64_t cb_nel;       // codebook elements G*L*K*d
+    int64_t GLh;          // hot codes per hot row
+    int64_t Bh;           // hot code bytes per hot row
+    int64_t hot_cb_nel;   // hot codebook elements G*Lh*K*d
 };
 
 static int carvq_fits_size_t(int64_t x) {
@@ -125,9 +130,9 @@ static int carvq_layout_sizes(const struct carvq_layout * l, struct carvq_sizes 
         carvq_err_set(err, err_size, "no carvq layout");
         return 1;
     }
-    if (l->format_version != CARVQ_FORMAT_VERSION) {
-        carvq_err_set(err, err_size, "unknown carvq.format_version %" PRId32 " (this decoder reads %d)",
-                l->format_version, CARVQ_FORMAT_VERSION);
+    if (l->format_version < CARVQ_MIN_FORMAT_VERSION || l->format_version > CARVQ_FORMAT_VERSION) {
+        carvq_err_set(err, err_size, "unknown carvq.format_version %" PRId32 " (this decoder reads %d..%d)",
+                l->format_version, CARVQ_MIN_FORMAT_VERSION, CARVQ_FORMAT_VERSION);
         return 1;
     }
     if (l->n_vocab < 1 || l->n_embd < 1) {
@@ -162,9 +167,27 @@ static int carvq_layout_sizes(const struct carvq_layout * l, struct carvq_sizes 
         return 1;
     }
 
+    if (l->format_version < 2 && (l->hot_rows != 0 || l->hot_levels != 0)) {
+        carvq_err_set(err, err_size, "hot rows need carvq.format_version 2, the file says %" PRId32, l->format_version);
+        return 1;
+    }
+    if (l->hot_rows < 0 || l->hot_rows > l->n_vocab) {
+        carvq_err_set(err, err_size, "carvq.hot_rows %" PRId64 " outside 0..%" PRId64, l->hot_rows, l->n_vocab);
+        return 1;
+    }
+    if (l->hot_levels < 0 || l->hot_levels > CARVQ_MAX_LEVELS) {
+        carvq_err_set(err, err_size, "carvq.hot_levels %" PRId32 " outside 0..%d", l->hot_levels, CARVQ_MAX_LEVELS);
+        return 1;
+    }
+    if ((l->hot_rows == 0) != (l->hot_levels == 0)) {
+        carvq_err_set(err, err_size, "carvq.hot_rows %" PRId64 " and carvq.hot_levels %" PRId32
+                " must both be zero or both non-zero", l->hot_rows, l->hot_levels);
+        return 1;
+    }
+
     const int64_t V = l->n_vocab, n = l->n_embd, m = l->adaptor_rank, h = l->adaptor_hidden;
     const int64_t G = n / l->group_size;
-    int64_t GL, codes, cb_nel, t, x;
+    int64_t GL, codes, cb_nel, t, x, GLh = 0, hot_codes = 0, hot_cb_nel = 0;
     // every byte size of FORMAT.md, F32 being the widest element type
     const char * what = NULL;
     if (carvq_mul_overflows(G, l->levels, &GL)) {
@@ -180,6 +203,12 @@ static int carvq_layout_sizes(const struct carvq_layout * l, struct carvq_sizes 
         what = "sigma0";
     } else if (carvq_mul_overflows(n, h, &t) || carvq_mul_overflows(t, 4, &x) || !carvq_fits_size_t(x)) {
         what = "down.weight";
+    } else if (carvq_mul_overflows(G, l->hot_levels, &GLh) ||
+               carvq_mul_overflows(l->hot_rows, GLh / 2 + (GLh & 1) + 4, &hot_codes) || !carvq_fits_size_t(hot_codes)) {
+        what = "hot rows";
+    } else if (carvq_mul_overflows(GLh, (int64_t) l->codebook_size * l->group_size, &hot_cb_nel) ||
+               carvq_mul_overflows(hot_cb_nel, 4, &x) || !carvq_fits_size_t(x)) {
+        what = "hot codebooks";
     }
     // up.weight is h*m*4 <= 2^16 * 2^10 * 4: cannot overflow
     if (what != NULL) {
@@ -194,6 +223,9 @@ static int carvq_layout_sizes(const struct carvq_layout * l, struct carvq_sizes 
         s->B = GL / 2 + (GL & 1);
         s->codes_nbytes = codes;
         s->cb_nel = cb_nel;
+        s->GLh = GLh;
+        s->Bh = GLh / 2 + (GLh & 1);
+        s->hot_cb_nel = hot_cb_nel;
     }
     return 0;
 }
@@ -256,15 +288,35 @@ int carvq_layout_codebooks_ne(const struct carvq_layout * l, int64_t ne[4]) {
     return 0;
 }
 
+int carvq_layout_hot_codes_ne(const struct carvq_layout * l, int64_t ne[2]) {
+    struct carvq_sizes s;
+    if (carvq_layout_sizes(l, &s, NULL, 0)) {
+        return -1;
+    }
+    ne[0] = s.Bh;
+    ne[1] = l->hot_rows;
+    return 0;
+}
+
+int carvq_layout_hot_codebooks_ne(const struct carvq_layout * l, int64_t ne[4]) {
+    struct carvq_sizes s;
+    if (carvq_layout_sizes(l, &s, NULL, 0)) {
+        return -1;
+    }
+    ne[0] = l->group_size;
+    ne[1] = l->codebook_size;
+    ne[2] = l->hot_levels;
+    ne[3] = s.G;
+    return 0;
+}
+
 // ---- data checks -----------------------------------------------------------------------
 
-int carvq_codes_check(const struct carvq_layout * l, const uint8_t * codes, char * err, size_t err_size) {
-    struct carvq_sizes s;
-    if (carvq_layout_sizes(l, &s, err, err_size)) {
-        return 1;
-    }
-    const unsigned K = (unsigned) l->codebook_size;
-    const int odd = (int) (s.GL & 1);
+// rows x B packed bytes of GL codes (levels per group): non-zero at the first code >= K or
+// non-zero padding nibble; `what` names the tensor in the message.
+static int carvq_codes_scan(const uint8_t * codes, int64_t rows, int64_t GL, int64_t B, int64_t levels, unsigned K,
+        const char * what, char * err, size_t err_size) {
+    const int odd = (int) (GL & 1);
     if (K == 16 && !odd) {
         return 0; // every nibble is a valid code
     }
@@ -273,9 +325,9 @@ int carvq_codes_check(const struct carvq_layout * l, const uint8_t * codes, char
     for (unsigned b = 0; b < 256; ++b) {
         bad[b] = (uint8_t) ((b & 15u) >= K || (b >> 4) >= K);
     }
-    const int64_t full = s.B - odd; // bytes holding two codes
-    for (int64_t row = 0; row < l->n_vocab; ++row) {
-        const uint8_t * r = codes + row * s.B;
+    const int64_t full = B - odd; // bytes holding two codes
+    for (int64_t row = 0; row < rows; ++row) {
+        const uint8_t * r = codes + row * B;
         unsigned acc = 0;
         for (int64_t b = 0; b < full; ++b) {
             acc |= bad[r[b]];
@@ -287,20 +339,45 @@ int carvq_codes_check(const struct carvq_layout * l, const uint8_t * codes, char
             continue;
         }
         // slow path, once: find the first bad code of this row for the message
-        for (int64_t j = 0; j < s.GL; ++j) {
+        for (int64_t j = 0; j < GL; ++j) {
             const unsigned c = (r[j >> 1] >> ((j & 1) * 4)) & 15u;
             if (c >= K) {
-                carvq_err_set(err, err_size, "codes row %" PRId64 ": code %" PRId64 " (group %" PRId64
+                carvq_err_set(err, err_size, "%s row %" PRId64 ": code %" PRId64 " (group %" PRId64
                         ", level %" PRId64 ") is %u, outside 0..%u",
-                        row, j, j / l->levels, j % l->levels, c, K - 1);
+                        what, row, j, j / levels, j % levels, c, K - 1);
                 return 1;
             }
         }
-        carvq_err_set(err, err_size, "codes row %" PRId64 ": padding nibble of the last byte is %u, must be 0",
-                row, (unsigned) (r[full] >> 4));
+        carvq_err_set(err, err_size, "%s row %" PRId64 ": padding nibble of the last byte is %u, must be 0",
+                what, row, (unsigned) (r[full] >> 4));
         return 1;
     }
     return 0;
+}
+
+int carvq_codes_check(const struct carvq_layout * l, const uint8_t * codes, char * err, size_t err_size) {
+    struct carvq_sizes s;
+    if (carvq_layout_sizes(l, &s, err, err_size)) {
+        return 1;
+    }
+    return carvq_codes_scan(codes, l->n_vocab, s.GL, s.B, l->levels, (unsigned) l->codebook_size, "codes", err, err_size);
+}
+
+int carvq_hot_check(const struct carvq_layout * l, const int32_t * hot_ids, const uint8_t * hot_codes,
+        char * err, size_t err_size) {
+    struct carvq_sizes s;
+    if (carvq_layout_sizes(l, &s, err, err_size)) {
+        return 1;
+    }
+    for (int64_t j = 0; j < l->hot_rows; ++j) {
+        if (hot_ids[j] < 0 || hot_ids[j] >= l->n_vocab || (j > 0 && hot_ids[j] <= hot_ids[j - 1])) {
+            carvq_err_set(err, err_size, "hot_ids[%" PRId64 "] = %" PRId32 ": hot ids must increase strictly "
+                    "within 0..%" PRId64, j, hot_ids[j], l->n_vocab - 1);
+            return 1;
+        }
+    }
+    return carvq_codes_scan(hot_codes, l->hot_rows, s.GLh, s.Bh, l->hot_levels, (unsigned) l->codebook_size,
+            "hot_codes", err, err_size);
 }
 
 int carvq_ids_check(const struct carvq_layout * l, const int32_t * ids, int64_t n_ids, char * err, size_t err_size) {
@@ -630,4 +707,53 @@ void carvq_rows_decode_scalar(const struct carvq_layout * l, const uint8_t * cod
         int64_t out_row_stride, int64_t first, int64_t last) {
     carvq_rows_run(cb_type == CARVQ_CODEBOOK_F16 ? carvq_row_f16_scalar : carvq_row_f32_scalar, l, codes,
             codebooks, ids, n_ids, out, out_row_stride, first, last);
+}
+
+// index of token t in the sorted hot ids, or -1
+static int64_t carvq_hot_find(const int32_t * hot_ids, int64_t n_hot, int32_t t) {
+    int64_t lo = 0, hi = n_hot;
+    while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (hot_ids[mid] < t) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo < n_hot && hot_ids[lo] == t ? lo : -1;
+}
+
+// Hot rows are few and the adds are Lh per element: plain scalar code, continuing each
+// element's sum from the value carvq_rows_decode stored (a float32, so the sum is the same
+// as one uninterrupted accumulation).
+void carvq_rows_hot_add(const struct carvq_layout * l, const int32_t * hot_ids, const uint8_t * hot_codes,
+        const void * hot_codebooks, enum carvq_codebook_type cb_type, const int32_t * ids, int64_t n_ids,
+        float * out, int64_t out_row_stride, int64_t first, int64_t last) {
+    if (l->hot_rows <= 0) {
+        return;
+    }
+    if (first < 0) first = 0;
+    if (last > n_ids) last = n_ids;
+    const int64_t d = l->group_size, G = l->n_embd / d, Lh = l->hot_levels;
+    const int64_t KD = (int64_t) l->codebook_size * d, LKD = Lh * KD, GLh = G * Lh;
+    const int64_t Bh = GLh / 2 + (GLh & 1);
+    for (int64_t r = first; r < last; ++r) {
+        const int64_t j = carvq_hot_find(hot_ids, l->hot_rows, ids[r]);
+        if (j < 0) {
+            continue;
+        }
+        const uint8_t * crow = hot_codes + j * Bh;
+        float * o = out + r * out_row_stride;
+        for (int64_t g = 0; g < G; ++g) {
+            for (int64_t i = 0; i < d; ++i) {
+                float acc = o[g * d + i];
+                for (int64_t lv = 0; lv < Lh; ++lv) {
+                    const int64_t e = g * LKD + lv * KD + (int64_t) carvq_code(crow, g * Lh + lv) * d + i;
+                    acc += cb_type == CARVQ_CODEBOOK_F16 ? carvq_fp16_to_fp32(((const uint16_t *) hot_codebooks)[e])
+                                                         : ((const float *) hot_codebooks)[e];
+                }
+                o[g * d + i] = acc;
+            }
+        }
+    }
 }

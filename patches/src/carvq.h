@@ -1,4 +1,4 @@
-// carvq.h - decoder for CARVQ-compressed token embeddings (docs/FORMAT.md, version 1)
+// carvq.h - decoder for CARVQ-compressed token embeddings (docs/FORMAT.md, versions 1 and 2)
 //
 // Self-contained: C11 + libc only, no ggml / llama.cpp dependency, so it can be unit-tested
 // on its own and called from a ggml custom op (each of nth threads decodes a slice of rows).
@@ -19,9 +19,11 @@
 //   if (carvq_layout_check(&l, err, sizeof(err))) -> refuse the file (err says why)
 //   compare carvq_layout_codes_ne / carvq_layout_codebooks_ne with the tensors' ne
 //   if (carvq_codes_check(&l, codes, err, sizeof(err))) -> refuse the file
+//   with hot rows (l.hot_rows > 0), also carvq_layout_hot_*_ne and carvq_hot_check
 // and per batch (a ggml custom op, thread ith of nth):
 //   if (carvq_ids_check(&l, ids, n_ids, err, sizeof(err))) -> abort / report
 //   carvq_rows_decode(&l, codes, codebooks, type, ids, n_ids, out, n, first, last)
+//   carvq_rows_hot_add(&l, hot_ids, hot_codes, hot_codebooks, type, ids, n_ids, out, n, first, last)
 //   with [first, last) this thread's slice of [0, n_ids).
 
 #ifndef CARVQ_H
@@ -34,7 +36,8 @@
 extern "C" {
 #endif
 
-#define CARVQ_FORMAT_VERSION 1
+#define CARVQ_FORMAT_VERSION     2 // newest version; every version from CARVQ_MIN_FORMAT_VERSION is read
+#define CARVQ_MIN_FORMAT_VERSION 1 // version 1 = version 2 without hot rows
 
 // limits from FORMAT.md ("Metadata keys")
 #define CARVQ_MAX_LEVELS          16
@@ -43,17 +46,19 @@ extern "C" {
 #define CARVQ_MAX_ADAPTOR_RANK  1024
 #define CARVQ_MAX_ADAPTOR_HIDDEN 65536
 
-// Shape parameters of one CARVQ embedding. Field order is part of the ABI (40 bytes, no
-// padding; checked with static_assert in carvq.c).
+// Shape parameters of one CARVQ embedding. Field order is part of the ABI (56 bytes, 4 of
+// them tail padding; checked with static_assert in carvq.c).
 struct carvq_layout {
     int64_t n_vocab;         // V
     int64_t n_embd;          // n
-    int32_t format_version;  // carvq.format_version, must be CARVQ_FORMAT_VERSION
+    int32_t format_version;  // carvq.format_version, CARVQ_MIN_FORMAT_VERSION..CARVQ_FORMAT_VERSION
     int32_t group_size;      // d, n % d == 0
     int32_t levels;          // L, 1..16
     int32_t codebook_size;   // K, 2..16
     int32_t adaptor_rank;    // m, 0..1024
     int32_t adaptor_hidden;  // h, 0..65536, 0 iff m == 0
+    int64_t hot_rows;        // N, 0..V: rows with extra levels (version 2; 0 in version 1)
+    int32_t hot_levels;      // Lh, 0..16, 0 iff N == 0
 };
 
 // element type of token_embd.carvq.codebooks (values match nothing in ggml on purpose)
@@ -81,12 +86,21 @@ int64_t carvq_layout_codebooks_nbytes(const struct carvq_layout * l, enum carvq_
 // the layout fails carvq_layout_check.
 int carvq_layout_codes_ne    (const struct carvq_layout * l, int64_t ne[2]);
 int carvq_layout_codebooks_ne(const struct carvq_layout * l, int64_t ne[4]);
+// hot rows (only meaningful when N > 0): hot_ids ne = { N }, hot_codes ne = { Bh, N } with
+// Bh = ceil(G*Lh / 2), hot_codebooks ne = { d, K, Lh, G }.
+int carvq_layout_hot_codes_ne    (const struct carvq_layout * l, int64_t ne[2]);
+int carvq_layout_hot_codebooks_ne(const struct carvq_layout * l, int64_t ne[4]);
 
 // ---- data checks (the layout must have passed carvq_layout_check) ------------------------
 
 // Scans all V rows of the packed codes (V * B bytes). Non-zero when a code is >= K or, for
 // odd G*L, the padding nibble of a row's last byte is not zero; err names the first bad row.
 int carvq_codes_check(const struct carvq_layout * l, const uint8_t * codes, char * err, size_t err_size);
+
+// With N hot rows: non-zero unless hot_ids are strictly increasing ids in 0..V-1 and every
+// hot code (N * Bh bytes) is < K with zero padding nibbles; err names the first bad entry.
+int carvq_hot_check(const struct carvq_layout * l, const int32_t * hot_ids, const uint8_t * hot_codes,
+        char * err, size_t err_size);
 
 // Non-zero when some ids[i] is outside 0..V-1; err names the first such position and id.
 int carvq_ids_check(const struct carvq_layout * l, const int32_t * ids, int64_t n_ids, char * err, size_t err_size);
@@ -122,6 +136,24 @@ void carvq_rows_decode_scalar(
         const struct carvq_layout * l,
         const uint8_t  * codes,
         const void     * codebooks,
+        enum carvq_codebook_type cb_type,
+        const int32_t  * ids,
+        int64_t          n_ids,
+        float          * out,
+        int64_t          out_row_stride,
+        int64_t          first,
+        int64_t          last);
+
+// Hot part of the decode, after carvq_rows_decode on the same rows: each row r in
+// [first, last) whose token is a hot row j (hot_ids[j] == ids[r], found by binary search)
+// continues its sums with the hot levels: out = ((out + h_0) + h_1) + ... + h_{Lh-1}, in
+// float32, bit-exact with carvq/reference.py add_hot. Other rows are left alone; a no-op
+// when N == 0. Same preconditions as carvq_rows_decode, plus carvq_hot_check.
+void carvq_rows_hot_add(
+        const struct carvq_layout * l,
+        const int32_t  * hot_ids,
+        const uint8_t  * hot_codes,
+        const void     * hot_codebooks,
         enum carvq_codebook_type cb_type,
         const int32_t  * ids,
         int64_t          n_ids,

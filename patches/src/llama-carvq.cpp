@@ -21,7 +21,7 @@
 #include <stdexcept>
 #include <string>
 
-static_assert(sizeof(carvq_layout) == 40, "carvq_layout is part of the decoder ABI");
+static_assert(sizeof(carvq_layout) == 56, "carvq_layout is part of the decoder ABI");
 
 static const char * CARVQ_KEY_VERSION = "carvq.format_version";
 
@@ -68,6 +68,10 @@ void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml,
     l.codebook_size  = (int32_t) std::min<uint32_t>(carvq_key_u32(meta, "carvq.codebook_size"),  INT32_MAX);
     l.adaptor_rank   = (int32_t) std::min<uint32_t>(carvq_key_u32(meta, "carvq.adaptor_rank"),   INT32_MAX);
     l.adaptor_hidden = (int32_t) std::min<uint32_t>(carvq_key_u32(meta, "carvq.adaptor_hidden"), INT32_MAX);
+    if (l.format_version >= 2) {
+        l.hot_rows   = carvq_key_u32(meta, "carvq.hot_rows");
+        l.hot_levels = (int32_t) std::min<uint32_t>(carvq_key_u32(meta, "carvq.hot_levels"), INT32_MAX);
+    }
 
     char err[256];
     if (carvq_layout_check(&l, err, sizeof(err)) != 0) {
@@ -99,6 +103,33 @@ void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml,
     carvq_expect_type(carvq.codes, false, true);
     carvq_expect_type(carvq.codebooks, true);
 
+    if (l.hot_rows > 0) {
+        int64_t hot_codes_ne[2];
+        int64_t hot_cb_ne[4];
+        carvq_layout_hot_codes_ne(&l, hot_codes_ne);
+        carvq_layout_hot_codebooks_ne(&l, hot_cb_ne);
+        carvq.hot_ids       = model.create_tensor(tn(LLM_TENSOR_CARVQ_HOT_IDS),   {l.hot_rows}, 0);
+        carvq.hot_codes     = model.create_tensor(tn(LLM_TENSOR_CARVQ_HOT_CODES), {hot_codes_ne[0], hot_codes_ne[1]}, 0);
+        carvq.hot_codebooks = model.create_tensor(tn(LLM_TENSOR_CARVQ_HOT_CODEBOOKS),
+                                                  {hot_cb_ne[0], hot_cb_ne[1], hot_cb_ne[2], hot_cb_ne[3]}, 0);
+        if (carvq.hot_ids->type != GGML_TYPE_I32) {
+            throw std::runtime_error(format("CARVQ: tensor %s has type %s, expected i32", carvq.hot_ids->name,
+                                            ggml_type_name(carvq.hot_ids->type)));
+        }
+        carvq_expect_type(carvq.hot_codes, false, true);
+        carvq_expect_type(carvq.hot_codebooks, true);
+        if (carvq.hot_codebooks->type != carvq.codebooks->type) {
+            throw std::runtime_error(format("CARVQ: tensor %s must have the type of the codebooks (%s)",
+                                            carvq.hot_codebooks->name, ggml_type_name(carvq.codebooks->type)));
+        }
+    } else {
+        for (const llm_tensor t : { LLM_TENSOR_CARVQ_HOT_IDS, LLM_TENSOR_CARVQ_HOT_CODES, LLM_TENSOR_CARVQ_HOT_CODEBOOKS }) {
+            if (ml.get_tensor_meta(tn(t).str().c_str()) != nullptr) {
+                throw std::runtime_error(format("CARVQ: tensor %s present but carvq.hot_rows is 0", tn(t).str().c_str()));
+            }
+        }
+    }
+
     if (l.adaptor_rank > 0) {
         const int64_t m = l.adaptor_rank, h = l.adaptor_hidden, n = l.n_embd, V = l.n_vocab;
         carvq.sigma0 = model.create_tensor(tn(LLM_TENSOR_CARVQ_SIGMA0),            {m, V}, 0);
@@ -124,9 +155,10 @@ void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml,
             }
         }
     }
-    LLAMA_LOG_INFO("%s: CARVQ embedding v%d: d=%d L=%d K=%d, adaptor m=%d h=%d (%s), decoder path %s\n", __func__,
+    LLAMA_LOG_INFO("%s: CARVQ embedding v%d: d=%d L=%d K=%d, adaptor m=%d h=%d (%s), %lld hot rows +%d levels, "
+                   "decoder path %s\n", __func__,
                    l.format_version, l.group_size, l.levels, l.codebook_size, l.adaptor_rank, l.adaptor_hidden,
-                   l.adaptor_rank ? act.c_str() : "none",
+                   l.adaptor_rank ? act.c_str() : "none", (long long) l.hot_rows, l.hot_levels,
                    carvq_simd_name(carvq.codebooks->type == GGML_TYPE_F16 ? CARVQ_CODEBOOK_F16 : CARVQ_CODEBOOK_F32));
 }
 
@@ -138,10 +170,16 @@ void llama_carvq_check_data(const llama_carvq & carvq) {
     if (carvq_codes_check(&carvq.layout, (const uint8_t *) carvq.codes->data, err, sizeof(err)) != 0) {
         throw std::runtime_error(format("CARVQ: tensor %s: %s", carvq.codes->name, err));
     }
+    if (carvq.layout.hot_rows > 0 &&
+        carvq_hot_check(&carvq.layout, (const int32_t *) carvq.hot_ids->data, (const uint8_t *) carvq.hot_codes->data,
+                        err, sizeof(err)) != 0) {
+        throw std::runtime_error(format("CARVQ: hot rows: %s", err));
+    }
 }
 
-// dst = RVQ rows of ids; src[0] codes, src[1] codebooks, src[2] ids. Thread ith decodes
-// a contiguous slice of rows.
+// dst = RVQ rows of ids; src[0] codes, src[1] codebooks, src[2] ids, and with hot rows
+// src[3] hot_ids, src[4] hot_codes, src[5] hot_codebooks. Thread ith decodes a contiguous
+// slice of rows.
 static void carvq_rvq_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const carvq_layout * l = (const carvq_layout *) userdata;
     const ggml_tensor * codes = dst->src[0];
@@ -163,10 +201,15 @@ static void carvq_rvq_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     }
     // the ids check of thread 0 may run concurrently: ids out of range were already
     // rejected by llama_batch_allocr, this check only turns a broken invariant into an abort
-    carvq_rows_decode(l, (const uint8_t *) codes->data, cb->data,
-                      cb->type == GGML_TYPE_F16 ? CARVQ_CODEBOOK_F16 : CARVQ_CODEBOOK_F32,
-                      (const int32_t *) ids->data, n_ids, (float *) dst->data,
-                      (int64_t) (dst->nb[1] / sizeof(float)), first, last);
+    const carvq_codebook_type cb_type = cb->type == GGML_TYPE_F16 ? CARVQ_CODEBOOK_F16 : CARVQ_CODEBOOK_F32;
+    const int64_t stride = (int64_t) (dst->nb[1] / sizeof(float));
+    carvq_rows_decode(l, (const uint8_t *) codes->data, cb->data, cb_type, (const int32_t *) ids->data, n_ids,
+                      (float *) dst->data, stride, first, last);
+    if (l->hot_rows > 0) {
+        carvq_rows_hot_add(l, (const int32_t *) dst->src[3]->data, (const uint8_t *) dst->src[4]->data,
+                           dst->src[5]->data, cb_type, (const int32_t *) ids->data, n_ids, (float *) dst->data,
+                           stride, first, last);
+    }
 }
 
 static ggml_tensor * carvq_as_f32(ggml_context * ctx, ggml_tensor * t) {
@@ -185,11 +228,12 @@ static ggml_tensor * carvq_gelu_tanh(ggml_context * ctx, ggml_tensor * x) {
 
 ggml_tensor * llama_carvq_build_lookup(ggml_context * ctx, const llama_carvq & carvq, ggml_tensor * tokens) {
     const carvq_layout & l = carvq.layout;
-    ggml_tensor * args[3] = { carvq.codes, carvq.codebooks, tokens };
+    ggml_tensor * args[6] = { carvq.codes, carvq.codebooks, tokens, carvq.hot_ids, carvq.hot_codes, carvq.hot_codebooks };
+    const int n_args = l.hot_rows > 0 ? 6 : 3;
     // rows are the unit of work: a few rows (generation) decode on one thread, which
     // spares the other threads' wake-up (measured in bench/lookup_bench.c)
     const int n_tasks = tokens->ne[0] < 8 ? 1 : GGML_N_TASKS_MAX;
-    ggml_tensor * cur = ggml_custom_4d(ctx, GGML_TYPE_F32, l.n_embd, tokens->ne[0], 1, 1, args, 3,
+    ggml_tensor * cur = ggml_custom_4d(ctx, GGML_TYPE_F32, l.n_embd, tokens->ne[0], 1, 1, args, n_args,
                                        carvq_rvq_op, n_tasks, (void *) &carvq.layout);
     if (l.adaptor_rank == 0) {
         ggml_set_name(cur, "carvq_embd"); // the name the runtime's embedding_rows() reads back

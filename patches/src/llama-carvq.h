@@ -22,6 +22,9 @@ struct llama_carvq {
     ggml_tensor * up_b      = nullptr; // F32 {h}
     ggml_tensor * down_w    = nullptr; // F32/F16 {h, n}
     ggml_tensor * down_b    = nullptr; // F32 {n}
+    ggml_tensor * hot_ids   = nullptr; // I32 {N}              (hot rows only, format v2)
+    ggml_tensor * hot_codes = nullptr; // I8  {Bh, N}
+    ggml_tensor * hot_codebooks = nullptr; // F32/F16 {d, K, Lh, G}
 
     carvq_layout layout = {};
     int activation = 0; // llama_carvq_act
@@ -38,9 +41,10 @@ bool llama_carvq_present(const llama_model_loader & ml);
 // every shape and type against the format. Throws std::runtime_error naming the key or tensor.
 void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml, llama_carvq & carvq);
 
-// After the data is loaded: every code < K. Throws std::runtime_error naming the first bad row.
+// After the data is loaded: every code < K, hot ids sorted and in range. Throws
+// std::runtime_error naming the first bad row.
 void llama_carvq_check_data(const llama_carvq & carvq);
 
 // The input embeddings of `tokens` (I32 [n_tokens]) as an F32 [n_embd, n_tokens] tensor:
-// RVQ decode (custom op) plus the adaptor MLP (ggml ops).
+// RVQ decode with hot rows (custom op) plus the adaptor MLP (ggml ops).
 ggml_tensor * llama_carvq_build_lookup(ggml_context * ctx, const llama_carvq & carvq, ggml_tensor * tokens);
