@@ -154,17 +154,20 @@ def make_carvq(src: Path, label: str, args: list[str], calibration: Path, work: 
     return out
 
 
-def score(path: Path, ref: Path, text: Path, chunks: int, work: Path, cache: dict) -> dict:
+def score(path: Path, ref: Path, text: Path, chunks: int, work: Path) -> dict:
+    """KLD, perplexity and top-1 of `path` against `ref`; kept beside the file (one JSON
+    per variant, so concurrent runs cannot clobber each other) while neither changes."""
     stat = path.stat()
     key = [str(path), stat.st_size, stat.st_mtime_ns, str(text), chunks, ref.stat().st_mtime_ns]
-    hit = cache.get(path.name)
-    if hit and hit["key"] == key:
-        return hit["result"]
+    saved = path.with_name(path.name + f".score{chunks}.json")
+    if saved.exists():
+        hit = json.loads(saved.read_text())
+        if hit["key"] == key:
+            return hit["result"]
     r = evaluate(path, text, ref, chunks=chunks, progress=False, base_logits=work / f"reference-logits-{chunks}.bin")
     result = {"ppl": r.ppl, "ref_ppl": r.ref_ppl, "delta_ppl": r.delta_ppl, "kld": r.kld_mean,
               "kld_p99": r.kld_p99, "top1": r.top1, "seconds": r.seconds}
-    cache[path.name] = {"key": key, "result": result}
-    (work / "scores.json").write_text(json.dumps(cache, indent=1))
+    saved.write_text(json.dumps({"key": key, "result": result}, indent=1))
     return result
 
 
@@ -174,8 +177,6 @@ def run_model(key: str, chunks: int, carvq_points: dict[str, list[str]]) -> tupl
     name, fetch = MODELS[key]
     src, text, calibration = fetch(), models.britannica_text(), models.calibration_text()
     work = _workdir(key)
-    scores_path = work / "scores.json"
-    cache = json.loads(scores_path.read_text()) if scores_path.exists() else {}
     ref = make_reference(src, work)
     plan = [("reference (stock embedding)", "reference", lambda: ref)]
     plan += [(t, "native", lambda t=t: make_native(ref, t, work)) for t in NATIVE]
@@ -185,14 +186,14 @@ def run_model(key: str, chunks: int, carvq_points: dict[str, list[str]]) -> tupl
     rows = []
     for variant, kind, build in tqdm(plan, desc=name, unit="variant"):
         path = build()
-        s = score(path, ref, text, chunks, work, cache)
+        s = score(path, ref, text, chunks, work)
         rows.append(Row(name, variant, kind, _embedding_bpw(path), s["ppl"], s["delta_ppl"], s["kld"], s["kld_p99"],
                         s["top1"], path.stat().st_size, {"ref_ppl": s["ref_ppl"], "file": path.name}))
-    heads = head_trade(src, ref, text, chunks, work, cache, rows)
+    heads = head_trade(src, ref, text, chunks, work)
     return rows, heads
 
 
-def head_trade(src: Path, ref: Path, text: Path, chunks: int, work: Path, cache: dict, rows: list[Row]) -> list[dict]:
+def head_trade(src: Path, ref: Path, text: Path, chunks: int, work: Path) -> list[dict]:
     """For a tied model: total file size and KLD of the stock embedding with the head at
     each type (what llama.cpp actually stores at this width), next to the stock file."""
     reader = gio.open_gguf(src)
@@ -211,7 +212,7 @@ def head_trade(src: Path, ref: Path, text: Path, chunks: int, work: Path, cache:
 
                 data = gguf.quants.quantize(gio.dequantize(embd), gguf.GGMLQuantizationType[stored])
                 _write_with_head(ref, path, data, gguf.GGMLQuantizationType[stored])
-        s = score(path, ref, text, chunks, work, cache)
+        s = score(path, ref, text, chunks, work)
         head_bytes = int(gio.tensor_by_name(gio.open_gguf(path), gio.HEAD).n_bytes)
         out.append({"asked": asked, "stored": stored, "head_bpw": 8.0 * head_bytes / (V * n), "head_bytes": head_bytes,
                     "kld": s["kld"], "delta_ppl": s["delta_ppl"], "stock_file_bytes": src.stat().st_size})

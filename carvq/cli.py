@@ -9,7 +9,7 @@ import sys
 from carvq.errors import CarvqError
 
 
-HOT_ROWS_DEFAULT = 0
+HOT_BPW_DEFAULT = 0.0
 HOT_LEVELS_DEFAULT = 4
 
 
@@ -19,7 +19,8 @@ def _cmd_convert(args) -> int:
 
     base = Config(group_size=args.group_size, levels=args.levels, adaptor_rank=args.adaptor_rank,
                   adaptor_hidden=args.adaptor_hidden if args.adaptor_rank else 0, activation=args.activation,
-                  hot_rows=args.hot_rows, hot_levels=args.hot_levels if args.hot_rows else 0)
+                  hot_rows=args.hot_rows or 0, hot_levels=args.hot_levels,
+                  hot_bpw=0.0 if args.hot_rows is not None else args.hot_bpw)
     report = convert(args.input, args.output, base, target_bpw=args.target_bpw, iters=args.iters, seed=args.seed,
                      calibration=args.calibration, head_type=args.head_type, hf_outtype=args.hf_outtype,
                      body_type=args.body_type, progress=not args.quiet)
@@ -159,8 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--adaptor-rank", type=int, default=4, help="width m of the per-token table sigma_0; 0 = no adaptor (default 4)")
     c.add_argument("--adaptor-hidden", type=int, default=64, help="hidden width of the adaptor MLP (default 64)")
     c.add_argument("--activation", choices=("gelu", "silu", "relu"), default="gelu")
-    c.add_argument("--hot-rows", type=int, default=HOT_ROWS_DEFAULT,
-                   help=f"the N most frequent tokens get extra residual levels; 0 = none (default {HOT_ROWS_DEFAULT})")
+    c.add_argument("--hot-bpw", type=float, default=HOT_BPW_DEFAULT,
+                   help="bits per weight spent on hot rows: the most frequent tokens get extra residual levels, "
+                        f"as many as this pays for; 0 = none (default {HOT_BPW_DEFAULT}). With --target-bpw, "
+                        "whatever the levels leave of the target goes to hot rows too")
+    c.add_argument("--hot-rows", type=int, help="exactly this many hot rows instead (overrides --hot-bpw)")
     c.add_argument("--hot-levels", type=int, default=HOT_LEVELS_DEFAULT,
                    help=f"extra residual levels of a hot row (default {HOT_LEVELS_DEFAULT})")
     c.add_argument("--iters", type=int, default=2, help="RVQ/adaptor alternation rounds at most (default 2)")

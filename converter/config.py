@@ -20,7 +20,8 @@ class Config:
     sigma0_type: str = "F16"
     mlp_type: str = "F16"
     hot_rows: int = 0  # the N most frequent tokens get hot_levels extra residual levels
-    hot_levels: int = 0
+    hot_levels: int = 4  # (only used when hot_rows > 0)
+    hot_bpw: float = 0.0  # > 0: hot_rows is whatever this many bpw buy (see with_hot_budget)
 
     def without_adaptor(self) -> "Config":
         return replace(self, adaptor_rank=0, adaptor_hidden=0)
@@ -37,11 +38,20 @@ class Config:
             raise CarvqError(f"codebook size {self.codebook_size} outside 2..16 (codes are 4-bit)")
         if self.adaptor_rank < 0 or self.adaptor_hidden < 0 or (self.adaptor_rank > 0) != (self.adaptor_hidden > 0):
             raise CarvqError("--adaptor-rank and --adaptor-hidden must both be 0 or both positive")
-        if self.hot_rows < 0 or not 0 <= self.hot_levels <= 16 or (self.hot_rows > 0) != (self.hot_levels > 0):
-            raise CarvqError("--hot-rows and --hot-levels must both be 0 or both positive (hot levels 1..16)")
+        if self.hot_rows < 0 or self.hot_bpw < 0:
+            raise CarvqError("--hot-rows and --hot-bpw must not be negative")
+        if not 1 <= self.hot_levels <= 16 and (self.hot_rows or self.hot_bpw):
+            raise CarvqError(f"--hot-levels {self.hot_levels} outside 1..16")
 
-    def clamp_hot(self, n_vocab: int) -> "Config":
-        return replace(self, hot_rows=min(self.hot_rows, n_vocab))
+    @property
+    def stored_hot_levels(self) -> int:
+        """carvq.hot_levels as written: 0 when there are no hot rows."""
+        return self.hot_levels if self.hot_rows else 0
+
+    def resolve_hot(self, n_vocab: int, n_embd: int) -> "Config":
+        """hot_rows from the hot_bpw budget when one is set, clamped to the vocabulary."""
+        cfg = with_hot_budget(self, n_vocab, n_embd, self.hot_bpw) if self.hot_bpw > 0 else self
+        return replace(cfg, hot_rows=min(cfg.hot_rows, n_vocab))
 
 
 def part_bytes(cfg: Config, n_vocab: int, n_embd: int) -> dict[str, int]:
@@ -53,12 +63,26 @@ def part_bytes(cfg: Config, n_vocab: int, n_embd: int) -> dict[str, int]:
         "codebooks": G * cfg.levels * cfg.codebook_size * cfg.group_size * TYPE_BYTES[cfg.codebook_type],
         "sigma0": n_vocab * m * TYPE_BYTES[cfg.sigma0_type],
         "mlp": (h * m + n_embd * h) * TYPE_BYTES[cfg.mlp_type] + (h + n_embd) * 4 if m else 0,
-        # ids (I32) + codes + codebooks of the hot levels
-        "hot": (cfg.hot_rows * (4 + (G * cfg.hot_levels + 1) // 2)
-                + G * cfg.hot_levels * cfg.codebook_size * cfg.group_size * TYPE_BYTES[cfg.codebook_type])
-        if cfg.hot_rows else 0,
+        "hot": cfg.hot_rows * hot_row_bytes(cfg, n_embd) + hot_codebook_bytes(cfg, n_embd) if cfg.hot_rows else 0,
     }
     return parts
+
+
+def hot_row_bytes(cfg: Config, n_embd: int) -> int:
+    """A hot row's id (I32) and its packed codes."""
+    return 4 + (n_embd // cfg.group_size * cfg.hot_levels + 1) // 2
+
+
+def hot_codebook_bytes(cfg: Config, n_embd: int) -> int:
+    return n_embd // cfg.group_size * cfg.hot_levels * cfg.codebook_size * cfg.group_size * TYPE_BYTES[cfg.codebook_type]
+
+
+def with_hot_budget(cfg: Config, n_vocab: int, n_embd: int, budget_bpw: float) -> Config:
+    """As many hot rows (at most V) as `budget_bpw` bits per embedding weight pay for,
+    their codebooks included; none when the budget does not cover the codebooks."""
+    avail = budget_bpw * n_vocab * n_embd / 8 - hot_codebook_bytes(cfg, n_embd)
+    rows = int(max(0.0, avail) // hot_row_bytes(cfg, n_embd))
+    return replace(cfg, hot_rows=min(rows, n_vocab))
 
 
 def bpw(cfg: Config, n_vocab: int, n_embd: int) -> float:
@@ -73,7 +97,7 @@ def candidates(base: Config, n_vocab: int, n_embd: int, target_bpw: float) -> li
             continue
         best = None
         for levels in range(1, 17):
-            cfg = replace(base, group_size=d, levels=levels)
+            cfg = replace(base, group_size=d, levels=levels).resolve_hot(n_vocab, n_embd)
             if bpw(cfg, n_vocab, n_embd) <= target_bpw:
                 best = cfg
         if best is not None:

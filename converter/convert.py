@@ -158,7 +158,7 @@ def _write(reader, out: Path, arch: str, fit: train.Fit, cfg: Config, source_typ
     writer.add_float32(gio.K_BPW, bpw_lookup)
     writer.add_float32(gio.K_HEAD_BPW, bpw_head)
     writer.add_uint32(gio.K_HOT_ROWS, cfg.hot_rows)
-    writer.add_uint32(gio.K_HOT_LEVELS, cfg.hot_levels)
+    writer.add_uint32(gio.K_HOT_LEVELS, cfg.stored_hot_levels)
     for tensor in reader.tensors:
         if tensor.name != gio.EMBD:
             gio.add_source_tensor(writer, tensor)
@@ -200,7 +200,6 @@ def quantize_body(src: Path, out: Path, body_type: str, keep_head: bool) -> None
 
 def choose_config(M, w, base: Config, target_bpw: float, seed: int, progress: bool) -> tuple[Config, list[str]]:
     V, n = M.shape
-    base = base.clamp_hot(V)
     options = cfgmod.candidates(base, V, n, target_bpw)
     if not options and base.adaptor_rank:
         options = cfgmod.candidates(base.without_adaptor(), V, n, target_bpw)
@@ -215,7 +214,13 @@ def choose_config(M, w, base: Config, target_bpw: float, seed: int, progress: bo
     scored.sort(key=lambda s: (s[0], s[1]))
     notes = [f"--target-bpw {target_bpw}: tried " + ", ".join(
         f"d={c.group_size} L={c.levels} ({b:.3f} bpw, proxy err {e:.4f})" for e, b, c in scored)]
-    return scored[0][2], notes
+    best = scored[0][2]
+    if base.hot_bpw > 0:
+        # what the chosen levels leave of the target goes to more hot rows
+        rest = target_bpw - cfgmod.bpw(replace(best, hot_rows=0), V, n)
+        best = cfgmod.with_hot_budget(best, V, n, rest)
+        notes.append(f"--target-bpw {target_bpw}: the {rest:.3f} bpw the levels leave pay for {best.hot_rows} hot rows")
+    return best, notes
 
 
 def convert(input_path, output_path, base: Config, *, target_bpw: float | None = None, iters: int = 2,
@@ -266,8 +271,8 @@ def _convert_reader(reader, src, out, gguf_path, model_dir, base, target_bpw, it
     if target_bpw is not None:
         cfg, notes = choose_config(M, w, base, target_bpw, seed, progress)
     else:
-        cfg = base
-    cfg = cfg.clamp_hot(V)
+        base.check(n)
+        cfg = base.resolve_hot(V, n)
     cfg.check(n)
 
     fit = train.compress(M, w, cfg, iters, seed, progress)

@@ -114,6 +114,40 @@ def test_target_bpw_picks_config_under_budget(workdir, tiny_gguf):
     assert report.notes and "target-bpw" in report.notes[0]
 
 
+def test_hot_budget_arithmetic():
+    from carvq.converter import config as cfgmod
+    from carvq.converter.config import Config
+
+    V, n = 49152, 576
+    cfg = Config(hot_levels=4)
+    assert cfgmod.hot_row_bytes(cfg, n) == 4 + 72 * 4 // 2
+    assert cfgmod.hot_codebook_bytes(cfg, n) == 72 * 4 * 16 * 8 * 2
+    got = cfgmod.with_hot_budget(cfg, V, n, 0.08)
+    spent = got.hot_rows * 148 + 72 * 4 * 16 * 8 * 2
+    assert spent <= 0.08 * V * n / 8 < spent + 148  # as many rows as fit, no more
+    assert cfgmod.with_hot_budget(cfg, V, n, 0.001).hot_rows == 0  # does not even pay for the codebooks
+    assert cfgmod.with_hot_budget(cfg, 10, n, 1000.0).hot_rows == 10  # never more rows than tokens
+    parts = cfgmod.part_bytes(got, V, n)
+    assert parts["hot"] == spent
+
+
+def test_target_bpw_fills_the_budget_with_hot_rows(workdir, tiny_gguf):
+    """--target-bpw with a hot budget: the levels chosen, then what they leave goes to hot rows."""
+    from carvq import gguf_io as gio
+    from carvq.converter.config import Config
+    from carvq.converter.convert import convert
+
+    out = workdir / "target-hot.gguf"
+    report = convert(tiny_gguf("llama"), out, Config(adaptor_rank=0, adaptor_hidden=0, hot_bpw=0.3, hot_levels=2),
+                     target_bpw=2.5, iters=1, progress=False)
+    lookup_bpw = 8 * report.lookup_bytes / (report.n_vocab * report.n_embd)
+    assert lookup_bpw <= 2.5
+    assert report.config.hot_rows > 0 and "hot rows" in report.notes[-1]
+    lo = gio.read_layout(gio.open_gguf(out))
+    assert (lo.hot_rows, lo.hot_levels) == (report.config.hot_rows, 2)
+    assert abs(gio.field_value(gio.open_gguf(out), gio.K_BPW) - lookup_bpw) < 1e-4
+
+
 def test_inspect_lists_tensors_and_totals(tiny_carvq, capsys):
     from carvq.cli import main
 
