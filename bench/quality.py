@@ -94,6 +94,13 @@ def _embedding_bpw(path: Path) -> float:
     return 8.0 * nbytes / (V * n)
 
 
+def _type_bpw(type_name: str) -> float:
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    return 8.0 * size / block
+
+
 def make_reference(src: Path, work: Path) -> Path:
     out = work / "reference.gguf"
     if not out.exists():
@@ -187,7 +194,9 @@ def run_model(key: str, chunks: int, carvq_points: dict[str, list[str]]) -> tupl
     for variant, kind, build in tqdm(plan, desc=name, unit="variant"):
         path = build()
         s = score(path, ref, text, chunks, work)
-        rows.append(Row(name, variant, kind, _embedding_bpw(path), s["ppl"], s["delta_ppl"], s["kld"], s["kld_p99"],
+        # a simulated type is stored as F32 here; its bpw is what the type itself would take
+        bpw = _type_bpw(variant) if kind == "simulated" else _embedding_bpw(path)
+        rows.append(Row(name, variant, kind, bpw, s["ppl"], s["delta_ppl"], s["kld"], s["kld_p99"],
                         s["top1"], path.stat().st_size, {"ref_ppl": s["ref_ppl"], "file": path.name}))
     heads = head_trade(src, ref, text, chunks, work)
     return rows, heads

@@ -138,10 +138,11 @@ def test_target_bpw_fills_the_budget_with_hot_rows(workdir, tiny_gguf):
     from carvq.converter.convert import convert
 
     out = workdir / "target-hot.gguf"
-    report = convert(tiny_gguf("llama"), out, Config(adaptor_rank=0, adaptor_hidden=0, hot_bpw=0.3, hot_levels=2),
-                     target_bpw=2.5, iters=1, progress=False)
+    # a tiny vocabulary: the hot codebooks alone cost bits per weight, so give a large budget
+    report = convert(tiny_gguf("llama"), out, Config(adaptor_rank=0, adaptor_hidden=0, hot_bpw=2.0, hot_levels=2),
+                     target_bpw=6.0, iters=1, progress=False)
     lookup_bpw = 8 * report.lookup_bytes / (report.n_vocab * report.n_embd)
-    assert lookup_bpw <= 2.5
+    assert lookup_bpw <= 6.0
     assert report.config.hot_rows > 0 and "hot rows" in report.notes[-1]
     lo = gio.read_layout(gio.open_gguf(out))
     assert (lo.hot_rows, lo.hot_levels) == (report.config.hot_rows, 2)
