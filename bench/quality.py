@@ -145,7 +145,9 @@ def _converter_digest() -> str:
 def make_carvq(src: Path, label: str, args: list[str], calibration: Path, work: Path, head_type: str | None = None) -> Path:
     """`carvq convert` with the bench's calibration text; reused while the converter's
     source, the arguments and the input are unchanged."""
-    full = [*args, "--calibration", str(calibration)] + (["--head-type", head_type] if head_type else [])
+    if head_type is None:  # the bench's rule: every variant keeps the source's head, byte for byte
+        head_type = gio.tensor_by_name(gio.open_gguf(src), gio.EMBD).tensor_type.name
+    full = [*args, "--calibration", str(calibration), "--head-type", head_type]
     key = hashlib.sha256(json.dumps([_converter_digest(), full, src.stat().st_size]).encode()).hexdigest()[:12]
     out = work / f"{label.replace(' ', '-')}.{key}.gguf"
     if out.exists():

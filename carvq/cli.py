@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--target-bpw", type=float, help="pick group size and levels: least weighted error with lookup bpw <= this")
     c.add_argument("--calibration", help="text file whose token counts weight the objective (default: a prior from the tokenizer)")
-    c.add_argument("--head-type", help="type of the output.weight written for a tied model (default: the source embedding's type)")
+    c.add_argument("--head-type", help="type of the output.weight written for a tied model (default: Q5_0, or a byte "
+                                       "copy of the source embedding when that is as small); the source type keeps the head exact")
     c.add_argument("--body-type", help="also quantize every other tensor with llama-quantize, e.g. Q4_K_M")
     c.add_argument("--hf-outtype", default="auto", help="outtype passed to convert_hf_to_gguf.py for a HF checkpoint")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -21,7 +21,7 @@ def test_convert_roundtrip(arch, source, workdir, tiny_hf, tiny_gguf, tiny_carvq
     import gguf
 
     from carvq import gguf_io as gio
-    from carvq.converter.convert import convert
+    from carvq.converter.convert import convert, default_head_type
     from carvq.reference import decode_rows
 
     if source == "gguf":
@@ -50,8 +50,10 @@ def test_convert_roundtrip(arch, source, workdir, tiny_hf, tiny_gguf, tiny_carvq
     src = gio.open_gguf(tiny_gguf(arch))
     for t in src.tensors:
         if t.name == "token_embd.weight":
-            # the tied head is a byte copy of the source embedding (same type by default)
-            assert np.array_equal(np.asarray(head.data), np.asarray(t.data))
+            # the tied head: the source embedding at the default head type (Q5_0 for this F32 source)
+            assert head.tensor_type.name == report.head_type == default_head_type(t, report.n_embd) == "Q5_0"
+            want = gio.dequantize(t)
+            assert np.linalg.norm(gio.dequantize(head) - want) <= 0.05 * np.linalg.norm(want)
             continue
         other = gio.tensor_by_name(reader, t.name)
         assert other is not None and other.tensor_type == t.tensor_type
@@ -112,6 +114,19 @@ def test_target_bpw_picks_config_under_budget(workdir, tiny_gguf):
     lookup_bpw = 8 * report.lookup_bytes / (report.n_vocab * report.n_embd)
     assert lookup_bpw <= 2.5
     assert report.notes and "target-bpw" in report.notes[0]
+
+
+def test_head_type_source_keeps_the_head_exact(workdir, tiny_gguf):
+    from carvq import gguf_io as gio
+    from carvq.converter.config import Config
+    from carvq.converter.convert import convert
+
+    out = workdir / "head-copy.gguf"
+    report = convert(tiny_gguf("qwen2"), out, Config(adaptor_rank=0, adaptor_hidden=0), head_type="F32", iters=1,
+                     progress=False)
+    src_embd = gio.tensor_by_name(gio.open_gguf(tiny_gguf("qwen2")), gio.EMBD)
+    head = gio.tensor_by_name(gio.open_gguf(out), gio.HEAD)
+    assert report.head_type == "F32" and np.array_equal(np.asarray(head.data), np.asarray(src_embd.data))
 
 
 def test_hot_budget_arithmetic():
