@@ -48,16 +48,30 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS = {"smollm2": ("SmolLM2-135M-Instruct", models.smollm2), "gemma3": ("Gemma-3-270M", models.gemma3_270m)}
 NATIVE = ["F16", "Q8_0", "Q5_0", "IQ4_NL", "Q4_0"]
 SIMULATED = ["Q6_K", "Q4_K", "Q3_K", "Q2_K", "IQ2_XXS", "IQ1_M", "TQ1_0", "IQ1_S"]
-# CARVQ operating points: label -> `carvq convert` arguments (calibration added by the bench).
-CARVQ_POINTS = {
-    "CARVQ d8 L2": ["--group-size", "8", "--levels", "2"],
-    "CARVQ d8 L3": ["--group-size", "8", "--levels", "3"],
-    "CARVQ d8 L4": ["--group-size", "8", "--levels", "4"],
-    "CARVQ d8 L6": ["--group-size", "8", "--levels", "6"],
-}
+# CARVQ operating points: (label, levels, hot levels, adaptor rank, bpw target). Each is d=8,
+# K=16 RVQ with `levels` levels for every row; the bits left below the target buy hot rows
+# (the most frequent tokens, by the calibration counts) with `hot levels` more levels.
+CARVQ_POINTS = [
+    ("CARVQ L2 +2", 2, 2, 0, 1.1),
+    ("CARVQ L3 +2", 3, 2, 0, 1.6),
+    ("CARVQ L4 +2", 4, 2, 0, 2.1),
+    ("CARVQ L4 +6", 4, 6, 0, 3.0),
+]
+
+
+def carvq_args(levels: int, hot_levels: int, rank: int, target: float, n_vocab: int, n_embd: int) -> list[str]:
+    """`carvq convert` arguments of an operating point; the hot budget is what the levels
+    (and adaptor) leave of the target, computed with the converter's own byte accounting."""
+    from carvq.converter import config as cfgmod
+
+    base = cfgmod.Config(levels=levels, adaptor_rank=rank, adaptor_hidden=64 if rank else 0, hot_levels=hot_levels)
+    hot_bpw = target - cfgmod.bpw(base, n_vocab, n_embd) - 1e-6
+    args = ["--group-size", "8", "--levels", str(levels), "--adaptor-rank", str(rank), "--hot-levels", str(hot_levels),
+            "--hot-bpw", f"{max(hot_bpw, 0.0):.6f}"]
+    return args + (["--adaptor-hidden", "64"] if rank else [])
 # The targets of issue 4: CARVQ at <= bpw must beat the llama.cpp type in KLD and delta-PPL.
 TARGETS = [(1.6, "IQ1_M"), (2.1, "IQ2_XXS"), (3.0, "Q3_K")]
-HEAD_TYPES = {"Q8_0": "Q8_0", "Q6_K": "Q8_0", "Q4_K": "Q5_0"}  # asked -> what llama.cpp stores at n % 256 != 0
+HEAD_TYPES = {"Q8_0": "Q8_0", "Q6_K": "Q8_0", "Q4_K": "Q5_0", "Q4_0": "Q4_0"}  # asked -> what llama.cpp stores at n % 256 != 0
 
 
 @dataclass
@@ -180,7 +194,7 @@ def score(path: Path, ref: Path, text: Path, chunks: int, work: Path) -> dict:
     return result
 
 
-def run_model(key: str, chunks: int, carvq_points: dict[str, list[str]]) -> tuple[list[Row], list[dict]]:
+def run_model(key: str, chunks: int, carvq_points: list[tuple]) -> tuple[list[Row], list[dict]]:
     from tqdm import tqdm
 
     name, fetch = MODELS[key]
@@ -190,8 +204,11 @@ def run_model(key: str, chunks: int, carvq_points: dict[str, list[str]]) -> tupl
     plan = [("reference (stock embedding)", "reference", lambda: ref)]
     plan += [(t, "native", lambda t=t: make_native(ref, t, work)) for t in NATIVE]
     plan += [(t, "simulated", lambda t=t: make_simulated(ref, t, work)) for t in SIMULATED]
-    plan += [(label, "carvq", lambda label=label, a=args: make_carvq(src, label, a, calibration, work))
-             for label, args in carvq_points.items()]
+    embd = gio.tensor_by_name(gio.open_gguf(src), gio.EMBD)
+    V, n = int(embd.shape[1]), int(embd.shape[0])
+    for label, levels, hot_levels, rank, target in carvq_points:
+        args = carvq_args(levels, hot_levels, rank, target, V, n)
+        plan.append((label, "carvq", lambda label=label, a=args: make_carvq(src, label, a, calibration, work)))
     rows = []
     for variant, kind, build in tqdm(plan, desc=name, unit="variant"):
         path = build()

@@ -9,8 +9,8 @@ import sys
 from carvq.errors import CarvqError
 
 
-HOT_BPW_DEFAULT = 0.0
-HOT_LEVELS_DEFAULT = 4
+HOT_BPW_DEFAULT = 0.08
+HOT_LEVELS_DEFAULT = 2
 
 
 def _cmd_convert(args) -> int:
@@ -157,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="the CARVQ-GGUF to write")
     c.add_argument("--group-size", type=int, default=8, help="columns per sub-vector, d (default 8)")
     c.add_argument("--levels", type=int, default=3, help="residual levels per group, L (default 3)")
-    c.add_argument("--adaptor-rank", type=int, default=4, help="width m of the per-token table sigma_0; 0 = no adaptor (default 4)")
+    c.add_argument("--adaptor-rank", type=int, default=0,
+                   help="width m of the per-token table sigma_0 of the corrective adaptor; 0 = no adaptor (default 0: "
+                        "at equal bits hot rows measured better, docs/RESULTS.md); 4 is a good size")
     c.add_argument("--adaptor-hidden", type=int, default=64, help="hidden width of the adaptor MLP (default 64)")
     c.add_argument("--activation", choices=("gelu", "silu", "relu"), default="gelu")
     c.add_argument("--hot-bpw", type=float, default=HOT_BPW_DEFAULT,

@@ -13,15 +13,17 @@ class Config:
     group_size: int = 8
     levels: int = 3
     codebook_size: int = 16
-    adaptor_rank: int = 4
-    adaptor_hidden: int = 64
+    # Defaults measured on SmolLM2 (docs/RESULTS.md): at equal bits, hot rows buy far more
+    # than the adaptor, so the adaptor is off unless asked for (--adaptor-rank 4).
+    adaptor_rank: int = 0
+    adaptor_hidden: int = 0
     activation: str = "gelu"
     codebook_type: str = "F16"
     sigma0_type: str = "F16"
     mlp_type: str = "F16"
     hot_rows: int = 0  # the N most frequent tokens get hot_levels extra residual levels
-    hot_levels: int = 4  # (only used when hot_rows > 0)
-    hot_bpw: float = 0.0  # > 0: hot_rows is whatever this many bpw buy (see with_hot_budget)
+    hot_levels: int = 2  # (only used when hot_rows > 0); 2 measured best at 1.6 bpw
+    hot_bpw: float = 0.08  # > 0: hot_rows is whatever this many bpw buy (see with_hot_budget)
 
     def without_adaptor(self) -> "Config":
         return replace(self, adaptor_rank=0, adaptor_hidden=0)

@@ -117,7 +117,9 @@ def _token_weights(reader, n_vocab, calibration, model_dir, gguf_path):
     if calibration is None:
         return frequency.prior_from_gguf(reader, n_vocab)
     counts, total = frequency.count_tokens(_tokenizer(model_dir, gguf_path), Path(calibration), n_vocab)
-    return frequency.from_counts(counts), f"counts from {calibration} ({total:,} tokens) + 1"
+    prior, how = frequency.prior_from_gguf(reader, n_vocab)
+    return (frequency.from_counts(counts, prior),
+            f"counts from {calibration} ({total:,} tokens) + 1, plus a {how} of the same mass")
 
 
 # The head a tied model gains, unless --head-type says otherwise. Measured (bench/quality.py,

@@ -52,7 +52,8 @@ def compress(M_np: np.ndarray, w_np: np.ndarray, cfg: Config, iters: int, seed: 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     M = torch.from_numpy(np.array(M_np, dtype=np.float32, copy=True))  # torch wants it writable
-    w = torch.from_numpy(np.asarray(w_np, np.float64)).float()
+    w_full = torch.from_numpy(np.asarray(w_np, np.float64)).float()
+    w = _base_weights(w_full, cfg)
     V, n = M.shape
     rounds = max(1, iters)
     per_round = cfg.levels + REFINE_ROUNDS + (ADAPTOR_STEPS if cfg.adaptor_rank else 0)
@@ -78,9 +79,20 @@ def compress(M_np: np.ndarray, w_np: np.ndarray, cfg: Config, iters: int, seed: 
     _, q, adaptor, used = best
     tensors = _to_tensors(q, adaptor, cfg, V, n)
     if cfg.hot_rows:
-        _fit_hot(tensors, M.numpy(), w, cfg, gen, bar)
+        _fit_hot(tensors, M.numpy(), w_full, cfg, gen, bar)
     bar.close()
     return Fit(tensors, tensors.decode(np.arange(V)), used)
+
+
+def _base_weights(w: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """Token weights for the levels every row has. Hot rows get their own levels later, so
+    the shared codebooks should serve the other rows: a hot row weighs no more here than
+    the heaviest row that is not hot."""
+
+    if not cfg.hot_rows or cfg.hot_rows >= w.numel():
+        return w
+    cap = torch.sort(w, descending=True).values[cfg.hot_rows]
+    return torch.minimum(w, cap)
 
 
 def hot_row_ids(w: torch.Tensor, count: int) -> np.ndarray:

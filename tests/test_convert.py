@@ -188,3 +188,27 @@ def test_dense_variant_keeps_the_tied_head(tiny_gguf, workdir):
     reader = gio.open_gguf(out)
     assert np.array_equal(np.asarray(gio.tensor_by_name(reader, "output.weight").data), np.asarray(embd.data))
     assert np.array_equal(gio.dequantize(gio.tensor_by_name(reader, "token_embd.weight")), matrix)
+
+
+def test_calibration_weights_add_a_prior_of_equal_mass():
+    from carvq.converter.frequency import from_counts
+
+    counts = np.array([0, 5, 0, 95])
+    prior = np.array([1.0, 41.0, 21.0, 1.0])  # 1 + pseudo-counts, as prior_from_gguf makes them
+    w = from_counts(counts, prior)
+    assert np.allclose(w - (counts + 1), (prior - 1) * counts.sum() / (prior - 1).sum())
+    assert np.allclose(from_counts(counts), counts + 1)
+
+
+def test_hot_rows_do_not_steer_the_shared_codebooks():
+    """The shared levels see a hot row as no heavier than the heaviest row that is not hot."""
+    import torch
+
+    from carvq.converter.config import Config
+    from carvq.converter.train import _base_weights, hot_row_ids
+
+    w = torch.tensor([5.0, 100.0, 1.0, 50.0, 7.0])
+    cfg = Config(hot_rows=2, hot_levels=2)
+    assert list(hot_row_ids(w, 2)) == [1, 3]
+    assert _base_weights(w, cfg).tolist() == [5.0, 7.0, 1.0, 7.0, 7.0]
+    assert _base_weights(w, Config(hot_rows=0, hot_bpw=0)).tolist() == w.tolist()
