@@ -41,12 +41,16 @@ def smollm2_carvq() -> Path:
 
     from carvq.llama_source import cache_dir
 
-    digest = hashlib.sha256()
-    for src in sorted(Path(conv.__file__).parent.glob("*.py")):
+    import carvq.cli
+
+    digest = hashlib.sha256()  # the converter and the CLI's defaults
+    for src in [*sorted(Path(conv.__file__).parent.glob("*.py")), Path(carvq.cli.__file__)]:
         digest.update(src.read_bytes())
     out = cache_dir() / "test-models" / f"smollm2-default-{digest.hexdigest()[:16]}.carvq.gguf"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out.parent.glob("smollm2-default-*.carvq.gguf"):
+            stale.unlink()  # made by an older converter
         proc = subprocess.run([sys.executable, "-m", "carvq.cli", "convert", str(smollm2_path()), "-o", str(out), "-q"],
                               capture_output=True, text=True, errors="replace", cwd=Path(__file__).parent)
         assert proc.returncode == 0, proc.stderr[-3000:]
