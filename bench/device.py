@@ -44,13 +44,13 @@ def main() -> None:
         mib = lambda n: f"{n / 2**20:.1f}"  # noqa: E731
         rows.append(
             f"| {name} | {mib(fs.categories['embedding'].bytes)} → {mib(fc.categories['embedding'].bytes)} "
-            f"(+{mib(fc.categories['output_head'].bytes)} head copy) | {mib(fs.file_bytes)} → {mib(fc.file_bytes)} | "
+            f"(+{mib(fc.categories['output_head'].bytes)} head) | {mib(fs.file_bytes)} → {mib(fc.file_bytes)} | "
             f"{mib(fs.rss['mmap']['peak'])} → {mib(fc.rss['mmap']['peak'])} | "
             f"{mib(fs.rss['no_mmap']['peak'])} → {mib(fc.rss['no_mmap']['peak'])} | "
             f"{speed['pp128']['ratio']:.3f} ± {speed['pp128']['ratio_std']:.3f} | "
             f"{speed['tg64']['ratio']:.3f} ± {speed['tg64']['ratio_std']:.3f} |")
     lines = [f"Measured {date.today().isoformat()} on {machine()}; CARVQ at --target-bpw {args.target_bpw}, default head "
-             f"(a Q8_0 copy of the source embedding); stock = the PyPI GGUF (tied Q8_0 embedding). Sizes in MiB; RSS is "
+             f"(the source embedding at Q5_0); stock = the PyPI GGUF (tied Q8_0 embedding). Sizes in MiB; RSS is "
              f"the peak of the carvq runtime loading the model and generating 32 tokens; speed ratios are CARVQ/stock "
              f"tokens/s over {args.rounds} alternating llama-bench rounds (mean ± std).", "",
              "| model | embedding | file | peak RSS, mmap | peak RSS, no mmap | prompt 128 t/s ratio | generation 64 t/s ratio |",
