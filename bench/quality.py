@@ -217,7 +217,8 @@ def run_model(key: str, chunks: int, carvq_points: list[tuple]) -> tuple[list[Ro
         # a simulated type is stored as F32 here; its bpw is what the type itself would take
         bpw = _type_bpw(variant) if kind == "simulated" else _embedding_bpw(path)
         rows.append(Row(name, variant, kind, bpw, s["ppl"], s["delta_ppl"], s["kld"], s["kld_p99"],
-                        s["top1"], path.stat().st_size, {"ref_ppl": s["ref_ppl"], "file": path.name}))
+                        s["top1"], path.stat().st_size, {"ref_ppl": s["ref_ppl"], "file": path.name, "shape": [V, n],
+                                                         "source_embd_bytes": int(embd.n_bytes)}))
     heads = head_trade(src, ref, text, chunks, work)
     return rows, heads
 
@@ -312,13 +313,26 @@ def markdown(all_rows: dict[str, list[Row]], checks: list[dict], heads: dict[str
     if any(heads.values()):
         lines += ["", "**Tied heads**: the head CARVQ adds to a tied model, at each type (stock embedding, only the head "
                   "changes; Q6_K and Q4_K cannot be stored at these widths, llama.cpp falls back as shown):", "",
-                  "| model | head asked | stored as | head bpw | head MiB | stock file MiB | KLD | Δ perplexity |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"| model | head asked | stored as | head bpw | head MiB | stock file MiB | file MiB with {FILE_POINT} | "
+                  "KLD of the head | Δ perplexity |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for model, hs in heads.items():
+            point = next(r for r in all_rows[model] if r.variant == FILE_POINT)
             for h in hs:
                 lines.append(f"| {model} | {h['asked']} | {h['stored']} | {h['head_bpw']:.2f} | {h['head_bytes'] / 2**20:.1f} | "
-                             f"{h['stock_file_bytes'] / 2**20:.1f} | {h['kld']:.4f} | {h['delta_ppl']:+.3f} |")
+                             f"{h['stock_file_bytes'] / 2**20:.1f} | {_file_with(point, h) / 2**20:.1f} | {h['kld']:.4f} | "
+                             f"{h['delta_ppl']:+.3f} |")
     return "\n".join(lines) + "\n"
+
+
+FILE_POINT = "CARVQ L3 +2"  # the operating point whose file sizes the head table shows
+
+
+def _file_with(point: Row, head: dict) -> int:
+    """Bytes of the stock file with its tied embedding replaced by `point`'s lookup plus the
+    head at the given type (GGUF alignment padding aside)."""
+    V, n = point.extra["shape"]
+    return head["stock_file_bytes"] - point.extra["source_embd_bytes"] + round(point.bpw * V * n / 8) + head["head_bytes"]
 
 
 def plot(all_rows: dict[str, list[Row]], path: Path) -> None:
