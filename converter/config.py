@@ -50,9 +50,14 @@ class Config:
         """carvq.hot_levels as written: 0 when there are no hot rows."""
         return self.hot_levels if self.hot_rows else 0
 
+    @property
+    def hot_from_budget(self) -> bool:
+        """True when the hot rows come from hot_bpw; an explicit hot_rows > 0 wins."""
+        return self.hot_rows == 0 and self.hot_bpw > 0
+
     def resolve_hot(self, n_vocab: int, n_embd: int) -> "Config":
-        """hot_rows from the hot_bpw budget when one is set, clamped to the vocabulary."""
-        cfg = with_hot_budget(self, n_vocab, n_embd, self.hot_bpw) if self.hot_bpw > 0 else self
+        """hot_rows from the hot_bpw budget unless given, clamped to the vocabulary."""
+        cfg = with_hot_budget(self, n_vocab, n_embd, self.hot_bpw) if self.hot_from_budget else self
         return replace(cfg, hot_rows=min(cfg.hot_rows, n_vocab))
 
 

@@ -238,7 +238,7 @@ def choose_config(M, w, base: Config, target_bpw: float, seed: int, progress: bo
     notes = [f"--target-bpw {target_bpw}: tried " + ", ".join(
         f"d={c.group_size} L={c.levels} ({b:.3f} bpw, proxy err {e:.4f})" for e, b, c in scored)]
     best = scored[0][2]
-    if base.hot_bpw > 0:
+    if base.hot_from_budget:
         # what the chosen levels leave of the target goes to more hot rows
         rest = target_bpw - cfgmod.bpw(replace(best, hot_rows=0), V, n)
         best = cfgmod.with_hot_budget(best, V, n, rest)

@@ -212,3 +212,11 @@ def test_hot_rows_do_not_steer_the_shared_codebooks():
     assert list(hot_row_ids(w, 2)) == [1, 3]
     assert _base_weights(w, cfg).tolist() == [5.0, 7.0, 1.0, 7.0, 7.0]
     assert _base_weights(w, Config(hot_rows=0, hot_bpw=0)).tolist() == w.tolist()
+
+
+def test_explicit_hot_rows_win_over_the_budget():
+    from carvq.converter.config import Config
+
+    assert Config(hot_rows=24, hot_levels=2).resolve_hot(1000, 64).hot_rows == 24  # default hot_bpw ignored
+    assert Config(hot_rows=5000, hot_levels=2).resolve_hot(1000, 64).hot_rows == 1000  # clamped to V
+    assert Config(hot_rows=0, hot_bpw=0).resolve_hot(1000, 64).hot_rows == 0
