@@ -114,12 +114,14 @@ def _tokenizer(model_dir: Path | None, gguf_path: Path):
 
 
 def _token_weights(reader, n_vocab, calibration, model_dir, gguf_path):
-    if calibration is None:
-        return frequency.prior_from_gguf(reader, n_vocab)
-    counts, total = frequency.count_tokens(_tokenizer(model_dir, gguf_path), Path(calibration), n_vocab)
     prior, how = frequency.prior_from_gguf(reader, n_vocab)
-    return (frequency.from_counts(counts, prior),
-            f"counts from {calibration} ({total:,} tokens) + 1, plus a {how} of the same mass")
+    if calibration is None:
+        w, desc = prior, how
+    else:
+        counts, total = frequency.count_tokens(_tokenizer(model_dir, gguf_path), Path(calibration), n_vocab)
+        w = frequency.from_counts(counts, prior)
+        desc = f"counts from {calibration} ({total:,} tokens) + 1, plus a {how} of the same mass"
+    return frequency.with_control_tokens(w, reader, n_vocab), desc + "; control tokens as heavy as the heaviest"
 
 
 # The head a tied model gains, unless --head-type says otherwise. Measured (bench/quality.py,

@@ -220,3 +220,16 @@ def test_explicit_hot_rows_win_over_the_budget():
     assert Config(hot_rows=24, hot_levels=2).resolve_hot(1000, 64).hot_rows == 24  # default hot_bpw ignored
     assert Config(hot_rows=5000, hot_levels=2).resolve_hot(1000, 64).hot_rows == 1000  # clamped to V
     assert Config(hot_rows=0, hot_bpw=0).resolve_hot(1000, 64).hot_rows == 0
+
+
+def test_control_tokens_weigh_as_the_heaviest(tiny_gguf):
+    from carvq import gguf_io as gio
+    from carvq.converter.frequency import TOKEN_TYPE_CONTROL, prior_from_gguf, with_control_tokens
+
+    reader = gio.open_gguf(tiny_gguf("llama"))
+    types = np.asarray(gio.field_value(reader, "tokenizer.ggml.token_type"))
+    prior, _ = prior_from_gguf(reader, len(types))
+    w = with_control_tokens(prior, reader, len(types))
+    control = types == TOKEN_TYPE_CONTROL
+    assert control.any() and np.all(w[control] == prior.max())
+    assert np.array_equal(w[~control], prior[~control])
