@@ -40,7 +40,7 @@ class Layout:
 
     def hot_layout(self) -> "Layout":
         """The hot levels seen as an RVQ of their own over the N hot rows (for packing)."""
-        return Layout(max(self.hot_rows, 1), self.n_embd, self.group_size, max(self.hot_levels, 1), self.codebook_size)
+        return Layout(self.hot_rows, self.n_embd, self.group_size, self.hot_levels, self.codebook_size)
 
     @property
     def n_groups(self) -> int:
@@ -114,12 +114,17 @@ def decode_rvq(layout: Layout, codes_packed: np.ndarray, codebooks: np.ndarray, 
     codes = unpack_codes(np.asarray(codes_packed).view(np.uint8)[ids], layout)
     if codes.size and codes.max() >= layout.codebook_size:
         raise CarvqError("code outside the codebook")
-    cb = np.asarray(codebooks, dtype=np.float32)  # (G, L, K, d)
-    g_idx = np.arange(layout.n_groups)[None, :]
     acc = np.zeros((ids.size, layout.n_groups, layout.group_size), np.float32)
-    for level in range(layout.levels):
-        acc += cb[g_idx, level, codes[:, :, level]]
+    _add_levels(acc, codebooks, codes)
     return acc.reshape(ids.size, layout.n_embd)
+
+
+def _add_levels(acc: np.ndarray, codebooks, codes: np.ndarray) -> None:
+    """acc (T, G, d) += the codebook vectors `codes` (T, G, levels) select, level 0 first."""
+    cb = np.asarray(codebooks, dtype=np.float32)  # (G, levels, K, d)
+    g_idx = np.arange(cb.shape[0])[None, :]
+    for level in range(cb.shape[1]):
+        acc += cb[g_idx, level, codes[:, :, level]]
 
 
 def add_hot(layout: Layout, hot_ids, hot_codes_packed, hot_codebooks, token_ids, out: np.ndarray) -> None:
@@ -137,11 +142,8 @@ def add_hot(layout: Layout, hot_ids, hot_codes_packed, hot_codebooks, token_ids,
     codes = unpack_codes(np.asarray(hot_codes_packed).view(np.uint8)[pos[found]], hot)
     if codes.max() >= layout.codebook_size:
         raise CarvqError("hot code outside the codebook")
-    cb = np.asarray(hot_codebooks, dtype=np.float32)  # (G, Lh, K, d)
-    g_idx = np.arange(layout.n_groups)[None, :]
     acc = out[found].reshape(-1, layout.n_groups, layout.group_size).astype(np.float32)
-    for level in range(layout.hot_levels):
-        acc += cb[g_idx, level, codes[:, :, level]]
+    _add_levels(acc, hot_codebooks, codes)
     out[found] = acc.reshape(-1, layout.n_embd)
 
 
