@@ -209,7 +209,8 @@ def run_model(key: str, chunks: int, carvq_points: list[tuple]) -> tuple[list[Ro
     V, n = int(embd.shape[1]), int(embd.shape[0])
     for label, levels, hot_levels, rank, target in carvq_points:
         args = carvq_args(levels, hot_levels, rank, target, V, n)
-        plan.append((label, "carvq", lambda label=label, a=args: make_carvq(src, label, a, calibration, work)))
+        plan.append((label, "carvq", lambda label=label, a=args: make_carvq(src, label, a, calibration, work,
+                                                                           embd.tensor_type.name)))
     rows = []
     for variant, kind, build in tqdm(plan, desc=name, unit="variant"):
         path = build()

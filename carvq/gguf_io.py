@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -50,9 +51,26 @@ T_HOT_CODEBOOKS = PREFIX + "hot_codebooks"
 HOT_TENSORS = (T_HOT_IDS, T_HOT_CODES, T_HOT_CODEBOOKS)
 
 
+@functools.cache
+def _plain_view_reader():
+    import gguf
+
+    class PlainViewReader(gguf.GGUFReader):
+        """gguf-py's reader over a plain ndarray view of its memmap. The reader slices its
+        data once per metadata value, and every slice of a np.memmap runs memmap's Python
+        hooks: a 262k-token vocabulary (Gemma-3) took 9.6 s to parse, 3.0 s this way. The
+        view keeps the mapping alive (it is the view's base); nothing is read eagerly."""
+
+        def __setattr__(self, name, value):
+            if name == "data" and isinstance(value, np.memmap):
+                value = value.view(np.ndarray)
+            super().__setattr__(name, value)
+
+    return PlainViewReader
+
+
 def open_gguf(path: str | os.PathLike):
     """gguf.GGUFReader of `path`, read-only, or CarvqError with one readable line."""
-    import gguf
 
     path = Path(path)
     if not path.exists():
@@ -64,7 +82,7 @@ def open_gguf(path: str | os.PathLike):
     if magic != GGUF_MAGIC:
         raise CarvqError(f"{path}: not a GGUF file (magic {magic!r})")
     try:
-        reader = gguf.GGUFReader(path, "r")
+        reader = _plain_view_reader()(path, "r")
     except Exception as exc:  # gguf-py raises many kinds on damaged input
         raise CarvqError(f"{path}: damaged or truncated GGUF ({type(exc).__name__}: {exc})") from None
     size = path.stat().st_size

@@ -1,7 +1,7 @@
 """Token weights for the training objective: how often each token is looked up.
 
 Two sources:
-- a calibration text, tokenized with the model's own tokenizer: w_t = count_t + 1;
+- a calibration text, tokenized by llama.cpp with the model's own vocabulary: w_t = count_t + 1;
 - no text: a Zipf prior over a frequency rank read from the tokenizer itself
   (SentencePiece: higher score = more frequent; BPE: lower id = earlier merge = more frequent),
   scaled as if from PRIOR_TOKENS tokens of text.
@@ -76,18 +76,29 @@ def from_counts(counts: np.ndarray, prior: np.ndarray | None = None) -> np.ndarr
     return w
 
 
-def count_tokens(tokenizer, text_path: Path, n_vocab: int) -> tuple[np.ndarray, int]:
-    """Token counts of a text file under a transformers tokenizer."""
+def count_tokens(encode, text_path: Path, n_vocab: int) -> tuple[np.ndarray, int]:
+    """Token counts of a text file; `encode(str) -> ids` is the model's own tokenizer."""
     try:
         text = Path(text_path).read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
         raise CarvqError(f"{text_path}: cannot read calibration text ({exc.strerror})") from None
     if not text.strip():
         raise CarvqError(f"{text_path}: calibration text is empty")
-    ids: list[int] = []
-    chunk = 1 << 16  # tokenizers are slow on one huge string; paragraphs boundaries are fine
-    for start in range(0, len(text), chunk):
-        ids.extend(tokenizer.encode(text[start : start + chunk], add_special_tokens=False))
-    arr = np.asarray(ids, np.int64)
+    parts = []
+    for piece in _paragraph_chunks(text, 1 << 16):  # bounded memory; a cut between paragraphs changes nothing
+        parts.append(np.asarray(encode(piece), np.int64))
+    arr = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     arr = arr[(arr >= 0) & (arr < n_vocab)]
     return np.bincount(arr, minlength=n_vocab)[:n_vocab], int(arr.size)
+
+
+def _paragraph_chunks(text: str, size: int):
+    """Pieces of about `size` characters, cut after a newline where there is one."""
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        if end < len(text):
+            cut = text.rfind("\n", start, end)
+            end = cut + 1 if cut > start else end
+        yield text[start:end]
+        start = end

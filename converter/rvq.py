@@ -2,7 +2,7 @@
 
 Rows of the embedding M (V x n) are cut into G = n/d sub-vectors; each group has L
 levels of K centroids. All groups are processed together as a batch (G, V, d), in
-chunks of groups so the (G, V, K) distance tensor stays within memory.
+blocks of rows so the distances stay in cache.
 
 Every fit minimises the *weighted* squared error sum_t w_t ||x_t - x^_t||^2: frequent
 tokens are atypical rows, and plain k-means sacrifices exactly them.
@@ -13,8 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-# (groups x rows x K) float32 elements per chunk: ~256 MB of distances at most.
-_CHUNK_ELEMS = 64 * 1024 * 1024
 # Codebooks are learnt on at most this many rows; every row is encoded at the end.
 MAX_FIT_ROWS = 65536
 
@@ -44,20 +42,23 @@ def _lookup(cb: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return _pick(cb, codes.t().long())
 
 
-def _group_chunks(G: int, V: int, K: int):
-    step = max(1, _CHUNK_ELEMS // max(1, V * K))
-    for start in range(0, G, step):
-        yield slice(start, min(G, start + step))
+# Rows per distance block: (G x rows x K) float32 small enough to stay in cache. One big
+# (G, V, K) tensor per call spent most of the fit in page faults and memory traffic
+# (Gemma-3: assign 0.50 s -> 0.15 s per call at 65536 rows).
+_ASSIGN_ROWS = 2048
 
 
 def assign(x: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
     """Nearest centroid per group: x (G, V, d), cb (G, K, d) -> (G, V) int64."""
     G, V, _ = x.shape
     out = torch.empty(G, V, dtype=torch.long)
-    for sl in _group_chunks(G, V, cb.shape[1]):
-        c = cb[sl]
-        dist = (c * c).sum(-1).unsqueeze(1) - 2 * torch.bmm(x[sl], c.transpose(1, 2))  # (g, V, K)
-        out[sl] = dist.argmin(-1)
+    norms = (cb * cb).sum(-1).unsqueeze(1)  # (G, 1, K); ||x||^2 does not change the argmin
+    cb_t = cb.transpose(1, 2).contiguous()
+    buf = torch.empty(G, min(V, _ASSIGN_ROWS), cb.shape[1])
+    for start in range(0, V, _ASSIGN_ROWS):
+        stop = min(V, start + _ASSIGN_ROWS)
+        dist = torch.baddbmm(norms, x[:, start:stop], cb_t, alpha=-2, out=buf[:, : stop - start])
+        out[:, start:stop] = dist.argmin(-1)
     return out
 
 
