@@ -126,9 +126,12 @@ def fit_rows(w: torch.Tensor, max_rows: int, gen: torch.Generator):
 
 
 def fit(M: torch.Tensor, w: torch.Tensor, d: int, L: int, K: int, iters: int, refine: int,
-        gen: torch.Generator, progress=None, init: torch.Tensor | None = None) -> torch.Tensor:
+        gen: torch.Generator, progress=None, init: torch.Tensor | None = None, beam: int = 1) -> torch.Tensor:
     """Greedy residual fit (level by level; or start from `init` codebooks), then `refine`
     rounds in which each level's codebook is refitted against what the other levels leave.
+    With beam > 1 the last refine round first re-encodes the rows by beam search and then
+    refits every level's codebook to those codes (least squares: weighted means), so the
+    codebooks are made for the codes `encode(..., beam)` will choose.
     Codebooks are learnt on at most MAX_FIT_ROWS rows (see fit_rows). Returns the codebooks
     (G, L, K, d); `encode` gives every row's codes."""
     V, n = M.shape
@@ -146,30 +149,99 @@ def fit(M: torch.Tensor, w: torch.Tensor, d: int, L: int, K: int, iters: int, re
         idxs.append(idx)
         if progress:
             progress.update(1)
-    for _ in range(refine):
+    for round_ in range(refine):
+        if beam > 1 and round_ == refine - 1:
+            codes = _beam_codes(x, torch.stack(cbs, dim=1), beam)
+            idxs = [codes[:, :, level].long() for level in range(L)]
+            residual = x - sum(_pick(cbs[level], idxs[level]) for level in range(L))
         for level in range(L):
             chosen = _pick(cbs[level], idxs[level])
             target = residual + chosen  # what this level should explain
-            idx = assign(target, cbs[level])
+            searched = beam > 1 and round_ == refine - 1
+            idx = idxs[level] if searched else assign(target, cbs[level])
             sums, mass = _weighted_means(target, w_fit, idx, K)
             keep = (mass <= 0).unsqueeze(-1)
             cbs[level] = torch.where(keep, cbs[level], sums / mass.clamp_min(1e-30).unsqueeze(-1))
-            idx = assign(target, cbs[level])
-            idxs[level] = idx
-            residual = target - _pick(cbs[level], idx)
+            if not searched:  # the nearest centroid again; searched codes are kept as found
+                idxs[level] = assign(target, cbs[level])
+            residual = target - _pick(cbs[level], idxs[level])
         if progress:
             progress.update(1)
     return torch.stack(cbs, dim=1)  # (G, L, K, d)
 
 
-def encode(M: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """Greedy residual encoding of M with fixed codebooks (G, L, K, d) -> codes (V, G, L)."""
+def encode(M: torch.Tensor, codebooks: torch.Tensor, beam: int = 1) -> torch.Tensor:
+    """Residual encoding of M with fixed codebooks (G, L, K, d) -> codes (V, G, L).
+
+    beam = 1 is greedy: each level takes the centroid nearest to what the levels before it
+    left. beam > 1 keeps the `beam` best partial code paths of every sub-vector through
+    the levels and returns the path with the least final error, which greedy misses when
+    an early choice that is not the nearest leaves a residual the later levels fit better.
+    The decoder is the same; only the chosen codes differ."""
     G, L, K, d = codebooks.shape
     V = M.shape[0]
-    residual = M.reshape(V, G, d).permute(1, 0, 2).contiguous()
-    idxs = []
+    x = M.reshape(V, G, d).permute(1, 0, 2).contiguous()
+    if beam <= 1:
+        residual, idxs = x, []
+        for level in range(L):
+            idx = assign(residual, codebooks[:, level])
+            residual = residual - _pick(codebooks[:, level], idx)
+            idxs.append(idx)
+        return torch.stack(idxs, dim=-1).permute(1, 0, 2).to(torch.uint8).contiguous()
+    return _beam_codes(x, codebooks, beam).permute(1, 0, 2).contiguous()
+
+
+def _beam_codes(x: torch.Tensor, codebooks: torch.Tensor, beam: int) -> torch.Tensor:
+    """Beam-searched codes of x (G, V, d): (G, V, L) uint8, in blocks of rows."""
+    G, L, K, d = codebooks.shape
+    V = x.shape[1]
+    codes = torch.empty(G, V, L, dtype=torch.uint8)
+    rows = max(1, _ASSIGN_ROWS // beam)
+    for start in range(0, V, rows):
+        stop = min(V, start + rows)
+        codes[:, start:stop] = _beam_block(x[:, start:stop], codebooks, beam)
+    return codes
+
+
+def _smallest(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest entries of the last dimension, ascending, and their indices. For the
+    beam's small k, k argmin passes beat torch.topk on CPU five times over (a beam of 4
+    over 64 candidates); `values` is overwritten."""
+    best = torch.empty(*values.shape[:-1], k, dtype=values.dtype)
+    picked = torch.empty(*values.shape[:-1], k, dtype=torch.long)
+    for j in range(k):
+        low, idx = values.min(-1, keepdim=True)
+        best[..., j : j + 1], picked[..., j : j + 1] = low, idx
+        if j + 1 < k:
+            values.scatter_(-1, idx, float("inf"))
+    return best, picked
+
+
+def _beam_block(x: torch.Tensor, codebooks: torch.Tensor, beam: int) -> torch.Tensor:
+    """Beam search over the levels for x (G, R, d) -> codes (G, R, L)."""
+    G, L, K, d = codebooks.shape
+    R = x.shape[1]
+    residual = x.unsqueeze(2)  # (G, R, B, d): B partial paths per sub-vector, B = 1 at first
+    err = (residual * residual).sum(-1)  # (G, R, B)
+    parents, centroids = [], []  # per level (G, R, B): the path each survivor extends, and its centroid
     for level in range(L):
-        idx = assign(residual, codebooks[:, level])
-        residual = residual - _pick(codebooks[:, level], idx)
-        idxs.append(idx)
-    return torch.stack(idxs, dim=-1).permute(1, 0, 2).to(torch.uint8).contiguous()
+        cb = codebooks[:, level]  # (G, K, d)
+        B = residual.shape[2]
+        # ||r - c||^2 = ||r||^2 - 2 r.c + ||c||^2 for every path and centroid: (G, R, B*K)
+        cand = torch.baddbmm((cb * cb).sum(-1).unsqueeze(1), residual.reshape(G, R * B, d), cb.transpose(1, 2),
+                             alpha=-2).view(G, R, B * K)
+        cand += err.repeat_interleave(K, dim=2)
+        keep = min(beam, B * K)
+        err, flat = _smallest(cand, keep)
+        parent, centroid = flat // K, flat % K
+        residual = torch.gather(residual, 2, parent.unsqueeze(-1).expand(-1, -1, -1, d)) - _pick(
+            cb, centroid.view(G, R * keep)).view(G, R, keep, d)
+        parents.append(parent)
+        centroids.append(centroid)
+    # _smallest is sorted: path 0 has the least error; walk its back-pointers to the first level
+    codes = torch.empty(G, R, L, dtype=torch.uint8)
+    slot = torch.zeros(G, R, 1, dtype=torch.long)
+    for level in reversed(range(L)):
+        codes[:, :, level] = torch.gather(centroids[level], 2, slot).squeeze(2)
+        slot = torch.gather(parents[level], 2, slot)
+    return codes

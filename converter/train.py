@@ -18,6 +18,8 @@ ADAPTOR_STEPS = 300
 ADAPTOR_BATCH = 2048
 ADAPTOR_LR = 1e-2
 PROXY_ROWS = 8192
+# Paths kept by the beam-search encoder (1 = greedy); see rvq.encode.
+ENCODE_BEAM = 4
 
 
 @dataclass
@@ -41,10 +43,10 @@ def _round_codebooks(cb: torch.Tensor, cfg: Config) -> torch.Tensor:
 def _fit_rvq(target: torch.Tensor, w: torch.Tensor, cfg: Config, gen: torch.Generator, bar,
              init: torch.Tensor | None = None) -> rvq.RVQ:
     cb = rvq.fit(target, w, cfg.group_size, cfg.levels, cfg.codebook_size, KMEANS_ITERS, REFINE_ROUNDS, gen, bar,
-                 init=init)
+                 init=init, beam=ENCODE_BEAM)
     # The stored codebooks may be F16: encode against exactly what the decoder will see.
     cb = _round_codebooks(cb, cfg)
-    return rvq.RVQ(cb, rvq.encode(target, cb))
+    return rvq.RVQ(cb, rvq.encode(target, cb, beam=ENCODE_BEAM))
 
 
 def compress(M_np: np.ndarray, w_np: np.ndarray, cfg: Config, iters: int, seed: int, progress: bool = True) -> Fit:
@@ -55,7 +57,9 @@ def compress(M_np: np.ndarray, w_np: np.ndarray, cfg: Config, iters: int, seed: 
     w_full = torch.from_numpy(np.asarray(w_np, np.float64)).float()
     w = _base_weights(w_full, cfg)
     V, n = M.shape
-    rounds = max(1, iters)
+    # Without an adaptor there is nothing to alternate with: a second round only re-ran the
+    # refinement (Gemma-3, 2.1 bpw: weighted error 0.0768 -> 0.0769 with one round, 133 -> 89 s).
+    rounds = max(1, iters) if cfg.adaptor_rank else 1
     per_round = cfg.levels + REFINE_ROUNDS + (ADAPTOR_STEPS if cfg.adaptor_rank else 0)
     hot_steps = cfg.hot_levels + REFINE_ROUNDS if cfg.hot_rows else 0
     bar = tqdm(total=rounds * per_round + hot_steps, desc="carvq fit", unit="step", disable=not progress, leave=False)
