@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--hot-rows", type=int, help="exactly this many hot rows instead (overrides --hot-bpw)")
     c.add_argument("--hot-levels", type=int, default=HOT_LEVELS_DEFAULT,
                    help=f"extra residual levels of a hot row (default {HOT_LEVELS_DEFAULT})")
-    c.add_argument("--iters", type=int, default=2, help="RVQ/adaptor alternation rounds at most (default 2)")
+    c.add_argument("--iters", type=int, default=2, help="RVQ/adaptor alternation rounds at most, with an adaptor (default 2; one fit without)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--target-bpw", type=float, help="pick group size and levels: least weighted error with lookup bpw <= this")
     c.add_argument("--calibration", help="text file whose token counts weight the objective (default: a prior from the tokenizer)")

@@ -233,3 +233,41 @@ def test_control_tokens_weigh_as_the_heaviest(tiny_gguf):
     control = types == TOKEN_TYPE_CONTROL
     assert control.any() and np.all(w[control] == prior.max())
     assert np.array_equal(w[~control], prior[~control])
+
+
+def test_calibration_counts_use_the_models_own_tokenizer(tiny_gguf, tmp_path):
+    """Counts are llama.cpp's token ids of the text, the ids the model sees at inference."""
+    from carvq import gguf_io as gio
+    from carvq.converter.convert import _calibration_counts
+    from carvq.runtime.model import Model
+
+    src = tiny_gguf("llama")
+    V = int(gio.tensor_by_name(gio.open_gguf(src), gio.EMBD).shape[1])
+    text = tmp_path / "calibration.txt"
+    text.write_text("the cat sat on the mat, and the dog did not.\n" * 40, encoding="utf-8")
+    counts, total = _calibration_counts(src, text, V)
+    with Model(src, vocab_only=True) as vocab:
+        ids = vocab.tokenize(text.read_text(encoding="utf-8"), add_special=False)
+    assert total == len(ids) > 0
+    assert np.array_equal(counts, np.bincount(ids, minlength=V))
+
+
+def test_calibration_text_is_cut_between_paragraphs():
+    from carvq.converter.frequency import _paragraph_chunks
+
+    text = "".join(f"paragraph {i} " + "word " * (i % 7) + "\n" for i in range(500))
+    pieces = list(_paragraph_chunks(text, 200))
+    assert "".join(pieces) == text
+    assert all(len(p) <= 200 and p.endswith("\n") for p in pieces)
+    assert list(_paragraph_chunks("x" * 450, 200)) == ["x" * 200, "x" * 200, "x" * 50]  # no newline: cut anyway
+
+
+def test_missing_calibration_text_is_a_clear_error(tiny_gguf, tmp_path):
+    from carvq.converter.config import Config
+    from carvq.converter.convert import convert
+    from carvq.errors import CarvqError
+
+    out = tmp_path / "out.gguf"
+    with pytest.raises(CarvqError, match="cannot read calibration text"):
+        convert(tiny_gguf("llama"), out, Config(), calibration=tmp_path / "missing.txt", progress=False)
+    assert not out.exists()
