@@ -23,6 +23,7 @@ source and arguments, and by the files evaluated); --fresh starts from scratch.
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import shutil
@@ -151,10 +152,22 @@ def make_simulated(ref: Path, qtype: str, work: Path) -> Path:
 
 
 def _converter_digest() -> str:
+    """What decides a conversion: the converter's code, without its comments and docstrings
+    (an edited comment should not cost a reconversion of every operating point)."""
     digest = hashlib.sha256()
     for path in sorted([*(REPO / "converter").glob("*.py"), REPO / "carvq" / "gguf_io.py", REPO / "carvq" / "reference.py"]):
-        digest.update(path.read_bytes())
+        digest.update(_code_only(path.read_text(encoding="utf-8")).encode())
     return digest.hexdigest()[:16]
+
+
+def _code_only(source: str) -> str:
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
 
 
 def make_carvq(src: Path, label: str, args: list[str], calibration: Path, work: Path, head_type: str | None = None) -> Path:

@@ -205,7 +205,7 @@ def _beam_codes(x: torch.Tensor, codebooks: torch.Tensor, beam: int) -> torch.Te
 
 def _smallest(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k smallest entries of the last dimension, ascending, and their indices. For the
-    beam's small k, k argmin passes beat torch.topk on CPU five times over (a beam of 4
+    beam's small k, k min passes take two thirds of torch.topk's time on CPU (a beam of 4
     over 64 candidates); `values` is overwritten."""
     best = torch.empty(*values.shape[:-1], k, dtype=values.dtype)
     picked = torch.empty(*values.shape[:-1], k, dtype=torch.long)
