@@ -180,7 +180,7 @@ def make_carvq(src: Path, label: str, args: list[str], calibration: Path, work: 
     out = work / f"{label.replace(' ', '-')}.{key}.gguf"
     if out.exists():
         return out
-    for stale in work.glob(f"{label.replace(' ', '-')}.*.gguf"):
+    for stale in work.glob(f"{label.replace(' ', '-')}.*"):  # an older conversion, its score and report
         stale.unlink()
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "carvq.cli", "convert", str(src), "-o", str(out), "-q", *full],

@@ -120,7 +120,7 @@ def _token_weights(reader, n_vocab, calibration, gguf_path):
         counts, total = _calibration_counts(gguf_path, Path(calibration), n_vocab)
         w = frequency.from_counts(counts, prior)
         desc = f"counts from {calibration} ({total:,} tokens) + 1, plus a {how} of the same mass"
-    return frequency.with_control_tokens(w, reader, n_vocab), desc + "; control tokens as heavy as the heaviest"
+    return frequency.with_special_tokens(w, reader, n_vocab), desc + "; special tokens as heavy as the heaviest"
 
 
 # The head a tied model gains, unless --head-type says otherwise. Measured (bench/quality.py,

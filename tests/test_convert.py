@@ -222,17 +222,54 @@ def test_explicit_hot_rows_win_over_the_budget():
     assert Config(hot_rows=0, hot_bpw=0).resolve_hot(1000, 64).hot_rows == 0
 
 
-def test_control_tokens_weigh_as_the_heaviest(tiny_gguf):
+def test_special_tokens_weigh_as_the_heaviest(tiny_gguf):
     from carvq import gguf_io as gio
-    from carvq.converter.frequency import TOKEN_TYPE_CONTROL, prior_from_gguf, with_control_tokens
+    from carvq.converter.frequency import prior_from_gguf, special_token_ids, with_special_tokens
 
     reader = gio.open_gguf(tiny_gguf("llama"))
-    types = np.asarray(gio.field_value(reader, "tokenizer.ggml.token_type"))
-    prior, _ = prior_from_gguf(reader, len(types))
-    w = with_control_tokens(prior, reader, len(types))
-    control = types == TOKEN_TYPE_CONTROL
-    assert control.any() and np.all(w[control] == prior.max())
-    assert np.array_equal(w[~control], prior[~control])
+    V = len(gio.field_value(reader, "tokenizer.ggml.token_type"))
+    named = {int(gio.field_value(reader, k)) for k in reader.fields
+             if k.startswith("tokenizer.ggml.") and k.endswith("_token_id")}
+    assert named and set(special_token_ids(reader, V).tolist()) >= named
+    prior, _ = prior_from_gguf(reader, V)
+    w = with_special_tokens(prior, reader, V)
+    special = np.zeros(V, bool)
+    special[special_token_ids(reader, V)] = True
+    assert np.all(w[special] == prior.max())
+    assert np.array_equal(w[~special], prior[~special])
+
+
+class _Field:
+    def __init__(self, value):
+        self.value = value
+
+    def contents(self):
+        return self.value
+
+
+class _Reader:
+    """What special_token_ids reads of a gguf-py reader."""
+
+    def __init__(self, **fields):
+        self.fields = {k.replace("__", "."): _Field(v) for k, v in fields.items()}
+
+    def get_field(self, key):
+        return self.fields.get(key)
+
+
+def test_special_tokens_are_the_named_and_the_templated_ones():
+    """Not every control token: unused ones (Gemma-3 has 6 249) stay at their weight."""
+    from carvq.converter.frequency import special_token_ids
+
+    tokens = ["<pad>", "<bos>", "<unused0>", "<unused1>", "<turn>", "hello", "<tool>"]
+    types = [3, 3, 3, 3, 3, 1, 4]
+    reader = _Reader(tokenizer__ggml__tokens=tokens, tokenizer__ggml__token_type=types,
+                     tokenizer__ggml__bos_token_id=1, tokenizer__ggml__padding_token_id=0,
+                     tokenizer__ggml__eos_token_id=99,  # out of range: ignored
+                     tokenizer__chat_template="{{ '<turn>' + message + '<tool>' }} hello")
+    assert special_token_ids(reader, len(tokens)).tolist() == [0, 1, 4, 6]  # "hello" is ordinary text
+    del reader.fields["tokenizer.chat_template"]
+    assert special_token_ids(reader, len(tokens)).tolist() == [0, 1]
 
 
 def test_calibration_counts_use_the_models_own_tokenizer(tiny_gguf, tmp_path):
