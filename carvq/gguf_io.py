@@ -71,7 +71,6 @@ def _plain_view_reader():
 
 def open_gguf(path: str | os.PathLike):
     """gguf.GGUFReader of `path`, read-only, or CarvqError with one readable line."""
-
     path = Path(path)
     if not path.exists():
         raise CarvqError(f"{path}: no such file")

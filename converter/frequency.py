@@ -101,10 +101,8 @@ def count_tokens(encode, text_path: Path, n_vocab: int) -> tuple[np.ndarray, int
         raise CarvqError(f"{text_path}: cannot read calibration text ({exc.strerror})") from None
     if not text.strip():
         raise CarvqError(f"{text_path}: calibration text is empty")
-    parts = []
-    for piece in _paragraph_chunks(text, 1 << 16):  # bounded memory; a cut between paragraphs changes nothing
-        parts.append(np.asarray(encode(piece), np.int64))
-    arr = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    # in pieces for bounded memory; a cut between paragraphs changes nothing
+    arr = np.concatenate([np.asarray(encode(piece), np.int64) for piece in _paragraph_chunks(text, 1 << 16)])
     arr = arr[(arr >= 0) & (arr < n_vocab)]
     return np.bincount(arr, minlength=n_vocab)[:n_vocab], int(arr.size)
 

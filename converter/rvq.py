@@ -150,14 +150,14 @@ def fit(M: torch.Tensor, w: torch.Tensor, d: int, L: int, K: int, iters: int, re
         if progress:
             progress.update(1)
     for round_ in range(refine):
-        if beam > 1 and round_ == refine - 1:
+        searched = beam > 1 and round_ == refine - 1  # this round keeps beam-searched codes
+        if searched:
             codes = _beam_codes(x, torch.stack(cbs, dim=1), beam)
             idxs = [codes[:, :, level].long() for level in range(L)]
             residual = x - sum(_pick(cbs[level], idxs[level]) for level in range(L))
         for level in range(L):
             chosen = _pick(cbs[level], idxs[level])
             target = residual + chosen  # what this level should explain
-            searched = beam > 1 and round_ == refine - 1
             idx = idxs[level] if searched else assign(target, cbs[level])
             sums, mass = _weighted_means(target, w_fit, idx, K)
             keep = (mass <= 0).unsqueeze(-1)
