@@ -19,7 +19,7 @@ from convert import MODELS, convert_one, machine  # noqa: E402
 
 from carvq.llama_source import cache_dir  # noqa: E402
 from carvq.runtime.footprint import footprint, plot  # noqa: E402
-from carvq.runtime.speed import bench  # noqa: E402
+from carvq.runtime.ab_speed import bench  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -39,6 +39,7 @@ import models  # noqa: E402
 import simulate  # noqa: E402
 
 from carvq import gguf_io as gio  # noqa: E402
+from carvq.format import read_layout  # noqa: E402
 from carvq.dense import write_dense_embedding  # noqa: E402
 from carvq.llama_source import cache_dir  # noqa: E402
 from carvq.runtime import tool_path  # noqa: E402
@@ -104,7 +105,7 @@ def _embedding_bpw(path: Path) -> float:
     if layout_src is not None:
         V, n = int(layout_src.shape[1]), int(layout_src.shape[0])
     else:
-        layout = gio.read_layout(reader)
+        layout = read_layout(reader)
         V, n = layout.n_vocab, layout.n_embd
     nbytes = sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith("token_embd"))
     return 8.0 * nbytes / (V * n)
@@ -155,7 +156,7 @@ def _converter_digest() -> str:
     """What decides a conversion: the converter's code, without its comments and docstrings
     (an edited comment should not cost a reconversion of every operating point)."""
     digest = hashlib.sha256()
-    for path in sorted([*(REPO / "converter").glob("*.py"), REPO / "carvq" / "gguf_io.py", REPO / "carvq" / "reference.py"]):
+    for path in sorted([*(REPO / "converter").glob("*.py"), REPO / "src" / "carvq" / "format.py", REPO / "src" / "carvq" / "reference.py"]):
         digest.update(_code_only(path.read_text(encoding="utf-8")).encode())
     return digest.hexdigest()[:16]
 

@@ -3,9 +3,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from carvq import format as fmt
 from carvq.errors import CarvqError
 
 TYPE_BYTES = {"F32": 4, "F16": 2}
+# Alternation rounds of RVQ and adaptor at most (one fit without an adaptor, see train.py).
+DEFAULT_ITERS = 2
+# Hidden width of the adaptor MLP when --adaptor-rank turns it on.
+DEFAULT_ADAPTOR_HIDDEN = 64
 
 
 @dataclass(frozen=True)
@@ -34,16 +39,21 @@ class Config:
     def check(self, n_embd: int) -> None:
         if self.group_size < 1 or n_embd % self.group_size:
             raise CarvqError(f"--group-size {self.group_size} does not divide the embedding width {n_embd}")
-        if not 1 <= self.levels <= 16:
-            raise CarvqError(f"--levels {self.levels} outside 1..16")
-        if not 2 <= self.codebook_size <= 16:
-            raise CarvqError(f"codebook size {self.codebook_size} outside 2..16 (codes are 4-bit)")
+        if not 1 <= self.levels <= fmt.MAX_LEVELS:
+            raise CarvqError(f"--levels {self.levels} outside 1..{fmt.MAX_LEVELS}")
+        if not fmt.MIN_CODEBOOK_SIZE <= self.codebook_size <= fmt.MAX_CODEBOOK_SIZE:
+            raise CarvqError(f"codebook size {self.codebook_size} outside {fmt.MIN_CODEBOOK_SIZE}..{fmt.MAX_CODEBOOK_SIZE} "
+                             "(codes are 4-bit)")
         if self.adaptor_rank < 0 or self.adaptor_hidden < 0 or (self.adaptor_rank > 0) != (self.adaptor_hidden > 0):
             raise CarvqError("--adaptor-rank and --adaptor-hidden must both be 0 or both positive")
+        if self.adaptor_rank > fmt.MAX_ADAPTOR_RANK or self.adaptor_hidden > fmt.MAX_ADAPTOR_HIDDEN:
+            raise CarvqError(f"--adaptor-rank at most {fmt.MAX_ADAPTOR_RANK}, --adaptor-hidden at most {fmt.MAX_ADAPTOR_HIDDEN}")
+        if self.activation not in fmt.ACTIVATIONS:
+            raise CarvqError(f"--activation {self.activation}: one of {', '.join(fmt.ACTIVATIONS)}")
         if self.hot_rows < 0 or self.hot_bpw < 0:
             raise CarvqError("--hot-rows and --hot-bpw must not be negative")
-        if not 1 <= self.hot_levels <= 16 and (self.hot_rows or self.hot_bpw):
-            raise CarvqError(f"--hot-levels {self.hot_levels} outside 1..16")
+        if not 1 <= self.hot_levels <= fmt.MAX_LEVELS and (self.hot_rows or self.hot_bpw):
+            raise CarvqError(f"--hot-levels {self.hot_levels} outside 1..{fmt.MAX_LEVELS}")
 
     @property
     def stored_hot_levels(self) -> int:

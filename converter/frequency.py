@@ -5,7 +5,9 @@ Two sources:
 - no text: a Zipf prior over a frequency rank read from the tokenizer itself
   (SentencePiece: higher score = more frequent; BPE: lower id = earlier merge = more frequent),
   scaled as if from PRIOR_TOKENS tokens of text.
-Special and unused tokens get the floor weight 1 either way.
+Tokens that are not ordinary text (control, unused, byte tokens) get the floor weight 1
+from either source; the special tokens a model really reads (BOS, EOS, chat-template
+markers) are then raised to the heaviest weight by with_special_tokens.
 """
 from __future__ import annotations
 

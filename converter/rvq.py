@@ -23,23 +23,17 @@ class RVQ:
     codes: torch.Tensor  # (V, G, L) uint8
 
     def reconstruct(self) -> torch.Tensor:
-        """(V, n) float32, levels summed in order 0..L-1 as FORMAT.md prescribes."""
-        G, L, K, d = self.codebooks.shape
+        """(V, n) float32, decoded by the NumPy reference decoder (the one decoder of record;
+        no gradient flows through a reconstruction)."""
+        from carvq.reference import sum_levels
+
         V = self.codes.shape[0]
-        out = torch.zeros(G, V, d)
-        for level in range(L):
-            out += _lookup(self.codebooks[:, level], self.codes[:, :, level])
-        return out.permute(1, 0, 2).reshape(V, G * d)
+        return torch.from_numpy(sum_levels(self.codebooks.numpy(), self.codes.numpy()).reshape(V, -1))
 
 
 def _pick(cb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The chosen centroid of every row: cb (G, K, d), idx (G, V) -> (G, V, d)."""
     return torch.gather(cb, 1, idx.unsqueeze(-1).expand(-1, -1, cb.shape[2]))
-
-
-def _lookup(cb: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """cb (G, K, d), codes (V, G) -> (G, V, d)."""
-    return _pick(cb, codes.t().long())
 
 
 # Rows per distance block: (G x rows x K) float32 small enough to stay in cache. One big

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from carvq.reference import CarvqTensors, Layout, pack_codes
+from carvq import reference
+from carvq.format import CarvqTensors, Layout, pack_codes
 from carvq.converter import adaptor as adaptor_mod
 from carvq.converter import rvq
 from carvq.converter.config import Config
@@ -25,7 +26,7 @@ ENCODE_BEAM = 4
 @dataclass
 class Fit:
     tensors: CarvqTensors
-    reconstruction: np.ndarray  # (V, n) float32, decoded from the stored tensors
+    reconstruction: np.ndarray  # (V, n) float32: the stored tensors as the reference decoder decodes them
     rounds: int
 
 
@@ -85,7 +86,7 @@ def compress(M_np: np.ndarray, w_np: np.ndarray, cfg: Config, iters: int, seed: 
     if cfg.hot_rows:
         _fit_hot(tensors, M.numpy(), w_full, cfg, gen, bar)
     bar.close()
-    return Fit(tensors, tensors.decode(np.arange(V)), used)
+    return Fit(tensors, reference.decode(tensors, np.arange(V)), used)
 
 
 def _base_weights(w: torch.Tensor, cfg: Config) -> torch.Tensor:
@@ -110,7 +111,7 @@ def _fit_hot(tensors: CarvqTensors, M: np.ndarray, w: torch.Tensor, cfg: Config,
     decode (RVQ + adaptor) leaves of them, weighted by their frequency. Frequent tokens
     dominate the model's behaviour on text (KLD), and a few thousand of them cost little."""
     ids = hot_row_ids(w, cfg.hot_rows)
-    decoded = tensors.decode(ids)
+    decoded = reference.decode(tensors, ids)
     target = torch.from_numpy(np.ascontiguousarray(M[ids] - decoded, np.float32))
     hot_cfg = replace(cfg, levels=cfg.hot_levels)
     q = _fit_rvq(target, w[torch.from_numpy(ids.astype(np.int64))], hot_cfg, gen, bar)

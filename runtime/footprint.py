@@ -15,6 +15,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from carvq import format as fmt
 from carvq import gguf_io as gio
 from carvq.errors import CarvqError
 
@@ -48,7 +49,7 @@ class Footprint:
 
 
 def _category(name: str) -> str:
-    if name == gio.EMBD or name.startswith(gio.PREFIX):
+    if name == gio.EMBD or name.startswith(fmt.PREFIX):
         return "embedding"
     if name == gio.HEAD:
         return "output_head"
@@ -64,8 +65,8 @@ def file_categories(path) -> Footprint:
         c = cats[_category(t.name)]
         c.bytes += int(t.n_bytes)
         c.elements += int(t.n_elements)
-    if gio.is_carvq(reader):  # bpw per embedding weight (V x n), not per stored code byte
-        layout = gio.read_layout(reader)
+    if fmt.is_carvq(reader):  # bpw per embedding weight (V x n), not per stored code byte
+        layout = fmt.read_layout(reader)
         cats["embedding"].elements = layout.n_vocab * layout.n_embd
     size = Path(path).stat().st_size
     cats["metadata_and_padding"].bytes = size - sum(c.bytes for c in cats.values())

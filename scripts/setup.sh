@@ -1,30 +1,43 @@
 #!/usr/bin/env bash
-# Install carvq and everything it needs into the current Python, on a fresh machine.
+# Install carvq and everything it needs, on a fresh machine (see scripts/python-env.sh for
+# which Python: the active venv/conda environment, else the project venv .venv).
 #   scripts/setup.sh            runtime + converter (torch, transformers)
 #   scripts/setup.sh --test     plus the test tools
-# Safe to re-run: pip, the llama.cpp source cache and ccache make a second run fast.
+# Safe to re-run: pip's cache, the llama.cpp source cache and ccache make a second run fast.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+. scripts/python-env.sh
 export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 extras="convert"
 [[ "${1:-}" == "--test" ]] && extras="convert,test"
 
 step() { printf '\n== %s\n' "$*"; }
+step "Python: $PY ($("$PY" --version 2>&1))"
+
+missing=()
+command -v git >/dev/null 2>&1 || missing+=(git)
+command -v c++ >/dev/null 2>&1 || command -v g++ >/dev/null 2>&1 || command -v clang++ >/dev/null 2>&1 || missing+=("a C/C++ compiler (g++)")
+"$PY" -c 'import os, sysconfig, sys; sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else 1)' \
+    || missing+=("Python's headers (python3-dev)")
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "carvq: missing: ${missing[*]}. On Debian, Ubuntu or Raspberry Pi OS: sudo apt install git g++ python3-dev python3-venv" >&2
+    exit 1
+fi
 
 if ! command -v ccache >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     step "ccache (makes llama.cpp rebuilds cheap)"
     (apt-get update -qq && apt-get install -y -qq ccache) >/dev/null 2>&1 || echo "ccache not installed; building without it"
 fi
+command -v ccache >/dev/null 2>&1 || echo "note: no ccache: every fresh build compiles llama.cpp in full (about 15 min on 2 cores)"
 
 step "torch 2.13.0, CPU build (pinned: an unpinned torch pulls a multi-GB CUDA build)"
-$PY -m pip install -q "torch==2.13.0"
+"$PY" -m pip install -q "torch==2.13.0"
 
-step "pinned llama.cpp source (llama-cpp-python 0.3.36 sdist from PyPI, sha256-checked) and its gguf-py"
-tree=$($PY carvq/llama_source.py)
+step "pinned llama.cpp source (llama-cpp-python 0.3.36 sdist from the package index, sha256-checked) and its gguf-py"
+tree=$("$PY" src/carvq/llama_source.py)
 echo "$tree"
-$PY -m pip install -q "$tree/gguf-py"
+"$PY" -m pip install -q "$tree/gguf-py"
 
 step "carvq[$extras]: builds the patched llama.cpp (first time: ~15 min on 2 cores; then seconds)"
-$PY -m pip install -q ".[$extras]"
+"$PY" -m pip install -q ".[$extras]"
 carvq tools

@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --test
-# run from tests/: the repo root's carvq/ source folder must not shadow the installed package
-cd tests && exec pytest -q -p no:cacheprovider "$@"
+. scripts/python-env.sh
+exec "$PY" -m pytest -q -p no:cacheprovider "$@"

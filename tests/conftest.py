@@ -23,10 +23,9 @@ TINY_ARCHES = {
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
-    """`carvq ARGS` in a child process, run from tests/: the repo root's carvq/ source
-    folder would shadow the installed package."""
+    """`carvq ARGS` in a child process."""
     return subprocess.run([sys.executable, "-m", "carvq.cli", *map(str, args)], capture_output=True, text=True,
-                          errors="replace", cwd=Path(__file__).parent)
+                          errors="replace")
 
 
 def tiny_config(arch: str):

@@ -1,4 +1,4 @@
-"""The C decoder (patches/src/carvq.c) against the NumPy reference (carvq/reference.py).
+"""The C decoder (patches/src/carvq.c) against the NumPy reference (src/carvq/reference.py).
 
 carvq.c is built into throw-away shared libraries (portable default flags, -march=native when
 the CPU has AVX2+F16C, and a scalar-only build) and loaded with cffi in ABI mode. The RVQ
@@ -11,7 +11,7 @@ import mmap
 import os
 import shutil
 import subprocess
-import sys
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,50 +19,27 @@ import pytest
 
 cffi = pytest.importorskip("cffi")
 
-ROOT = Path(__file__).resolve().parents[1]
-try:
-    from carvq import reference
-except ImportError:  # package not installed: use the source tree
-    sys.path.insert(0, str(ROOT))
-    from carvq import reference
+from carvq import format as fmt
+from carvq import reference
+from carvq.errors import CarvqError
 
+ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "patches" / "src" / "carvq.c"
+HEADER = ROOT / "patches" / "src" / "carvq.h"
 CC = os.environ.get("CC", "cc")
 BASE_FLAGS = ["-std=c11", "-O2", "-ffp-contract=off", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror"]
 
-CDEF = """
-struct carvq_layout {
-    int64_t n_vocab; int64_t n_embd;
-    int32_t format_version, group_size, levels, codebook_size, adaptor_rank, adaptor_hidden;
-    int64_t hot_rows; int32_t hot_levels;
-};
-enum carvq_codebook_type { CARVQ_CODEBOOK_F32 = 0, CARVQ_CODEBOOK_F16 = 1 };
-int carvq_layout_check(const struct carvq_layout * l, char * err, size_t err_size);
-int64_t carvq_layout_n_groups(const struct carvq_layout * l);
-int64_t carvq_layout_code_row_bytes(const struct carvq_layout * l);
-int64_t carvq_layout_codes_nbytes(const struct carvq_layout * l);
-int64_t carvq_layout_codebooks_nelements(const struct carvq_layout * l);
-int64_t carvq_layout_codebooks_nbytes(const struct carvq_layout * l, enum carvq_codebook_type type);
-int carvq_layout_codes_ne(const struct carvq_layout * l, int64_t ne[2]);
-int carvq_layout_codebooks_ne(const struct carvq_layout * l, int64_t ne[4]);
-int carvq_layout_hot_codes_ne(const struct carvq_layout * l, int64_t ne[2]);
-int carvq_layout_hot_codebooks_ne(const struct carvq_layout * l, int64_t ne[4]);
-int carvq_codes_check(const struct carvq_layout * l, const uint8_t * codes, char * err, size_t err_size);
-int carvq_hot_check(const struct carvq_layout * l, const int32_t * hot_ids, const uint8_t * hot_codes,
-    char * err, size_t err_size);
-void carvq_rows_hot_add(const struct carvq_layout * l, const int32_t * hot_ids, const uint8_t * hot_codes,
-    const void * hot_codebooks, enum carvq_codebook_type cb_type, const int32_t * ids, int64_t n_ids,
-    float * out, int64_t out_row_stride, int64_t first, int64_t last);
-int carvq_ids_check(const struct carvq_layout * l, const int32_t * ids, int64_t n_ids, char * err, size_t err_size);
-void carvq_rows_decode(const struct carvq_layout * l, const uint8_t * codes, const void * codebooks,
-    enum carvq_codebook_type cb_type, const int32_t * ids, int64_t n_ids, float * out,
-    int64_t out_row_stride, int64_t first, int64_t last);
-void carvq_rows_decode_scalar(const struct carvq_layout * l, const uint8_t * codes, const void * codebooks,
-    enum carvq_codebook_type cb_type, const int32_t * ids, int64_t n_ids, float * out,
-    int64_t out_row_stride, int64_t first, int64_t last);
-const char * carvq_simd_name(enum carvq_codebook_type cb_type);
-float carvq_fp16_to_fp32(uint16_t h);
-"""
+
+def header_cdef(path: Path) -> str:
+    """carvq.h as cffi's cdef reads it: the header itself, not a copy of its declarations.
+    Comments, the C++ guards and every preprocessor line but integer #defines are dropped."""
+    text = re.sub(r"//[^\n]*", "", path.read_text())
+    text = re.sub(r"#ifdef __cplusplus.*?#endif", "", text, flags=re.S)
+    keep = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#") or re.match(r"\s*#define \w+\s+\d+\s*$", ln)]
+    return "\n".join(keep)
+
+
+CDEF = header_cdef(HEADER)
 
 
 def _cpu_has(*flags: str) -> bool:
@@ -187,7 +164,7 @@ def random_case(rng, d=None, L=None, K=None):
 def run_decode(lib: Lib, scalar: bool, V, n, d, L, K, f16: bool, rng):
     G = n // d
     codes = rng.integers(0, K, size=(V, G, L), dtype=np.uint8)
-    packed_np = reference.pack_codes(codes)
+    packed_np = fmt.pack_codes(codes)
     packed = guarded(packed_np.shape, np.uint8)
     packed[...] = packed_np
     cb_np = random_codebooks(rng, (G, L, K, d), f16)
@@ -213,7 +190,7 @@ def run_decode(lib: Lib, scalar: bool, V, n, d, L, K, f16: bool, rng):
     fn(lay, ptr(lib, "uint8_t *", packed), ptr(lib, "void *", cb), 1 if f16 else 0,
        ptr(lib, "int32_t *", ids), n_ids, ptr(lib, "float *", out), stride, first, last)
 
-    layout = reference.Layout(n_vocab=V, n_embd=n, group_size=d, levels=L, codebook_size=K)
+    layout = fmt.Layout(n_vocab=V, n_embd=n, group_size=d, levels=L, codebook_size=K)
     with np.errstate(over="ignore", invalid="ignore"):  # inf/huge codebook values on purpose
         want = reference.decode_rvq(layout, packed_np, cb_np, ids_np[first:last])
     got = out[first:last, :n]
@@ -238,11 +215,11 @@ def run_hot_decode(lib: Lib, V, n, d, L, K, f16: bool, rng):
     G = n // d
     N = int(rng.integers(1, V + 1))
     Lh = int(rng.choice([1, 2, 3, 4, 7, 16]))
-    layout = reference.Layout(n_vocab=V, n_embd=n, group_size=d, levels=L, codebook_size=K, hot_rows=N, hot_levels=Lh)
-    codes_np = reference.pack_codes(rng.integers(0, K, size=(V, G, L), dtype=np.uint8))
+    layout = fmt.Layout(n_vocab=V, n_embd=n, group_size=d, levels=L, codebook_size=K, hot_rows=N, hot_levels=Lh)
+    codes_np = fmt.pack_codes(rng.integers(0, K, size=(V, G, L), dtype=np.uint8))
     cb_np = random_codebooks(rng, (G, L, K, d), f16)
     hot_ids_np = np.sort(rng.choice(V, size=N, replace=False)).astype(np.int32)
-    hot_codes_np = reference.pack_codes(rng.integers(0, K, size=(N, G, Lh), dtype=np.uint8))
+    hot_codes_np = fmt.pack_codes(rng.integers(0, K, size=(N, G, Lh), dtype=np.uint8))
     hot_cb_np = random_codebooks(rng, (G, Lh, K, d), f16)
     arrays = {}
     for name, arr in dict(codes=codes_np, cb=cb_np, hot_ids=hot_ids_np, hot_codes=hot_codes_np, hot_cb=hot_cb_np).items():
@@ -254,8 +231,10 @@ def run_hot_decode(lib: Lib, V, n, d, L, K, f16: bool, rng):
     ids[...] = ids_np
     first = int(rng.integers(0, n_ids + 1))
     last = int(rng.integers(first, n_ids + 1))
-    out = guarded((max(n_ids, 1), n), np.float32)
-    out[...] = 0
+    stride = n + int(rng.choice([0, 0, 1, 3, 8]))
+    sentinel = np.uint32(0x7FBADBAD)
+    out = guarded((max(n_ids, 1), stride), np.float32)
+    out.view(np.uint32)[...] = sentinel
 
     lay = make_layout(lib, V, n, d, L, K, version=2, N=N, Lh=Lh)
     assert lib.lib.carvq_layout_check(lay, lib.ffi.NULL, 0) == 0
@@ -263,15 +242,18 @@ def run_hot_decode(lib: Lib, V, n, d, L, K, f16: bool, rng):
                                    lib.ffi.NULL, 0) == 0
     cb_type = 1 if f16 else 0
     lib.lib.carvq_rows_decode(lay, ptr(lib, "uint8_t *", arrays["codes"]), ptr(lib, "void *", arrays["cb"]), cb_type,
-                              ptr(lib, "int32_t *", ids), n_ids, ptr(lib, "float *", out), n, first, last)
+                              ptr(lib, "int32_t *", ids), n_ids, ptr(lib, "float *", out), stride, first, last)
     lib.lib.carvq_rows_hot_add(lay, ptr(lib, "int32_t *", arrays["hot_ids"]), ptr(lib, "uint8_t *", arrays["hot_codes"]),
                                ptr(lib, "void *", arrays["hot_cb"]), cb_type, ptr(lib, "int32_t *", ids), n_ids,
-                               ptr(lib, "float *", out), n, first, last)
+                               ptr(lib, "float *", out), stride, first, last)
     with np.errstate(over="ignore", invalid="ignore"):
         want = reference.decode_rvq(layout, codes_np, cb_np, ids_np[first:last])
         reference.add_hot(layout, hot_ids_np, hot_codes_np, hot_cb_np, ids_np[first:last], want)
-    case = f"V={V} n={n} d={d} L={L} K={K} N={N} Lh={Lh} f16={f16} ids={n_ids} [{first},{last})"
-    assert np.array_equal(out[first:last].view(np.uint32), want.view(np.uint32)), case
+    case = f"V={V} n={n} d={d} L={L} K={K} N={N} Lh={Lh} f16={f16} ids={n_ids} [{first},{last}) stride={stride}"
+    assert np.array_equal(out[first:last, :n].view(np.uint32), want.view(np.uint32)), case
+    untouched = np.ones(out.shape, bool)
+    untouched[first:last, :n] = False
+    assert np.all(out.view(np.uint32)[untouched] == sentinel), "wrote outside its rows: " + case
 
 
 @pytest.mark.parametrize("f16", [False, True], ids=["f32", "f16"])
@@ -288,7 +270,7 @@ def test_hot_check(libs):
     ne = lib.ffi.new("int64_t[4]")
     assert lib.lib.carvq_layout_hot_codes_ne(lay, ne) == 0 and list(ne)[:2] == [3, N]  # ceil(2*3/2)
     assert lib.lib.carvq_layout_hot_codebooks_ne(lay, ne) == 0 and list(ne) == [d, K, Lh, 2]
-    good_codes = reference.pack_codes(np.zeros((N, 2, Lh), np.uint8))
+    good_codes = fmt.pack_codes(np.zeros((N, 2, Lh), np.uint8))
 
     def check(ids, codes):
         return check_msg(lib, lib.lib.carvq_hot_check, lay, lib.ffi.from_buffer("int32_t[]", np.asarray(ids, np.int32)),
@@ -314,6 +296,18 @@ def test_decode_every_small_group_size(lib, d, f16):
     for L, K in [(1, 2), (1, 16), (2, 3), (3, 16), (16, 16)]:
         for G in [1, 2, 3, 5, 8]:
             run_decode(lib, False, int(rng.integers(1, 6)), G * d, d, L, K, f16, rng)
+
+
+def test_limits_are_the_headers(libs):
+    """carvq.format's limits are carvq.h's CARVQ_* constants."""
+    lib = libs["default"].lib
+    assert lib.CARVQ_FORMAT_VERSION == fmt.FORMAT_VERSION
+    assert lib.CARVQ_MIN_FORMAT_VERSION == min(fmt.READABLE_VERSIONS)
+    assert lib.CARVQ_MAX_LEVELS == fmt.MAX_LEVELS
+    assert lib.CARVQ_MIN_CODEBOOK_SIZE == fmt.MIN_CODEBOOK_SIZE
+    assert lib.CARVQ_MAX_CODEBOOK_SIZE == fmt.MAX_CODEBOOK_SIZE
+    assert lib.CARVQ_MAX_ADAPTOR_RANK == fmt.MAX_ADAPTOR_RANK
+    assert lib.CARVQ_MAX_ADAPTOR_HIDDEN == fmt.MAX_ADAPTOR_HIDDEN
 
 
 def test_simd_names(libs):
@@ -427,11 +421,11 @@ def test_layout_sizes_match_reference(libs):
     for _ in range(200):
         V, n, d, L, K = random_case(rng)
         lay = make_layout(lib, V, n, d, L, K)
-        ref = reference.Layout(n_vocab=V, n_embd=n, group_size=d, levels=L, codebook_size=K)
+        ref = fmt.Layout(n_vocab=V, n_embd=n, group_size=d, levels=L, codebook_size=K)
         B = ref.code_row_bytes
         assert lib.lib.carvq_layout_n_groups(lay) == ref.n_groups
         assert lib.lib.carvq_layout_code_row_bytes(lay) == B
-        assert lib.lib.carvq_layout_codes_nbytes(lay) == reference.pack_codes(np.zeros((V, ref.n_groups, L))).nbytes == V * B
+        assert lib.lib.carvq_layout_codes_nbytes(lay) == fmt.pack_codes(np.zeros((V, ref.n_groups, L))).nbytes == V * B
         assert lib.lib.carvq_layout_codebooks_nelements(lay) == ref.n_groups * L * K * d
         assert lib.lib.carvq_layout_codebooks_nbytes(lay, 0) == 4 * ref.n_groups * L * K * d
         assert lib.lib.carvq_layout_codebooks_nbytes(lay, 1) == 2 * ref.n_groups * L * K * d
@@ -449,7 +443,7 @@ def test_codes_check(libs):
         G = n // d
         codes = rng.integers(0, K, size=(V, G, L), dtype=np.uint8)
         lay = make_layout(lib, V, n, d, L, K)
-        packed = reference.pack_codes(codes)
+        packed = fmt.pack_codes(codes)
         rc, msg = check_msg(lib, lib.lib.carvq_codes_check, lay, ptr(lib, "uint8_t *", packed))
         assert rc == 0 and msg == ""
         if K == 16:
@@ -459,12 +453,12 @@ def test_codes_check(libs):
             codes[r, rng.integers(G), rng.integers(L)] = rng.integers(K, 16)
         r0 = int(bad_rows[0])
         g0, l0 = [int(x[0]) for x in np.nonzero(codes[r0] >= K)]
-        packed = reference.pack_codes(codes)
+        packed = fmt.pack_codes(codes)
         rc, msg = check_msg(lib, lib.lib.carvq_codes_check, lay, ptr(lib, "uint8_t *", packed))
         assert rc != 0
         assert msg.startswith(f"codes row {r0}: code {g0 * L + l0} (group {g0}, level {l0}) is {codes[r0, g0, l0]},"), msg
-        with pytest.raises(reference.CarvqError):
-            reference.decode_rvq(reference.Layout(V, n, d, L, K), packed, np.zeros((G, L, K, d), np.float32), [r0])
+        with pytest.raises(CarvqError):
+            reference.decode_rvq(fmt.Layout(V, n, d, L, K), packed, np.zeros((G, L, K, d), np.float32), [r0])
 
 
 def test_codes_check_padding_nibble(libs):
@@ -472,7 +466,7 @@ def test_codes_check_padding_nibble(libs):
     for K in (16, 5):
         V, n, d, L = 7, 12, 4, 3  # G*L = 9, odd: 5 bytes per row, last high nibble is padding
         lay = make_layout(lib, V, n, d, L, K)
-        packed = reference.pack_codes(np.ones((V, 3, L), np.uint8))
+        packed = fmt.pack_codes(np.ones((V, 3, L), np.uint8))
         assert packed.shape == (V, 5)
         assert lib.lib.carvq_codes_check(lay, ptr(lib, "uint8_t *", packed), lib.ffi.NULL, 0) == 0
         packed[4, 4] |= 0x10
@@ -504,8 +498,8 @@ def test_ids_check(libs):
 
 
 # ---- the C harness tests/fuzz/carvq_fuzz.c in standalone mode --------------------------------
-# It decodes random (mostly valid) inputs three ways (dispatch, scalar, a naive loop) from
-# exactly-sized heap buffers; under ASan/UBSan that also proves the SIMD over-read/over-write
+# It decodes random (mostly valid) inputs, hot rows included, through the dispatched path and
+# the scalar reference (tested against NumPy above) from exactly-sized heap buffers; under ASan/UBSan that also proves the SIMD over-read/over-write
 # tricks stay inside the buffers. Under qemu-aarch64 it checks the NEON path.
 
 FUZZ_SRC = ROOT / "tests" / "fuzz" / "carvq_fuzz.c"

@@ -9,7 +9,6 @@ from conftest import run_cli
 from tiny_models import synthetic_corpus
 
 
-
 def _text(workdir: Path) -> Path:
     path = workdir / "eval-corpus.txt"
     if not path.exists():
@@ -32,6 +31,17 @@ def test_eval_model_against_itself_has_zero_kld(tiny_gguf, workdir):
     result = evaluate(model, _text(workdir), model, ctx=64, chunks=6, progress=False)
     assert result.kld_mean <= 1e-6 and result.kld_p99 <= 1e-6
     assert result.top1 == 1.0 and abs(result.delta_ppl) <= 1e-6 * result.ppl
+
+
+def test_eval_measures_a_real_difference(tiny_carvq, tiny_gguf, workdir):
+    """The CARVQ model against its source: a parser that read zeros would pass the self-test."""
+    from carvq.runtime.evaluate import evaluate
+
+    path, _ = tiny_carvq("llama")
+    result = evaluate(path, _text(workdir), tiny_gguf("llama"), ctx=64, chunks=6, progress=False)
+    assert 0 < result.kld_mean <= result.kld_p99 <= result.kld_max
+    assert 0 < result.top1 <= 1 and result.delta_ppl != 0
+    assert math.isfinite(result.ref_ppl) and result.ref_ppl > 1
 
 
 def test_eval_table_against_reference(tiny_carvq, tiny_gguf, workdir):

@@ -38,13 +38,11 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_carvq() -> Path:
     import carvq.converter as conv
-
+    from carvq import format as fmt
     from carvq.llama_source import cache_dir
 
-    import carvq.cli
-
-    digest = hashlib.sha256()  # the converter and the CLI's defaults
-    for src in [*sorted(Path(conv.__file__).parent.glob("*.py")), Path(carvq.cli.__file__)]:
+    digest = hashlib.sha256()  # the converter (its defaults included) and the format's writer
+    for src in [*sorted(Path(conv.__file__).parent.glob("*.py")), Path(fmt.__file__)]:
         digest.update(src.read_bytes())
     out = cache_dir() / "test-models" / f"smollm2-default-{digest.hexdigest()[:16]}.carvq.gguf"
     if not out.exists():
@@ -52,7 +50,7 @@ def smollm2_carvq() -> Path:
         for stale in out.parent.glob("smollm2-default-*.carvq.gguf"):
             stale.unlink()  # made by an older converter
         proc = subprocess.run([sys.executable, "-m", "carvq.cli", "convert", str(smollm2_path()), "-o", str(out), "-q"],
-                              capture_output=True, text=True, errors="replace", cwd=Path(__file__).parent)
+                              capture_output=True, text=True, errors="replace")
         assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -78,7 +76,6 @@ def _read_until(fd: int, needle: str, timeout: float) -> str:
 def test_chat_answers_paris(smollm2_carvq):
     pid, fd = pty.fork()
     if pid == 0:  # child: the chat, as a user would start it
-        os.chdir(Path(__file__).parent)
         os.execvp(sys.executable, [sys.executable, "-m", "carvq.cli", "chat", str(smollm2_carvq),
                                    "--temperature", "0", "-n", "48"])
     try:

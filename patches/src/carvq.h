@@ -9,7 +9,7 @@
 // Build requirements:
 //   - compile carvq.c with -ffp-contract=off (the file also sets it with pragmas/attributes;
 //     the flag makes it hold for every compiler), and never with -ffast-math: the RVQ sum
-//     must be bit-exact with carvq/reference.py.
+//     must be bit-exact with src/carvq/reference.py.
 //   - SIMD paths are chosen at compile time: AVX (F32) / F16C (F16) on x86, SSE2 as the
 //     x86-64 baseline, NEON on ARM (F16 on AArch64). Define CARVQ_NO_SIMD to build the
 //     scalar path only.
@@ -113,7 +113,7 @@ int carvq_ids_check(const struct carvq_layout * l, const int32_t * ids, int64_t 
 // [first, last) is clamped to [0, n_ids). Preconditions (not checked here, for speed): the
 // layout, codes and ids passed the checks above; codebooks holds G*L*K*d elements of
 // cb_type; out does not overlap codes or codebooks.
-// Bit-exact with carvq/reference.py decode_rvq: each element is ((0 + c_0) + c_1) + ... +
+// Bit-exact with src/carvq/reference.py decode_rvq: each element is ((0 + c_0) + c_1) + ... +
 // c_{L-1} in float32, F16 codebook values converted exactly. This holds for every non-NaN
 // result in the default FP environment (no flush-to-zero / denormals-are-zero). Where two
 // NaNs meet, which payload survives depends on operand order, which neither C compilers nor
@@ -147,7 +147,7 @@ void carvq_rows_decode_scalar(
 // Hot part of the decode, after carvq_rows_decode on the same rows: each row r in
 // [first, last) whose token is a hot row j (hot_ids[j] == ids[r], found by binary search)
 // continues its sums with the hot levels: out = ((out + h_0) + h_1) + ... + h_{Lh-1}, in
-// float32, bit-exact with carvq/reference.py add_hot. Other rows are left alone; a no-op
+// float32, bit-exact with src/carvq/reference.py add_hot. Other rows are left alone; a no-op
 // when N == 0. Same preconditions as carvq_rows_decode, plus carvq_hot_check.
 void carvq_rows_hot_add(
         const struct carvq_layout * l,

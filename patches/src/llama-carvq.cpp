@@ -23,7 +23,18 @@
 
 static_assert(sizeof(carvq_layout) == 56, "carvq_layout is part of the decoder ABI");
 
-static const char * CARVQ_KEY_VERSION = "carvq.format_version";
+// The carvq.* metadata keys of docs/FORMAT.md (src/carvq/format.py, class Key), in one place.
+namespace carvq_key {
+    constexpr const char * VERSION        = "carvq.format_version";
+    constexpr const char * GROUP_SIZE     = "carvq.group_size";
+    constexpr const char * LEVELS         = "carvq.levels";
+    constexpr const char * CODEBOOK_SIZE  = "carvq.codebook_size";
+    constexpr const char * ADAPTOR_RANK   = "carvq.adaptor_rank";
+    constexpr const char * ADAPTOR_HIDDEN = "carvq.adaptor_hidden";
+    constexpr const char * ACTIVATION     = "carvq.adaptor_activation";
+    constexpr const char * HOT_ROWS       = "carvq.hot_rows";
+    constexpr const char * HOT_LEVELS     = "carvq.hot_levels";
+}
 
 static uint32_t carvq_key_u32(const gguf_context * meta, const char * key) {
     const int64_t id = gguf_find_key(meta, key);
@@ -45,7 +56,7 @@ static std::string carvq_key_str(const gguf_context * meta, const char * key) {
 }
 
 bool llama_carvq_present(const llama_model_loader & ml) {
-    return gguf_find_key(ml.metadata, CARVQ_KEY_VERSION) >= 0;
+    return gguf_find_key(ml.metadata, carvq_key::VERSION) >= 0;
 }
 
 static void carvq_expect_type(const ggml_tensor * t, bool allow_f16, bool is_codes = false) {
@@ -62,15 +73,15 @@ void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml,
     carvq_layout & l = carvq.layout;
     l.n_vocab        = model.vocab.n_tokens();
     l.n_embd         = model.hparams.n_embd;
-    l.format_version = (int32_t) carvq_key_u32(meta, CARVQ_KEY_VERSION);
-    l.group_size     = (int32_t) std::min<uint32_t>(carvq_key_u32(meta, "carvq.group_size"),     INT32_MAX);
-    l.levels         = (int32_t) std::min<uint32_t>(carvq_key_u32(meta, "carvq.levels"),         INT32_MAX);
-    l.codebook_size  = (int32_t) std::min<uint32_t>(carvq_key_u32(meta, "carvq.codebook_size"),  INT32_MAX);
-    l.adaptor_rank   = (int32_t) std::min<uint32_t>(carvq_key_u32(meta, "carvq.adaptor_rank"),   INT32_MAX);
-    l.adaptor_hidden = (int32_t) std::min<uint32_t>(carvq_key_u32(meta, "carvq.adaptor_hidden"), INT32_MAX);
+    l.format_version = (int32_t) std::min<uint32_t>(carvq_key_u32(meta, carvq_key::VERSION),        INT32_MAX);
+    l.group_size     = (int32_t) std::min<uint32_t>(carvq_key_u32(meta, carvq_key::GROUP_SIZE),     INT32_MAX);
+    l.levels         = (int32_t) std::min<uint32_t>(carvq_key_u32(meta, carvq_key::LEVELS),         INT32_MAX);
+    l.codebook_size  = (int32_t) std::min<uint32_t>(carvq_key_u32(meta, carvq_key::CODEBOOK_SIZE),  INT32_MAX);
+    l.adaptor_rank   = (int32_t) std::min<uint32_t>(carvq_key_u32(meta, carvq_key::ADAPTOR_RANK),   INT32_MAX);
+    l.adaptor_hidden = (int32_t) std::min<uint32_t>(carvq_key_u32(meta, carvq_key::ADAPTOR_HIDDEN), INT32_MAX);
     if (l.format_version >= 2) {
-        l.hot_rows   = carvq_key_u32(meta, "carvq.hot_rows");
-        l.hot_levels = (int32_t) std::min<uint32_t>(carvq_key_u32(meta, "carvq.hot_levels"), INT32_MAX);
+        l.hot_rows   = carvq_key_u32(meta, carvq_key::HOT_ROWS);
+        l.hot_levels = (int32_t) std::min<uint32_t>(carvq_key_u32(meta, carvq_key::HOT_LEVELS), INT32_MAX);
     }
 
     char err[256];
@@ -78,7 +89,7 @@ void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml,
         throw std::runtime_error(format("CARVQ: %s", err));
     }
 
-    const std::string act = carvq_key_str(meta, "carvq.adaptor_activation");
+    const std::string act = carvq_key_str(meta, carvq_key::ACTIVATION);
     if (l.adaptor_rank == 0) {
         carvq.activation = LLAMA_CARVQ_ACT_NONE;
     } else if (act == "relu") {
@@ -179,7 +190,9 @@ void llama_carvq_check_data(const llama_carvq & carvq) {
 
 // dst = RVQ rows of ids; src[0] codes, src[1] codebooks, src[2] ids, and with hot rows
 // src[3] hot_ids, src[4] hot_codes, src[5] hot_codebooks. Thread ith decodes a contiguous
-// slice of rows.
+// slice of rows, after checking that slice's ids itself: llama_batch_allocr already refuses
+// out-of-range tokens, so this only turns a broken invariant into an abort, never a read
+// outside the codes.
 static void carvq_rvq_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const carvq_layout * l = (const carvq_layout *) userdata;
     const ggml_tensor * codes = dst->src[0];
@@ -187,20 +200,16 @@ static void carvq_rvq_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const ggml_tensor * ids   = dst->src[2];
     const int64_t n_ids = ids->ne[0];
 
-    if (ith == 0) {
-        char err[160];
-        if (carvq_ids_check(l, (const int32_t *) ids->data, n_ids, err, sizeof(err)) != 0) {
-            GGML_ABORT("CARVQ lookup: %s", err);
-        }
-    }
     const int64_t per   = (n_ids + nth - 1) / nth;
     const int64_t first = per * ith;
     const int64_t last  = std::min(n_ids, first + per);
     if (first >= last) {
         return;
     }
-    // the ids check of thread 0 may run concurrently: ids out of range were already
-    // rejected by llama_batch_allocr, this check only turns a broken invariant into an abort
+    char err[160];
+    if (carvq_ids_check(l, (const int32_t *) ids->data + first, last - first, err, sizeof(err)) != 0) {
+        GGML_ABORT("CARVQ lookup, rows %lld..%lld: %s", (long long) first, (long long) last - 1, err);
+    }
     const carvq_codebook_type cb_type = cb->type == GGML_TYPE_F16 ? CARVQ_CODEBOOK_F16 : CARVQ_CODEBOOK_F32;
     const int64_t stride = (int64_t) (dst->nb[1] / sizeof(float));
     carvq_rows_decode(l, (const uint8_t *) codes->data, cb->data, cb_type, (const int32_t *) ids->data, n_ids,
@@ -235,8 +244,10 @@ ggml_tensor * llama_carvq_build_lookup(ggml_context * ctx, const llama_carvq & c
     const int n_tasks = tokens->ne[0] < 8 ? 1 : GGML_N_TASKS_MAX;
     ggml_tensor * cur = ggml_custom_4d(ctx, GGML_TYPE_F32, l.n_embd, tokens->ne[0], 1, 1, args, n_args,
                                        carvq_rvq_op, n_tasks, (void *) &carvq.layout);
+    // build_inp_embd names the lookup's result "embd" (the node the runtime's embedding_rows()
+    // reads back); the names here only label the nodes inside the lookup in graph dumps
     if (l.adaptor_rank == 0) {
-        ggml_set_name(cur, "carvq_embd"); // the name the runtime's embedding_rows() reads back
+        ggml_set_name(cur, "carvq_embd");
         return cur;
     }
     ggml_set_name(cur, "carvq_rvq");

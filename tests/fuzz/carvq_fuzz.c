@@ -1,12 +1,13 @@
 // Fuzz / differential harness for patches/src/carvq.c.
 //
-// Each input is turned into a layout plus codes, codebooks and ids (mostly valid, sometimes
-// not). The harness runs carvq_layout_check / carvq_codes_check / carvq_ids_check, and only
-// when they pass decodes the rows three ways: carvq_rows_decode (SIMD when compiled in),
-// carvq_rows_decode_scalar and a naive loop written here from FORMAT.md. All three must be
-// bit-identical and must not write outside their rows. A second mode feeds raw 64-bit shapes
-// to the layout checks and verifies (with 128-bit arithmetic) that every accepted layout has
-// byte sizes that fit in int64_t.
+// Each input is turned into a layout plus codes, codebooks, hot rows and ids (mostly valid,
+// sometimes not). The harness runs carvq_layout_check / carvq_codes_check / carvq_hot_check /
+// carvq_ids_check, and only when they pass decodes the rows twice: carvq_rows_decode (SIMD
+// when compiled in) and carvq_rows_decode_scalar, the one scalar reference (which
+// tests/test_c_decoder.py checks against the NumPy reference), each followed by
+// carvq_rows_hot_add. Both must be bit-identical and must not write outside their rows. A
+// second mode feeds raw 64-bit shapes to the layout checks and verifies (with 128-bit
+// arithmetic) that every accepted layout has byte sizes that fit in int64_t.
 //
 // NaN results are compared as "both NaN": when both operands of an add are NaN, which
 // payload survives depends on operand order, and compilers may swap the operands of a
@@ -52,43 +53,6 @@ static uint64_t rd_u64(struct reader * r) {
     return x;
 }
 
-// the naive decode, straight from FORMAT.md
-static float naive_half(uint16_t h) {
-    const int e = (h >> 10) & 31, m = h & 1023;
-    float v;
-    if (e == 31) {
-        return carvq_fp16_to_fp32(h); // inf / NaN: bit patterns, not arithmetic
-    }
-    if (e == 0) {
-        v = (float) m * (1.0f / 16777216.0f); // m * 2^-24, exact
-    } else {
-        v = (float) (1024 + m) * (1.0f / 16777216.0f);
-        for (int k = 1; k < e; ++k) {
-            v *= 2.0f; // exact power-of-two scaling
-        }
-    }
-    return (h & 0x8000) ? -v : v;
-}
-
-static void naive_decode(const struct carvq_layout * l, const uint8_t * codes, const void * cb, int f16,
-        int32_t id, float * out) {
-    const int64_t d = l->group_size, G = l->n_embd / d, L = l->levels, K = l->codebook_size;
-    const int64_t B = (G * L + 1) / 2;
-    for (int64_t g = 0; g < G; ++g) {
-        for (int64_t i = 0; i < d; ++i) {
-            float acc = 0.0f;
-            for (int64_t lv = 0; lv < L; ++lv) {
-                const int64_t j = g * L + lv;
-                const uint8_t byte = codes[id * B + j / 2];
-                const int c = (j % 2 == 0) ? (byte & 0x0F) : (byte >> 4);
-                const int64_t e = ((g * L + lv) * K + c) * d + i;
-                acc = acc + (f16 ? naive_half(((const uint16_t *) cb)[e]) : ((const float *) cb)[e]);
-            }
-            out[g * d + i] = acc;
-        }
-    }
-}
-
 // 128-bit products: the harness's own overflow arithmetic, independent of carvq.c
 static int fits(unsigned __int128 x) {
     return x <= (unsigned __int128) INT64_MAX;
@@ -129,7 +93,34 @@ static void fuzz_huge(struct reader * r) {
 }
 
 static const uint32_t SENTINEL = 0x7fbadbadu;
-static long n_decoded; // inputs that reached the decode (reported by the standalone driver)
+static long n_decoded;     // inputs that reached the decode (reported by the standalone driver)
+static long n_decoded_hot; // ... of them with hot rows
+
+// rows x B packed bytes of GL codes from the input: valid (codes < K, zero padding) unless raw
+static void fill_codes(struct reader * r, uint8_t * codes, int64_t rows, int64_t B, int64_t GL, int64_t K, int raw) {
+    for (int64_t t = 0; t < rows; ++t) {
+        for (int64_t b = 0; b < B; ++b) {
+            uint8_t x = rd_u8(r);
+            if (!raw) {
+                const unsigned lo = (x & 15u) % (unsigned) K;
+                unsigned hi = (unsigned) (x >> 4) % (unsigned) K;
+                if (2 * b + 1 >= GL) hi = 0;
+                x = (uint8_t) (lo | (hi << 4));
+            }
+            codes[t * B + b] = x;
+        }
+    }
+}
+
+// the format's rule for packed codes, written here independently of carvq_codes_check
+static int codes_valid(const uint8_t * codes, int64_t rows, int64_t B, int64_t GL, int64_t K) {
+    for (int64_t k = 0; k < rows * B; ++k) {
+        const int64_t b = k % B;
+        const unsigned lo = codes[k] & 15u, hi = codes[k] >> 4;
+        if (lo >= (unsigned) K || (2 * b + 1 < GL ? hi >= (unsigned) K : hi != 0)) return 0;
+    }
+    return 1;
+}
 
 int LLVMFuzzerTestOneInput(const uint8_t * data, size_t size);
 
@@ -141,8 +132,8 @@ int LLVMFuzzerTestOneInput(const uint8_t * data, size_t size) {
         return 0;
     }
     // small shapes, so that buffers can be allocated and filled
-    struct carvq_layout l = {0}; // no hot rows: this harness covers the version-1 paths
-    l.format_version = (flags & 3) == 3 ? (int32_t) rd_u8(&r) : 1;
+    struct carvq_layout l = {0};
+    l.format_version = (flags & 3) == 3 ? (int32_t) rd_u8(&r) : (flags & 3) == 2 ? 2 : 1;
     l.n_vocab = 1 + rd_u8(&r);
     l.group_size = rd_u8(&r) % 34;
     const int64_t G = rd_u8(&r) % 32;
@@ -157,6 +148,11 @@ int LLVMFuzzerTestOneInput(const uint8_t * data, size_t size) {
     const int64_t pad = (flags >> 6) * 3;
     const int64_t n_ids = rd_u8(&r);
     const uint8_t fa = rd_u8(&r), fb = rd_u8(&r);
+    const uint8_t hn = rd_u8(&r), hl = rd_u8(&r);
+    if (l.format_version >= 2) {
+        l.hot_rows = hn % (l.n_vocab + 1);
+        l.hot_levels = l.hot_rows ? 1 + hl % 16 : 0;
+    }
 
     char err[256] = "";
     if (carvq_layout_check(&l, err, sizeof(err)) != 0) {
@@ -172,20 +168,21 @@ int LLVMFuzzerTestOneInput(const uint8_t * data, size_t size) {
         FUZZ_FAIL("codebooks_nbytes");
 
     // exactly-sized heap buffers so that ASan sees any over-read / over-write
-    uint8_t * codes = malloc((size_t) (V * B));
+    const int64_t N = l.hot_rows, GLh = (n / l.group_size) * l.hot_levels, Bh = (GLh + 1) / 2;
+    const int64_t hot_cb_nel = GLh * K * l.group_size;
+    uint8_t * codes = malloc((size_t) (V * B) + 1);
     uint8_t * cb = malloc((size_t) cb_nel * esize + 1);
     int32_t * ids = malloc((size_t) n_ids * sizeof(int32_t) + 1);
-    for (int64_t t = 0; t < V; ++t) {
-        for (int64_t b = 0; b < B; ++b) {
-            uint8_t x = rd_u8(&r);
-            if (!raw_codes) { // valid codes, zero padding
-                const unsigned lo = (x & 15u) % (unsigned) K;
-                unsigned hi = (unsigned) (x >> 4) % (unsigned) K;
-                if (2 * b + 1 >= GL) hi = 0;
-                x = (uint8_t) (lo | (hi << 4));
-            }
-            codes[t * B + b] = x;
-        }
+    int32_t * hot_ids = malloc((size_t) N * sizeof(int32_t) + 1);
+    uint8_t * hot_codes = malloc((size_t) (N * Bh) + 1);
+    uint8_t * hot_cb = malloc((size_t) hot_cb_nel * esize + 1);
+    fill_codes(&r, codes, V, B, GL, K, raw_codes);
+    fill_codes(&r, hot_codes, N, Bh, GLh, K, raw_codes);
+    for (int64_t j = 0; j < N; ++j) {
+        hot_ids[j] = (int32_t) (j * V / N); // strictly increasing for N <= V
+    }
+    if (wild_ids && N > 1) { // out of order: carvq_hot_check must refuse
+        hot_ids[0] = hot_ids[N - 1];
     }
     // codebook values: the input's bytes as raw bit patterns (NaN, inf, subnormals, -0 ...),
     // cycled when the input is shorter
@@ -193,25 +190,27 @@ int LLVMFuzzerTestOneInput(const uint8_t * data, size_t size) {
     for (size_t k = 0; k < (size_t) cb_nel * esize; ++k) {
         cb[k] = rest ? r.p[r.i + k % rest] : (uint8_t) k;
     }
+    for (size_t k = 0; k < (size_t) hot_cb_nel * esize; ++k) {
+        hot_cb[k] = rest ? r.p[r.i + (k * 7 + 3) % rest] : (uint8_t) (k * 7);
+    }
     for (int64_t k = 0; k < n_ids; ++k) {
         const uint8_t x = rest ? r.p[r.i + (size_t) k % rest] : (uint8_t) k;
         ids[k] = wild_ids ? (int32_t) x - 8 : (int32_t) (x % V);
     }
 
-    int codes_ok = 1;
-    for (int64_t k = 0; k < V * B && codes_ok; ++k) {
-        const int64_t b = k % B;
-        const unsigned lo = codes[k] & 15u, hi = codes[k] >> 4;
-        if (lo >= (unsigned) K || (2 * b + 1 < GL ? hi >= (unsigned) K : hi != 0)) codes_ok = 0;
-    }
+    const int codes_ok = codes_valid(codes, V, B, GL, K);
     if ((carvq_codes_check(&l, codes, err, sizeof(err)) == 0) != codes_ok) FUZZ_FAIL("codes_check disagrees");
+    const int hot_ok = codes_valid(hot_codes, N, Bh, GLh, K) && !(wild_ids && N > 1);
+    if (N > 0 && (carvq_hot_check(&l, hot_ids, hot_codes, err, sizeof(err)) == 0) != hot_ok) {
+        FUZZ_FAIL("hot_check disagrees");
+    }
     int ids_ok = 1;
     for (int64_t k = 0; k < n_ids; ++k) {
         if (ids[k] < 0 || ids[k] >= V) ids_ok = 0;
     }
     if ((carvq_ids_check(&l, ids, n_ids, err, sizeof(err)) == 0) != ids_ok) FUZZ_FAIL("ids_check disagrees");
 
-    if (codes_ok && ids_ok) {
+    if (codes_ok && ids_ok && (N == 0 || hot_ok)) {
         const int64_t stride = n + pad;
         const int64_t first = n_ids ? (fa % (n_ids + 1)) : 0;
         const int64_t last = n_ids ? first + (fb % (n_ids - first + 1)) : 0;
@@ -223,38 +222,40 @@ int LLVMFuzzerTestOneInput(const uint8_t * data, size_t size) {
         }
         const enum carvq_codebook_type type = f16 ? CARVQ_CODEBOOK_F16 : CARVQ_CODEBOOK_F32;
         n_decoded++;
+        n_decoded_hot += N > 0;
         carvq_rows_decode(&l, codes, cb, type, ids, n_ids, out[0], stride, first, last);
         carvq_rows_decode_scalar(&l, codes, cb, type, ids, n_ids, out[1], stride, first, last);
-        float * want = malloc((size_t) n * sizeof(float));
+        for (int k = 0; k < 2; ++k) {
+            carvq_rows_hot_add(&l, hot_ids, hot_codes, hot_cb, type, ids, n_ids, out[k], stride, first, last);
+        }
         for (int64_t row = 0; row < n_ids; ++row) {
             const int inside = row >= first && row < last;
-            if (inside) naive_decode(&l, codes, cb, f16, ids[row], want);
-            for (int k = 0; k < 2; ++k) {
-                for (int64_t e = 0; e < stride; ++e) {
-                    uint32_t got;
-                    memcpy(&got, &out[k][row * stride + e], 4);
-                    if (inside && e < n) {
-                        uint32_t w;
-                        memcpy(&w, &want[e], 4);
-                        const int both_nan = (got & 0x7fffffffu) > 0x7f800000u && (w & 0x7fffffffu) > 0x7f800000u;
-                        if (got != w && !both_nan) {
-                            FUZZ_FAIL("%s decode differs from naive: V=%" PRId64 " n=%" PRId64 " d=%d L=%d K=%d f16=%d "
-                                    "row %" PRId64 " elem %" PRId64 ": %08x vs %08x", k ? "scalar" : carvq_simd_name(type),
-                                    V, n, l.group_size, l.levels, l.codebook_size, f16, row, e, got, w);
-                        }
-                    } else if (got != SENTINEL) {
-                        FUZZ_FAIL("decode wrote outside its rows (row %" PRId64 ", elem %" PRId64 ")", row, e);
+            for (int64_t e = 0; e < stride; ++e) {
+                uint32_t got, want;
+                memcpy(&got, &out[0][row * stride + e], 4);
+                memcpy(&want, &out[1][row * stride + e], 4);
+                if (inside && e < n) {
+                    const int both_nan = (got & 0x7fffffffu) > 0x7f800000u && (want & 0x7fffffffu) > 0x7f800000u;
+                    if (got != want && !both_nan) {
+                        FUZZ_FAIL("%s decode differs from the scalar reference: V=%" PRId64 " n=%" PRId64 " d=%d L=%d "
+                                "K=%d N=%" PRId64 " Lh=%d f16=%d row %" PRId64 " elem %" PRId64 ": %08x vs %08x",
+                                carvq_simd_name(type), V, n, l.group_size, l.levels, l.codebook_size, N, l.hot_levels,
+                                f16, row, e, got, want);
                     }
+                } else if (got != SENTINEL || want != SENTINEL) {
+                    FUZZ_FAIL("decode wrote outside its rows (row %" PRId64 ", elem %" PRId64 ")", row, e);
                 }
             }
         }
-        free(want);
         free(out[0]);
         free(out[1]);
     }
     free(codes);
     free(cb);
     free(ids);
+    free(hot_ids);
+    free(hot_codes);
+    free(hot_cb);
     return 0;
 }
 
@@ -287,7 +288,7 @@ int main(int argc, char ** argv) {
     for (long it = 0; it < iters; ++it) {
         const size_t len = 12 + (size_t) (rng_next() % (sizeof(buf) - 12));
         for (size_t k = 0; k < len; ++k) buf[k] = (uint8_t) rng_next();
-        // bias towards decodable inputs: version 1, no huge mode, valid codes and ids
+        // bias towards decodable inputs: version 1 or 2 (hot rows), no huge mode, valid codes and ids
         if (it % 4 != 0) {
             buf[0] &= (uint8_t) ~(0x10 | 0x08 | 0x20);
             if ((buf[0] & 3) == 3) buf[0] &= (uint8_t) ~1;
@@ -300,8 +301,8 @@ int main(int argc, char ** argv) {
         }
         LLVMFuzzerTestOneInput(buf, len);
     }
-    printf("carvq_fuzz: simd=%s/%s, %ld of %ld inputs decoded\n", carvq_simd_name(CARVQ_CODEBOOK_F32),
-            carvq_simd_name(CARVQ_CODEBOOK_F16), n_decoded, iters);
+    printf("carvq_fuzz: simd=%s/%s, %ld of %ld inputs decoded, %ld with hot rows\n", carvq_simd_name(CARVQ_CODEBOOK_F32),
+            carvq_simd_name(CARVQ_CODEBOOK_F16), n_decoded, iters, n_decoded_hot);
     printf("carvq_fuzz: %ld passed, 0 failed\n", iters);
     return 0;
 }

@@ -9,10 +9,6 @@ import sys
 from carvq.errors import CarvqError
 
 
-HOT_BPW_DEFAULT = 0.08
-HOT_LEVELS_DEFAULT = 2
-
-
 def _cmd_convert(args) -> int:
     from carvq.converter.config import Config
     from carvq.converter.convert import convert
@@ -29,7 +25,7 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from carvq.inspect import inspect_text
+    from carvq.inspection import inspect_text
 
     print(inspect_text(args.file))
     return 0
@@ -83,7 +79,7 @@ def _cmd_footprint(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from carvq.runtime.speed import bench
+    from carvq.runtime.ab_speed import bench
 
     result = bench(args.model, args.baseline, rounds=args.rounds, prompt=args.prompt, gen=args.gen,
                    threads=args.threads, progress=not args.json)
@@ -147,6 +143,11 @@ def _add_sampling(p: argparse.ArgumentParser, max_tokens: int, temperature: floa
 
 def build_parser() -> argparse.ArgumentParser:
     from carvq import __version__
+    from carvq.format import ACTIVATIONS
+
+    # the converter's defaults, read without importing torch (config.py needs none)
+    from carvq.converter.config import DEFAULT_ADAPTOR_HIDDEN, DEFAULT_ITERS
+    from carvq.converter.config import Config as D
 
     p = argparse.ArgumentParser(prog="carvq", description="CARVQ embedding compression for llama.cpp models")
     p.add_argument("--version", action="version", version=f"carvq {__version__}")
@@ -155,21 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="compress a model's token embedding to CARVQ-GGUF")
     c.add_argument("input", help="a GGUF file or a Hugging Face checkpoint directory")
     c.add_argument("-o", "--output", required=True, help="the CARVQ-GGUF to write")
-    c.add_argument("--group-size", type=int, default=8, help="columns per sub-vector, d (default 8)")
-    c.add_argument("--levels", type=int, default=3, help="residual levels per group, L (default 3)")
-    c.add_argument("--adaptor-rank", type=int, default=0,
-                   help="width m of the per-token table sigma_0 of the corrective adaptor; 0 = no adaptor (default 0: "
-                        "at equal bits hot rows measured better, docs/RESULTS.md); 4 is a good size")
-    c.add_argument("--adaptor-hidden", type=int, default=64, help="hidden width of the adaptor MLP (default 64)")
-    c.add_argument("--activation", choices=("gelu", "silu", "relu"), default="gelu")
-    c.add_argument("--hot-bpw", type=float, default=HOT_BPW_DEFAULT,
+    c.add_argument("--group-size", type=int, default=D.group_size, help=f"columns per sub-vector, d (default {D.group_size})")
+    c.add_argument("--levels", type=int, default=D.levels, help=f"residual levels per group, L (default {D.levels})")
+    c.add_argument("--adaptor-rank", type=int, default=D.adaptor_rank,
+                   help="width m of the per-token table sigma_0 of the corrective adaptor; 0 = no adaptor (default "
+                        f"{D.adaptor_rank}: at equal bits hot rows measured better, docs/RESULTS.md); 4 is a good size")
+    c.add_argument("--adaptor-hidden", type=int, default=DEFAULT_ADAPTOR_HIDDEN,
+                   help=f"hidden width of the adaptor MLP (default {DEFAULT_ADAPTOR_HIDDEN})")
+    c.add_argument("--activation", choices=ACTIVATIONS, default=D.activation)
+    c.add_argument("--hot-bpw", type=float, default=D.hot_bpw,
                    help="bits per weight spent on hot rows: the most frequent tokens get extra residual levels, "
-                        f"as many as this pays for; 0 = none (default {HOT_BPW_DEFAULT}). With --target-bpw, "
+                        f"as many as this pays for; 0 = none (default {D.hot_bpw}). With --target-bpw, "
                         "whatever the levels leave of the target goes to hot rows too")
     c.add_argument("--hot-rows", type=int, help="exactly this many hot rows instead (overrides --hot-bpw)")
-    c.add_argument("--hot-levels", type=int, default=HOT_LEVELS_DEFAULT,
-                   help=f"extra residual levels of a hot row (default {HOT_LEVELS_DEFAULT})")
-    c.add_argument("--iters", type=int, default=2, help="RVQ/adaptor alternation rounds at most, with an adaptor (default 2; one fit without)")
+    c.add_argument("--hot-levels", type=int, default=D.hot_levels,
+                   help=f"extra residual levels of a hot row (default {D.hot_levels})")
+    c.add_argument("--iters", type=int, default=DEFAULT_ITERS,
+                   help=f"RVQ/adaptor alternation rounds at most, with an adaptor (default {DEFAULT_ITERS}; one fit without)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--target-bpw", type=float, help="pick group size and levels: least weighted error with lookup bpw <= this")
     c.add_argument("--calibration", help="text file whose token counts weight the objective (default: a prior from the tokenizer)")

@@ -1,7 +1,9 @@
 """`carvq inspect FILE`: what a GGUF holds, tensor by tensor, with CARVQ's parameters."""
 from __future__ import annotations
 
+from carvq import format as fmt
 from carvq import gguf_io as gio
+from carvq.format import Key
 
 
 def _bpw(t) -> float:
@@ -22,24 +24,24 @@ def inspect_text(path) -> str:
     total = sum(r[3] for r in rows)
     n_params = sum(int(t.n_elements) for t in reader.tensors)
     lines.append(f"{'total':<{width}}  {'':<8} {f'{n_params:,} elements':<22}{total:>14,}{8 * total / max(n_params, 1):>9.3f}")
-    if gio.is_carvq(reader):
+    if fmt.is_carvq(reader):
         lines += ["", *carvq_summary(reader)]
     return "\n".join(lines)
 
 
 def carvq_summary(reader) -> list[str]:
-    lo = gio.read_layout(reader)
-    carvq_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith(gio.PREFIX))
+    lo = fmt.read_layout(reader)
+    carvq_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith(fmt.PREFIX))
     head = gio.tensor_by_name(reader, gio.HEAD)
-    head_copy = bool(gio.field_value(reader, gio.K_HEAD_COPY, False))
+    head_copy = bool(gio.field_value(reader, Key.HEAD_COPY, False))
     n_w = lo.n_vocab * lo.n_embd
     lines = [
-        f"CARVQ format {gio.field_value(reader, gio.K_VERSION)}: embedding {lo.n_vocab} x {lo.n_embd} "
-        f"(source type {gio.field_value(reader, gio.K_SRC_TYPE)})",
+        f"CARVQ format {gio.field_value(reader, Key.VERSION)}: embedding {lo.n_vocab} x {lo.n_embd} "
+        f"(source type {gio.field_value(reader, Key.SOURCE_TYPE)})",
         f"  group size {lo.group_size} ({lo.n_groups} groups), levels {lo.levels}, codebook size {lo.codebook_size}",
         "  adaptor: " + (f"rank {lo.adaptor_rank}, hidden {lo.adaptor_hidden}, {lo.activation}" if lo.adaptor_rank else "none"),
         "  hot rows: " + (f"{lo.hot_rows} tokens with {lo.hot_levels} more levels" if lo.hot_rows else "none"),
-        f"  lookup: {carvq_bytes:,} bytes = {8 * carvq_bytes / n_w:.4f} bpw (metadata says {gio.field_value(reader, gio.K_BPW):.4f})",
+        f"  lookup: {carvq_bytes:,} bytes = {8 * carvq_bytes / n_w:.4f} bpw (metadata says {gio.field_value(reader, Key.BPW):.4f})",
     ]
     if head_copy and head is not None:
         hb = int(head.n_bytes)

@@ -1,4 +1,5 @@
-"""`carvq bench MODEL --baseline OTHER`: prompt-processing and generation speed, A/B.
+"""`carvq bench MODEL --baseline OTHER`: a user's A/B of two GGUFs' prompt and generation speed
+through llama-bench (the project's own benchmark scripts, with committed results, are bench/).
 
 Each round runs llama-bench once on each model, in alternating order (A B, B A, ...), so
 slow drifts of the machine (thermal, other load) hit both alike. Reported: mean tokens/s

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from carvq import format as fmt
 from carvq import gguf_io as gio
 from carvq.errors import CarvqError
 
@@ -35,7 +36,7 @@ def write_dense_embedding(src, out: Path, matrix, keep_head: bool = False) -> No
     placed = False
     add_head = keep_head and gio.tensor_by_name(reader, gio.HEAD) is None
     for t in reader.tensors:
-        if t.name == gio.EMBD or t.name.startswith(gio.PREFIX):
+        if t.name == gio.EMBD or t.name.startswith(fmt.PREFIX):
             if not placed:
                 if isinstance(matrix, np.ndarray):
                     writer.add_tensor(gio.EMBD, matrix)
@@ -50,11 +51,3 @@ def write_dense_embedding(src, out: Path, matrix, keep_head: bool = False) -> No
         raise CarvqError(f"{src}: no embedding to replace")
     with gio.atomic_output(Path(out)) as tmp:
         gio.write_gguf(writer, tmp, progress=False)
-
-
-def decode_all(path) -> np.ndarray:
-    """Every row of a CARVQ-GGUF's embedding, decoded by the NumPy reference."""
-    from carvq.reference import read_tensors
-
-    tensors = read_tensors(path)
-    return tensors.decode(np.arange(tensors.layout.n_vocab))

@@ -1,0 +1,93 @@
+"""What `carvq convert` prints: the all-inclusive byte and bpw breakdown, and how far the
+decoded embedding is from the source. Only summary numbers are kept, never the matrices."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from carvq.converter.config import Config
+
+
+@dataclass(frozen=True)
+class ErrorStats:
+    rel_error: float  # ||M - R||_F / ||M||_F
+    weighted_rel_error: float  # the same with each row weighted by its token weight
+    mean_cos: float  # row cosine similarity of M and R
+    worst_cos: float
+
+    @classmethod
+    def measure(cls, M: np.ndarray, R: np.ndarray, w: np.ndarray) -> "ErrorStats":
+        err = M - R
+        row_cos = (M * R).sum(1) / np.maximum(np.linalg.norm(M, axis=1) * np.linalg.norm(R, axis=1), 1e-30)
+        wn = w / w.sum()
+        return cls(
+            rel_error=float(np.linalg.norm(err) / max(np.linalg.norm(M), 1e-30)),
+            weighted_rel_error=float(np.sqrt(((err**2).sum(1) * wn).sum() / max(((M**2).sum(1) * wn).sum(), 1e-30))),
+            mean_cos=float(row_cos.mean()), worst_cos=float(row_cos.min()))
+
+
+@dataclass
+class Report:
+    input: str
+    output: str
+    arch: str
+    n_vocab: int
+    n_embd: int
+    source_type: str
+    config: Config
+    weights_from: str
+    parts: dict[str, int]
+    head_bytes: int
+    head_type: str
+    head_copied: bool
+    errors: "ErrorStats"
+    seconds: float
+    rounds: int
+    source_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_weights(self) -> int:
+        return self.n_vocab * self.n_embd
+
+    def bpw(self, nbytes: int) -> float:
+        return 8.0 * nbytes / self.n_weights
+
+    @property
+    def lookup_bytes(self) -> int:
+        return sum(self.parts.values())
+
+    def format(self) -> str:
+        c = self.config
+        rows = [(name, nbytes, self.bpw(nbytes)) for name, nbytes in self.parts.items()]
+        rows.append(("lookup total", self.lookup_bytes, self.bpw(self.lookup_bytes)))
+        if self.head_copied:
+            rows.append((f"head copy ({self.head_type})", self.head_bytes, self.bpw(self.head_bytes)))
+            total = self.lookup_bytes + self.head_bytes
+            rows.append(("lookup + head copy", total, self.bpw(total)))
+        lines = [
+            f"carvq convert: {self.input} -> {self.output}",
+            f"  model: {self.arch}, embedding {self.n_vocab} x {self.n_embd}, source type {self.source_type} "
+            f"({self.source_bytes / 2**20:.2f} MiB, {self.bpw(self.source_bytes):.3f} bpw)",
+            f"  config: group size {c.group_size}, levels {c.levels}, codebook {c.codebook_size} ({c.codebook_type}), "
+            f"adaptor rank {c.adaptor_rank}, hidden {c.adaptor_hidden}, {c.activation if c.adaptor_rank else 'no adaptor'}, "
+            + (f"{c.hot_rows} hot rows with {c.hot_levels} more levels" if c.hot_rows else "no hot rows"),
+            f"  token weights: {self.weights_from}",
+            "",
+            f"  {'part':<26}{'bytes':>14}{'bpw':>9}",
+        ]
+        lines += [f"  {name:<26}{nbytes:>14,}{b:>9.4f}" for name, nbytes, b in rows]
+        lines += [
+            "",
+            f"  relative error (Frobenius)     {self.errors.rel_error:.4f}",
+            f"  relative error (token-weighted) {self.errors.weighted_rel_error:.4f}",
+            f"  row cosine similarity          mean {self.errors.mean_cos:.4f}, worst {self.errors.worst_cos:.4f}",
+            f"  fit rounds used                {self.rounds}",
+            f"  time                           {self.seconds:.1f} s",
+        ]
+        if self.head_copied:
+            lines.append(f"  note: the source ties its output head to the embedding; the head copy costs "
+                         f"{self.head_bytes / 2**20:.2f} MiB ({self.bpw(self.head_bytes):.3f} bpw)")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)

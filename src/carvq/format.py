@@ -1,0 +1,329 @@
+"""docs/FORMAT.md in code: the CARVQ-GGUF format's names, limits and layout, and its
+reader and writer side by side.
+
+Everything the format text names lives here: the version, the `carvq.*` keys, the
+`token_embd.carvq.*` tensors, the limits (the same numbers as CARVQ_MAX_* in
+patches/src/carvq.h, checked by a test), `Layout`, the code packing, and the functions that
+read those tensors from a GGUF and write them into one. The decode itself is
+carvq.reference (NumPy) and patches/src/carvq.c (C).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from carvq import gguf_io as gio
+from carvq.errors import CarvqError
+
+FORMAT_VERSION = 2  # what the writer writes
+READABLE_VERSIONS = (1, 2)  # version 1 is version 2 without hot rows
+
+# limits (FORMAT.md "Metadata keys"; carvq.h CARVQ_MAX_*)
+MAX_LEVELS = 16  # L and Lh
+MIN_CODEBOOK_SIZE = 2
+MAX_CODEBOOK_SIZE = 16  # K: codes are 4-bit
+MAX_ADAPTOR_RANK = 1024
+MAX_ADAPTOR_HIDDEN = 65536
+ACTIVATIONS = ("relu", "silu", "gelu")
+
+PREFIX = "token_embd.carvq."
+
+
+class Key:
+    """The carvq.* metadata keys."""
+
+    VERSION = "carvq.format_version"
+    GROUP_SIZE = "carvq.group_size"
+    LEVELS = "carvq.levels"
+    CODEBOOK_SIZE = "carvq.codebook_size"
+    ADAPTOR_RANK = "carvq.adaptor_rank"
+    ADAPTOR_HIDDEN = "carvq.adaptor_hidden"
+    ACTIVATION = "carvq.adaptor_activation"
+    SOURCE_TYPE = "carvq.source_type"
+    HEAD_COPY = "carvq.head_copy"
+    BPW = "carvq.bpw"
+    HEAD_BPW = "carvq.head_bpw"
+    HOT_ROWS = "carvq.hot_rows"
+    HOT_LEVELS = "carvq.hot_levels"
+
+
+class Tensor:
+    """The token_embd.carvq.* tensor names."""
+
+    CODES = PREFIX + "codes"
+    CODEBOOKS = PREFIX + "codebooks"
+    SIGMA0 = PREFIX + "sigma0"
+    UP_W = PREFIX + "up.weight"
+    UP_B = PREFIX + "up.bias"
+    DOWN_W = PREFIX + "down.weight"
+    DOWN_B = PREFIX + "down.bias"
+    HOT_IDS = PREFIX + "hot_ids"
+    HOT_CODES = PREFIX + "hot_codes"
+    HOT_CODEBOOKS = PREFIX + "hot_codebooks"
+    ADAPTOR = (SIGMA0, UP_W, UP_B, DOWN_W, DOWN_B)
+    HOT = (HOT_IDS, HOT_CODES, HOT_CODEBOOKS)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The shape parameters of a CARVQ embedding (FORMAT.md, Notation)."""
+
+    n_vocab: int  # V
+    n_embd: int  # n
+    group_size: int  # d
+    levels: int  # L
+    codebook_size: int  # K
+    adaptor_rank: int = 0  # m
+    adaptor_hidden: int = 0  # h
+    activation: str = "none"
+    hot_rows: int = 0  # N: rows with extra residual levels (version 2)
+    hot_levels: int = 0  # Lh
+
+    @property
+    def n_groups(self) -> int:
+        return self.n_embd // self.group_size
+
+    @property
+    def codes_per_row(self) -> int:
+        return self.n_groups * self.levels
+
+    @property
+    def code_row_bytes(self) -> int:  # B
+        return (self.codes_per_row + 1) // 2
+
+    @property
+    def hot_code_row_bytes(self) -> int:  # Bh
+        return (self.n_groups * self.hot_levels + 1) // 2
+
+    def hot_layout(self) -> "Layout":
+        """The hot levels seen as an RVQ of their own over the N hot rows (for packing)."""
+        return Layout(self.hot_rows, self.n_embd, self.group_size, self.hot_levels, self.codebook_size)
+
+    def check(self) -> None:
+        """Raise CarvqError when the parameters contradict FORMAT.md."""
+        if self.n_vocab < 1 or self.n_embd < 1:
+            raise CarvqError(f"empty embedding {self.n_vocab}x{self.n_embd}")
+        if self.group_size < 1 or self.n_embd % self.group_size:
+            raise CarvqError(f"group size {self.group_size} does not divide width {self.n_embd}")
+        if not 1 <= self.levels <= MAX_LEVELS:
+            raise CarvqError(f"levels {self.levels} outside 1..{MAX_LEVELS}")
+        if not MIN_CODEBOOK_SIZE <= self.codebook_size <= MAX_CODEBOOK_SIZE:
+            raise CarvqError(f"codebook size {self.codebook_size} outside {MIN_CODEBOOK_SIZE}..{MAX_CODEBOOK_SIZE}")
+        if not 0 <= self.adaptor_rank <= MAX_ADAPTOR_RANK or not 0 <= self.adaptor_hidden <= MAX_ADAPTOR_HIDDEN:
+            raise CarvqError("adaptor rank or hidden width out of range")
+        if (self.adaptor_rank == 0) != (self.adaptor_hidden == 0):
+            raise CarvqError("adaptor rank and hidden width must both be zero or both non-zero")
+        if self.adaptor_rank and self.activation not in ACTIVATIONS:
+            raise CarvqError(f"unknown adaptor activation {self.activation!r}")
+        if not 0 <= self.hot_rows <= self.n_vocab or not 0 <= self.hot_levels <= MAX_LEVELS:
+            raise CarvqError(f"hot rows {self.hot_rows} or hot levels {self.hot_levels} out of range")
+        if (self.hot_rows == 0) != (self.hot_levels == 0):
+            raise CarvqError("hot rows and hot levels must both be zero or both non-zero")
+
+
+@dataclass
+class CarvqTensors:
+    """The CARVQ tensors of one embedding, as NumPy arrays in FORMAT.md's shapes and types.
+    The adaptor's five arrays are None when m == 0, the hot rows' three when N == 0."""
+
+    layout: Layout
+    codes: np.ndarray  # (V, B) uint8, packed
+    codebooks: np.ndarray  # (G, L, K, d) float32 or float16
+    sigma0: np.ndarray | None = None  # (V, m)
+    up_w: np.ndarray | None = None  # (h, m)
+    up_b: np.ndarray | None = None  # (h,) float32
+    down_w: np.ndarray | None = None  # (n, h)
+    down_b: np.ndarray | None = None  # (n,) float32
+    hot_ids: np.ndarray | None = None  # (N,) int32, strictly increasing
+    hot_codes: np.ndarray | None = None  # (N, Bh) uint8, packed
+    hot_codebooks: np.ndarray | None = None  # (G, Lh, K, d), the codebooks' type
+
+    def named(self) -> list[tuple[str, np.ndarray]]:
+        """(tensor name, array) in file order, packed codes as I8 as stored."""
+        out = [(Tensor.CODES, self.codes.view(np.int8)), (Tensor.CODEBOOKS, self.codebooks)]
+        if self.layout.adaptor_rank:
+            out += list(zip(Tensor.ADAPTOR, (self.sigma0, self.up_w, self.up_b, self.down_w, self.down_b)))
+        if self.layout.hot_rows:
+            out += [(Tensor.HOT_IDS, self.hot_ids), (Tensor.HOT_CODES, self.hot_codes.view(np.int8)),
+                    (Tensor.HOT_CODEBOOKS, self.hot_codebooks)]
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# code packing (FORMAT.md "Code packing")
+
+def pack_codes(codes: np.ndarray) -> np.ndarray:
+    """(V, G, L) codes in 0..15 -> (V, ceil(G*L/2)) uint8, low nibble = even index."""
+    v = codes.shape[0]
+    flat = codes.reshape(v, -1).astype(np.uint8)
+    if flat.shape[1] % 2:
+        flat = np.concatenate([flat, np.zeros((v, 1), np.uint8)], axis=1)
+    return (flat[:, 0::2] | (flat[:, 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_codes(packed: np.ndarray, layout: Layout) -> np.ndarray:
+    """(V', B) bytes -> (V', G, L) codes as uint8."""
+    packed = np.asarray(packed).view(np.uint8)
+    both = np.empty((packed.shape[0], packed.shape[1] * 2), np.uint8)
+    both[:, 0::2] = packed & 0x0F
+    both[:, 1::2] = packed >> 4
+    return both[:, : layout.codes_per_row].reshape(-1, layout.n_groups, layout.levels)
+
+
+# ---------------------------------------------------------------------------------------
+# reading (FORMAT.md "Validation")
+
+def is_carvq(reader) -> bool:
+    return reader.get_field(Key.VERSION) is not None
+
+
+def read_layout(reader) -> Layout:
+    """The Layout of a CARVQ file, from its metadata and tensor shapes (validated)."""
+    version = gio.field_value(reader, Key.VERSION)
+    if version is None:
+        raise CarvqError(f"not a CARVQ-GGUF: no {Key.VERSION} key")
+    if version not in READABLE_VERSIONS:
+        raise CarvqError(f"CARVQ format version {version} is not supported (this carvq reads versions "
+                         f"{', '.join(map(str, READABLE_VERSIONS))})")
+    codes = gio.tensor_by_name(reader, Tensor.CODES)
+    if codes is None:
+        raise CarvqError(f"CARVQ tensor {Tensor.CODES} is missing")
+    value = lambda key, default=None: gio.field_value(reader, key, default)  # noqa: E731
+    try:
+        layout = Layout(
+            n_vocab=int(codes.shape[1]),
+            n_embd=_embedding_width(reader),
+            group_size=int(value(Key.GROUP_SIZE)),
+            levels=int(value(Key.LEVELS)),
+            codebook_size=int(value(Key.CODEBOOK_SIZE)),
+            adaptor_rank=int(value(Key.ADAPTOR_RANK)),
+            adaptor_hidden=int(value(Key.ADAPTOR_HIDDEN)),
+            activation=str(value(Key.ACTIVATION)),
+            hot_rows=int(value(Key.HOT_ROWS, 0) if version >= 2 else 0),
+            hot_levels=int(value(Key.HOT_LEVELS, 0) if version >= 2 else 0),
+        )
+    except TypeError:
+        raise CarvqError("CARVQ metadata incomplete: a carvq.* key is missing") from None
+    layout.check()
+    return layout
+
+
+def _embedding_width(reader) -> int:
+    cb = gio.tensor_by_name(reader, Tensor.CODEBOOKS)
+    if cb is None:
+        raise CarvqError(f"CARVQ tensor {Tensor.CODEBOOKS} is missing")
+    if len(cb.shape) != 4:
+        raise CarvqError(f"CARVQ tensor {Tensor.CODEBOOKS} must have 4 dimensions (G, L, K, d), has {len(cb.shape)}")
+    return int(cb.shape[0]) * int(cb.shape[3])  # ne = [d, K, L, G]
+
+
+def _expect(reader, name: str, types: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
+    t = gio.tensor_by_name(reader, name)
+    if t is None:
+        raise CarvqError(f"CARVQ tensor {name} is missing")
+    if t.tensor_type.name not in types:
+        raise CarvqError(f"CARVQ tensor {name} has type {t.tensor_type.name}, expected {' or '.join(types)}")
+    got = tuple(int(x) for x in reversed(t.shape.tolist()))
+    if got != shape:
+        raise CarvqError(f"CARVQ tensor {name} has shape {got}, expected {shape}")
+    return np.asarray(t.data).reshape(shape)
+
+
+def read_tensors(source) -> CarvqTensors:
+    """The CARVQ tensors of a file (a path or a gguf.GGUFReader), checked against FORMAT.md."""
+    reader = source if hasattr(source, "tensors") else gio.open_gguf(source)
+    lo = read_layout(reader)
+    floats = ("F32", "F16")
+    codes = _expect(reader, Tensor.CODES, ("I8",), (lo.n_vocab, lo.code_row_bytes)).view(np.uint8)
+    codebooks = _expect(reader, Tensor.CODEBOOKS, floats, (lo.n_groups, lo.levels, lo.codebook_size, lo.group_size))
+    found = CarvqTensors(lo, codes, codebooks)
+    if lo.hot_rows:
+        hot_ids = _expect(reader, Tensor.HOT_IDS, ("I32",), (lo.hot_rows,))
+        if hot_ids.min() < 0 or hot_ids.max() >= lo.n_vocab or (np.diff(hot_ids.astype(np.int64)) <= 0).any():
+            raise CarvqError(f"CARVQ tensor {Tensor.HOT_IDS} must hold strictly increasing token ids in 0..{lo.n_vocab - 1}")
+        found.hot_ids = hot_ids
+        found.hot_codes = _expect(reader, Tensor.HOT_CODES, ("I8",), (lo.hot_rows, lo.hot_code_row_bytes)).view(np.uint8)
+        found.hot_codebooks = _expect(reader, Tensor.HOT_CODEBOOKS, (gio.tensor_by_name(reader, Tensor.CODEBOOKS).tensor_type.name,),
+                                      (lo.n_groups, lo.hot_levels, lo.codebook_size, lo.group_size))
+    else:
+        _refuse_stray(reader, Tensor.HOT, f"{Key.HOT_ROWS} is 0")
+    if lo.adaptor_rank:
+        m, h, n = lo.adaptor_rank, lo.adaptor_hidden, lo.n_embd
+        found.sigma0 = _expect(reader, Tensor.SIGMA0, floats, (lo.n_vocab, m))
+        found.up_w = _expect(reader, Tensor.UP_W, floats, (h, m))
+        found.up_b = _expect(reader, Tensor.UP_B, ("F32",), (h,))
+        found.down_w = _expect(reader, Tensor.DOWN_W, floats, (n, h))
+        found.down_b = _expect(reader, Tensor.DOWN_B, ("F32",), (n,))
+    else:
+        _refuse_stray(reader, Tensor.ADAPTOR, f"{Key.ADAPTOR_RANK} is 0")
+    return found
+
+
+def _refuse_stray(reader, names, why: str) -> None:
+    stray = [n for n in names if gio.tensor_by_name(reader, n) is not None]
+    if stray:
+        raise CarvqError(f"CARVQ tensor {stray[0]} present but {why}")
+
+
+# ---------------------------------------------------------------------------------------
+# writing
+
+@dataclass(frozen=True)
+class Provenance:
+    """The descriptive carvq.* keys: where the embedding came from and what it costs."""
+
+    source_type: str  # ggml type name of the source token_embd.weight
+    head_copy: bool  # the writer added output.weight for a tied source
+    bpw: float  # carvq.bpw: the lookup, every token_embd.carvq.* tensor
+    head_bpw: float  # carvq.head_bpw: the head copy, 0 without one
+
+
+def check_finite(tensors: CarvqTensors) -> None:
+    """Writers never store non-finite values (FORMAT.md): a codebook that overflowed F16, or
+    a diverged adaptor, would decode to inf/NaN rows."""
+    for name, arr in tensors.named():
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise CarvqError(f"{name}: non-finite values (an F16 overflow or a diverged fit); nothing was written")
+
+
+def add_metadata(writer, layout: Layout, provenance: Provenance) -> None:
+    """The carvq.* keys of FORMAT.md, into a gguf.GGUFWriter."""
+    writer.add_uint32(Key.VERSION, FORMAT_VERSION)
+    writer.add_uint32(Key.GROUP_SIZE, layout.group_size)
+    writer.add_uint32(Key.LEVELS, layout.levels)
+    writer.add_uint32(Key.CODEBOOK_SIZE, layout.codebook_size)
+    writer.add_uint32(Key.ADAPTOR_RANK, layout.adaptor_rank)
+    writer.add_uint32(Key.ADAPTOR_HIDDEN, layout.adaptor_hidden)
+    writer.add_string(Key.ACTIVATION, layout.activation if layout.adaptor_rank else "none")
+    writer.add_string(Key.SOURCE_TYPE, provenance.source_type)
+    writer.add_bool(Key.HEAD_COPY, provenance.head_copy)
+    writer.add_float32(Key.BPW, provenance.bpw)
+    writer.add_float32(Key.HEAD_BPW, provenance.head_bpw)
+    writer.add_uint32(Key.HOT_ROWS, layout.hot_rows)
+    writer.add_uint32(Key.HOT_LEVELS, layout.hot_levels)
+
+
+def write_model(source_reader, out, arch: str, tensors: CarvqTensors, provenance: Provenance,
+                head: tuple[np.ndarray, object] | None = None, progress: bool = False) -> None:
+    """Write `out`: the source model with token_embd.weight replaced by `tensors` (in its
+    place, so tensor order is kept) and, for a tied source, `head` = (data, ggml type) as
+    output.weight. Every other key and tensor is copied byte for byte. Atomic: a failure
+    leaves no file behind."""
+    import gguf
+
+    check_finite(tensors)
+    writer = gguf.GGUFWriter(None, arch)
+    gio.copy_fields(source_reader, writer, skip=set())
+    add_metadata(writer, tensors.layout, provenance)
+    for tensor in source_reader.tensors:
+        if tensor.name != gio.EMBD:
+            gio.add_source_tensor(writer, tensor)
+            continue
+        for name, arr in tensors.named():
+            writer.add_tensor(name, arr)
+        if head is not None:
+            data, qtype = head
+            writer.add_tensor(gio.HEAD, data, raw_dtype=qtype)
+    with gio.atomic_output(out) as tmp:
+        gio.write_gguf(writer, tmp, progress)

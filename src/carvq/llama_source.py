@@ -1,0 +1,165 @@
+"""The pinned llama.cpp source tree: fetched from the package index by name, verified, cached.
+
+carvq never commits llama.cpp. Its source is the `vendor/llama.cpp` of the
+llama-cpp-python sdist below, downloaded from the package index pip is configured to use,
+checked against a fixed sha256 and unpacked once into the user cache.
+
+Standard library only, and no build backend: CMake runs this file as a script before
+anything else is installed. `pip download` is not used because pip prepares an sdist's
+metadata before it saves the file, which needs llama-cpp-python's build backend
+(scikit-build-core); the index's simple API (PEP 503 / PEP 691) only needs HTTP.
+
+    python src/carvq/llama_source.py          # prints the path of the unpacked tree
+"""
+from __future__ import annotations
+
+import hashlib
+import html.parser
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+PACKAGE = "llama-cpp-python"
+VERSION = "0.3.36"
+SDIST = "llama_cpp_python-0.3.36.tar.gz"
+SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+COMMIT = "0c1e57098"
+VENDOR_DIR = "llama_cpp_python-0.3.36/vendor/llama.cpp"
+DEFAULT_INDEX = "https://pypi.org/simple"
+TIMEOUT_S = 120
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("CARVQ_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "carvq")
+    return Path(root)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def package_indexes() -> list[str]:
+    """The simple-API indexes pip would use: its index-url (environment, then pip config,
+    then PyPI) followed by its extra-index-urls. A private mirror keeps working."""
+    found: dict[str, list[str]] = {"index-url": [], "extra-index-url": []}
+    try:
+        listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                                 timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        listing = ""
+    for line in listing.splitlines():  # e.g. global.index-url='https://mirror/simple'
+        key, _, value = line.partition("=")
+        option = key.rsplit(".", 1)[-1]
+        if option in found:
+            found[option] += value.strip().strip("'\"").split()
+    index = os.environ.get("PIP_INDEX_URL", "").split() or found["index-url"][-1:] or [DEFAULT_INDEX]
+    extra = os.environ.get("PIP_EXTRA_INDEX_URL", "").split() or found["extra-index-url"]
+    return list(dict.fromkeys(index + extra))
+
+
+class _Anchors(html.parser.HTMLParser):
+    """The href of every <a> in a PEP 503 project page."""
+
+    def __init__(self):
+        super().__init__()
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        href = dict(attrs).get("href")
+        if tag == "a" and href:
+            self.hrefs.append(href)
+
+
+def _sdist_url(index: str) -> str | None:
+    """The sdist's download URL on one index, or None when that index does not have it."""
+    page = f"{index.rstrip('/')}/{PACKAGE}/"
+    request = urllib.request.Request(page, headers={
+        "Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"})
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as resp:
+            body, kind = resp.read(), resp.headers.get("Content-Type", "")
+    except (OSError, ValueError):
+        return None
+    if "json" in kind:
+        links = [f["url"] for f in json.loads(body).get("files", [])]
+    else:
+        parser = _Anchors()
+        parser.feed(body.decode("utf-8", "replace"))
+        links = parser.hrefs
+    for link in links:
+        if urllib.parse.urlsplit(link).path.rsplit("/", 1)[-1] == SDIST:
+            return urllib.parse.urljoin(page, link)
+    return None
+
+
+def _download(dest_dir: Path) -> Path:
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    sdist = dest_dir / SDIST
+    if not sdist.exists():
+        indexes = package_indexes()
+        url = next((u for u in map(_sdist_url, indexes) if u), None)
+        if url is None:
+            raise SystemExit(f"carvq: {SDIST} not found on the package index ({', '.join(indexes)}); "
+                             f"download it by hand into {dest_dir}, or set CARVQ_LLAMA_CPP_DIR to an unpacked tree")
+        print(f"carvq: downloading {url}", file=sys.stderr)
+        fd, partial = tempfile.mkstemp(prefix=SDIST + ".", suffix=".part", dir=dest_dir)
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=TIMEOUT_S) as resp:
+                shutil.copyfileobj(resp, out, 1 << 20)
+            os.replace(partial, sdist)
+        except OSError as exc:
+            raise SystemExit(f"carvq: downloading {url} failed: {exc}") from None
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+    digest = _sha256(sdist)
+    if digest != SHA256:
+        sdist.unlink()
+        raise SystemExit(f"carvq: {SDIST} has sha256 {digest}, expected {SHA256}; deleted it")
+    return sdist
+
+
+def source_tree() -> Path:
+    """Path of the pristine, unpacked llama.cpp tree (fetching it when absent)."""
+    override = os.environ.get("CARVQ_LLAMA_CPP_DIR")
+    if override:
+        return Path(override)
+    tree = cache_dir() / f"llama.cpp-{COMMIT}"
+    if (tree / "CMakeLists.txt").exists():
+        return tree
+    sdist = _download(cache_dir() / "downloads")
+    staging = Path(tempfile.mkdtemp(prefix="llama.cpp-", dir=cache_dir()))
+    try:
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(VENDOR_DIR + "/")]
+            tar.extractall(staging, members=members, **_tar_filter())
+        unpacked = staging / VENDOR_DIR
+        # The sdist's vendor/llama.cpp/.git is a gitlink into a repo that is not there.
+        git_link = unpacked / ".git"
+        if git_link.is_file():
+            git_link.unlink()
+        os.replace(unpacked, tree)  # atomic: a half-unpacked tree is never visible
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return tree
+
+
+def _tar_filter() -> dict:
+    # the "data" filter refuses links out of the tree and device files; Pythons before
+    # 3.10.12 / 3.11.4 lack it, and the sha256 check above already pins the archive
+    return {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+
+
+if __name__ == "__main__":
+    print(source_tree())
