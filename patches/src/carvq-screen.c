@@ -1,0 +1,367 @@
+// carvq-screen.c - screened output head (see carvq-screen.h and docs/SCREEN.md).
+// Build with -ffp-contract=off and without -ffast-math: the tables are specified bit-exact.
+
+#include "carvq-screen.h"
+
+#include <math.h>
+#include <string.h>
+
+#if defined(__FAST_MATH__)
+#error "carvq-screen.c must not be compiled with -ffast-math (its tables are specified bit-exact)"
+#endif
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize ("fp-contract=off")
+#endif
+
+#if !defined(CARVQ_NO_SIMD)
+#  if defined(__AVX2__)
+#    define CARVQ_SCREEN_AVX2 1
+#    include <immintrin.h>
+#  elif defined(__ARM_NEON) && defined(__aarch64__)
+#    define CARVQ_SCREEN_NEON 1
+#    include <arm_neon.h>
+#  endif
+#endif
+
+#define CARVQ_SCREEN_HALF (CARVQ_SCREEN_BLOCK / 2) // rows per nibble of a block byte
+
+// the derived sizes the screen needs, from a valid layout
+struct carvq_screen_geom {
+    int64_t G, GL, GLp, GLh, Bh, block_bytes, n_blocks;
+};
+
+static int carvq_screen_geom_init(const struct carvq_layout * l, struct carvq_screen_geom * s) {
+    if (carvq_layout_check(l, NULL, 0) != 0) {
+        return 1;
+    }
+    s->G = l->n_embd / l->group_size;
+    s->GL = s->G * l->levels;
+    s->GLp = s->GL + (s->GL & 1);
+    s->GLh = s->G * l->hot_levels;
+    s->Bh = s->GLh / 2 + (s->GLh & 1);
+    s->block_bytes = s->GLp * 16;
+    s->n_blocks = (l->n_vocab + CARVQ_SCREEN_BLOCK - 1) / CARVQ_SCREEN_BLOCK;
+    return 0;
+}
+
+static inline unsigned carvq_screen_code(const uint8_t * crow, int64_t j) {
+    return (crow[j >> 1] >> ((j & 1) * 4)) & 15u;
+}
+
+int64_t carvq_screen_blocks_nbytes(const struct carvq_layout * l) {
+    struct carvq_screen_geom s;
+    if (carvq_screen_geom_init(l, &s)) {
+        return -1;
+    }
+    // n_blocks * GLp * 16 <= (V/32 + 1) * (G*L + 1) * 16, about the codes' own size: no overflow
+    // for a layout carvq_layout_check accepted
+    return s.n_blocks * s.block_bytes;
+}
+
+void carvq_screen_relayout(const struct carvq_layout * l, const uint8_t * codes, uint8_t * blocks) {
+    struct carvq_screen_geom s;
+    if (carvq_screen_geom_init(l, &s)) {
+        return;
+    }
+    const int64_t B = s.GL / 2 + (s.GL & 1);
+    memset(blocks, 0, (size_t) (s.n_blocks * s.block_bytes));
+    for (int64_t r = 0; r < l->n_vocab; ++r) {
+        const uint8_t * crow = codes + r * B;
+        uint8_t * blk = blocks + (r / CARVQ_SCREEN_BLOCK) * s.block_bytes;
+        const int64_t i = r % CARVQ_SCREEN_BLOCK;
+        const int shift = i < CARVQ_SCREEN_HALF ? 0 : 4;
+        for (int64_t j = 0; j < s.GL; ++j) {
+            blk[j * 16 + (i % CARVQ_SCREEN_HALF)] |= (uint8_t) (carvq_screen_code(crow, j) << shift);
+        }
+    }
+}
+
+int64_t carvq_screen_work_floats(const struct carvq_layout * l) {
+    struct carvq_screen_geom s;
+    if (carvq_screen_geom_init(l, &s)) {
+        return -1;
+    }
+    return (s.GL + s.GLh) * (l->codebook_size + 1); // the tables, then their minima
+}
+
+// ---- tables ------------------------------------------------------------------------------
+
+// t[j][k] for the `levels` tables of one codebook tensor (G, levels, K, d), j = g*levels + l
+static void carvq_screen_dots(const struct carvq_layout * l, const void * cb, enum carvq_codebook_type type,
+        int64_t levels, const float * h, float * t) {
+    const int64_t d = l->group_size, K = l->codebook_size, G = l->n_embd / d;
+    for (int64_t j = 0; j < G * levels; ++j) {
+        const float * hg = h + (j / levels) * d;
+        for (int64_t k = 0; k < K; ++k) {
+            const int64_t e = (j * K + k) * d;
+            float acc = 0.0f;
+            for (int64_t i = 0; i < d; ++i) {
+                const float c = type == CARVQ_CODEBOOK_F16 ? carvq_fp16_to_fp32(((const uint16_t *) cb)[e + i])
+                                                           : ((const float *) cb)[e + i];
+                acc = acc + hg[i] * c;
+            }
+            t[j * K + k] = acc;
+        }
+    }
+}
+
+// per table: its minimum into lo[j]; returns the largest max - min over the tables
+static float carvq_screen_ranges(const float * t, int64_t n_tables, int64_t K, float * lo, float R) {
+    for (int64_t j = 0; j < n_tables; ++j) {
+        float mn = t[j * K], mx = t[j * K];
+        for (int64_t k = 1; k < K; ++k) {
+            mn = t[j * K + k] < mn ? t[j * K + k] : mn;
+            mx = t[j * K + k] > mx ? t[j * K + k] : mx;
+        }
+        lo[j] = mn;
+        const float r = mx - mn;
+        R = r > R ? r : R; // a NaN range never wins; a NaN table is caught by !isfinite below
+    }
+    return R;
+}
+
+static uint8_t carvq_screen_quant(float x, float inv, int32_t qmax) {
+    const float v = nearbyintf(x * inv); // default rounding: to nearest, ties to even (np.rint)
+    if (!(v > 0.0f)) {
+        return 0; // negative, zero or NaN
+    }
+    return v >= (float) qmax ? (uint8_t) qmax : (uint8_t) v;
+}
+
+static void carvq_screen_quantize(const float * t, const float * lo, int64_t n_tables, int64_t K, float inv,
+        int32_t qmax, uint8_t * q) {
+    for (int64_t j = 0; j < n_tables; ++j) {
+        for (int64_t k = 0; k < 16; ++k) {
+            q[j * 16 + k] = k < K ? carvq_screen_quant(t[j * K + k] - lo[j], inv, qmax) : 0;
+        }
+    }
+}
+
+static float carvq_screen_sum(const float * x, int64_t n) {
+    float s = 0.0f;
+    for (int64_t j = 0; j < n; ++j) {
+        s = s + x[j];
+    }
+    return s;
+}
+
+void carvq_screen_tables_build(const struct carvq_layout * l, const void * codebooks, const void * hot_codebooks,
+        enum carvq_codebook_type cb_type, const float * h, float * work, uint8_t * q, uint8_t * qh,
+        struct carvq_screen_tables * t) {
+    struct carvq_screen_geom s;
+    if (carvq_screen_geom_init(l, &s)) {
+        return;
+    }
+    const int64_t K = l->codebook_size;
+    float * ts = work;                         // GL * K
+    float * th = ts + s.GL * K;                // GLh * K
+    float * lo = th + s.GLh * K;               // GL + GLh minima
+    carvq_screen_dots(l, codebooks, cb_type, l->levels, h, ts);
+    if (s.GLh > 0) {
+        carvq_screen_dots(l, hot_codebooks, cb_type, l->hot_levels, h, th);
+    }
+    const int32_t qmax = (int32_t) (65535 / s.GLp < 255 ? 65535 / s.GLp : 255);
+    float R = carvq_screen_ranges(ts, s.GL, K, lo, 0.0f);
+    R = carvq_screen_ranges(th, s.GLh, K, lo + s.GL, R);
+    const float inv = R > 0.0f && isfinite(R) ? (float) qmax / R : 0.0f;
+    carvq_screen_quantize(ts, lo, s.GL, K, inv, qmax, q);
+    if (s.GLp > s.GL) {
+        memset(q + s.GL * 16, 0, 16);
+    }
+    if (s.GLh > 0) {
+        carvq_screen_quantize(th, lo + s.GL, s.GLh, K, inv, qmax, qh);
+    }
+    t->qmax = qmax;
+    t->scale = inv > 0.0f ? R / (float) qmax : 0.0f;
+    t->bias = carvq_screen_sum(lo, s.GL);
+    const float off = nearbyintf(carvq_screen_sum(lo + s.GL, s.GLh) * inv);
+    // a hot bias huge against R (almost constant tables) is clamped; NaN counts as 0
+    t->hot_offset = (int32_t) (off > 1e9f ? 1e9f : off < -1e9f ? -1e9f : (off == off ? off : 0.0f));
+}
+
+// ---- scan --------------------------------------------------------------------------------
+
+// one block, scalar: out[i] for its 32 rows
+static void carvq_screen_block_scalar(const uint8_t * blk, const uint8_t * q, int64_t GLp, int32_t * out) {
+    for (int64_t i = 0; i < CARVQ_SCREEN_BLOCK; ++i) {
+        const int shift = i < CARVQ_SCREEN_HALF ? 0 : 4;
+        int32_t acc = 0;
+        for (int64_t j = 0; j < GLp; ++j) {
+            acc += q[j * 16 + ((blk[j * 16 + (i % CARVQ_SCREEN_HALF)] >> shift) & 15)];
+        }
+        out[i] = acc;
+    }
+}
+
+#if defined(CARVQ_SCREEN_AVX2)
+// One block, AVX2: two code positions per step. A 32-byte load holds positions j and j+1 in
+// its two lanes, and so do the two tables; pshufb looks up the low nibbles (rows 0..15) and
+// the high nibbles (rows 16..31). The byte results are summed as 16-bit words (a word = even
+// row + 256 * odd row, wrapping) and, shifted right by 8, as the odd rows alone; at the end
+// even = words - (odd << 8). Exact because every row's sum is below 65536 (qmax).
+static void carvq_screen_block_avx2(const uint8_t * blk, const uint8_t * q, int64_t GLp, int32_t * out) {
+    const __m256i nib = _mm256_set1_epi8(0x0f);
+    __m256i lo_w = _mm256_setzero_si256(), lo_odd = _mm256_setzero_si256();
+    __m256i hi_w = _mm256_setzero_si256(), hi_odd = _mm256_setzero_si256();
+    for (int64_t j = 0; j < GLp; j += 2) {
+        const __m256i x = _mm256_loadu_si256((const __m256i *) (const void *) (blk + j * 16));
+        const __m256i t = _mm256_loadu_si256((const __m256i *) (const void *) (q + j * 16));
+        const __m256i r_lo = _mm256_shuffle_epi8(t, _mm256_and_si256(x, nib));
+        const __m256i r_hi = _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(x, 4), nib));
+        lo_w   = _mm256_add_epi16(lo_w, r_lo);
+        lo_odd = _mm256_add_epi16(lo_odd, _mm256_srli_epi16(r_lo, 8));
+        hi_w   = _mm256_add_epi16(hi_w, r_hi);
+        hi_odd = _mm256_add_epi16(hi_odd, _mm256_srli_epi16(r_hi, 8));
+    }
+    const __m256i acc[2][2] = { { lo_w, lo_odd }, { hi_w, hi_odd } };
+    for (int half = 0; half < 2; ++half) {
+        const __m256i even = _mm256_sub_epi16(acc[half][0], _mm256_slli_epi16(acc[half][1], 8));
+        // the two lanes are positions j and j+1 of the same rows: add them
+        const __m128i e = _mm_add_epi16(_mm256_castsi256_si128(even), _mm256_extracti128_si256(even, 1));
+        const __m128i o = _mm_add_epi16(_mm256_castsi256_si128(acc[half][1]), _mm256_extracti128_si256(acc[half][1], 1));
+        const __m128i rows_0_7  = _mm_unpacklo_epi16(e, o); // rows 0..7 of this half, 16-bit
+        const __m128i rows_8_15 = _mm_unpackhi_epi16(e, o);
+        int32_t * o32 = out + half * CARVQ_SCREEN_HALF;
+        _mm256_storeu_si256((__m256i *) (void *) o32,       _mm256_cvtepu16_epi32(rows_0_7));
+        _mm256_storeu_si256((__m256i *) (void *) (o32 + 8), _mm256_cvtepu16_epi32(rows_8_15));
+    }
+}
+#define carvq_screen_block carvq_screen_block_avx2
+#define CARVQ_SCREEN_SIMD_NAME "avx2"
+#elif defined(CARVQ_SCREEN_NEON)
+// One block, NEON: per code position, tbl looks up the low nibbles (rows 0..15) and the high
+// nibbles (rows 16..31); widening adds keep four 8-row 16-bit sums (each below 65536).
+static void carvq_screen_block_neon(const uint8_t * blk, const uint8_t * q, int64_t GLp, int32_t * out) {
+    const uint8x16_t nib = vdupq_n_u8(0x0f);
+    uint16x8_t a0 = vdupq_n_u16(0), a1 = vdupq_n_u16(0), a2 = vdupq_n_u16(0), a3 = vdupq_n_u16(0);
+    for (int64_t j = 0; j < GLp; ++j) {
+        const uint8x16_t x = vld1q_u8(blk + j * 16);
+        const uint8x16_t t = vld1q_u8(q + j * 16);
+        const uint8x16_t r_lo = vqtbl1q_u8(t, vandq_u8(x, nib));
+        const uint8x16_t r_hi = vqtbl1q_u8(t, vshrq_n_u8(x, 4));
+        a0 = vaddw_u8(a0, vget_low_u8(r_lo));
+        a1 = vaddw_high_u8(a1, r_lo);
+        a2 = vaddw_u8(a2, vget_low_u8(r_hi));
+        a3 = vaddw_high_u8(a3, r_hi);
+    }
+    const uint16x8_t acc[4] = { a0, a1, a2, a3 };
+    for (int k = 0; k < 4; ++k) {
+        vst1q_s32(out + 8 * k,     vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(acc[k]))));
+        vst1q_s32(out + 8 * k + 4, vreinterpretq_s32_u32(vmovl_high_u16(acc[k])));
+    }
+}
+#define carvq_screen_block carvq_screen_block_neon
+#define CARVQ_SCREEN_SIMD_NAME "neon"
+#else
+#define carvq_screen_block carvq_screen_block_scalar
+#define CARVQ_SCREEN_SIMD_NAME "scalar"
+#endif
+
+typedef void (*carvq_screen_block_fn)(const uint8_t * blk, const uint8_t * q, int64_t GLp, int32_t * out);
+
+static void carvq_screen_run(carvq_screen_block_fn fn, const struct carvq_layout * l, const uint8_t * blocks,
+        const uint8_t * q, int64_t b0, int64_t b1, int32_t * scores) {
+    struct carvq_screen_geom s;
+    if (carvq_screen_geom_init(l, &s)) {
+        return;
+    }
+    if (b0 < 0) b0 = 0;
+    if (b1 > s.n_blocks) b1 = s.n_blocks;
+    for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = b * CARVQ_SCREEN_BLOCK;
+        if (r0 + CARVQ_SCREEN_BLOCK <= l->n_vocab) {
+            fn(blocks + b * s.block_bytes, q, s.GLp, scores + r0);
+        } else { // the last, partial block: rows past V are not written
+            int32_t tmp[CARVQ_SCREEN_BLOCK];
+            fn(blocks + b * s.block_bytes, q, s.GLp, tmp);
+            memcpy(scores + r0, tmp, (size_t) (l->n_vocab - r0) * sizeof(int32_t));
+        }
+    }
+}
+
+void carvq_screen_scan(const struct carvq_layout * l, const uint8_t * blocks, const uint8_t * q,
+        int64_t b0, int64_t b1, int32_t * scores) {
+    carvq_screen_run(carvq_screen_block, l, blocks, q, b0, b1, scores);
+}
+
+void carvq_screen_scan_scalar(const struct carvq_layout * l, const uint8_t * blocks, const uint8_t * q,
+        int64_t b0, int64_t b1, int32_t * scores) {
+    carvq_screen_run(carvq_screen_block_scalar, l, blocks, q, b0, b1, scores);
+}
+
+const char * carvq_screen_simd_name(void) {
+    return CARVQ_SCREEN_SIMD_NAME;
+}
+
+void carvq_screen_hot_add(const struct carvq_layout * l, const int32_t * hot_ids, const uint8_t * hot_codes,
+        const uint8_t * qh, int32_t hot_offset, int64_t j0, int64_t j1, int32_t * scores) {
+    struct carvq_screen_geom s;
+    if (carvq_screen_geom_init(l, &s) || l->hot_rows <= 0) {
+        return;
+    }
+    if (j0 < 0) j0 = 0;
+    if (j1 > l->hot_rows) j1 = l->hot_rows;
+    for (int64_t j = j0; j < j1; ++j) {
+        const uint8_t * crow = hot_codes + j * s.Bh;
+        int32_t acc = hot_offset;
+        for (int64_t c = 0; c < s.GLh; ++c) {
+            acc += qh[c * 16 + carvq_screen_code(crow, c)];
+        }
+        scores[hot_ids[j]] += acc;
+    }
+}
+
+// ---- top-k -------------------------------------------------------------------------------
+
+// a ranks below b: lower score, or the same score and a higher id
+static inline int carvq_screen_below(const int32_t * s, int32_t a, int32_t b) {
+    return s[a] < s[b] || (s[a] == s[b] && a > b);
+}
+
+// restore the heap (root = lowest ranked) below position i
+static void carvq_screen_sift_down(const int32_t * s, int32_t * heap, int64_t n, int64_t i) {
+    for (;;) {
+        const int64_t a = 2 * i + 1, b = a + 1;
+        int64_t m = i;
+        if (a < n && carvq_screen_below(s, heap[a], heap[m])) m = a;
+        if (b < n && carvq_screen_below(s, heap[b], heap[m])) m = b;
+        if (m == i) {
+            return;
+        }
+        const int32_t x = heap[i];
+        heap[i] = heap[m];
+        heap[m] = x;
+        i = m;
+    }
+}
+
+int64_t carvq_screen_topk(const int32_t * scores, int64_t n, int64_t k, int32_t * ids) {
+    if (k > n) k = n;
+    if (k <= 0) {
+        return 0;
+    }
+    // a heap of the k best so far whose root is the lowest ranked of them; rows come in id
+    // order, so a later row with the root's score ranks below it and is skipped
+    for (int64_t r = 0; r < k; ++r) {
+        ids[r] = (int32_t) r;
+    }
+    for (int64_t i = k / 2 - 1; i >= 0; --i) {
+        carvq_screen_sift_down(scores, ids, k, i);
+    }
+    for (int64_t r = k; r < n; ++r) {
+        if (scores[r] > scores[ids[0]]) {
+            ids[0] = (int32_t) r;
+            carvq_screen_sift_down(scores, ids, k, 0);
+        }
+    }
+    // heap sort: the lowest ranked goes to the end, best first at the start
+    for (int64_t m = k - 1; m > 0; --m) {
+        const int32_t x = ids[0];
+        ids[0] = ids[m];
+        ids[m] = x;
+        carvq_screen_sift_down(scores, ids, m, 0);
+    }
+    return k;
+}

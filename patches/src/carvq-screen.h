@@ -1,0 +1,80 @@
+// carvq-screen.h - screened output head: approximate logits of every row from its 4-bit
+// codes (a "fast-scan" of byte tables), then the exact top-k (docs/SCREEN.md).
+//
+// Self-contained like carvq.h (C11 + libc, no ggml). For one hidden state h:
+//   1. carvq_screen_tables_build: per code position j = g*L + l, the 16-entry table of
+//      h_g . C[g][l][k], quantized to bytes with one scale for all tables;
+//   2. carvq_screen_scan: every row's integer score = the sum of its codes' table bytes,
+//      over rows re-laid in blocks of CARVQ_SCREEN_BLOCK (carvq_screen_relayout);
+//   3. carvq_screen_hot_add: hot rows add their hot levels' table bytes;
+//   4. carvq_screen_topk: the k best rows, exactly (ties: lower id first).
+// A row's approximate logit is score * scale + bias (struct carvq_screen_tables). All
+// integer steps are exact, so every path (scalar, AVX2, NEON) gives identical scores, and
+// src/carvq/screen.py (NumPy) reproduces them bit for bit.
+
+#ifndef CARVQ_SCREEN_H
+#define CARVQ_SCREEN_H
+
+#include "carvq.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define CARVQ_SCREEN_BLOCK 32 // rows per interleaved block
+
+// Bytes of the re-laid codes: ceil(V / 32) blocks of GLp * 16 bytes, GLp = G*L rounded up
+// to even. -1 when the layout fails carvq_layout_check.
+int64_t carvq_screen_blocks_nbytes(const struct carvq_layout * l);
+
+// Re-lays the packed codes (V * B bytes, FORMAT.md) into blocks: block b holds, for each
+// code position j in 0..GLp-1, 16 bytes whose byte i is code(32b + i, j) | code(32b + 16 + i, j) << 4.
+// Rows past V and the padding position j = G*L (odd G*L) hold code 0.
+void carvq_screen_relayout(const struct carvq_layout * l, const uint8_t * codes, uint8_t * blocks);
+
+struct carvq_screen_tables {
+    float   scale;      // logits per score unit
+    float   bias;       // approximate logit = score * scale + bias
+    int32_t hot_offset; // added to a hot row's score with its hot levels' bytes
+    int32_t qmax;       // largest table byte: min(255, 65535 / GLp), so a row's sum fits 16 bits
+};
+
+// Floats of work space carvq_screen_tables_build needs: (G*L + G*Lh) * (K + 1).
+int64_t carvq_screen_work_floats(const struct carvq_layout * l);
+
+// Tables for hidden state h (n floats). q: GLp * 16 bytes (shared levels), qh: G*Lh*16 bytes
+// (hot levels; unused when N == 0). Entries k >= K and the padding table are 0.
+// The arithmetic, which src/carvq/screen.py follows exactly:
+//   t[j][k]  = sum over i = 0..d-1, in that order, of h[g*d + i] * C[g][l][k][i] (float32, no FMA)
+//   lo_j     = min_k t[j][k]; R = max over every table (hot ones too) of max_k t[j][k] - lo_j
+//   inv      = qmax / R (float32; 0 when R is 0 or not finite)
+//   q[j][k]  = rint((t[j][k] - lo_j) * inv), clamped to 0..qmax (round half to even)
+//   scale    = R / qmax; bias = lo_0 + lo_1 + ... (float32, in order of j)
+//   hot_offset = rint(hot biases summed the same way * inv)
+void carvq_screen_tables_build(const struct carvq_layout * l, const void * codebooks, const void * hot_codebooks,
+        enum carvq_codebook_type cb_type, const float * h, float * work, uint8_t * q, uint8_t * qh,
+        struct carvq_screen_tables * t);
+
+// scores[r] for the rows r of blocks [b0, b1) (r < V): the sum over j of q[j][code(r, j)].
+void carvq_screen_scan(const struct carvq_layout * l, const uint8_t * blocks, const uint8_t * q,
+        int64_t b0, int64_t b1, int32_t * scores);
+// Same, always the portable scalar path.
+void carvq_screen_scan_scalar(const struct carvq_layout * l, const uint8_t * blocks, const uint8_t * q,
+        int64_t b0, int64_t b1, int32_t * scores);
+
+// For hot rows j in [j0, j1): scores[hot_ids[j]] += hot_offset + sum over hot codes of qh.
+void carvq_screen_hot_add(const struct carvq_layout * l, const int32_t * hot_ids, const uint8_t * hot_codes,
+        const uint8_t * qh, int32_t hot_offset, int64_t j0, int64_t j1, int32_t * scores);
+
+// The min(k, n) rows of highest score, best first, ties by lower id, into ids (k entries);
+// returns their count. A heap of k: O(n) compares plus O(k log k log(n/k)) expected moves.
+int64_t carvq_screen_topk(const int32_t * scores, int64_t n, int64_t k, int32_t * ids);
+
+// "avx2", "neon" or "scalar": the path carvq_screen_scan takes in this build.
+const char * carvq_screen_simd_name(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif // CARVQ_SCREEN_H

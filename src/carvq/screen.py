@@ -1,0 +1,101 @@
+"""NumPy reference of the screened head's arithmetic (docs/SCREEN.md, patches/src/carvq-screen.h).
+
+The C scan (scalar, AVX2, NEON) must give exactly these integer scores and this top-k. The
+tables are float32 arithmetic in a fixed order, so NumPy reproduces them bit for bit: each
+dot product is summed i = 0, 1, ..., d-1 with one rounding per multiply and per add.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from carvq.format import Layout, unpack_codes
+
+BLOCK = 32  # rows per interleaved block (CARVQ_SCREEN_BLOCK)
+
+
+@dataclass(frozen=True)
+class Tables:
+    q: np.ndarray  # (G*L, 16) uint8, entries >= K zero
+    qh: np.ndarray  # (G*Lh, 16) uint8
+    scale: float  # logits per score unit (float32)
+    bias: float  # approximate logit = score * scale + bias
+    hot_offset: int
+    qmax: int
+
+
+def _dots(codebooks, h: np.ndarray, d: int) -> np.ndarray:
+    """t[g, l, k] = sum_i h[g*d + i] * C[g, l, k, i], summed in order of i, float32."""
+    cb = np.asarray(codebooks).astype(np.float32)  # (G, levels, K, d); F16 converts exactly
+    hg = np.asarray(h, np.float32).reshape(cb.shape[0], 1, 1, d)
+    acc = np.zeros(cb.shape[:3], np.float32)
+    for i in range(d):
+        acc = acc + hg[..., i] * cb[..., i]
+    return acc.reshape(-1, cb.shape[2])  # (G*levels, K), row j = g*levels + l
+
+
+def _sequential_sum(x: np.ndarray) -> np.float32:
+    s = np.float32(0)
+    for v in x.astype(np.float32):
+        s = np.float32(s + v)
+    return s
+
+
+def tables(layout: Layout, codebooks, hot_codebooks, h) -> Tables:
+    G, K = layout.n_groups, layout.codebook_size
+    GL = G * layout.levels
+    GLp = GL + GL % 2
+    ts = _dots(codebooks, h, layout.group_size)
+    th = _dots(hot_codebooks, h, layout.group_size) if layout.hot_rows else np.zeros((0, K), np.float32)
+    both = np.concatenate([ts, th])
+    lo = both.min(axis=1)
+    ranges = both.max(axis=1) - lo
+    # the largest range; a NaN range never wins (carvq_screen_ranges starts from 0)
+    finite = ranges[~np.isnan(ranges)]
+    R = np.float32(max(np.float32(0), finite.max())) if finite.size else np.float32(0)
+    qmax = min(255, 65535 // GLp)
+    inv = np.float32(qmax) / R if R > 0 and np.isfinite(R) else np.float32(0)
+    with np.errstate(invalid="ignore"):
+        v = np.rint((both - lo[:, None]) * inv)
+    v = np.where(v > 0, v, 0)  # negative, zero or NaN
+    v = np.minimum(v, qmax).astype(np.uint8)
+    q = np.zeros((GL, 16), np.uint8)
+    q[:, :K] = v[:GL]
+    qh = np.zeros((len(th), 16), np.uint8)
+    qh[:, :K] = v[GL:]
+    scale = np.float32(R / np.float32(qmax)) if inv > 0 else np.float32(0)
+    off = np.rint(np.float32(_sequential_sum(lo[GL:]) * inv))
+    off = 0 if np.isnan(off) else int(min(max(off, -1e9), 1e9))
+    return Tables(q, qh, float(scale), float(_sequential_sum(lo[:GL])), off, qmax)
+
+
+def scores(layout: Layout, codes_packed, t: Tables, hot_ids=None, hot_codes_packed=None) -> np.ndarray:
+    """Integer score of every row: the sum of its codes' table bytes (plus hot levels)."""
+    codes = unpack_codes(codes_packed, layout).reshape(layout.n_vocab, -1)  # (V, G*L)
+    j = np.arange(codes.shape[1])
+    s = t.q[j[None, :], codes].astype(np.int64).sum(axis=1)
+    if layout.hot_rows:
+        hc = unpack_codes(hot_codes_packed, layout.hot_layout()).reshape(layout.hot_rows, -1)
+        jh = np.arange(hc.shape[1])
+        s[np.asarray(hot_ids, np.int64)] += t.qh[jh[None, :], hc].astype(np.int64).sum(axis=1) + t.hot_offset
+    return s.astype(np.int32)
+
+
+def topk(s: np.ndarray, k: int) -> np.ndarray:
+    """The min(k, n) best rows: highest score first, ties by lower id (a stable sort)."""
+    order = np.argsort(-np.asarray(s, np.int64), kind="stable")
+    return order[: max(0, min(k, len(order)))].astype(np.int32)
+
+
+def relayout(layout: Layout, codes_packed) -> np.ndarray:
+    """The interleaved block layout of carvq_screen_relayout, as bytes."""
+    codes = unpack_codes(codes_packed, layout).reshape(layout.n_vocab, -1)
+    GL = codes.shape[1]
+    GLp = GL + GL % 2
+    n_blocks = -(-layout.n_vocab // BLOCK)
+    padded = np.zeros((n_blocks * BLOCK, GLp), np.uint8)
+    padded[: layout.n_vocab, :GL] = codes
+    blk = padded.reshape(n_blocks, 2, BLOCK // 2, GLp)  # rows i and i + 16 share a byte
+    out = blk[:, 0] | (blk[:, 1] << 4)  # (n_blocks, 16, GLp)
+    return np.ascontiguousarray(out.transpose(0, 2, 1)).reshape(-1)

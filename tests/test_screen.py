@@ -1,0 +1,204 @@
+"""The screened head's scan (patches/src/carvq-screen.c) against its NumPy reference
+(src/carvq/screen.py): tables, scores and top-k bit for bit, on every SIMD path built here."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from carvq import format as fmt
+from carvq import screen
+
+cffi = pytest.importorskip("cffi")
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = [ROOT / "patches" / "src" / "carvq.c", ROOT / "patches" / "src" / "carvq-screen.c"]
+CC = os.environ.get("CC", "cc")
+FLAGS = ["-std=c11", "-O2", "-ffp-contract=off", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror", "-lm"]
+
+
+def _header_cdef() -> str:
+    from test_c_decoder import header_cdef
+
+    return header_cdef(ROOT / "patches" / "src" / "carvq.h") + "\n" + header_cdef(ROOT / "patches" / "src" / "carvq-screen.h")
+
+
+def _cpu_has(*flags: str) -> bool:
+    try:
+        words = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return all(f in words for f in flags)
+
+
+@pytest.fixture(scope="module")
+def libs(tmp_path_factory):
+    if shutil.which(CC) is None:
+        pytest.skip(f"no C compiler {CC!r}")
+    out = tmp_path_factory.mktemp("screen")
+    variants = {"scalar": ["-DCARVQ_NO_SIMD"], "default": []}
+    if _cpu_has("avx2"):
+        variants["avx2"] = ["-mavx2"]
+    cdef = _header_cdef()
+    built = {}
+    for name, extra in variants.items():
+        so = out / f"libscreen_{name}.so"
+        subprocess.run([CC, *extra, "-o", str(so), *map(str, SRC), *FLAGS], check=True)
+        ffi = cffi.FFI()
+        ffi.cdef(cdef)
+        built[name] = (ffi, ffi.dlopen(str(so)))
+    return built
+
+
+@pytest.fixture(params=["scalar", "default", "avx2"])
+def lib(request, libs):
+    if request.param not in libs:
+        pytest.skip(f"build {request.param} not available here")
+    return libs[request.param]
+
+
+def test_simd_names(libs):
+    ffi, lib = libs["scalar"]
+    assert ffi.string(lib.carvq_screen_simd_name()) == b"scalar"
+    if "avx2" in libs:
+        ffi, lib = libs["avx2"]
+        assert ffi.string(lib.carvq_screen_simd_name()) == b"avx2"
+
+
+def _case(rng, V=None, d=None, L=None, K=None, N=None, Lh=None, f16=False, wild=False, zero_h=False):
+    d = d or int(rng.choice([1, 2, 3, 4, 5, 8, 16]))
+    G = int(rng.integers(1, 30))
+    L = L or int(rng.choice([1, 2, 3, 4, 6]))
+    K = K or int(rng.integers(2, 17))
+    V = V or int(rng.integers(1, 300))
+    N = int(rng.integers(0, V + 1)) if N is None else N
+    Lh = (int(rng.integers(1, 5)) if N else 0) if Lh is None else Lh
+    layout = fmt.Layout(V, G * d, d, L, K, hot_rows=N, hot_levels=Lh)
+    codes = fmt.pack_codes(rng.integers(0, K, size=(V, G, L), dtype=np.uint8))
+    dtype = np.float16 if f16 else np.float32
+    cb = (rng.standard_normal((G, L, K, d)) * rng.choice([1e-3, 1.0, 30.0])).astype(dtype)
+    hot_cb = (rng.standard_normal((G, max(Lh, 1), K, d)) * 0.1).astype(dtype)[:, :Lh]
+    hot_ids = np.sort(rng.choice(V, size=N, replace=False)).astype(np.int32)
+    hot_codes = fmt.pack_codes(rng.integers(0, K, size=(N, G, Lh), dtype=np.uint8)) if N else np.zeros((0, 1), np.uint8)
+    h = (rng.standard_normal(G * d) * rng.choice([0.1, 1.0, 10.0])).astype(np.float32)
+    if zero_h:  # every table constant: R = 0, all scores tie
+        h[:] = 0.0
+    if wild:  # ties, exact zeros and negative zeros
+        h[rng.random(h.size) < 0.3] = 0.0
+        h[rng.random(h.size) < 0.1] = -0.0
+        cb[..., : max(1, d // 2)] = np.round(cb[..., : max(1, d // 2)])
+    return layout, codes, cb, hot_ids, hot_codes, np.ascontiguousarray(hot_cb), h
+
+
+def _layout_c(ffi, lo: fmt.Layout):
+    lay = ffi.new("struct carvq_layout *")
+    lay.n_vocab, lay.n_embd, lay.format_version = lo.n_vocab, lo.n_embd, 2
+    lay.group_size, lay.levels, lay.codebook_size = lo.group_size, lo.levels, lo.codebook_size
+    lay.hot_rows, lay.hot_levels = lo.hot_rows, lo.hot_levels
+    return lay
+
+
+def _ptr(ffi, ctype, arr):
+    assert arr.flags.c_contiguous
+    return ffi.cast(ctype, arr.ctypes.data)
+
+
+def _run_c(lib_pair, layout, codes, cb, hot_ids, hot_codes, hot_cb, h, k):
+    ffi, lib = lib_pair
+    lay = _layout_c(ffi, layout)
+    assert lib.carvq_layout_check(lay, ffi.NULL, 0) == 0
+    nbytes = lib.carvq_screen_blocks_nbytes(lay)
+    blocks = np.empty(nbytes, np.uint8)
+    lib.carvq_screen_relayout(lay, _ptr(ffi, "uint8_t *", np.ascontiguousarray(codes)), _ptr(ffi, "uint8_t *", blocks))
+    G = layout.n_groups
+    GL = G * layout.levels
+    q = np.full((GL + GL % 2) * 16, 0xAB, np.uint8)  # garbage: the build must overwrite all of it
+    qh = np.full(max(1, G * layout.hot_levels) * 16, 0xAB, np.uint8)
+    work = np.empty(lib.carvq_screen_work_floats(lay), np.float32)
+    t = ffi.new("struct carvq_screen_tables *")
+    cb_type = 1 if cb.dtype == np.float16 else 0
+    hot_cb_arr = hot_cb if layout.hot_rows else np.zeros(1, cb.dtype)
+    lib.carvq_screen_tables_build(lay, _ptr(ffi, "void *", cb), _ptr(ffi, "void *", hot_cb_arr), cb_type,
+                                  _ptr(ffi, "float *", h), _ptr(ffi, "float *", work), _ptr(ffi, "uint8_t *", q),
+                                  _ptr(ffi, "uint8_t *", qh), t)
+    V = layout.n_vocab
+    scores = np.full(V + 8, -7, np.int32)  # sentinels past V: the last partial block writes none
+    n_blocks = -(-V // screen.BLOCK)
+    cut = n_blocks // 2  # two calls, as two threads would make them
+    for b0, b1 in ((0, cut), (cut, n_blocks)):
+        lib.carvq_screen_scan(lay, _ptr(ffi, "uint8_t *", blocks), _ptr(ffi, "uint8_t *", q), b0, b1,
+                              _ptr(ffi, "int32_t *", scores))
+    assert (scores[V:] == -7).all(), "the scan wrote past the last row"
+    if layout.hot_rows:
+        lib.carvq_screen_hot_add(lay, _ptr(ffi, "int32_t *", hot_ids), _ptr(ffi, "uint8_t *", np.ascontiguousarray(hot_codes)),
+                                 _ptr(ffi, "uint8_t *", qh), t.hot_offset, 0, layout.hot_rows, _ptr(ffi, "int32_t *", scores))
+    ids = np.full(max(k, 1), -1, np.int32)
+    n = lib.carvq_screen_topk(_ptr(ffi, "int32_t *", scores), V, k, _ptr(ffi, "int32_t *", ids))
+    return dict(blocks=blocks, q=q.reshape(-1, 16), qh=qh.reshape(-1, 16), t=t, scores=scores[:V], top=ids[:n])
+
+
+def _check(lib_pair, rng, k=None, **kw):
+    layout, codes, cb, hot_ids, hot_codes, hot_cb, h = _case(rng, **kw)
+    k = int(rng.integers(0, layout.n_vocab + 5)) if k is None else k
+    got = _run_c(lib_pair, layout, codes, cb, hot_ids, hot_codes, hot_cb, h, k)
+    want_t = screen.tables(layout, cb, hot_cb, h)
+    GL = layout.n_groups * layout.levels
+    case = f"{layout} f16={cb.dtype == np.float16} k={k}"
+    assert np.array_equal(got["blocks"], screen.relayout(layout, codes)), case
+    assert np.array_equal(got["q"][:GL], want_t.q), case
+    assert (got["q"][GL:] == 0).all(), case  # the padding table
+    if layout.hot_rows:
+        assert np.array_equal(got["qh"][: len(want_t.qh)], want_t.qh), case
+    t = got["t"]
+    assert (t.qmax, t.hot_offset) == (want_t.qmax, want_t.hot_offset), case
+    assert np.float32(t.scale).tobytes() == np.float32(want_t.scale).tobytes(), case
+    assert np.float32(t.bias).tobytes() == np.float32(want_t.bias).tobytes(), case
+    want_scores = screen.scores(layout, codes, want_t, hot_ids, hot_codes)
+    assert np.array_equal(got["scores"], want_scores), case
+    assert np.array_equal(got["top"], screen.topk(want_scores, k)), case
+    return layout, got, want_t
+
+
+@pytest.mark.parametrize("f16", [False, True], ids=["f32", "f16"])
+def test_scan_matches_reference(lib, f16):
+    rng = np.random.default_rng(11 + f16)
+    for _ in range(60):
+        _check(lib, rng, f16=f16)
+
+
+def test_ties_zeros_and_k_at_least_v(lib):
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        _check(lib, rng, wild=True, K=2, d=1)
+    layout, got, t = _check(lib, rng, zero_h=True, V=100, k=10)
+    assert t.scale == 0 and (got["scores"] == got["scores"][0]).all()
+    assert got["top"].tolist() == list(range(10))  # all tied: the lowest ids
+    for k in (0, 1, 299, 300, 1000):
+        _check(lib, rng, V=300, k=k)
+
+
+def test_block_edges(lib):
+    """V around multiples of the block size, one row, odd G*L (a padding table)."""
+    rng = np.random.default_rng(9)
+    for V in (1, 31, 32, 33, 63, 64, 65, 97):
+        _check(lib, rng, V=V, L=3, d=1, N=0)
+        _check(lib, rng, V=V, L=1, N=V // 2)
+
+
+def test_scores_approximate_the_logits(libs):
+    """score * scale + bias is the codes' logit h . row, up to the table rounding."""
+    rng = np.random.default_rng(3)
+    layout, codes, cb, hot_ids, hot_codes, hot_cb, h = _case(rng, V=200, N=50, Lh=2)
+    got = _run_c(libs["scalar"], layout, codes, cb, hot_ids, hot_codes, hot_cb, h, 5)
+    tensors = fmt.CarvqTensors(layout, codes, cb, hot_ids=hot_ids, hot_codes=hot_codes, hot_codebooks=hot_cb)
+    from carvq.reference import decode
+
+    exact = decode(tensors, np.arange(layout.n_vocab)) @ h
+    t = got["t"]
+    approx = got["scores"] * np.float64(t.scale) + t.bias
+    tables = layout.n_groups * (layout.levels + layout.hot_levels)
+    assert np.abs(approx - exact).max() <= tables * t.scale  # at most half a unit per table, twice over
