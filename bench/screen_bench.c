@@ -43,7 +43,7 @@ static void report(const char * what, double sec, double bytes, int64_t V) {
     fflush(stdout);
 }
 
-static double dense_head(ggml_type type, int64_t V, int64_t n, const float * h) {
+static double dense_head(enum ggml_type type, int64_t V, int64_t n, const float * h) {
     const size_t row = ggml_row_size(type, n);
     struct ggml_init_params ip = { row * (size_t) V + (size_t) n * 8 + (size_t) V * 8 + (size_t) 64 * 1024 * 1024, NULL, false };
     struct ggml_context * ctx = ggml_init(ip);
@@ -91,6 +91,7 @@ int main(int argc, char ** argv) {
     float * work = malloc((size_t) carvq_screen_work_floats(&l) * sizeof(float));
     int32_t * scores = malloc((size_t) V * sizeof(int32_t));
     int32_t * ids = malloc((size_t) V * sizeof(int32_t));
+    uint32_t * hist = malloc((size_t) CARVQ_SCREEN_HIST * sizeof(uint32_t));
     struct carvq_screen_tables t;
     const int64_t n_blocks = (V + CARVQ_SCREEN_BLOCK - 1) / CARVQ_SCREEN_BLOCK;
 
@@ -107,13 +108,13 @@ int main(int argc, char ** argv) {
     report("memcpy_codes", sec, (double) nbytes, V);
     const int64_t ks[] = { 64, 1024, 4096 };
     for (int i = 0; i < 3; ++i) {
-        TIME_LOOP(sec, 0.3, carvq_screen_topk(scores, V, ks[i], ids));
+        TIME_LOOP(sec, 0.3, carvq_screen_select(scores, V, ks[i], ids, hist));
         char what[32];
-        snprintf(what, sizeof(what), "topk_%lld", (long long) ks[i]);
+        snprintf(what, sizeof(what), "select_%lld", (long long) ks[i]);
         report(what, sec, (double) V * 4, V);
     }
     dense_head(GGML_TYPE_Q8_0, V, n, h);
     dense_head(GGML_TYPE_Q5_0, V, n, h);
-    free(codes); free(cb); free(h); free(blocks); free(copy); free(q); free(work); free(scores); free(ids);
+    free(codes); free(cb); free(h); free(blocks); free(copy); free(q); free(work); free(scores); free(ids); free(hist);
     return 0;
 }

@@ -20,7 +20,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # Our own sources, copied into the tree before patching (tree path -> our path).
-OWN_SOURCES = {f"src/{name}": HERE / "src" / name for name in ("carvq.c", "carvq.h", "llama-carvq.h", "llama-carvq.cpp")}
+OWN_SOURCES = {f"src/{name}": HERE / "src" / name for name in ("carvq.c", "carvq.h", "carvq-screen.c", "carvq-screen.h",
+                                                                "llama-carvq.h", "llama-carvq.cpp")}
 
 
 STOCK = False  # --stock: the pristine tree, for comparisons against unpatched llama.cpp

@@ -66,11 +66,24 @@ class Model:
     ...     print("".join(m.generate("The capital of France is", max_tokens=8, temperature=0)))
     """
 
+    HEADS = ("auto", "screened", "dense")
+
     def __init__(self, path, *, n_ctx: int = 2048, n_batch: int = 512, n_threads: int | None = None,
-                 use_mmap: bool = True, kv_f32: bool = False, vocab_only: bool = False, verbose: bool = False):
+                 use_mmap: bool = True, kv_f32: bool = False, vocab_only: bool = False, verbose: bool = False,
+                 head: str = "auto", screen_k: int | None = None):
+        """head: how a CARVQ file of a tied model computes its logits (docs/SCREEN.md):
+        "screened" approximates every logit from the codes and computes the screen_k best
+        exactly, "dense" multiplies by the whole head, "auto" screens when a batch asks for
+        at most a few logits (generation) and is dense otherwise. Stock files are always dense."""
         path = Path(path)
         if not path.is_file():
             raise CarvqError(f"{path}: no such file")
+        if head not in self.HEADS:
+            raise CarvqError(f"head {head!r}: one of {', '.join(self.HEADS)}")
+        if screen_k is not None and screen_k < 1:
+            raise CarvqError(f"screen_k {screen_k}: must be at least 1")
+        # read by the patched llama.cpp when it builds a graph (llama-carvq.h)
+        self._head_env = {"CARVQ_HEAD": head, "CARVQ_SCREEN_K": str(screen_k) if screen_k else ""}
         _ensure_backend(verbose)
         self.path = path
         self._n_ctx, self._n_batch = n_ctx, n_batch
@@ -245,6 +258,7 @@ class Model:
                     batch.n_seq_id[i] = 1
                     batch.seq_id[i][0] = 0
                     batch.logits[i] = 1 if (all_logits or off + i == len(tokens) - 1) else 0
+                os.environ.update(self._head_env)  # this model's head mode for the graphs built now
                 rc = lib.llama_decode(ctx, batch)
             finally:
                 lib.llama_batch_free(batch)

@@ -117,3 +117,24 @@ def test_write_failure_leaves_nothing(tmp_path, tiny_gguf, monkeypatch):
         convert(src, out, tiny_config("qwen2"), iters=1, progress=False)
     assert list(tmp_path.iterdir()) == []
     assert _digest(src) == before
+
+
+def test_writer_refuses_non_finite_values(tmp_path, tiny_carvq, tiny_gguf):
+    """FORMAT.md: writers never store non-finite values (an F16 codebook that overflowed)."""
+    import numpy as np
+
+    from carvq import format as fmt
+    from carvq import gguf_io as gio
+    from carvq.errors import CarvqError
+
+    path, _ = tiny_carvq("gemma3")
+    tensors = fmt.read_tensors(path)
+    bad = fmt.CarvqTensors(tensors.layout, np.array(tensors.codes), np.array(tensors.codebooks, np.float16),
+                           hot_ids=tensors.hot_ids, hot_codes=tensors.hot_codes,
+                           hot_codebooks=np.array(tensors.hot_codebooks, np.float16))
+    bad.codebooks.flat[3] = np.inf
+    out = tmp_path / "nonfinite.gguf"
+    with pytest.raises(CarvqError, match="non-finite"):
+        fmt.write_model(gio.open_gguf(tiny_gguf("gemma3")), out, "gemma3", bad,
+                        fmt.Provenance("F32", True, 1.0, 1.0))
+    assert list(tmp_path.iterdir()) == []

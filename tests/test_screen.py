@@ -137,8 +137,15 @@ def _run_c(lib_pair, layout, codes, cb, hot_ids, hot_codes, hot_cb, h, k):
         lib.carvq_screen_hot_add(lay, _ptr(ffi, "int32_t *", hot_ids), _ptr(ffi, "uint8_t *", np.ascontiguousarray(hot_codes)),
                                  _ptr(ffi, "uint8_t *", qh), t.hot_offset, 0, layout.hot_rows, _ptr(ffi, "int32_t *", scores))
     ids = np.full(max(k, 1), -1, np.int32)
-    n = lib.carvq_screen_topk(_ptr(ffi, "int32_t *", scores), V, k, _ptr(ffi, "int32_t *", ids))
-    return dict(blocks=blocks, q=q.reshape(-1, 16), qh=qh.reshape(-1, 16), t=t, scores=scores[:V], top=ids[:n])
+    hist = np.empty(65536, np.uint32)
+    keys = np.empty(max(k, 1), np.int64)
+    n = lib.carvq_screen_topk(_ptr(ffi, "int32_t *", scores), V, k, _ptr(ffi, "int32_t *", ids),
+                              _ptr(ffi, "uint32_t *", hist), _ptr(ffi, "int64_t *", keys))
+    sel = np.full(max(k, 1), -1, np.int32)
+    m = lib.carvq_screen_select(_ptr(ffi, "int32_t *", scores), V, k, _ptr(ffi, "int32_t *", sel),
+                                _ptr(ffi, "uint32_t *", hist))
+    return dict(blocks=blocks, q=q.reshape(-1, 16), qh=qh.reshape(-1, 16), t=t, scores=scores[:V], top=ids[:n],
+                selected=sel[:m])
 
 
 def _check(lib_pair, rng, k=None, **kw):
@@ -159,7 +166,9 @@ def _check(lib_pair, rng, k=None, **kw):
     assert np.float32(t.bias).tobytes() == np.float32(want_t.bias).tobytes(), case
     want_scores = screen.scores(layout, codes, want_t, hot_ids, hot_codes)
     assert np.array_equal(got["scores"], want_scores), case
-    assert np.array_equal(got["top"], screen.topk(want_scores, k)), case
+    want_top = screen.topk(want_scores, k)
+    assert np.array_equal(got["top"], want_top), case
+    assert np.array_equal(got["selected"], np.sort(want_top)), case  # the same set, in id order
     return layout, got, want_t
 
 
@@ -187,6 +196,22 @@ def test_block_edges(lib):
     for V in (1, 31, 32, 33, 63, 64, 65, 97):
         _check(lib, rng, V=V, L=3, d=1, N=0)
         _check(lib, rng, V=V, L=1, N=V // 2)
+
+
+def test_select_wide_score_ranges(libs):
+    """Scores spread over more than CARVQ_SCREEN_HIST values take the two-level histogram."""
+    ffi, lib = libs["default"]
+    rng = np.random.default_rng(21)
+    for spread, n in ((10, 1000), (70000, 5000), (2**30, 3000), (2**31 - 1, 100)):
+        s = rng.integers(-spread // 2, spread // 2 + 1, size=n).astype(np.int32)
+        s[rng.integers(0, n, size=n // 4)] = s[0]  # many ties
+        for k in (1, 7, n // 3, n - 1, n):
+            ids = np.empty(k, np.int32)
+            keys = np.empty(k, np.int64)
+            hist = np.empty(65536, np.uint32)
+            got = lib.carvq_screen_topk(_ptr(ffi, "int32_t *", s), n, k, _ptr(ffi, "int32_t *", ids),
+                                        _ptr(ffi, "uint32_t *", hist), _ptr(ffi, "int64_t *", keys))
+            assert got == k and np.array_equal(ids, screen.topk(s, k)), (spread, n, k)
 
 
 def test_scores_approximate_the_logits(libs):

@@ -4,6 +4,7 @@
 #include "carvq-screen.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__FAST_MATH__)
@@ -313,55 +314,84 @@ void carvq_screen_hot_add(const struct carvq_layout * l, const int32_t * hot_ids
     }
 }
 
-// ---- top-k -------------------------------------------------------------------------------
+// ---- top-k ------------------------------------------------------------------------------
 
-// a ranks below b: lower score, or the same score and a higher id
-static inline int carvq_screen_below(const int32_t * s, int32_t a, int32_t b) {
-    return s[a] < s[b] || (s[a] == s[b] && a > b);
-}
-
-// restore the heap (root = lowest ranked) below position i
-static void carvq_screen_sift_down(const int32_t * s, int32_t * heap, int64_t n, int64_t i) {
-    for (;;) {
-        const int64_t a = 2 * i + 1, b = a + 1;
-        int64_t m = i;
-        if (a < n && carvq_screen_below(s, heap[a], heap[m])) m = a;
-        if (b < n && carvq_screen_below(s, heap[b], heap[m])) m = b;
-        if (m == i) {
-            return;
-        }
-        const int32_t x = heap[i];
-        heap[i] = heap[m];
-        heap[m] = x;
-        i = m;
+// Histogram threshold: the score S of the k-th best row and how many rows score above it.
+// Two histograms of at most CARVQ_SCREEN_HIST bins: a coarse one over the whole range (scores
+// shifted right until they fit), then an exact one inside the bin that holds the k-th row.
+static void carvq_screen_threshold(const int32_t * scores, int64_t n, int64_t k, uint32_t * hist,
+        int32_t * s_out, int64_t * above_out) {
+    int32_t mn = scores[0], mx = scores[0];
+    for (int64_t r = 1; r < n; ++r) {
+        mn = scores[r] < mn ? scores[r] : mn;
+        mx = scores[r] > mx ? scores[r] : mx;
     }
+    const uint32_t range = (uint32_t) ((int64_t) mx - mn);
+    int shift = 0;
+    while ((range >> shift) >= CARVQ_SCREEN_HIST) {
+        ++shift;
+    }
+    const int64_t bins = (int64_t) (range >> shift) + 1;
+    memset(hist, 0, (size_t) bins * sizeof(uint32_t));
+    for (int64_t r = 0; r < n; ++r) {
+        hist[(uint32_t) ((int64_t) scores[r] - mn) >> shift]++;
+    }
+    int64_t above = 0, b = bins - 1;
+    while (above + hist[b] < k) { // the bin that holds the k-th best row
+        above += hist[b--];
+    }
+    int64_t lo = (int64_t) mn + ((int64_t) b << shift); // scores of bin b: [lo, lo + 2^shift)
+    if (shift > 0) {
+        const int64_t fine = (int64_t) 1 << shift;
+        memset(hist, 0, (size_t) fine * sizeof(uint32_t));
+        for (int64_t r = 0; r < n; ++r) {
+            const int64_t x = (int64_t) scores[r] - lo;
+            if (x >= 0 && x < fine) {
+                hist[x]++;
+            }
+        }
+        int64_t f = fine - 1;
+        while (above + hist[f] < k) {
+            above += hist[f--];
+        }
+        lo += f;
+    }
+    *s_out = (int32_t) lo;
+    *above_out = above;
 }
 
-int64_t carvq_screen_topk(const int32_t * scores, int64_t n, int64_t k, int32_t * ids) {
+int64_t carvq_screen_select(const int32_t * scores, int64_t n, int64_t k, int32_t * ids, uint32_t * hist) {
     if (k > n) k = n;
     if (k <= 0) {
         return 0;
     }
-    // a heap of the k best so far whose root is the lowest ranked of them; rows come in id
-    // order, so a later row with the root's score ranks below it and is skipped
-    for (int64_t r = 0; r < k; ++r) {
-        ids[r] = (int32_t) r;
-    }
-    for (int64_t i = k / 2 - 1; i >= 0; --i) {
-        carvq_screen_sift_down(scores, ids, k, i);
-    }
-    for (int64_t r = k; r < n; ++r) {
-        if (scores[r] > scores[ids[0]]) {
-            ids[0] = (int32_t) r;
-            carvq_screen_sift_down(scores, ids, k, 0);
+    int32_t S;
+    int64_t above;
+    carvq_screen_threshold(scores, n, k, hist, &S, &above);
+    int64_t m = 0, ties = k - above; // rows scoring S that make the cut: the lowest ids
+    for (int64_t r = 0; r < n && m < k; ++r) {
+        if (scores[r] > S || (scores[r] == S && ties-- > 0)) {
+            ids[m++] = (int32_t) r;
         }
     }
-    // heap sort: the lowest ranked goes to the end, best first at the start
-    for (int64_t m = k - 1; m > 0; --m) {
-        const int32_t x = ids[0];
-        ids[0] = ids[m];
-        ids[m] = x;
-        carvq_screen_sift_down(scores, ids, m, 0);
+    return m;
+}
+
+// (score, id) as one sortable key: higher score first, then lower id
+static int carvq_screen_key_cmp(const void * a, const void * b) {
+    const int64_t x = *(const int64_t *) a, y = *(const int64_t *) b;
+    return (x > y) - (x < y);
+}
+
+int64_t carvq_screen_topk(const int32_t * scores, int64_t n, int64_t k, int32_t * ids, uint32_t * hist,
+        int64_t * keys) {
+    const int64_t m = carvq_screen_select(scores, n, k, ids, hist);
+    for (int64_t i = 0; i < m; ++i) {
+        keys[i] = (-(int64_t) scores[ids[i]]) * ((int64_t) 1 << 32) + ids[i];
     }
-    return k;
+    qsort(keys, (size_t) m, sizeof(int64_t), carvq_screen_key_cmp);
+    for (int64_t i = 0; i < m; ++i) {
+        ids[i] = (int32_t) (keys[i] & 0xffffffff);
+    }
+    return m;
 }

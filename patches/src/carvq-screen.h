@@ -7,7 +7,7 @@
 //   2. carvq_screen_scan: every row's integer score = the sum of its codes' table bytes,
 //      over rows re-laid in blocks of CARVQ_SCREEN_BLOCK (carvq_screen_relayout);
 //   3. carvq_screen_hot_add: hot rows add their hot levels' table bytes;
-//   4. carvq_screen_topk: the k best rows, exactly (ties: lower id first).
+//   4. carvq_screen_select / carvq_screen_topk: the k best rows, exactly (ties: lower id first).
 // A row's approximate logit is score * scale + bias (struct carvq_screen_tables). All
 // integer steps are exact, so every path (scalar, AVX2, NEON) gives identical scores, and
 // src/carvq/screen.py (NumPy) reproduces them bit for bit.
@@ -66,9 +66,16 @@ void carvq_screen_scan_scalar(const struct carvq_layout * l, const uint8_t * blo
 void carvq_screen_hot_add(const struct carvq_layout * l, const int32_t * hot_ids, const uint8_t * hot_codes,
         const uint8_t * qh, int32_t hot_offset, int64_t j0, int64_t j1, int32_t * scores);
 
-// The min(k, n) rows of highest score, best first, ties by lower id, into ids (k entries);
-// returns their count. A heap of k: O(n) compares plus O(k log k log(n/k)) expected moves.
-int64_t carvq_screen_topk(const int32_t * scores, int64_t n, int64_t k, int32_t * ids);
+#define CARVQ_SCREEN_HIST 65536 // bins of the work histogram carvq_screen_select needs
+
+// The min(k, n) rows of highest score, ties broken by lower id, into ids in increasing id
+// order; returns their count. O(n): two or three passes and a histogram of CARVQ_SCREEN_HIST
+// uint32 (hist, scratch).
+int64_t carvq_screen_select(const int32_t * scores, int64_t n, int64_t k, int32_t * ids, uint32_t * hist);
+
+// The same rows, best first (highest score, then lower id). keys: k int64 (scratch).
+int64_t carvq_screen_topk(const int32_t * scores, int64_t n, int64_t k, int32_t * ids, uint32_t * hist,
+        int64_t * keys);
 
 // "avx2", "neon" or "scalar": the path carvq_screen_scan takes in this build.
 const char * carvq_screen_simd_name(void);

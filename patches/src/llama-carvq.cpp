@@ -12,11 +12,15 @@
 #include "llama-model-loader.h"
 #include "llama-model.h"
 
+#include "carvq-screen.h"
+
 #include "ggml.h"
+#include "ggml-cpu.h"
 #include "gguf.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -34,6 +38,7 @@ namespace carvq_key {
     constexpr const char * ACTIVATION     = "carvq.adaptor_activation";
     constexpr const char * HOT_ROWS       = "carvq.hot_rows";
     constexpr const char * HOT_LEVELS     = "carvq.hot_levels";
+    constexpr const char * HEAD_COPY      = "carvq.head_copy";
 }
 
 static uint32_t carvq_key_u32(const gguf_context * meta, const char * key) {
@@ -88,6 +93,10 @@ void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml,
     if (carvq_layout_check(&l, err, sizeof(err)) != 0) {
         throw std::runtime_error(format("CARVQ: %s", err));
     }
+
+    const int64_t head_copy_id = gguf_find_key(meta, carvq_key::HEAD_COPY);
+    carvq.head_copy = head_copy_id >= 0 && gguf_get_kv_type(meta, head_copy_id) == GGUF_TYPE_BOOL &&
+                      gguf_get_val_bool(meta, head_copy_id);
 
     const std::string act = carvq_key_str(meta, carvq_key::ACTIVATION);
     if (l.adaptor_rank == 0) {
@@ -173,7 +182,7 @@ void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml,
                    carvq_simd_name(carvq.codebooks->type == GGML_TYPE_F16 ? CARVQ_CODEBOOK_F16 : CARVQ_CODEBOOK_F32));
 }
 
-void llama_carvq_check_data(const llama_carvq & carvq) {
+void llama_carvq_check_data(llama_carvq & carvq) {
     if (!carvq.enabled()) {
         return;
     }
@@ -186,6 +195,11 @@ void llama_carvq_check_data(const llama_carvq & carvq) {
                         err, sizeof(err)) != 0) {
         throw std::runtime_error(format("CARVQ: hot rows: %s", err));
     }
+    if (!carvq.head_copy) {
+        return; // an untied source's head is its own matrix: the codes do not index it
+    }
+    carvq.screen_blocks.resize((size_t) carvq_screen_blocks_nbytes(&carvq.layout));
+    carvq_screen_relayout(&carvq.layout, (const uint8_t *) carvq.codes->data, carvq.screen_blocks.data());
 }
 
 // dst = RVQ rows of ids; src[0] codes, src[1] codebooks, src[2] ids, and with hot rows
@@ -219,6 +233,143 @@ static void carvq_rvq_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
                            dst->src[5]->data, cb_type, (const int32_t *) ids->data, n_ids, (float *) dst->data,
                            stride, first, last);
     }
+}
+
+// ---- screened output head (docs/SCREEN.md) ----------------------------------------------
+
+// per-thread scratch of one hidden state's tables
+struct carvq_screen_scratch {
+    std::vector<float>   work;
+    std::vector<uint8_t> q, qh;
+    std::vector<int32_t> ids;
+    std::vector<uint32_t> hist = std::vector<uint32_t>(CARVQ_SCREEN_HIST);
+    std::vector<uint8_t> hq; // the hidden state in the head's vec_dot type
+
+    carvq_screen_tables build(const llama_carvq & c, const float * h) {
+        const carvq_layout & l = c.layout;
+        const int64_t G = l.n_embd / l.group_size, GL = G * l.levels;
+        work.resize((size_t) carvq_screen_work_floats(&l));
+        q.resize((size_t) (GL + (GL & 1)) * 16);
+        qh.resize((size_t) std::max<int64_t>(1, G * l.hot_levels) * 16);
+        carvq_screen_tables t;
+        carvq_screen_tables_build(&l, c.codebooks->data, c.hot_codebooks ? c.hot_codebooks->data : nullptr,
+                                  c.codebooks->type == GGML_TYPE_F16 ? CARVQ_CODEBOOK_F16 : CARVQ_CODEBOOK_F32,
+                                  h, work.data(), q.data(), qh.data(), &t);
+        return t;
+    }
+};
+
+static thread_local carvq_screen_scratch carvq_scratch;
+
+static const float * carvq_column(const ggml_tensor * t, int64_t p) {
+    return (const float *) ((const char *) t->data + p * t->nb[1]);
+}
+
+// dst (I32 [V, n_out]) = every row's screen score; src[0] the hidden states. Thread ith scans
+// a contiguous range of blocks and adds the hot levels of the hot rows inside it.
+static void carvq_screen_scan_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const llama_carvq & c = *(const llama_carvq *) userdata;
+    const carvq_layout & l = c.layout;
+    const ggml_tensor * cur = dst->src[0];
+    const int64_t n_blocks = (l.n_vocab + CARVQ_SCREEN_BLOCK - 1) / CARVQ_SCREEN_BLOCK;
+    const int64_t per = (n_blocks + nth - 1) / nth;
+    const int64_t b0 = per * ith, b1 = std::min(n_blocks, b0 + per);
+    if (b0 >= b1) {
+        return;
+    }
+    const int32_t * hot_ids = l.hot_rows > 0 ? (const int32_t *) c.hot_ids->data : nullptr;
+    const int64_t j0 = hot_ids ? std::lower_bound(hot_ids, hot_ids + l.hot_rows, (int32_t) (b0 * CARVQ_SCREEN_BLOCK)) - hot_ids : 0;
+    const int64_t j1 = hot_ids ? std::lower_bound(hot_ids, hot_ids + l.hot_rows,
+                                                  (int32_t) std::min<int64_t>(l.n_vocab, b1 * CARVQ_SCREEN_BLOCK)) - hot_ids : 0;
+    for (int64_t p = 0; p < dst->ne[1]; ++p) {
+        const carvq_screen_tables t = carvq_scratch.build(c, carvq_column(cur, p));
+        int32_t * scores = (int32_t *) ((char *) dst->data + p * dst->nb[1]);
+        carvq_screen_scan(&l, c.screen_blocks.data(), carvq_scratch.q.data(), b0, b1, scores);
+        if (j1 > j0) {
+            carvq_screen_hot_add(&l, hot_ids, (const uint8_t *) c.hot_codes->data, carvq_scratch.qh.data(),
+                                 t.hot_offset, j0, j1, scores);
+        }
+    }
+}
+
+// dst (F32 [V, n_out]) = the logits: score * scale + bias for every row, then the k best rows
+// exactly, through ggml-cpu's vec_dot of the head's own type (as its dense mul_mat does).
+// src[0] the scores, src[1] the hidden states, src[2] the head, src[3] a view whose length is
+// the number of candidates k. Thread ith takes every nth
+// output position.
+static void carvq_screen_exact_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const llama_carvq & c = *(const llama_carvq *) userdata;
+    const ggml_tensor * scores_t = dst->src[0];
+    const ggml_tensor * cur = dst->src[1];
+    const ggml_tensor * w = dst->src[2];
+    const int64_t V = c.layout.n_vocab, n = c.layout.n_embd;
+    const int64_t n_cand = std::min<int64_t>(V, dst->src[3]->ne[0]);
+    const ggml_type_traits_cpu * tr = ggml_get_type_traits_cpu(w->type);
+    for (int64_t p = ith; p < dst->ne[1]; p += nth) {
+        const float * h = carvq_column(cur, p);
+        const carvq_screen_tables t = carvq_scratch.build(c, h);
+        const int32_t * scores = (const int32_t *) ((const char *) scores_t->data + p * scores_t->nb[1]);
+        float * out = (float *) ((char *) dst->data + p * dst->nb[1]);
+        for (int64_t v = 0; v < V; ++v) {
+            out[v] = (float) scores[v] * t.scale + t.bias;
+        }
+        carvq_scratch.ids.resize((size_t) n_cand);
+        const int64_t got = carvq_screen_select(scores, V, n_cand, carvq_scratch.ids.data(), carvq_scratch.hist.data());
+        const void * hv = h;
+        if (tr->vec_dot_type != GGML_TYPE_F32) {
+            carvq_scratch.hq.resize(ggml_row_size(tr->vec_dot_type, n));
+            ggml_get_type_traits_cpu(tr->vec_dot_type)->from_float(h, carvq_scratch.hq.data(), n);
+            hv = carvq_scratch.hq.data();
+        }
+        for (int64_t i = 0; i < got; ++i) {
+            const int32_t id = carvq_scratch.ids[(size_t) i];
+            tr->vec_dot((int) n, out + id, 0, (const char *) w->data + id * w->nb[1], 0, hv, 0, 1);
+        }
+    }
+}
+
+static const char * carvq_env(const char * name, const char * fallback) {
+    const char * v = getenv(name);
+    return v && *v ? v : fallback;
+}
+
+ggml_tensor * llama_carvq_build_head(ggml_context * ctx, const llama_carvq & carvq, ggml_tensor * w, ggml_tensor * cur) {
+    const carvq_layout & l = carvq.layout;
+    if (carvq.screen_blocks.empty() || w == nullptr || strcmp(ggml_get_name(w), "output.weight") != 0 ||
+        w->ne[0] != l.n_embd || w->ne[1] != l.n_vocab || !ggml_is_contiguous(w) ||
+        cur->type != GGML_TYPE_F32 || cur->ne[0] != l.n_embd || cur->ne[1] < 1 || cur->ne[2] != 1 || cur->ne[3] != 1) {
+        return nullptr;
+    }
+    const ggml_type_traits_cpu * tr = ggml_get_type_traits_cpu(w->type);
+    if (tr == nullptr || tr->vec_dot == nullptr || (tr->vec_dot_type != GGML_TYPE_F32 &&
+                                                    ggml_get_type_traits_cpu(tr->vec_dot_type)->from_float == nullptr)) {
+        return nullptr;
+    }
+    const std::string mode = carvq_env("CARVQ_HEAD", "auto");
+    if (mode == "dense" || (mode != "screened" && cur->ne[1] > LLAMA_CARVQ_SCREEN_MAX_OUTPUTS)) {
+        return nullptr;
+    }
+    char * end = nullptr;
+    const char * k_env = carvq_env("CARVQ_SCREEN_K", "");
+    long long k = *k_env ? strtoll(k_env, &end, 10) : LLAMA_CARVQ_SCREEN_K;
+    if (*k_env && (end == k_env || *end != '\0' || k < 1)) {
+        LLAMA_LOG_WARN("%s: CARVQ_SCREEN_K=%s is not a positive integer; using %d\n", __func__, k_env, LLAMA_CARVQ_SCREEN_K);
+        k = LLAMA_CARVQ_SCREEN_K;
+    }
+    k = std::min<long long>(k, l.n_vocab);
+
+    ggml_tensor * scan_args[1] = { cur };
+    ggml_tensor * scores = ggml_custom_4d(ctx, GGML_TYPE_I32, l.n_vocab, cur->ne[1], 1, 1, scan_args, 1,
+                                          carvq_screen_scan_op, GGML_N_TASKS_MAX, (void *) &carvq);
+    ggml_set_name(scores, "carvq_screen_scores");
+    // the candidate count travels as the length of a view (no data of its own): custom ops
+    // have no parameters beyond userdata, which every graph of the model shares
+    ggml_tensor * k_t = ggml_view_1d(ctx, scores, k, 0);
+    ggml_tensor * exact_args[4] = { scores, cur, w, k_t };
+    ggml_tensor * logits = ggml_custom_4d(ctx, GGML_TYPE_F32, l.n_vocab, cur->ne[1], 1, 1, exact_args, 4,
+                                          carvq_screen_exact_op, GGML_N_TASKS_MAX, (void *) &carvq);
+    ggml_set_name(logits, "carvq_screen_logits");
+    return logits;
 }
 
 static ggml_tensor * carvq_as_f32(ggml_context * ctx, ggml_tensor * t) {

@@ -8,6 +8,7 @@
 #include "carvq.h"
 
 #include <cstdint>
+#include <vector>
 
 struct ggml_context;
 struct ggml_tensor;
@@ -29,6 +30,11 @@ struct llama_carvq {
     carvq_layout layout = {};
     int activation = 0; // llama_carvq_act
 
+    // carvq.head_copy: output.weight is the tied source's own matrix, so the codes index the
+    // head too and can screen it (docs/SCREEN.md); the codes re-laid for that scan
+    bool head_copy = false;
+    std::vector<uint8_t> screen_blocks;
+
     bool enabled() const { return codes != nullptr; }
 };
 
@@ -41,9 +47,20 @@ bool llama_carvq_present(const llama_model_loader & ml);
 // every shape and type against the format. Throws std::runtime_error naming the key or tensor.
 void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml, llama_carvq & carvq);
 
-// After the data is loaded: every code < K, hot ids sorted and in range. Throws
-// std::runtime_error naming the first bad row.
-void llama_carvq_check_data(const llama_carvq & carvq);
+// After the data is loaded: every code < K, hot ids sorted and in range (throws
+// std::runtime_error naming the first bad row); then, for a tied source, the codes re-laid
+// for the screened head.
+void llama_carvq_check_data(llama_carvq & carvq);
+
+// The output head w (output.weight) times the hidden states cur (F32 [n_embd, n_outputs]),
+// screened: every logit approximated from the codes, the k best computed exactly from w's
+// rows. nullptr when the dense ggml_mul_mat should be used instead: not this model's screened
+// head, too many outputs for "auto", or CARVQ_HEAD=dense. Environment: CARVQ_HEAD =
+// auto (default: screened for at most LLAMA_CARVQ_SCREEN_MAX_OUTPUTS outputs) | screened |
+// dense; CARVQ_SCREEN_K = candidates computed exactly (default LLAMA_CARVQ_SCREEN_K).
+#define LLAMA_CARVQ_SCREEN_MAX_OUTPUTS 4
+#define LLAMA_CARVQ_SCREEN_K 4096
+ggml_tensor * llama_carvq_build_head(ggml_context * ctx, const llama_carvq & carvq, ggml_tensor * w, ggml_tensor * cur);
 
 // The input embeddings of `tokens` (I32 [n_tokens]) as an F32 [n_embd, n_tokens] tensor:
 // RVQ decode with hot rows (custom op) plus the adaptor MLP (ggml ops).

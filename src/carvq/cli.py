@@ -47,7 +47,7 @@ def _cmd_tools(args) -> int:
 def _cmd_generate(args) -> int:
     from carvq.runtime.model import Model
 
-    with Model(args.model, n_ctx=args.ctx, verbose=args.verbose) as model:
+    with Model(args.model, n_ctx=args.ctx, verbose=args.verbose, head=args.head, screen_k=args.screen_k) as model:
         for piece in model.generate(args.prompt, args.max_tokens, args.temperature, args.top_p, args.seed):
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -101,7 +101,7 @@ def _fit_history(model, history: list[dict], max_tokens: int, n_ctx: int) -> lis
 def _cmd_chat(args) -> int:
     from carvq.runtime.model import Model
 
-    with Model(args.model, n_ctx=args.ctx, verbose=args.verbose) as model:
+    with Model(args.model, n_ctx=args.ctx, verbose=args.verbose, head=args.head, screen_k=args.screen_k) as model:
         history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
         print(f"carvq chat: {args.model} ({'CARVQ' if model.is_carvq else 'stock'} embedding). "
               "/exit to quit, Ctrl-C stops a reply.", file=sys.stderr)
@@ -139,6 +139,10 @@ def _add_sampling(p: argparse.ArgumentParser, max_tokens: int, temperature: floa
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ctx", type=int, default=2048, help="context length in tokens")
     p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
+    p.add_argument("--head", choices=("auto", "screened", "dense"), default="auto",
+                   help="a tied CARVQ model's logits: screened by the codes with the best --screen-k exact, or the "
+                        "dense head; auto screens generation (docs/SCREEN.md)")
+    p.add_argument("--screen-k", type=int, help="candidate rows computed exactly by the screened head (default 4096)")
 
 
 def build_parser() -> argparse.ArgumentParser:
