@@ -285,22 +285,35 @@ class Model:
     def embedding_rows(self, token_ids: list[int]) -> np.ndarray:
         """Input embeddings of `token_ids` as llama.cpp computes them: the lookup (CARVQ decode
         or get_rows) read back from the graph node build_inp_embd names "embd", before any
-        architecture scaling applied after it (Gemma's sqrt(n)): (len, n_embd) float32."""
+        architecture scaling applied after it (Gemma's sqrt(n)): (len, n_embd) float32.
+        Each batch is decoded as a sequence of its own: only the lookup matters here."""
+        return self._capture("embd", token_ids, one_sequence=False)
+
+    def hidden_states(self, tokens: list[int]) -> np.ndarray:
+        """The final hidden states of `tokens` (one sequence from position 0), as the output
+        head sees them: the graph node "result_norm", (len, n_embd) float32."""
+        return self._capture("result_norm", tokens, one_sequence=True)
+
+    def _capture(self, node: str, token_ids: list[int], one_sequence: bool) -> np.ndarray:
         ids = [int(t) for t in token_ids]
         if not ids or min(ids) < 0 or max(ids) >= self.n_vocab:
             raise CarvqError(f"token ids must be in 0..{self.n_vocab - 1}")
-        capture = {"name": "embd", "rows": None}
+        if one_sequence and len(ids) > self._n_ctx:
+            raise CarvqError(f"{len(ids)} tokens exceed the context of {self._n_ctx}")
+        capture = {"name": node, "rows": None}
         handle = ffi.new_handle(capture)
         rows = []
         ctx = self._context(cb_capture=handle)
         try:
+            lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
             for off in range(0, len(ids), self._n_batch):
-                lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+                if not one_sequence:
+                    lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
                 capture["rows"] = None
                 chunk = ids[off : off + self._n_batch]
-                self._decode(ctx, chunk, 0, all_logits=True)
+                self._decode(ctx, chunk, off if one_sequence else 0, all_logits=True)
                 if capture["rows"] is None:
-                    raise CarvqError("the embedding tensor was not seen in the graph")
+                    raise CarvqError(f"the graph node {node!r} was not seen")
                 rows.append(capture["rows"])
         finally:
             lib.llama_free(ctx)

@@ -57,9 +57,9 @@ void llama_carvq_check_data(llama_carvq & carvq);
 // rows. nullptr when the dense ggml_mul_mat should be used instead: not this model's screened
 // head, too many outputs for "auto", or CARVQ_HEAD=dense. Environment: CARVQ_HEAD =
 // auto (default: screened for at most LLAMA_CARVQ_SCREEN_MAX_OUTPUTS outputs) | screened |
-// dense; CARVQ_SCREEN_K = candidates computed exactly (default LLAMA_CARVQ_SCREEN_K).
+// dense; CARVQ_SCREEN_K = candidates computed exactly (default llama_carvq_screen_default_k).
 #define LLAMA_CARVQ_SCREEN_MAX_OUTPUTS 4
-#define LLAMA_CARVQ_SCREEN_K 4096
+int64_t llama_carvq_screen_default_k(int64_t n_vocab);
 ggml_tensor * llama_carvq_build_head(ggml_context * ctx, const llama_carvq & carvq, ggml_tensor * w, ggml_tensor * cur);
 
 // The input embeddings of `tokens` (I32 [n_tokens]) as an F32 [n_embd, n_tokens] tensor:

@@ -1,0 +1,91 @@
+"""The screened output head inside the patched llama.cpp (docs/SCREEN.md) on tiny models:
+its candidates are exactly the NumPy reference's top-k, their logits are the dense head's,
+and with every row a candidate it is the dense head."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+TEXT_IDS = [1, 5, 17, 42, 99, 200, 7, 3, 250, 11, 64, 128, 300, 2, 19, 33]
+
+
+def _logits(path, head, k=None, **kw):
+    from carvq.runtime.model import Model
+
+    with Model(path, n_ctx=64, head=head, screen_k=k, **kw) as m:
+        return m.logits(TEXT_IDS)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_candidates_are_the_reference_top_k(arch, tiny_carvq):
+    """k of V rows exact: which ones is decided by the scan, checked against src/carvq/screen.py."""
+    from carvq import format as fmt
+    from carvq import screen
+    from carvq.runtime.model import Model
+
+    path, report = tiny_carvq(arch)
+    k = 24
+    dense = _logits(path, "dense")
+    screened = _logits(path, "screened", k)
+    with Model(path, n_ctx=64, head="dense") as m:
+        hidden = m.hidden_states(TEXT_IDS)
+    t = fmt.read_tensors(path)
+    for p in range(len(TEXT_IDS)):
+        tables = screen.tables(t.layout, t.codebooks, t.hot_codebooks, hidden[p])
+        scores = screen.scores(t.layout, t.codes, tables, t.hot_ids, t.hot_codes)
+        want = set(screen.topk(scores, k).tolist())
+        close = np.isclose(screened[p], dense[p], rtol=1e-5, atol=1e-5 * np.abs(dense[p]).max())
+        exact = set(np.nonzero(close)[0].tolist())
+        assert want <= exact, f"position {p}: candidates {sorted(want - exact)} are not exact"
+        assert len(exact - want) <= 3, f"position {p}: rows outside the top-k came out exact: {sorted(exact - want)}"
+
+
+def test_every_row_a_candidate_is_the_dense_head(tiny_carvq):
+    path, report = tiny_carvq("phi3")
+    dense = _logits(path, "dense")
+    screened = _logits(path, "screened", report.n_vocab)
+    assert np.allclose(screened, dense, rtol=1e-5, atol=1e-5 * np.abs(dense).max())
+
+
+def test_auto_screens_generation_only(tiny_carvq):
+    """auto: many outputs (prompt logits) take the dense head; generation is greedy-identical."""
+    from carvq.runtime.model import Model
+
+    path, report = tiny_carvq("llama")
+    assert np.array_equal(_logits(path, "auto"), _logits(path, "dense"))  # 16 outputs > 4: dense
+    outs = {}
+    for head in ("dense", "auto"):
+        with Model(path, n_ctx=128, head=head) as m:  # default k >= V here: every row exact
+            outs[head] = "".join(m.generate("the cat sat", max_tokens=24, temperature=0))
+    assert outs["auto"] == outs["dense"] and outs["dense"]
+
+
+def test_bad_head_options(tiny_carvq):
+    from carvq.errors import CarvqError
+    from carvq.runtime.model import Model
+
+    path, _ = tiny_carvq("llama")
+    with pytest.raises(CarvqError, match="head"):
+        Model(path, head="fast")
+    with pytest.raises(CarvqError, match="screen_k"):
+        Model(path, screen_k=0)
+    proc = run_cli("generate", path, "-p", "the", "-n", "2", "--head", "nope")
+    assert proc.returncode == 2 and "--head" in proc.stderr
+
+
+def test_bad_screen_k_from_the_environment_is_a_warning(tiny_carvq):
+    """llama.cpp tools read CARVQ_SCREEN_K: a bad value warns and falls back to the default."""
+    path, _ = tiny_carvq("qwen2")
+    code = ("import sys, numpy as np; from carvq.runtime.model import Model\n"
+            "m = Model(sys.argv[1], n_ctx=64, head='screened', verbose=True)\n"
+            "import os; os.environ['CARVQ_SCREEN_K'] = 'lots'; m._head_env['CARVQ_SCREEN_K'] = 'lots'\n"
+            "print(m.logits([1, 2, 3]).shape)")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, errors="replace",
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "CARVQ_SCREEN_K=lots is not a positive integer" in proc.stderr
