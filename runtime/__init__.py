@@ -5,6 +5,10 @@ from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
+# How a tied CARVQ model computes its logits (docs/SCREEN.md): the patched llama.cpp reads the
+# mode from CARVQ_HEAD, the number of exact candidates from CARVQ_SCREEN_K.
+HEADS = ("auto", "screened", "dense")
+
 
 def tool_path(name: str) -> Path:
     """Path of a bundled llama.cpp tool (llama-cli, llama-server, llama-perplexity, ...)."""

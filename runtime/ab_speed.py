@@ -54,10 +54,11 @@ class SpeedResult:
                            "threads": self.threads, "summary": self.summary(), "samples": self.samples}, indent=2)
 
 
-def _llama_bench(model: Path, prompt: int, gen: int, threads: int) -> dict[str, float]:
+def _llama_bench(model: Path, prompt: int, gen: int, threads: int, head: str) -> dict[str, float]:
     cmd = [str(tool_path("llama-bench")), "-m", str(model), "-p", str(prompt), "-n", str(gen), "-r", "1",
            "-t", str(threads), "-o", "json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    env = dict(os.environ, CARVQ_HEAD=head)  # the patched library reads it (docs/SCREEN.md)
+    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         raise CarvqError(f"llama-bench failed on {model}: {lines[-1] if lines else proc.returncode}")
@@ -69,7 +70,9 @@ def _llama_bench(model: Path, prompt: int, gen: int, threads: int) -> dict[str, 
 
 
 def bench(model, baseline, *, rounds: int = 5, prompt: int = 128, gen: int = 32, threads: int | None = None,
-          progress: bool = True) -> SpeedResult:
+          progress: bool = True, head: str = "auto", baseline_head: str = "auto") -> SpeedResult:
+    """head / baseline_head: CARVQ_HEAD for each side (auto, screened or dense), so that one
+    CARVQ file can be compared with itself, screened against dense."""
     from tqdm import tqdm
 
     model, baseline = Path(model), Path(baseline)
@@ -79,12 +82,12 @@ def bench(model, baseline, *, rounds: int = 5, prompt: int = 128, gen: int = 32,
     if rounds < 2:
         raise CarvqError("--rounds must be at least 2 to give a spread")
     threads = threads or os.cpu_count() or 1
-    result = SpeedResult(str(model), str(baseline), rounds, prompt, gen, threads)
+    result = SpeedResult(f"{model} (head {head})", f"{baseline} (head {baseline_head})", rounds, prompt, gen, threads)
     for i in tqdm(range(rounds), desc="A/B rounds", disable=not progress, leave=False):
-        order = [("model", model), ("baseline", baseline)]
+        order = [("model", model, head), ("baseline", baseline, baseline_head)]
         if i % 2:
             order.reverse()
-        for side, path in order:
-            for test, tps in _llama_bench(path, prompt, gen, threads).items():
+        for side, path, side_head in order:
+            for test, tps in _llama_bench(path, prompt, gen, threads, side_head).items():
                 result.samples.setdefault(test, {"model": [], "baseline": []})[side].append(tps)
     return result

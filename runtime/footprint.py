@@ -9,7 +9,6 @@ second is what must fit). Linux only (x86-64 and aarch64), no root needed.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -84,8 +83,8 @@ def status():
             out[key] = int(rest.split()[0]) * 1024
     return out
 from carvq.runtime.model import Model
-path, use_mmap, tokens = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
-model = Model(path, n_ctx=max(256, tokens + 64), use_mmap=use_mmap)
+path, use_mmap, tokens, head = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4]
+model = Model(path, n_ctx=max(256, tokens + 64), use_mmap=use_mmap, head=head)
 after_load = status()["VmRSS"]
 if tokens:
     for _ in model.generate("The history of the city begins", max_tokens=tokens, temperature=0):
@@ -94,13 +93,13 @@ print(json.dumps({"after_load": after_load, "peak": status()["VmHWM"]}))
 """
 
 
-def measure_rss(path, tokens: int) -> dict[str, dict[str, int]]:
+def measure_rss(path, tokens: int, head: str = "auto") -> dict[str, dict[str, int]]:
     if not Path("/proc/self/status").exists():
         raise CarvqError("resident memory is read from /proc: Linux only")
     out = {}
     for mode, flag in (("mmap", "1"), ("no_mmap", "0")):
-        proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), flag, str(tokens)], capture_output=True,
-                              text=True, errors="replace", cwd=os.path.dirname(os.path.abspath(__file__)))
+        proc = subprocess.run([sys.executable, "-c", _CHILD, str(Path(path).resolve()), flag, str(tokens), head],
+                              capture_output=True, text=True, errors="replace")
         if proc.returncode != 0:
             lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
             raise CarvqError(f"measuring {path} failed: {lines[-1] if lines else proc.returncode}")
@@ -108,11 +107,11 @@ def measure_rss(path, tokens: int) -> dict[str, dict[str, int]]:
     return out
 
 
-def footprint(path, tokens: int = 16, measure: bool = True) -> Footprint:
+def footprint(path, tokens: int = 16, measure: bool = True, head: str = "auto") -> Footprint:
     fp = file_categories(path)
     fp.tokens = tokens
     if measure:
-        fp.rss = measure_rss(path, tokens)
+        fp.rss = measure_rss(path, tokens, head)
     return fp
 
 

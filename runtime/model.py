@@ -13,6 +13,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from carvq.errors import CarvqError
+from carvq.runtime import HEADS
 
 try:
     from carvq.runtime._llama_cffi import ffi, lib
@@ -66,7 +67,7 @@ class Model:
     ...     print("".join(m.generate("The capital of France is", max_tokens=8, temperature=0)))
     """
 
-    HEADS = ("auto", "screened", "dense")
+    HEADS = HEADS
 
     def __init__(self, path, *, n_ctx: int = 2048, n_batch: int = 512, n_threads: int | None = None,
                  use_mmap: bool = True, kv_f32: bool = False, vocab_only: bool = False, verbose: bool = False,
@@ -203,8 +204,18 @@ class Model:
             raise CarvqError("tokenization failed")
         return list(out[0:n])
 
+    def _check_tokens(self, tokens: list[int]) -> None:
+        # llama.cpp's vocabulary throws std::out_of_range for a bad id, which would abort the
+        # process across the C API: refuse it here
+        n_vocab = self.n_vocab
+        bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise CarvqError(f"token id {bad} outside 0..{n_vocab - 1}")
+
     def token_bytes(self, token: int, special: bool = False) -> bytes:
         self._live_model()
+        token = int(token)
+        self._check_tokens([token])
         buf = ffi.new("char[]", 256)
         n = lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         if n < 0:
@@ -214,7 +225,8 @@ class Model:
 
     def detokenize(self, tokens: Iterable[int], remove_special: bool = False) -> str:
         self._live_model()
-        toks = list(tokens)
+        toks = [int(t) for t in tokens]
+        self._check_tokens(toks)
         arr = ffi.new("llama_token[]", toks or [0])
         cap = 16 * len(toks) + 16
         buf = ffi.new("char[]", cap)

@@ -138,3 +138,19 @@ def test_writer_refuses_non_finite_values(tmp_path, tiny_carvq, tiny_gguf):
         fmt.write_model(gio.open_gguf(tiny_gguf("gemma3")), out, "gemma3", bad,
                         fmt.Provenance("F32", True, 1.0, 1.0))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_out_of_range_token_ids_are_an_error_not_an_abort(tiny_carvq):
+    """llama.cpp throws std::out_of_range for a bad id; across the C API that would abort Python."""
+    import subprocess
+    import sys
+
+    path, _ = tiny_carvq("llama")
+    code = ("import sys\nfrom carvq.runtime.model import Model\nfrom carvq.errors import CarvqError\n"
+            "m = Model(sys.argv[1], vocab_only=True)\n"
+            "for call in (lambda: m.token_bytes(-1), lambda: m.token_bytes(m.n_vocab), lambda: m.detokenize([1, m.n_vocab])):\n"
+            "    try:\n        call()\n    except CarvqError as e:\n        print('refused:', e)\n"
+            "print(m.detokenize([1, 2]) is not None)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("refused: token id") == 3 and proc.stdout.strip().endswith("True"), proc.stdout

@@ -272,7 +272,6 @@ def test_bad_file_unknown_version(tiny_carvq, workdir):
 
 def test_version_1_file_still_loads(tiny_carvq, workdir):
     """A version-1 file (no hot keys) is read as version 2 without hot rows: same logits."""
-    from carvq import gguf_io as gio
     from carvq.reference import decode_rows
     from carvq.runtime.model import Model
 

@@ -8,6 +8,8 @@ import sys
 
 from carvq.errors import CarvqError
 
+from carvq.runtime import HEADS  # light: the cffi bindings load only with Model
+
 
 def _cmd_convert(args) -> int:
     from carvq.converter.config import Config
@@ -67,9 +69,9 @@ def _cmd_eval(args) -> int:
 def _cmd_footprint(args) -> int:
     from carvq.runtime import footprint as fp
 
-    models = [fp.footprint(args.model, args.tokens, measure=not args.no_rss)]
+    models = [fp.footprint(args.model, args.tokens, measure=not args.no_rss, head=args.head)]
     if args.baseline:
-        models.append(fp.footprint(args.baseline, args.tokens, measure=not args.no_rss))
+        models.append(fp.footprint(args.baseline, args.tokens, measure=not args.no_rss, head=args.head))
     print(fp.to_json(models) if args.json else fp.table(models))
     if args.plot:
         fp.plot(models, args.plot)
@@ -82,7 +84,7 @@ def _cmd_bench(args) -> int:
     from carvq.runtime.ab_speed import bench
 
     result = bench(args.model, args.baseline, rounds=args.rounds, prompt=args.prompt, gen=args.gen,
-                   threads=args.threads, progress=not args.json)
+                   threads=args.threads, progress=not args.json, head=args.head, baseline_head=args.baseline_head)
     print(result.to_json() if args.json else result.table())
     return 0
 
@@ -139,7 +141,7 @@ def _add_sampling(p: argparse.ArgumentParser, max_tokens: int, temperature: floa
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ctx", type=int, default=2048, help="context length in tokens")
     p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
-    p.add_argument("--head", choices=("auto", "screened", "dense"), default="auto",
+    p.add_argument("--head", choices=HEADS, default="auto",
                    help="a tied CARVQ model's logits: screened by the codes with the best --screen-k exact, or the "
                         "dense head; auto screens generation (docs/SCREEN.md)")
     p.add_argument("--screen-k", type=int, help="candidate rows computed exactly by the screened head (default 4096)")
@@ -221,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-rss", action="store_true", help="file bytes only")
     f.add_argument("--json", action="store_true")
     f.add_argument("--plot", help="write a PNG stacked-bar chart here")
+    f.add_argument("--head", choices=HEADS, default="auto", help="output head mode while generating (docs/SCREEN.md)")
     f.set_defaults(func=_cmd_footprint)
 
     b = sub.add_parser("bench", help="prompt and generation tokens/s against a baseline, alternating A/B (llama-bench)")
@@ -231,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-n", "--gen", type=int, default=32, help="generated tokens (default 32)")
     b.add_argument("-t", "--threads", type=int)
     b.add_argument("--json", action="store_true")
+    b.add_argument("--head", choices=HEADS, default="auto", help="the model's output head mode (docs/SCREEN.md)")
+    b.add_argument("--baseline-head", choices=HEADS, default="auto",
+                   help="the baseline's; e.g. the same CARVQ file with --baseline-head dense")
     b.set_defaults(func=_cmd_bench)
 
     t = sub.add_parser("tools", help="where the bundled, patched llama.cpp tools are")

@@ -1,0 +1,220 @@
+"""The screened output head (docs/SCREEN.md) on SmolLM2-135M-Instruct and Gemma-3-270M (both
+from PyPI, converted with the default `carvq convert`):
+
+- quality against k: KLD, top-1 agreement and delta perplexity of the screened head against the
+  dense head of the same file (llama-perplexity on the 1911 Britannica text), and generation
+  tokens/s at each k;
+- speed: alternating llama-bench A/B rounds, screened CARVQ against the stock GGUF and against
+  the same CARVQ file with its dense head;
+- greedy generations identical to the dense head's (20 prompts x 128 tokens);
+- peak RSS generating 256 tokens (carvq footprint, mmap);
+- the scan alone (carvq-screen-bench): code bytes/s against memcpy and the dense head matvec.
+
+Writes bench/results/screen.{json,md,png} and the README's bench:screen block.
+
+    python bench/screen.py [--rounds 4] [--models smollm2 gemma3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import models  # noqa: E402
+import update_readme  # noqa: E402
+from convert import machine  # noqa: E402
+
+from carvq import format as fmt  # noqa: E402
+from carvq import gguf_io as gio  # noqa: E402
+from carvq.llama_source import cache_dir  # noqa: E402
+from carvq.runtime import tool_path  # noqa: E402
+from carvq.runtime.ab_speed import bench  # noqa: E402
+from carvq.runtime.footprint import footprint  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# name -> (fetch, eval chunks of 512 tokens: Gemma's 262k-wide reference logits take 0.5 GB a chunk)
+MODELS = {"smollm2": ("SmolLM2-135M-Instruct", models.smollm2, 20), "gemma3": ("Gemma-3-270M", models.gemma3_270m, 4)}
+_FLOAT = r"([-+]?[0-9.]+(?:e[-+]?\d+)?)"
+
+
+def _converted(name: str, stock: Path) -> Path:
+    out = cache_dir() / "bench" / f"{name}.default.carvq.gguf"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "carvq.cli", "convert", str(stock), "-o", str(out), "-q"], check=True,
+                       stdout=subprocess.DEVNULL)
+    return out
+
+
+def _default_k(n_vocab: int) -> int:
+    return min(n_vocab, max(4096, min(16384, n_vocab // 4)))  # llama_carvq_screen_default_k
+
+
+def _perplexity(model: Path, text: Path, chunks: int, env: dict, extra: list[str]) -> str:
+    cmd = [str(tool_path("llama-perplexity")), "-m", str(model), "-f", str(text), "-c", "512", "--chunks", str(chunks),
+           "-t", str(os.cpu_count() or 1), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=dict(os.environ, **env))
+    if proc.returncode != 0:
+        raise SystemExit(f"llama-perplexity failed: {proc.stderr[-1500:]}")
+    return proc.stdout + proc.stderr
+
+
+def _grab(pattern: str, text: str) -> float:
+    m = re.search(pattern, text)
+    if not m:
+        raise SystemExit(f"no {pattern!r} in llama-perplexity's output")
+    return float(m.group(1))
+
+
+def _tg_speed(model: Path, env: dict, reps: int = 3) -> float:
+    cmd = [str(tool_path("llama-bench")), "-m", str(model), "-p", "0", "-n", "64", "-r", str(reps),
+           "-t", str(os.cpu_count() or 1), "-o", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **env), check=True)
+    return float(json.loads(proc.stdout)[0]["avg_ts"])
+
+
+def quality_vs_k(model: Path, text: Path, chunks: int, ks: list[int]) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="carvq-screen-") as tmp:
+        base = Path(tmp) / "dense.bin"
+        out = _perplexity(model, text, chunks, {"CARVQ_HEAD": "dense"}, ["--kl-divergence-base", str(base)])
+        dense_ppl = _grab(r"Final estimate: PPL = " + _FLOAT, out)
+        dense_tps = _tg_speed(model, {"CARVQ_HEAD": "dense"})
+        rows.append({"k": 0, "kld": 0.0, "kld_p99": 0.0, "top1": 1.0, "dppl": 0.0, "ppl": dense_ppl, "tg_tps": dense_tps})
+        for k in tqdm(ks, desc="k", leave=False):
+            env = {"CARVQ_HEAD": "screened", "CARVQ_SCREEN_K": str(k)}
+            out = _perplexity(model, text, chunks, env, ["--kl-divergence-base", str(base), "--kl-divergence"])
+            rows.append({"k": k, "kld": _grab(r"Mean\s+KLD:\s*" + _FLOAT, out), "kld_p99": _grab(r"99\.0%\s+KLD:\s*" + _FLOAT, out),
+                         "top1": _grab(r"Same top p:\s*" + _FLOAT, out) / 100,
+                         "dppl": _grab(r"Mean PPL\(Q\)-PPL\(base\)\s*:\s*" + _FLOAT, out), "ppl": None,
+                         "tg_tps": _tg_speed(model, {"CARVQ_HEAD": "auto", "CARVQ_SCREEN_K": str(k)})})
+    return rows
+
+
+def greedy_identity(model: Path, text: Path, n_prompts: int = 20, tokens: int = 128) -> dict:
+    from carvq.runtime.model import Model
+
+    words = text.read_text(encoding="utf-8").split()
+    prompts = [" ".join(words[i * 997 % (len(words) - 40):][:24]) for i in range(n_prompts)]
+    outs = {}
+    for head in ("dense", "auto"):
+        with Model(model, n_ctx=512, head=head) as m:
+            outs[head] = [m.generate_tokens(m.tokenize(p), tokens, temperature=0) for p in tqdm(prompts, desc=head, leave=False)]
+            outs[head] = [list(o) for o in outs[head]]
+    same = sum(a == b for a, b in zip(outs["dense"], outs["auto"]))
+    first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(outs["dense"], outs["auto"])]
+    return {"identical": same, "prompts": n_prompts, "tokens": tokens, "first_difference": first_diff}
+
+
+def scan_bench(model: Path) -> dict:
+    lo = fmt.read_layout(gio.open_gguf(model))
+    proc = subprocess.run([str(tool_path("carvq-screen-bench")), str(lo.n_vocab), str(lo.n_embd), str(lo.group_size),
+                           str(lo.levels)], capture_output=True, text=True, check=True)
+    return {r["what"]: r for r in map(json.loads, proc.stdout.splitlines())}
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, r in results.items():
+        q = [row for row in r["quality"] if row["k"]]
+        a.plot([row["k"] for row in q], [row["kld"] for row in q], "o-", label=name)
+        b.plot([row["k"] for row in q], [row["tg_tps"] / r["stock_tg_tps"] for row in q], "o-", label=name)
+    a.set_xscale("log", base=2)
+    a.set_yscale("log")
+    a.set_xlabel("k (candidates computed exactly)")
+    a.set_ylabel("KLD, screened vs dense head")
+    a.axhline(0.01, color="grey", lw=0.8, ls="--")
+    b.set_xscale("log", base=2)
+    b.set_xlabel("k")
+    b.set_ylabel("generation tokens/s, screened CARVQ / stock")
+    b.axhline(1.0, color="grey", lw=0.8, ls="--")
+    for ax in (a, b):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    args = ap.parse_args()
+    text = models.britannica_text()
+    results = {}
+    for key in args.models:
+        name, fetch, chunks = MODELS[key]
+        stock = fetch()
+        carvq = _converted(key, stock)
+        V = fmt.read_layout(gio.open_gguf(carvq)).n_vocab
+        k0 = _default_k(V)
+        print(f"{name}: quality and speed against k ...", flush=True)
+        ks = sorted({1024, 4096, k0, min(V, 2 * k0)})
+        r = {"default_k": k0, "n_vocab": V, "quality": quality_vs_k(carvq, text, chunks, ks)}
+        r["stock_tg_tps"] = _tg_speed(stock, {})
+        print(f"{name}: A/B speed ...", flush=True)
+        r["ab_stock"] = bench(carvq, stock, rounds=args.rounds, prompt=128, gen=64, progress=False).summary()
+        r["ab_dense"] = bench(carvq, carvq, rounds=args.rounds, prompt=128, gen=64, progress=False,
+                              baseline_head="dense").summary()
+        print(f"{name}: greedy identity, RSS, scan ...", flush=True)
+        r["greedy"] = greedy_identity(carvq, text)
+        fs, fc = footprint(stock, 256), footprint(carvq, 256, head="auto")
+        r["rss_mmap_peak"] = {"stock": fs.rss["mmap"]["peak"], "carvq": fc.rss["mmap"]["peak"]}
+        r["file_bytes"] = {"stock": fs.file_bytes, "carvq": fc.file_bytes}
+        r["scan"] = scan_bench(carvq)
+        results[name] = r
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "screen.json").write_text(json.dumps(results, indent=2))
+    plot(results, RESULTS / "screen.png")
+    (RESULTS / "screen.md").write_text(table(results) + "\n")
+    update_readme.update("screen")
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    mib = lambda n: f"{n / 2**20:.1f}"  # noqa: E731
+    lines = [f"Measured {date.today().isoformat()} on {machine()}; default `carvq convert` (tied head copy Q5_0); "
+             "KLD / top-1 / Δ perplexity of the screened head against the dense head of the same file on the "
+             "Britannica text; speeds are generation (64 tokens) tokens/s; A/B ratios over alternating llama-bench "
+             "rounds (mean ± std).", "",
+             "| model | k (default) | KLD | 99% KLD | top-1 | Δ PPL | tg t/s ratio vs stock | vs own dense head | "
+             "greedy = dense (20 × 128 tokens) | peak RSS, mmap, 256 tokens | scan GB/s (% of memcpy) | scan vs dense Q5_0 head |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        q = next(row for row in r["quality"] if row["k"] == r["default_k"])
+        s = r["scan"]
+        lines.append(
+            f"| {name} | {r['default_k']} of {r['n_vocab']} | {q['kld']:.4f} | {q['kld_p99']:.3f} | {100 * q['top1']:.2f} % | "
+            f"{q['dppl']:+.3f} | {r['ab_stock']['tg64']['ratio']:.2f} ± {r['ab_stock']['tg64']['ratio_std']:.2f} | "
+            f"{r['ab_dense']['tg64']['ratio']:.2f} ± {r['ab_dense']['tg64']['ratio_std']:.2f} | "
+            f"{r['greedy']['identical']}/{r['greedy']['prompts']} | "
+            f"{mib(r['rss_mmap_peak']['stock'])} → {mib(r['rss_mmap_peak']['carvq'])} MiB | "
+            f"{s['scan']['bytes_per_s'] / 1e9:.1f} ({100 * s['scan']['bytes_per_s'] / s['memcpy_codes']['bytes_per_s']:.0f} %) | "
+            f"{s['dense_head_q5_0']['seconds'] / s['scan']['seconds']:.1f}x faster |")
+    lines += ["", "Against k (0 = the dense head):", "",
+              "| model | k | KLD | top-1 | Δ PPL | tg t/s |", "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        for row in r["quality"]:
+            lines.append(f"| {name} | {row['k'] or 'dense'} | {row['kld']:.4f} | {100 * row['top1']:.2f} % | "
+                         f"{row['dppl']:+.3f} | {row['tg_tps']:.1f} |")
+    lines += ["", "![KLD and speed against k](bench/results/screen.png)"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
