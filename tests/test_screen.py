@@ -227,3 +227,35 @@ def test_scores_approximate_the_logits(libs):
     approx = got["scores"] * np.float64(t.scale) + t.bias
     tables = layout.n_groups * (layout.levels + layout.hot_levels)
     assert np.abs(approx - exact).max() <= tables * t.scale  # at most half a unit per table, twice over
+
+
+# ---- tests/fuzz/screen_check.c: the SIMD scan against the scalar one, natively and as a
+# static aarch64 binary under qemu (the NEON path)
+
+CHECK = ROOT / "tests" / "fuzz" / "screen_check.c"
+
+
+def _check_flags() -> list[str]:
+    return ["-std=c11", "-O2", "-ffp-contract=off", f"-I{ROOT / 'patches' / 'src'}", str(CHECK), *map(str, SRC), "-lm"]
+
+
+def test_scan_check_native(tmp_path):
+    if shutil.which(CC) is None:
+        pytest.skip("no C compiler")
+    exe = tmp_path / "screen_check"
+    native = ["-mavx2"] if _cpu_has("avx2") else []
+    subprocess.run([CC, *native, *_check_flags(), "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe), "400", "3"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "400 passed, 0 failed" in out.stdout
+
+
+def test_scan_check_neon_under_qemu(tmp_path):
+    cross, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+    if not cross or not qemu:
+        pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64 (Debian: gcc-aarch64-linux-gnu qemu-user)")
+    exe = tmp_path / "screen_check_neon"
+    subprocess.run([cross, "-static", *_check_flags(), "-o", str(exe)], check=True)
+    out = subprocess.run([qemu, str(exe), "200", "5"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "scan=neon" in out.stdout and "200 passed, 0 failed" in out.stdout

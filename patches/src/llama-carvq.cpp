@@ -446,6 +446,9 @@ ggml_tensor * llama_carvq_build_head(ggml_context * ctx, const llama_carvq & car
         k = k_default;
     }
     k = std::min<long long>(k, l.n_vocab);
+    if (mode != "screened" && k * LLAMA_CARVQ_SCREEN_MIN_SHARE > l.n_vocab) {
+        return nullptr; // auto: reading k exact rows as well as the codes does not pay (bench/screen.py)
+    }
 
     // three ops, because each needs all of the previous one: the scan (threads over blocks of
     // rows), the candidates' exact logits (threads over candidates), the logits (threads over rows)

@@ -56,9 +56,13 @@ void llama_carvq_check_data(llama_carvq & carvq);
 // screened: every logit approximated from the codes, the k best computed exactly from w's
 // rows. nullptr when the dense ggml_mul_mat should be used instead: not this model's screened
 // head, too many outputs for "auto", or CARVQ_HEAD=dense. Environment: CARVQ_HEAD =
-// auto (default: screened for at most LLAMA_CARVQ_SCREEN_MAX_OUTPUTS outputs) | screened |
-// dense; CARVQ_SCREEN_K = candidates computed exactly (default llama_carvq_screen_default_k).
+// auto (default: screened for at most LLAMA_CARVQ_SCREEN_MAX_OUTPUTS outputs, when k is at
+// most 1/LLAMA_CARVQ_SCREEN_MIN_SHARE of the rows) | screened | dense; CARVQ_SCREEN_K =
+// candidates computed exactly (default llama_carvq_screen_default_k).
 #define LLAMA_CARVQ_SCREEN_MAX_OUTPUTS 4
+// Measured on 2 x86 cores (bench/screen.py): Gemma-3-270M, k = V/16, generates 1.2x faster than
+// its dense head; SmolLM2-135M, k = V/4, 0.97x. Auto screens from k <= V/8.
+#define LLAMA_CARVQ_SCREEN_MIN_SHARE 8
 int64_t llama_carvq_screen_default_k(int64_t n_vocab);
 ggml_tensor * llama_carvq_build_head(ggml_context * ctx, const llama_carvq & carvq, ggml_tensor * w, ggml_tensor * cur);
 
