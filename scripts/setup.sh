@@ -30,6 +30,12 @@ if ! command -v ccache >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && 
 fi
 command -v ccache >/dev/null 2>&1 || echo "note: no ccache: every fresh build compiles llama.cpp in full (about 15 min on 2 cores)"
 
+if [[ "$extras" == *test* ]] && ! command -v qemu-aarch64 >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    step "aarch64 cross compiler and qemu-user (the tests run the NEON paths under emulation)"
+    (apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user || (apt-get update -qq && apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user)) \
+        >/dev/null 2>&1 || echo "not installed: the NEON tests will be skipped"
+fi
+
 step "torch 2.13.0, CPU build (pinned: an unpinned torch pulls a multi-GB CUDA build)"
 "$PY" -m pip install -q "torch==2.13.0"
 
