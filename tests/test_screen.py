@@ -117,7 +117,8 @@ def _run_c(lib_pair, layout, codes, cb, hot_ids, hot_codes, hot_cb, h, k):
     G = layout.n_groups
     GL = G * layout.levels
     q = np.full((GL + GL % 2) * 16, 0xAB, np.uint8)  # garbage: the build must overwrite all of it
-    qh = np.full(max(1, G * layout.hot_levels) * 16, 0xAB, np.uint8)
+    GLh = G * layout.hot_levels
+    qh = np.full(max(2, GLh + GLh % 2) * 16, 0xAB, np.uint8)
     work = np.empty(lib.carvq_screen_work_floats(lay), np.float32)
     t = ffi.new("struct carvq_screen_tables *")
     cb_type = 1 if cb.dtype == np.float16 else 0
@@ -134,8 +135,18 @@ def _run_c(lib_pair, layout, codes, cb, hot_ids, hot_codes, hot_cb, h, k):
                               _ptr(ffi, "int32_t *", scores))
     assert (scores[V:] == -7).all(), "the scan wrote past the last row"
     if layout.hot_rows:
+        shared = scores.copy()
         lib.carvq_screen_hot_add(lay, _ptr(ffi, "int32_t *", hot_ids), _ptr(ffi, "uint8_t *", np.ascontiguousarray(hot_codes)),
                                  _ptr(ffi, "uint8_t *", qh), t.hot_offset, 0, layout.hot_rows, _ptr(ffi, "int32_t *", scores))
+        # the block path, in two pieces as two threads take them, gives the same scores
+        hot_blocks = np.empty(lib.carvq_screen_hot_blocks_nbytes(lay), np.uint8)
+        lib.carvq_screen_hot_relayout(lay, _ptr(ffi, "uint8_t *", np.ascontiguousarray(hot_codes)),
+                                      _ptr(ffi, "uint8_t *", hot_blocks))
+        cut = layout.hot_rows // 3
+        for j0, j1 in ((0, cut), (cut, layout.hot_rows)):
+            lib.carvq_screen_hot_scan(lay, _ptr(ffi, "uint8_t *", hot_blocks), _ptr(ffi, "uint8_t *", qh), t.hot_offset,
+                                      _ptr(ffi, "int32_t *", hot_ids), j0, j1, _ptr(ffi, "int32_t *", shared))
+        assert np.array_equal(shared, scores), "hot_scan differs from hot_add"
     ids = np.full(max(k, 1), -1, np.int32)
     hist = np.empty(65536, np.uint32)
     keys = np.empty(max(k, 1), np.int64)

@@ -79,6 +79,31 @@ void carvq_screen_relayout(const struct carvq_layout * l, const uint8_t * codes,
     }
 }
 
+// The hot levels as a code table of their own: N rows of Lh levels (for the block layout)
+static struct carvq_layout carvq_screen_hot_as_rows(const struct carvq_layout * l) {
+    struct carvq_layout h = *l;
+    h.n_vocab = l->hot_rows;
+    h.levels = l->hot_levels;
+    h.hot_rows = 0;
+    h.hot_levels = 0;
+    return h;
+}
+
+int64_t carvq_screen_hot_blocks_nbytes(const struct carvq_layout * l) {
+    if (carvq_layout_check(l, NULL, 0) != 0 || l->hot_rows <= 0) {
+        return l->hot_rows == 0 && carvq_layout_check(l, NULL, 0) == 0 ? 0 : -1;
+    }
+    const struct carvq_layout h = carvq_screen_hot_as_rows(l);
+    return carvq_screen_blocks_nbytes(&h);
+}
+
+void carvq_screen_hot_relayout(const struct carvq_layout * l, const uint8_t * hot_codes, uint8_t * blocks) {
+    if (l->hot_rows > 0) {
+        const struct carvq_layout h = carvq_screen_hot_as_rows(l);
+        carvq_screen_relayout(&h, hot_codes, blocks);
+    }
+}
+
 int64_t carvq_screen_work_floats(const struct carvq_layout * l) {
     struct carvq_screen_geom s;
     if (carvq_screen_geom_init(l, &s)) {
@@ -173,6 +198,9 @@ void carvq_screen_tables_build(const struct carvq_layout * l, const void * codeb
     }
     if (s.GLh > 0) {
         carvq_screen_quantize(th, lo + s.GL, s.GLh, K, inv, qmax, qh);
+        if (s.GLh & 1) {
+            memset(qh + s.GLh * 16, 0, 16); // the padding table of the hot blocks
+        }
     }
     t->qmax = qmax;
     t->scale = inv > 0.0f ? R / (float) qmax : 0.0f;
@@ -311,6 +339,26 @@ void carvq_screen_hot_add(const struct carvq_layout * l, const int32_t * hot_ids
             acc += qh[c * 16 + carvq_screen_code(crow, c)];
         }
         scores[hot_ids[j]] += acc;
+    }
+}
+
+void carvq_screen_hot_scan(const struct carvq_layout * l, const uint8_t * hot_blocks, const uint8_t * qh,
+        int32_t hot_offset, const int32_t * hot_ids, int64_t j0, int64_t j1, int32_t * scores) {
+    struct carvq_screen_geom s;
+    if (carvq_screen_geom_init(l, &s) || l->hot_rows <= 0) {
+        return;
+    }
+    if (j0 < 0) j0 = 0;
+    if (j1 > l->hot_rows) j1 = l->hot_rows;
+    const int64_t GLhp = s.GLh + (s.GLh & 1);
+    int32_t tmp[CARVQ_SCREEN_BLOCK];
+    for (int64_t b = j0 / CARVQ_SCREEN_BLOCK; b * CARVQ_SCREEN_BLOCK < j1; ++b) {
+        carvq_screen_block(hot_blocks + b * GLhp * 16, qh, GLhp, tmp);
+        const int64_t lo = b * CARVQ_SCREEN_BLOCK > j0 ? b * CARVQ_SCREEN_BLOCK : j0;
+        const int64_t hi = (b + 1) * CARVQ_SCREEN_BLOCK < j1 ? (b + 1) * CARVQ_SCREEN_BLOCK : j1;
+        for (int64_t j = lo; j < hi; ++j) {
+            scores[hot_ids[j]] += tmp[j - b * CARVQ_SCREEN_BLOCK] + hot_offset;
+        }
     }
 }
 

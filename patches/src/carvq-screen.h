@@ -42,8 +42,9 @@ struct carvq_screen_tables {
 // Floats of work space carvq_screen_tables_build needs: (G*L + G*Lh) * (K + 1).
 int64_t carvq_screen_work_floats(const struct carvq_layout * l);
 
-// Tables for hidden state h (n floats). q: GLp * 16 bytes (shared levels), qh: G*Lh*16 bytes
-// (hot levels; unused when N == 0). Entries k >= K and the padding table are 0.
+// Tables for hidden state h (n floats). q: GLp * 16 bytes (shared levels), qh: GLhp * 16 bytes
+// (hot levels, G*Lh rounded up to even; unused when N == 0). Entries k >= K and the padding
+// tables are 0.
 // The arithmetic, which src/carvq/screen.py follows exactly:
 //   t[j][k]  = sum over i = 0..d-1, in that order, of h[g*d + i] * C[g][l][k][i] (float32, no FMA)
 //   lo_j     = min_k t[j][k]; R = max over every table (hot ones too) of max_k t[j][k] - lo_j
@@ -62,7 +63,17 @@ void carvq_screen_scan(const struct carvq_layout * l, const uint8_t * blocks, co
 void carvq_screen_scan_scalar(const struct carvq_layout * l, const uint8_t * blocks, const uint8_t * q,
         int64_t b0, int64_t b1, int32_t * scores);
 
+// The hot codes in the same block layout (as N rows of Lh levels), for carvq_screen_hot_scan:
+// 0 bytes without hot rows, -1 for a bad layout.
+int64_t carvq_screen_hot_blocks_nbytes(const struct carvq_layout * l);
+void carvq_screen_hot_relayout(const struct carvq_layout * l, const uint8_t * hot_codes, uint8_t * blocks);
+
 // For hot rows j in [j0, j1): scores[hot_ids[j]] += hot_offset + sum over hot codes of qh.
+// carvq_screen_hot_scan reads the re-laid hot codes with the scan's SIMD path (qh then needs
+// the padding table: (G*Lh rounded up to even) * 16 bytes); carvq_screen_hot_add the packed
+// ones, scalar. Both give the same scores.
+void carvq_screen_hot_scan(const struct carvq_layout * l, const uint8_t * hot_blocks, const uint8_t * qh,
+        int32_t hot_offset, const int32_t * hot_ids, int64_t j0, int64_t j1, int32_t * scores);
 void carvq_screen_hot_add(const struct carvq_layout * l, const int32_t * hot_ids, const uint8_t * hot_codes,
         const uint8_t * qh, int32_t hot_offset, int64_t j0, int64_t j1, int32_t * scores);
 

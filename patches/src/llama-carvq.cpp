@@ -200,6 +200,10 @@ void llama_carvq_check_data(llama_carvq & carvq) {
     }
     carvq.screen_blocks.resize((size_t) carvq_screen_blocks_nbytes(&carvq.layout));
     carvq_screen_relayout(&carvq.layout, (const uint8_t *) carvq.codes->data, carvq.screen_blocks.data());
+    if (carvq.layout.hot_rows > 0) {
+        carvq.screen_hot_blocks.resize((size_t) carvq_screen_hot_blocks_nbytes(&carvq.layout));
+        carvq_screen_hot_relayout(&carvq.layout, (const uint8_t *) carvq.hot_codes->data, carvq.screen_hot_blocks.data());
+    }
 }
 
 // dst = RVQ rows of ids; src[0] codes, src[1] codebooks, src[2] ids, and with hot rows
@@ -251,7 +255,8 @@ struct carvq_screen_scratch {
         const int64_t G = l.n_embd / l.group_size, GL = G * l.levels;
         work.resize((size_t) carvq_screen_work_floats(&l));
         q.resize((size_t) (GL + (GL & 1)) * 16);
-        qh.resize((size_t) std::max<int64_t>(1, G * l.hot_levels) * 16);
+        const int64_t GLh = G * l.hot_levels;
+        qh.resize((size_t) std::max<int64_t>(2, GLh + (GLh & 1)) * 16);
         carvq_screen_tables t;
         carvq_screen_tables_build(&l, c.codebooks->data, c.hot_codebooks ? c.hot_codebooks->data : nullptr,
                                   c.codebooks->type == GGML_TYPE_F16 ? CARVQ_CODEBOOK_F16 : CARVQ_CODEBOOK_F32,
@@ -287,8 +292,8 @@ static void carvq_screen_scan_op(ggml_tensor * dst, int ith, int nth, void * use
         int32_t * scores = (int32_t *) ((char *) dst->data + p * dst->nb[1]);
         carvq_screen_scan(&l, c.screen_blocks.data(), carvq_scratch.q.data(), b0, b1, scores);
         if (j1 > j0) {
-            carvq_screen_hot_add(&l, hot_ids, (const uint8_t *) c.hot_codes->data, carvq_scratch.qh.data(),
-                                 t.hot_offset, j0, j1, scores);
+            carvq_screen_hot_scan(&l, c.screen_hot_blocks.data(), carvq_scratch.qh.data(), t.hot_offset, hot_ids,
+                                  j0, j1, scores);
         }
     }
 }

@@ -33,7 +33,7 @@ struct llama_carvq {
     // carvq.head_copy: output.weight is the tied source's own matrix, so the codes index the
     // head too and can screen it (docs/SCREEN.md); the codes re-laid for that scan
     bool head_copy = false;
-    std::vector<uint8_t> screen_blocks;
+    std::vector<uint8_t> screen_blocks, screen_hot_blocks;
 
     bool enabled() const { return codes != nullptr; }
 };
