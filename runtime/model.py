@@ -5,6 +5,7 @@ Needs only numpy and the compiled cffi module; no torch, no transformers.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -101,6 +102,12 @@ class Model:
             raise CarvqError(f"{path}: llama.cpp could not load the model: {_log_state['last_error'] or 'unknown error'}")
         self._vocab = lib.llama_model_get_vocab(self._model)
         self._ctx = None
+        # One model, one llama.cpp context: calls from several threads take turns (cffi
+        # releases the GIL inside llama_decode), and every call that uses the context starts a
+        # new epoch, so that a generator left open by an earlier call, or by close(), stops
+        # with CarvqError instead of decoding into a context that was reset or freed.
+        self._lock = threading.RLock()
+        self._epoch = 0
 
     # ---- lifecycle -------------------------------------------------------------------
     def _live_model(self):
@@ -135,12 +142,15 @@ class Model:
         return self._ctx
 
     def close(self) -> None:
-        if self._ctx is not None:
-            lib.llama_free(self._ctx)
-            self._ctx = None
-        if self._model is not None:
-            lib.llama_model_free(self._model)
-            self._model = None
+        lock = getattr(self, "_lock", None)  # absent when __init__ failed early
+        with lock if lock is not None else contextlib.nullcontext():
+            self._epoch = getattr(self, "_epoch", 0) + 1
+            if getattr(self, "_ctx", None) is not None:
+                lib.llama_free(self._ctx)
+                self._ctx = None
+            if getattr(self, "_model", None) is not None:
+                lib.llama_model_free(self._model)
+                self._model = None
 
     def __enter__(self) -> "Model":
         return self
@@ -279,6 +289,11 @@ class Model:
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         """Logits of every position of `tokens` (one sequence from position 0): (len, n_vocab)."""
+        with self._lock:
+            self._epoch += 1
+            return self._logits(tokens)
+
+    def _logits(self, tokens: list[int]) -> np.ndarray:
         if not tokens:
             raise CarvqError("no tokens")
         if len(tokens) > self._n_ctx:
@@ -307,6 +322,10 @@ class Model:
         return self._capture("result_norm", tokens, one_sequence=True)
 
     def _capture(self, node: str, token_ids: list[int], one_sequence: bool) -> np.ndarray:
+        with self._lock:  # a context of its own, but the same model and the same head setting
+            return self._capture_locked(node, token_ids, one_sequence)
+
+    def _capture_locked(self, node: str, token_ids: list[int], one_sequence: bool) -> np.ndarray:
         ids = [int(t) for t in token_ids]
         if not ids or min(ids) < 0 or max(ids) >= self.n_vocab:
             raise CarvqError(f"token ids must be in 0..{self.n_vocab - 1}")
@@ -344,26 +363,47 @@ class Model:
 
     def generate_tokens(self, tokens: list[int], max_tokens: int = 128, temperature: float = 0.8,
                         top_p: float = 0.95, seed: int = 0) -> Iterator[int]:
-        """Sample up to max_tokens after `tokens`; stops at end-of-generation tokens."""
+        """Sample up to max_tokens after `tokens`; stops at end-of-generation tokens. The
+        generator holds the model between its steps only: another call on this model, or
+        close(), ends it (its next step raises CarvqError)."""
         if not tokens:
             raise CarvqError("empty prompt")
         if len(tokens) + max_tokens > self._n_ctx:
             raise CarvqError(f"prompt ({len(tokens)} tokens) + max_tokens exceeds the context of {self._n_ctx}")
-        ctx = self._context()
-        lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
-        sampler = self._sampler(temperature, top_p, seed)
+        return self._generate(list(tokens), max_tokens, temperature, top_p, seed)
+
+    def _generate(self, tokens: list[int], max_tokens: int, temperature: float, top_p: float,
+                  seed: int) -> Iterator[int]:
+        with self._lock:
+            self._epoch += 1
+            epoch = self._epoch
+            ctx = self._context()
+            lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+            sampler = self._sampler(temperature, top_p, seed)
         try:
-            self._decode(ctx, tokens, 0, all_logits=False)
+            with self._lock:
+                self._check_epoch(epoch)
+                self._decode(ctx, tokens, 0, all_logits=False)
             pos = len(tokens)
             for _ in range(max_tokens):
-                tok = lib.llama_sampler_sample(sampler, ctx, -1)
+                with self._lock:
+                    self._check_epoch(epoch)
+                    tok = lib.llama_sampler_sample(sampler, ctx, -1)
                 if lib.llama_vocab_is_eog(self._vocab, tok):
                     return
                 yield tok
-                self._decode(ctx, [tok], pos, all_logits=False)
+                with self._lock:
+                    self._check_epoch(epoch)
+                    self._decode(ctx, [tok], pos, all_logits=False)
                 pos += 1
         finally:
             lib.llama_sampler_free(sampler)
+
+    def _check_epoch(self, epoch: int) -> None:
+        if self._model is None or self._ctx is None:
+            raise CarvqError("the model was closed while generating")
+        if self._epoch != epoch:
+            raise CarvqError("generation ended: another call used this model's context")
 
     def _stream_text(self, tokens: Iterator[int]) -> Iterator[str]:
         decoder = codecs.getincrementaldecoder("utf-8")("replace")

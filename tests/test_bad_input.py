@@ -154,3 +154,54 @@ def test_out_of_range_token_ids_are_an_error_not_an_abort(tiny_carvq):
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("refused: token id") == 3 and proc.stdout.strip().endswith("True"), proc.stdout
+
+
+def test_generator_after_close_or_another_call_stops_cleanly(tiny_carvq):
+    """A generator left open must not decode into a context that was freed or reset."""
+    from carvq.errors import CarvqError
+    from carvq.runtime.model import Model
+
+    path, _ = tiny_carvq("llama")
+    m = Model(path, n_ctx=128)
+    gen = m.generate_tokens(m.tokenize("the cat"), max_tokens=20, temperature=0)
+    next(gen)
+    m.logits([1, 2, 3])  # another call on the same context
+    with pytest.raises(CarvqError, match="another call"):
+        next(gen)
+    gen = m.generate_tokens(m.tokenize("the cat"), max_tokens=20, temperature=0)
+    next(gen)
+    m.close()
+    with pytest.raises(CarvqError, match="closed"):
+        next(gen)
+
+
+def test_threads_share_one_model_safely(tiny_carvq):
+    """cffi releases the GIL in llama_decode: concurrent calls take turns, and each gets the
+    answer it would get alone."""
+    import threading
+
+    import numpy as np
+
+    from carvq.runtime.model import Model
+
+    path, _ = tiny_carvq("qwen2")
+    inputs = [[1, 5, 17, 42], [7, 3, 250, 11, 64], [2, 19, 33], [100, 101, 102, 103, 104, 105]]
+    with Model(path, n_ctx=64) as m:
+        want = [m.logits(t) for t in inputs]
+        got = [None] * 16
+        errors = []
+
+        def work(i):
+            try:
+                got[i] = m.logits(inputs[i % len(inputs)])
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(got))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    for i, g in enumerate(got):
+        assert np.array_equal(g, want[i % len(inputs)]), i
