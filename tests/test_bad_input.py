@@ -205,3 +205,21 @@ def test_threads_share_one_model_safely(tiny_carvq):
     assert not errors, errors
     for i, g in enumerate(got):
         assert np.array_equal(g, want[i % len(inputs)]), i
+
+
+def test_llama_save_refuses_a_carvq_model(tiny_carvq, tiny_gguf, tmp_path):
+    """llama.cpp's model saver knows token_embd.weight only: for a CARVQ model it must write
+    nothing rather than a file without its lookup (patch 0006)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom carvq.runtime.model import Model, lib\n"
+            "m = Model(sys.argv[1])\nlib.llama_model_save_to_file(m._model, sys.argv[2].encode())\n")
+    carvq_out, stock_out = tmp_path / "carvq-saved.gguf", tmp_path / "stock-saved.gguf"
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_carvq("llama")[0]), str(carvq_out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not carvq_out.exists()
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_gguf("llama")), str(stock_out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and stock_out.stat().st_size > 0, proc.stderr[-2000:]
