@@ -327,8 +327,9 @@ class Model:
 
     def _capture_locked(self, node: str, token_ids: list[int], one_sequence: bool) -> np.ndarray:
         ids = [int(t) for t in token_ids]
-        if not ids or min(ids) < 0 or max(ids) >= self.n_vocab:
-            raise CarvqError(f"token ids must be in 0..{self.n_vocab - 1}")
+        if not ids:
+            raise CarvqError("no tokens")
+        self._check_tokens(ids)
         if one_sequence and len(ids) > self._n_ctx:
             raise CarvqError(f"{len(ids)} tokens exceed the context of {self._n_ctx}")
         capture = {"name": node, "rows": None}

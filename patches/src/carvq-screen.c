@@ -66,7 +66,7 @@ void carvq_screen_relayout(const struct carvq_layout * l, const uint8_t * codes,
     if (carvq_screen_geom_init(l, &s)) {
         return;
     }
-    const int64_t B = s.GL / 2 + (s.GL & 1);
+    const int64_t B = carvq_layout_code_row_bytes(l);
     memset(blocks, 0, (size_t) (s.n_blocks * s.block_bytes));
     for (int64_t r = 0; r < l->n_vocab; ++r) {
         const uint8_t * crow = codes + r * B;
@@ -90,8 +90,11 @@ static struct carvq_layout carvq_screen_hot_as_rows(const struct carvq_layout * 
 }
 
 int64_t carvq_screen_hot_blocks_nbytes(const struct carvq_layout * l) {
-    if (carvq_layout_check(l, NULL, 0) != 0 || l->hot_rows <= 0) {
-        return l->hot_rows == 0 && carvq_layout_check(l, NULL, 0) == 0 ? 0 : -1;
+    if (carvq_layout_check(l, NULL, 0) != 0) {
+        return -1;
+    }
+    if (l->hot_rows == 0) {
+        return 0;
     }
     const struct carvq_layout h = carvq_screen_hot_as_rows(l);
     return carvq_screen_blocks_nbytes(&h);

@@ -340,18 +340,17 @@ static carvq_tail_fit carvq_fit_tail(const float * approx, const float * exact, 
     return f;
 }
 
-// The k candidates of output position p, in increasing id order (every thread selects the
-// same set: the selection is exact and deterministic, and cheaper than a second barrier).
-static int64_t carvq_candidates(const ggml_tensor * scores_t, int64_t p, int64_t k, carvq_screen_scratch & sc) {
-    const int64_t V = scores_t->ne[0];
-    const int32_t * scores = (const int32_t *) ((const char *) scores_t->data + p * scores_t->nb[1]);
-    sc.ids.resize((size_t) std::min(k, V));
-    return carvq_screen_select(scores, V, k, sc.ids.data(), sc.hist.data());
+// The candidates' plane of the exact op's output: their ids, as int32 (see carvq_screen_exact_op)
+static char * carvq_candidate_ids(const ggml_tensor * exact_t, int64_t p) {
+    return (char *) exact_t->data + exact_t->nb[2] + p * exact_t->nb[1];
 }
 
-// dst (F32 [k, n_out]) = the exact logits of the k candidates of each position, through
-// ggml-cpu's vec_dot of the head's own type (as its dense mul_mat does). src[0] the scores,
-// src[1] the hidden states, src[2] the head. Thread ith computes every nth candidate.
+// dst (F32 [k, n_out, 2]): plane 0 the exact logits of the k candidates of each position,
+// through ggml-cpu's vec_dot of the head's own type (as its dense mul_mat does); plane 1 the
+// candidates' ids (int32 bits, increasing), for the logits op. src[0] the scores, src[1] the
+// hidden states, src[2] the head. Every thread selects the same k rows (the selection is exact
+// and deterministic, and cheaper than a barrier) and computes every nth of them; thread 0
+// stores the ids.
 static void carvq_screen_exact_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     (void) userdata;
     const ggml_tensor * scores_t = dst->src[0];
@@ -360,8 +359,14 @@ static void carvq_screen_exact_op(ggml_tensor * dst, int ith, int nth, void * us
     const int64_t n = cur->ne[0], k = dst->ne[0];
     const ggml_type_traits_cpu * tr = ggml_get_type_traits_cpu(w->type);
     carvq_screen_scratch & sc = carvq_scratch;
+    const int64_t V = scores_t->ne[0];
+    sc.ids.resize((size_t) k); // k <= V (llama_carvq_build_head), so the selection has k rows
     for (int64_t p = 0; p < dst->ne[1]; ++p) {
-        const int64_t m = carvq_candidates(scores_t, p, k, sc);
+        const int32_t * scores = (const int32_t *) ((const char *) scores_t->data + p * scores_t->nb[1]);
+        const int64_t m = carvq_screen_select(scores, V, k, sc.ids.data(), sc.hist.data());
+        if (ith == 0) {
+            memcpy(carvq_candidate_ids(dst, p), sc.ids.data(), (size_t) m * sizeof(int32_t));
+        }
         const float * h = carvq_column(cur, p);
         const void * hv = h;
         if (tr->vec_dot_type != GGML_TYPE_F32) {
@@ -379,7 +384,8 @@ static void carvq_screen_exact_op(ggml_tensor * dst, int ith, int nth, void * us
 
 // dst (F32 [V, n_out]) = the logits: every row from its score through the tail fit
 // (carvq_fit_tail), then the candidates' exact logits. src[0] the scores, src[1] the hidden
-// states, src[2] the candidates' exact logits. Thread ith fills a contiguous slice of rows.
+// states, src[2] the exact op's output (the candidates' logits and ids). Thread ith fills a
+// contiguous slice of rows.
 static void carvq_screen_logits_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const llama_carvq & c = *(const llama_carvq *) userdata;
     const ggml_tensor * scores_t = dst->src[0];
@@ -393,7 +399,9 @@ static void carvq_screen_logits_op(ggml_tensor * dst, int ith, int nth, void * u
     carvq_screen_scratch & sc = carvq_scratch;
     for (int64_t p = 0; p < dst->ne[1]; ++p) {
         const carvq_screen_tables t = sc.build(c, carvq_column(cur, p));
-        const int64_t m = carvq_candidates(scores_t, p, k, sc);
+        const int64_t m = k;
+        sc.ids.resize((size_t) m);
+        memcpy(sc.ids.data(), carvq_candidate_ids(exact_t, p), (size_t) m * sizeof(int32_t));
         const int32_t * scores = (const int32_t *) ((const char *) scores_t->data + p * scores_t->nb[1]);
         const float * exact = (const float *) ((const char *) exact_t->data + p * exact_t->nb[1]);
         sc.approx.resize((size_t) m);
@@ -462,7 +470,7 @@ ggml_tensor * llama_carvq_build_head(ggml_context * ctx, const llama_carvq & car
                                           carvq_screen_scan_op, GGML_N_TASKS_MAX, (void *) &carvq);
     ggml_set_name(scores, "carvq_screen_scores");
     ggml_tensor * exact_args[3] = { scores, cur, w };
-    ggml_tensor * exact = ggml_custom_4d(ctx, GGML_TYPE_F32, k, cur->ne[1], 1, 1, exact_args, 3,
+    ggml_tensor * exact = ggml_custom_4d(ctx, GGML_TYPE_F32, k, cur->ne[1], 2, 1, exact_args, 3,
                                          carvq_screen_exact_op, GGML_N_TASKS_MAX, (void *) &carvq);
     ggml_set_name(exact, "carvq_screen_exact");
     ggml_tensor * logits_args[3] = { scores, cur, exact };
