@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -37,13 +36,13 @@ from carvq import format as fmt  # noqa: E402
 from carvq import gguf_io as gio  # noqa: E402
 from carvq.llama_source import cache_dir  # noqa: E402
 from carvq.runtime import tool_path  # noqa: E402
-from carvq.runtime.ab_speed import bench  # noqa: E402
+from carvq.runtime.ab_speed import bench, llama_bench  # noqa: E402
+from carvq.runtime.evaluate import parse_kld, parse_ppl  # noqa: E402
 from carvq.runtime.footprint import footprint  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # name -> (fetch, eval chunks of 512 tokens: Gemma's 262k-wide reference logits take 0.5 GB a chunk)
 MODELS = {"smollm2": ("SmolLM2-135M-Instruct", models.smollm2, 20), "gemma3": ("Gemma-3-270M", models.gemma3_270m, 4)}
-_FLOAT = r"([-+]?[0-9.]+(?:e[-+]?\d+)?)"
 
 
 def _converted(name: str, stock: Path) -> Path:
@@ -68,18 +67,8 @@ def _perplexity(model: Path, text: Path, chunks: int, env: dict, extra: list[str
     return proc.stdout + proc.stderr
 
 
-def _grab(pattern: str, text: str) -> float:
-    m = re.search(pattern, text)
-    if not m:
-        raise SystemExit(f"no {pattern!r} in llama-perplexity's output")
-    return float(m.group(1))
-
-
 def _tg_speed(model: Path, env: dict, reps: int = 3) -> float:
-    cmd = [str(tool_path("llama-bench")), "-m", str(model), "-p", "0", "-n", "64", "-r", str(reps),
-           "-t", str(os.cpu_count() or 1), "-o", "json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **env), check=True)
-    return float(json.loads(proc.stdout)[0]["avg_ts"])
+    return llama_bench(model, 0, 64, os.cpu_count() or 1, env, reps)["tg64"]
 
 
 def quality_vs_k(model: Path, text: Path, chunks: int, ks: list[int]) -> list[dict]:
@@ -87,15 +76,15 @@ def quality_vs_k(model: Path, text: Path, chunks: int, ks: list[int]) -> list[di
     with tempfile.TemporaryDirectory(prefix="carvq-screen-") as tmp:
         base = Path(tmp) / "dense.bin"
         out = _perplexity(model, text, chunks, {"CARVQ_HEAD": "dense"}, ["--kl-divergence-base", str(base)])
-        dense_ppl = _grab(r"Final estimate: PPL = " + _FLOAT, out)
+        dense_ppl, _ = parse_ppl(out)
         dense_tps = _tg_speed(model, {"CARVQ_HEAD": "dense"})
         rows.append({"k": 0, "kld": 0.0, "kld_p99": 0.0, "top1": 1.0, "dppl": 0.0, "ppl": dense_ppl, "tg_tps": dense_tps})
         for k in tqdm(ks, desc="k", leave=False):
             env = {"CARVQ_HEAD": "screened", "CARVQ_SCREEN_K": str(k)}
             out = _perplexity(model, text, chunks, env, ["--kl-divergence-base", str(base), "--kl-divergence"])
-            rows.append({"k": k, "kld": _grab(r"Mean\s+KLD:\s*" + _FLOAT, out), "kld_p99": _grab(r"99\.0%\s+KLD:\s*" + _FLOAT, out),
-                         "top1": _grab(r"Same top p:\s*" + _FLOAT, out) / 100,
-                         "dppl": _grab(r"Mean PPL\(Q\)-PPL\(base\)\s*:\s*" + _FLOAT, out), "ppl": None,
+            stats = parse_kld(out)
+            rows.append({"k": k, "kld": stats["kld_mean"], "kld_p99": stats["kld_p99"], "top1": stats["top1"],
+                         "dppl": stats["ppl"] - stats["base_ppl"], "ppl": None,
                          "tg_tps": _tg_speed(model, {"CARVQ_HEAD": "screened", "CARVQ_SCREEN_K": str(k)})})
     return rows
 

@@ -54,11 +54,13 @@ class SpeedResult:
                            "threads": self.threads, "summary": self.summary(), "samples": self.samples}, indent=2)
 
 
-def _llama_bench(model: Path, prompt: int, gen: int, threads: int, head: str) -> dict[str, float]:
-    cmd = [str(tool_path("llama-bench")), "-m", str(model), "-p", str(prompt), "-n", str(gen), "-r", "1",
+def llama_bench(model: Path, prompt: int, gen: int, threads: int, env: dict[str, str] | None = None,
+                reps: int = 1) -> dict[str, float]:
+    """One llama-bench run: tokens/s by test ("pp128", "tg32", ...). env: extra environment,
+    e.g. CARVQ_HEAD / CARVQ_SCREEN_K, which the patched library reads (docs/SCREEN.md)."""
+    cmd = [str(tool_path("llama-bench")), "-m", str(model), "-p", str(prompt), "-n", str(gen), "-r", str(reps),
            "-t", str(threads), "-o", "json"]
-    env = dict(os.environ, CARVQ_HEAD=head)  # the patched library reads it (docs/SCREEN.md)
-    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=dict(os.environ, **(env or {})))
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         raise CarvqError(f"llama-bench failed on {model}: {lines[-1] if lines else proc.returncode}")
@@ -88,6 +90,6 @@ def bench(model, baseline, *, rounds: int = 5, prompt: int = 128, gen: int = 32,
         if i % 2:
             order.reverse()
         for side, path, side_head in order:
-            for test, tps in _llama_bench(path, prompt, gen, threads, side_head).items():
+            for test, tps in llama_bench(path, prompt, gen, threads, {"CARVQ_HEAD": side_head}).items():
                 result.samples.setdefault(test, {"model": [], "baseline": []})[side].append(tps)
     return result

@@ -110,6 +110,23 @@ def _grab(pattern: str, text: str) -> float:
     return float(m.group(1))
 
 
+def parse_ppl(out: str) -> tuple[float, float]:
+    """Perplexity and its error from a plain llama-perplexity run's output."""
+    return (_grab(r"Final estimate: PPL = " + _FLOAT, out),
+            _grab(r"Final estimate: PPL = [0-9.]+ \+/- " + _FLOAT, out))
+
+
+def parse_kld(out: str) -> dict[str, float]:
+    """The results of a --kl-divergence run: the model's perplexity and its error, the base's
+    perplexity as that run recomputes it from the saved logits, and the KL divergence (mean,
+    99th percentile, maximum) and top-1 agreement against the base."""
+    return dict(
+        base_ppl=_grab(r"Mean PPL\(base\)\s*:\s*" + _FLOAT, out),
+        ppl=_grab(r"Mean PPL\(Q\)\s*:\s*" + _FLOAT, out), ppl_err=_grab(r"Mean PPL\(Q\)\s*:\s*[0-9.]+\s*±\s*" + _FLOAT, out),
+        kld_mean=_grab(r"Mean\s+KLD:\s*" + _FLOAT, out), kld_p99=_grab(r"99\.0%\s+KLD:\s*" + _FLOAT, out),
+        kld_max=_grab(r"Maximum KLD:\s*" + _FLOAT, out), top1=_grab(r"Same top p:\s*" + _FLOAT, out) / 100.0)
+
+
 def evaluate(model, text, reference=None, *, ctx: int = 512, chunks: int | None = None,
              threads: int | None = None, progress: bool = True, base_logits: Path | None = None) -> EvalResult:
     """Perplexity of `model` on `text`; with `reference`, KL divergence against it.
@@ -128,8 +145,7 @@ def evaluate(model, text, reference=None, *, ctx: int = 512, chunks: int | None 
     start = time.perf_counter()
     if reference is None:
         out = _run([str(binary), "-m", str(model), *common], "perplexity", progress)
-        ppl = _grab(r"Final estimate: PPL = " + _FLOAT, out)
-        err = _grab(r"Final estimate: PPL = [0-9.]+ \+/- " + _FLOAT, out)
+        ppl, err = parse_ppl(out)
         n = len(re.findall(r"\[(\d+)\]", out))
         return EvalResult(str(model), str(text), ctx, n, ppl, err, seconds=time.perf_counter() - start)
     with tempfile.TemporaryDirectory(prefix="carvq-eval-") as tmp:
@@ -138,14 +154,10 @@ def evaluate(model, text, reference=None, *, ctx: int = 512, chunks: int | None 
         out = _run([str(binary), "-m", str(model), *common, "--kl-divergence-base", str(base), "--kl-divergence"],
                    "model vs reference", progress)
     n = len(re.findall(r"^\s*\d+\s+[0-9.]+\s+±", out, re.M))
-    return EvalResult(
-        str(model), str(text), ctx, n,
-        ppl=_grab(r"Mean PPL\(Q\)\s*:\s*" + _FLOAT, out), ppl_err=_grab(r"Mean PPL\(Q\)\s*:\s*[0-9.]+\s*±\s*" + _FLOAT, out),
-        reference=str(reference), ref_ppl=ref_ppl,
-        kld_mean=_grab(r"Mean\s+KLD:\s*" + _FLOAT, out), kld_p99=_grab(r"99\.0%\s+KLD:\s*" + _FLOAT, out),
-        kld_max=_grab(r"Maximum KLD:\s*" + _FLOAT, out), top1=_grab(r"Same top p:\s*" + _FLOAT, out) / 100.0,
-        seconds=time.perf_counter() - start,
-    )
+    stats = parse_kld(out)
+    del stats["base_ppl"]  # the reference's own run measured ref_ppl
+    return EvalResult(str(model), str(text), ctx, n, reference=str(reference), ref_ppl=ref_ppl, **stats,
+                      seconds=time.perf_counter() - start)
 
 
 def _reference_logits(binary: Path, reference: Path, common: list[str], base: Path, progress: bool) -> float:
@@ -161,7 +173,7 @@ def _reference_logits(binary: Path, reference: Path, common: list[str], base: Pa
     stamp.unlink(missing_ok=True)
     out = _run([str(binary), "-m", str(reference), *common, "--kl-divergence-base", str(base)],
                "reference", progress)
-    ppl = _grab(r"Final estimate: PPL = " + _FLOAT, out)
+    ppl, _ = parse_ppl(out)
     stamp.write_text(json.dumps({"key": key, "ppl": ppl}))
     return ppl
 
