@@ -23,10 +23,6 @@ from carvq.converter.report import ErrorStats, Report
 from carvq.converter.search import choose_config
 from carvq.errors import CarvqError
 
-# Architectures whose llama.cpp graph builds its input with build_inp_embd from token_embd,
-# which the patch hooks; others would load but bypass the CARVQ lookup.
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
-
 
 def _same_file(a: Path, b: Path) -> bool:
     try:
@@ -90,8 +86,8 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
     arch = gio.field_value(reader, "general.architecture")
     if fmt.is_carvq(reader):
         raise CarvqError(f"{src}: already a CARVQ-GGUF")
-    if arch not in SUPPORTED_ARCHS:
-        raise CarvqError(f"{src}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+    if arch not in fmt.ARCHITECTURES:
+        raise CarvqError(f"{src}: architecture {arch!r} is not supported (supported: {', '.join(fmt.ARCHITECTURES)})")
     embd = gio.tensor_by_name(reader, gio.EMBD)
     if embd is None:
         raise CarvqError(f"{src}: no {gio.EMBD} tensor")

@@ -39,6 +39,11 @@ extern "C" {
 #define CARVQ_FORMAT_VERSION     2 // newest version; every version from CARVQ_MIN_FORMAT_VERSION is read
 #define CARVQ_MIN_FORMAT_VERSION 1 // version 1 = version 2 without hot rows
 
+// general.architecture values a CARVQ file may name (FORMAT.md "Architectures"): the graphs
+// that read the input embedding only through llama.cpp's build_inp_embd and the head only
+// through its lora-aware matmul; space-separated
+#define CARVQ_ARCHITECTURES "llama qwen2 qwen3 gemma3 phi3"
+
 // limits from FORMAT.md ("Metadata keys")
 #define CARVQ_MAX_LEVELS          16
 #define CARVQ_MIN_CODEBOOK_SIZE    2

@@ -15,6 +15,7 @@
 #include "carvq-screen.h"
 
 #include "ggml.h"
+#include "ggml-backend.h"
 #include "ggml-cpu.h"
 #include "gguf.h"
 
@@ -64,6 +65,51 @@ bool llama_carvq_present(const llama_model_loader & ml) {
     return gguf_find_key(ml.metadata, carvq_key::VERSION) >= 0;
 }
 
+static bool carvq_head_copy(const gguf_context * meta) {
+    const int64_t id = gguf_find_key(meta, carvq_key::HEAD_COPY);
+    return id >= 0 && gguf_get_kv_type(meta, id) == GGUF_TYPE_BOOL && gguf_get_val_bool(meta, id);
+}
+
+// Other architectures read model.tok_embd directly (MTP heads, bitnet's head, qwen3vl's
+// deepstack sizes) and would dereference the null dense table: refuse them at load.
+static void carvq_check_arch(const llama_model_loader & ml) {
+    const std::string archs = CARVQ_ARCHITECTURES;
+    const std::string padded = " " + archs + " ";
+    if (padded.find(" " + ml.arch_name + " ") == std::string::npos) {
+        throw std::runtime_error(format("CARVQ: architecture '%s' is not supported with a CARVQ embedding "
+                                        "(supported: %s)", ml.arch_name.c_str(), archs.c_str()));
+    }
+}
+
+int llama_carvq_tensor_flags(llama_model_loader & ml, llm_tensor tensor, int flags, ggml_backend_dev_t dev_output) {
+    if (!llama_carvq_present(ml)) {
+        return flags;
+    }
+    if (tensor == LLM_TENSOR_TOKEN_EMBD && !(flags & llama_model_loader::TENSOR_DUPLICATED)) {
+        carvq_check_arch(ml);
+        return flags | llama_model_loader::TENSOR_NOT_REQUIRED; // token_embd.carvq.* stand in for the dense table
+    }
+    // The screened head reads k rows of the head copy per token: map it without prefetch, so
+    // that only the rows it touches become resident. Only for a head on the CPU: a lazy tensor
+    // is never offloaded, and a GPU head runs dense anyway. AUTO covers tensors over 4 GiB
+    // only, so the caller's mode is raised to ON for this one tensor (OFF is respected).
+    const bool head_on_cpu = dev_output == nullptr || ggml_backend_dev_type(dev_output) == GGML_BACKEND_DEVICE_TYPE_CPU;
+    if (tensor == LLM_TENSOR_OUTPUT && !(flags & llama_model_loader::TENSOR_DUPLICATED) && head_on_cpu &&
+        ml.lazy.mode != LLAMA_LAZY_MODE_OFF && carvq_head_copy(ml.metadata)) {
+        ml.lazy.mode = LLAMA_LAZY_MODE_ON;
+        return flags | llama_model_loader::TENSOR_READ_LAZY;
+    }
+    return flags;
+}
+
+void llama_carvq_check_context(const llama_model & model, const llama_model * other) {
+    if (other != nullptr && other->carvq.enabled() && model.tok_embd == nullptr && !model.carvq.enabled()) {
+        throw std::runtime_error(format("CARVQ: the target model's input embedding is CARVQ-compressed, so this %s "
+                                        "draft cannot borrow it as a dense matrix; use a draft with its own "
+                                        "token_embd.weight", model.arch_name().c_str()));
+    }
+}
+
 static void carvq_expect_type(const ggml_tensor * t, bool allow_f16, bool is_codes = false) {
     const bool ok = is_codes ? t->type == GGML_TYPE_I8
                              : (t->type == GGML_TYPE_F32 || (allow_f16 && t->type == GGML_TYPE_F16));
@@ -94,9 +140,7 @@ void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml,
         throw std::runtime_error(format("CARVQ: %s", err));
     }
 
-    const int64_t head_copy_id = gguf_find_key(meta, carvq_key::HEAD_COPY);
-    carvq.head_copy = head_copy_id >= 0 && gguf_get_kv_type(meta, head_copy_id) == GGUF_TYPE_BOOL &&
-                      gguf_get_val_bool(meta, head_copy_id);
+    carvq.head_copy = carvq_head_copy(meta);
 
     const std::string act = carvq_key_str(meta, carvq_key::ACTIVATION);
     if (l.adaptor_rank == 0) {
@@ -185,6 +229,17 @@ void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml,
 void llama_carvq_check_data(llama_carvq & carvq) {
     if (!carvq.enabled()) {
         return;
+    }
+    // the decoder and the screen read the tensors' bytes on the CPU: an --override-tensor to a
+    // device buffer must be refused here, before anything dereferences device memory
+    const ggml_tensor * all[] = { carvq.codes, carvq.codebooks, carvq.sigma0, carvq.up_w, carvq.up_b, carvq.down_w,
+                                  carvq.down_b, carvq.hot_ids, carvq.hot_codes, carvq.hot_codebooks };
+    for (const ggml_tensor * t : all) {
+        if (t != nullptr && (t->buffer == nullptr || !ggml_backend_buffer_is_host(t->buffer))) {
+            throw std::runtime_error(format("CARVQ: tensor %s was placed in buffer %s, which is not host memory; "
+                                            "CARVQ tensors are decoded on the CPU (do not override their placement)",
+                                            t->name, t->buffer ? ggml_backend_buffer_name(t->buffer) : "(none)"));
+        }
     }
     char err[256];
     if (carvq_codes_check(&carvq.layout, (const uint8_t *) carvq.codes->data, err, sizeof(err)) != 0) {
@@ -438,6 +493,8 @@ ggml_tensor * llama_carvq_build_head(ggml_context * ctx, const llama_carvq & car
     const carvq_layout & l = carvq.layout;
     if (carvq.screen_blocks.empty() || w == nullptr || strcmp(ggml_get_name(w), "output.weight") != 0 ||
         w->ne[0] != l.n_embd || w->ne[1] != l.n_vocab || !ggml_is_contiguous(w) ||
+        // rows read in the stored layout on the CPU: not a GPU head, not a CPU-repacked one
+        w->buffer == nullptr || !ggml_backend_buffer_is_host(w->buffer) ||
         cur->type != GGML_TYPE_F32 || cur->ne[0] != l.n_embd || cur->ne[1] < 1 || cur->ne[2] != 1 || cur->ne[3] != 1) {
         return nullptr;
     }

@@ -6,6 +6,8 @@
 #pragma once
 
 #include "carvq.h"
+#include "llama-arch.h"
+#include "ggml-backend.h"
 
 #include <cstdint>
 #include <vector>
@@ -14,6 +16,7 @@ struct ggml_context;
 struct ggml_tensor;
 struct llama_model_loader;
 struct llama_model_base;
+struct llama_model;
 
 struct llama_carvq {
     ggml_tensor * codes     = nullptr; // I8  {B, V}: packed 4-bit codes
@@ -42,6 +45,15 @@ enum llama_carvq_act { LLAMA_CARVQ_ACT_NONE, LLAMA_CARVQ_ACT_RELU, LLAMA_CARVQ_A
 
 // true when the file carries CARVQ metadata (then token_embd.weight is optional)
 bool llama_carvq_present(const llama_model_loader & ml);
+
+// create_tensor's flags for a CARVQ model: token_embd.weight not required (after checking the
+// architecture against CARVQ_ARCHITECTURES), the head copy mapped lazily when it is on the CPU.
+// May set ml.lazy.mode; the caller restores it after creating the tensor.
+int llama_carvq_tensor_flags(llama_model_loader & ml, llm_tensor tensor, int flags, ggml_backend_dev_t dev_output);
+
+// A context whose model borrows another context's input embedding (EAGLE3, DFlash drafts)
+// cannot borrow a CARVQ one: throws with a message.
+void llama_carvq_check_context(const llama_model & model, const llama_model * other);
 
 // Reads carvq.* keys and creates the tensors through the model's create_tensor, checking
 // every shape and type against the format. Throws std::runtime_error naming the key or tensor.

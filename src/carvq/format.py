@@ -17,6 +17,9 @@ from carvq import gguf_io as gio
 from carvq.errors import CarvqError
 
 FORMAT_VERSION = 2  # what the writer writes
+# general.architecture values a CARVQ file may name (FORMAT.md "Architectures"; carvq.h's
+# CARVQ_ARCHITECTURES): graphs that read the input embedding only through build_inp_embd
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
 READABLE_VERSIONS = (1, 2)  # version 1 is version 2 without hot rows
 
 # limits (FORMAT.md "Metadata keys"; carvq.h CARVQ_MAX_*)
