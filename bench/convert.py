@@ -33,7 +33,7 @@ def convert_one(name: str, src: Path, target: float) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "carvq.cli", "convert", str(src), "-o", str(out), "-q",
+    proc = subprocess.run([sys.executable, "-m", "carvq.cli", "convert", str(src), "-o", str(out), "--force", "-q",
                            "--target-bpw", str(target)], capture_output=True, text=True, errors="replace", cwd=RESULTS)
     wall = time.perf_counter() - start
     if proc.returncode != 0:

@@ -184,7 +184,7 @@ def make_carvq(src: Path, label: str, args: list[str], calibration: Path, work: 
     for stale in work.glob(f"{label.replace(' ', '-')}.*"):  # an older conversion, its score and report
         stale.unlink()
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "carvq.cli", "convert", str(src), "-o", str(out), "-q", *full],
+    proc = subprocess.run([sys.executable, "-m", "carvq.cli", "convert", str(src), "-o", str(out), "--force", "-q", *full],
                           capture_output=True, text=True, cwd=work)
     if proc.returncode != 0:
         raise SystemExit(f"carvq convert {label} failed:\n{proc.stderr[-2000:]}")

@@ -52,15 +52,29 @@ def _token_weights(reader, n_vocab, calibration, gguf_path):
     return frequency.with_special_tokens(w, reader, n_vocab), desc + "; special tokens as heavy as the heaviest"
 
 
-def convert(input_path, output_path, base: Config, *, target_bpw: float | None = None, iters: int = DEFAULT_ITERS,
-            seed: int = 0, calibration=None, head_type: str | None = None, hf_outtype: str = "auto",
-            body_type: str | None = None, progress: bool = True) -> Report:
-    start = time.perf_counter()
-    src, out = Path(input_path), Path(output_path)
+def _check_paths(src: Path, out: Path, calibration, force: bool) -> None:
+    """Never destroy input: the output may not be the input, a file inside an input
+    checkpoint folder, or the calibration text; an existing output needs force."""
     if not src.exists():
         raise CarvqError(f"{src}: no such file or directory")
     if _same_file(src, out):
         raise CarvqError(f"output {out} is the input; choose another path")
+    if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+        raise CarvqError(f"output {out} is inside the input checkpoint {src}; choose a path outside it")
+    if calibration is not None and _same_file(Path(calibration), out):
+        raise CarvqError(f"output {out} is the calibration text; choose another path")
+    if out.exists() and not force:
+        raise CarvqError(f"{out} exists; pass --force to replace it")
+    if out.exists() and out.is_dir():
+        raise CarvqError(f"{out} is a directory")
+
+
+def convert(input_path, output_path, base: Config, *, target_bpw: float | None = None, iters: int = DEFAULT_ITERS,
+            seed: int = 0, calibration=None, head_type: str | None = None, hf_outtype: str = "auto",
+            body_type: str | None = None, progress: bool = True, force: bool = False) -> Report:
+    start = time.perf_counter()
+    src, out = Path(input_path), Path(output_path)
+    _check_paths(src, out, calibration, force)
     if target_bpw is not None and target_bpw <= 0:
         raise CarvqError(f"--target-bpw {target_bpw}: must be positive")
     with tempfile.TemporaryDirectory(prefix="carvq-") as tmpdir:
@@ -68,6 +82,7 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
         if src.is_dir():
             if not hf.is_hf_checkpoint(src):
                 raise CarvqError(f"{src}: a directory but not a Hugging Face checkpoint (no config.json)")
+            hf.check_architecture(src)  # before any of the checkpoint's own files are used
             gguf_path = Path(tmpdir) / "source.gguf"
             hf.convert_hf(src, gguf_path, hf_outtype)
         reader = gio.open_gguf(gguf_path)
@@ -88,10 +103,17 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
         raise CarvqError(f"{src}: already a CARVQ-GGUF")
     if arch not in fmt.ARCHITECTURES:
         raise CarvqError(f"{src}: architecture {arch!r} is not supported (supported: {', '.join(fmt.ARCHITECTURES)})")
+    split = gio.field_value(reader, "split.count")
+    if split is not None and int(split) > 1:
+        raise CarvqError(f"{src}: one part of a {split}-part split GGUF; merge it first "
+                         "(llama-gguf-split --merge) and convert the whole file")
     embd = gio.tensor_by_name(reader, gio.EMBD)
     if embd is None:
         raise CarvqError(f"{src}: no {gio.EMBD} tensor")
     M = gio.dequantize(embd)
+    if not np.isfinite(M).all():
+        bad = int(np.nonzero(~np.isfinite(M).all(axis=1))[0][0])
+        raise CarvqError(f"{src}: {gio.EMBD} holds non-finite values (row {bad}); nothing to compress")
     V, n = M.shape
     w, weights_from = _token_weights(reader, V, calibration, gguf_path)
     notes: list[str] = []

@@ -127,6 +127,17 @@ def parse_kld(out: str) -> dict[str, float]:
         kld_max=_grab(r"Maximum KLD:\s*" + _FLOAT, out), top1=_grab(r"Same top p:\s*" + _FLOAT, out) / 100.0)
 
 
+def _check_carvq(path: Path) -> None:
+    """A CARVQ file is read through the Python reader first: one line naming what is wrong,
+    the same as every other carvq command gives, rather than llama-perplexity's log."""
+    from carvq import format as fmt
+    from carvq import gguf_io as gio
+
+    reader = gio.open_gguf(path)
+    if fmt.is_carvq(reader):
+        fmt.read_tensors(reader)
+
+
 def evaluate(model, text, reference=None, *, ctx: int = 512, chunks: int | None = None,
              threads: int | None = None, progress: bool = True, base_logits: Path | None = None) -> EvalResult:
     """Perplexity of `model` on `text`; with `reference`, KL divergence against it.
@@ -137,6 +148,8 @@ def evaluate(model, text, reference=None, *, ctx: int = 512, chunks: int | None 
     for path in (model, text, *( [Path(reference)] if reference else [])):
         if not path.is_file():
             raise CarvqError(f"{path}: no such file")
+    for path in (model, *([Path(reference)] if reference else [])):
+        _check_carvq(path)
     _check_length(model, text, ctx)
     binary = tool_path("llama-perplexity")
     common = ["-f", str(text), "-c", str(ctx), "-b", str(max(ctx, 512)), "-t", str(threads or os.cpu_count() or 1)]

@@ -23,18 +23,30 @@ except ImportError as exc:  # pragma: no cover - only without a built package
 
 _init_lock = threading.Lock()
 _initialised = False
-_log_state = {"verbose": False, "last_error": ""}
+_log_state = {"verbose": False, "last_error": "", "cause": ""}
+_GENERIC_LOAD_ERROR = "failed to load model from"
 
 
 @ffi.def_extern()
 def carvq_log_callback(level, text, user_data):  # noqa: ARG001
     msg = ffi.string(text).decode("utf-8", "replace")
-    # keep the most specific error: llama.cpp ends a failed load with a generic line
-    if level == lib.GGML_LOG_LEVEL_ERROR and msg.strip() and (
-            "error loading model:" in msg or "error loading model:" not in _log_state["last_error"]):
-        _log_state["last_error"] = msg.strip()
+    # keep the most specific error: llama.cpp ends a failed load with a generic line, and when
+    # the loader's own line is generic too (a file gguf cannot parse), the first error before
+    # it says why
+    if level == lib.GGML_LOG_LEVEL_ERROR and msg.strip():
+        if "error loading model:" in msg or "error loading model:" not in _log_state["last_error"]:
+            _log_state["last_error"] = msg.strip()
+        if not _log_state["cause"] and "error loading model:" not in msg:
+            _log_state["cause"] = msg.strip()
     if _log_state["verbose"]:
         os.write(2, msg.encode("utf-8", "replace"))
+
+
+def _load_error() -> str:
+    err = _log_state["last_error"] or "unknown error"
+    if _GENERIC_LOAD_ERROR in err and _log_state["cause"]:
+        err = f"{_log_state['cause']} ({err.split('error loading model: ')[-1]})"
+    return err
 
 
 @ffi.def_extern()
@@ -61,6 +73,27 @@ def _ensure_backend(verbose: bool) -> None:
             _initialised = True
 
 
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_fits_in_memory(nbytes: int, what: str) -> None:
+    """Refuse a result array larger than half the available memory, with a message, instead
+    of an out-of-memory kill part way through."""
+    avail = _available_memory()
+    if avail is not None and nbytes > avail // 2:
+        raise CarvqError(f"{what} would take {nbytes / 2**30:.1f} GiB, more than half the {avail / 2**30:.1f} GiB "
+                         "of memory available; ask for fewer positions")
+
+
 class Model:
     """A GGUF model (CARVQ or stock) loaded through the patched llama.cpp.
 
@@ -84,6 +117,9 @@ class Model:
             raise CarvqError(f"head {head!r}: one of {', '.join(self.HEADS)}")
         if screen_k is not None and screen_k < 1:
             raise CarvqError(f"screen_k {screen_k}: must be at least 1")
+        if n_ctx < 1 or n_batch < 1:
+            raise CarvqError(f"n_ctx ({n_ctx}) and n_batch ({n_batch}) must be at least 1")
+        n_batch = min(n_batch, n_ctx)  # a batch is one sequence of its own in embedding_rows()
         # read by the patched llama.cpp when it builds a graph (llama-carvq.h)
         self._head_env = {"CARVQ_HEAD": head, "CARVQ_SCREEN_K": str(screen_k) if screen_k else ""}
         _ensure_backend(verbose)
@@ -95,11 +131,11 @@ class Model:
         params.n_gpu_layers = 0
         params.load_mode = lib.LLAMA_LOAD_MODE_MMAP if use_mmap else lib.LLAMA_LOAD_MODE_NONE
         params.vocab_only = vocab_only  # tokenizer only: no weights read
-        _log_state["last_error"] = ""
+        _log_state["last_error"] = _log_state["cause"] = ""
         self._model = lib.llama_model_load_from_file(str(path).encode(), params)
         if self._model == ffi.NULL:
             self._model = None
-            raise CarvqError(f"{path}: llama.cpp could not load the model: {_log_state['last_error'] or 'unknown error'}")
+            raise CarvqError(f"{path}: llama.cpp could not load the model: {_load_error()}")
         self._vocab = lib.llama_model_get_vocab(self._model)
         self._ctx = None
         # One model, one llama.cpp context: calls from several threads take turns (cffi
@@ -298,6 +334,9 @@ class Model:
             raise CarvqError("no tokens")
         if len(tokens) > self._n_ctx:
             raise CarvqError(f"{len(tokens)} tokens exceed the context of {self._n_ctx}")
+        self._check_tokens(tokens)
+        _check_fits_in_memory(len(tokens) * self.n_vocab * 4, f"the logits of {len(tokens)} positions x "
+                              f"{self.n_vocab} tokens")
         ctx = self._context()
         lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
         out = np.empty((len(tokens), self.n_vocab), np.float32)

@@ -20,7 +20,7 @@ fi
 mkdir -p out
 out=out/SmolLM2-135M-Instruct.carvq.gguf
 printf '\n== carvq convert (defaults)\n'
-carvq convert "$src" -o "$out"
+carvq convert "$src" -o "$out" --force  # the demo owns out/: a second run replaces its file
 
 printf '\n== what it saved\n'
 carvq inspect "$out" | tail -n 5

@@ -223,3 +223,162 @@ def test_llama_save_refuses_a_carvq_model(tiny_carvq, tiny_gguf, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(tiny_gguf("llama")), str(stock_out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and stock_out.stat().st_size > 0, proc.stderr[-2000:]
+
+
+# ---- the converter keeps data safe (issue 12, items 11-14) --------------------------------
+
+def test_existing_output_needs_force(tmp_path, tiny_gguf):
+    out = tmp_path / "out.gguf"
+    out.write_bytes(b"precious")
+    proc = run_cli("convert", tiny_gguf("llama"), "-o", out, "-q", "--adaptor-rank", "0", "--iters", "1")
+    assert proc.returncode == 1 and "exists; pass --force" in proc.stderr, proc.stderr
+    assert out.read_bytes() == b"precious"
+    proc = run_cli("convert", tiny_gguf("llama"), "-o", out, "-q", "--adaptor-rank", "0", "--iters", "1", "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:4] == b"GGUF"
+
+
+def test_output_inside_the_input_checkpoint_or_on_the_calibration_text(tmp_path, tiny_hf, tiny_gguf):
+    hf_dir = tiny_hf("llama")
+    before = sorted(p.name for p in hf_dir.iterdir())
+    proc = run_cli("convert", hf_dir, "-o", hf_dir / "model.carvq.gguf", "-q", "--force")
+    assert proc.returncode == 1 and "inside the input checkpoint" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in hf_dir.iterdir()) == before
+    text = tmp_path / "calib.txt"
+    text.write_text("the city")
+    proc = run_cli("convert", tiny_gguf("llama"), "-o", text, "--calibration", text, "-q", "--force")
+    assert proc.returncode == 1 and "is the calibration text" in proc.stderr, proc.stderr
+    assert text.read_text() == "the city"
+
+
+def _hf_copy(tmp_path, tiny_hf, **config_changes) -> Path:
+    import json
+    import shutil
+
+    dst = tmp_path / "hf"
+    shutil.copytree(tiny_hf("llama"), dst)
+    config = json.loads((dst / "config.json").read_text())
+    config.update(config_changes)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_hf_checkpoint_asking_for_its_own_code_is_refused(tmp_path, tiny_hf, monkeypatch):
+    """Refused from config.json alone: llama.cpp's convert_hf_to_gguf.py never runs."""
+    from carvq.converter import hf
+
+    ran = []
+    monkeypatch.setattr(hf, "source_tree", lambda: ran.append(1))
+    src = _hf_copy(tmp_path, tiny_hf, auto_map={"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
+    out = tmp_path / "out.gguf"
+    with pytest.raises(Exception, match="auto_map"):
+        from carvq.converter.convert import convert
+
+        convert(src, out, tiny_config("llama"), iters=1, progress=False)
+    assert not ran and not out.exists()
+    src2 = _hf_copy(tmp_path / "b", tiny_hf, architectures=["BitnetForCausalLM"])
+    assert_clean_failure(run_cli("convert", src2, "-o", out, "-q"), out, "not supported")
+
+
+def test_split_gguf_is_refused(tmp_path, tiny_gguf):
+    from hostile_corpus import rewrite
+
+    src = tmp_path / "model-00001-of-00002.gguf"
+    rewrite(tiny_gguf("llama"), src, keys={"split.count": ("UINT32", 2)})
+    out = tmp_path / "out.gguf"
+    assert_clean_failure(run_cli("convert", src, "-o", out, "-q"), out, "split GGUF")
+
+
+def test_non_finite_source_is_refused(tmp_path, tiny_gguf):
+    import numpy as np
+
+    from carvq import gguf_io as gio
+    from hostile_corpus import rewrite
+
+    reader = gio.open_gguf(tiny_gguf("llama"))
+    embd = gio.dequantize(gio.tensor_by_name(reader, gio.EMBD)).copy()
+    embd[7, 3] = np.nan
+    src = tmp_path / "nan.gguf"
+    rewrite(tiny_gguf("llama"), src, tensors={gio.EMBD: embd})
+    out = tmp_path / "out.gguf"
+    assert_clean_failure(run_cli("convert", src, "-o", out, "-q"), out, "non-finite values (row 7)")
+
+
+def test_written_file_is_validated_before_it_takes_the_name(tmp_path, tiny_gguf, monkeypatch):
+    from carvq import format as fmt
+    from carvq.converter.convert import convert
+    from carvq.errors import CarvqError
+
+    def reject(path):
+        raise CarvqError("planted")
+
+    monkeypatch.setattr(fmt, "read_tensors", reject)
+    out = tmp_path / "out.gguf"
+    with pytest.raises(CarvqError, match="fails validation"):
+        convert(tiny_gguf("llama"), out, tiny_config("qwen2"), iters=1, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writes_are_fsynced(tmp_path, monkeypatch):
+    import os
+
+    from carvq import gguf_io as gio
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    out = tmp_path / "x.bin"
+    with gio.atomic_output(out) as tmp:
+        tmp.write_bytes(b"data")
+    assert out.read_bytes() == b"data"
+    assert any(".x.bin." in s for s in synced) and str(tmp_path) in synced, synced
+
+
+def test_sigterm_and_sigkill_leave_no_temp_file_for_ever(tmp_path):
+    """SIGTERM: the CLI's handler unwinds and the temp file goes. SIGKILL: the next write to the
+    same target removes the dead writer's file and says so."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.gguf"
+    child = ("import sys, time, signal\nfrom pathlib import Path\nfrom carvq import cli, gguf_io as gio\n"
+             "signal.signal(signal.SIGTERM, cli._on_sigterm)\n"
+             "try:\n    with gio.atomic_output(Path(sys.argv[1])) as tmp:\n        tmp.write_bytes(b'x' * 1000)\n"
+             "        print('writing', flush=True)\n        time.sleep(60)\n"
+             "except cli._Terminated:\n    sys.exit(143)\n")
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        proc = subprocess.Popen([sys.executable, "-c", child, str(out)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "writing"
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+        left = [p.name for p in tmp_path.iterdir()]
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 143 and left == [], left
+        else:
+            assert len(left) == 1 and left[0].startswith(".out.gguf."), left
+    from carvq import gguf_io as gio
+
+    with gio.atomic_output(out) as tmp:
+        tmp.write_bytes(b"new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out.gguf"]
+
+
+# ---- runtime limits (issue 12, item 7) ------------------------------------------------------
+
+def test_runtime_limits_are_messages(tiny_carvq, monkeypatch):
+    import numpy as np
+
+    from carvq.errors import CarvqError
+    from carvq.runtime import model as model_mod
+    from carvq.runtime.model import Model
+
+    path, _ = tiny_carvq("llama")
+    with pytest.raises(CarvqError, match="n_ctx"):
+        Model(path, n_ctx=0)
+    with Model(path, n_ctx=16, n_batch=64) as m:
+        rows = m.embedding_rows(list(range(40)))  # more ids than n_ctx: batches of at most n_ctx
+        assert rows.shape == (40, m.n_embd) and np.isfinite(rows).all()
+        monkeypatch.setattr(model_mod, "_available_memory", lambda: 16 * 1024)  # 16 x 320 floats: 20 KiB
+        with pytest.raises(CarvqError, match="more than half"):
+            m.logits([1] * 16)

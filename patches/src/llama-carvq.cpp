@@ -241,6 +241,20 @@ void llama_carvq_check_data(llama_carvq & carvq) {
                                             t->name, t->buffer ? ggml_backend_buffer_name(t->buffer) : "(none)"));
         }
     }
+    // the float tensors decode into every row: one inf or NaN would poison every token using it
+    for (const ggml_tensor * t : all) {
+        if (t != nullptr && (t->type == GGML_TYPE_F32 || t->type == GGML_TYPE_F16)) {
+            const int64_t n = ggml_nelements(t);
+            for (int64_t i = 0; i < n; ++i) {
+                const float x = t->type == GGML_TYPE_F32 ? ((const float *) t->data)[i]
+                                                         : ggml_fp16_to_fp32(((const ggml_fp16_t *) t->data)[i]);
+                if (!std::isfinite(x)) {
+                    throw std::runtime_error(format("CARVQ: tensor %s holds a non-finite value at element %lld",
+                                                    t->name, (long long) i));
+                }
+            }
+        }
+    }
     char err[256];
     if (carvq_codes_check(&carvq.layout, (const uint8_t *) carvq.codes->data, err, sizeof(err)) != 0) {
         throw std::runtime_error(format("CARVQ: tensor %s: %s", carvq.codes->name, err));

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from carvq.errors import CarvqError
 
@@ -21,7 +23,7 @@ def _cmd_convert(args) -> int:
                   hot_bpw=0.0 if args.hot_rows is not None else args.hot_bpw)
     report = convert(args.input, args.output, base, target_bpw=args.target_bpw, iters=args.iters, seed=args.seed,
                      calibration=args.calibration, head_type=args.head_type, hf_outtype=args.hf_outtype,
-                     body_type=args.body_type, progress=not args.quiet)
+                     body_type=args.body_type, progress=not args.quiet, force=args.force)
     print(report.format())
     return 0
 
@@ -162,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="compress a model's token embedding to CARVQ-GGUF")
     c.add_argument("input", help="a GGUF file or a Hugging Face checkpoint directory")
     c.add_argument("-o", "--output", required=True, help="the CARVQ-GGUF to write")
+    c.add_argument("--force", action="store_true", help="replace the output if it exists")
     c.add_argument("--group-size", type=int, default=D.group_size, help=f"columns per sub-vector, d (default {D.group_size})")
     c.add_argument("--levels", type=int, default=D.levels, help=f"residual levels per group, L (default {D.levels})")
     c.add_argument("--adaptor-rank", type=int, default=D.adaptor_rank,
@@ -244,10 +247,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Terminated(Exception):
+    """SIGTERM, raised in the main thread so that temporary files are removed on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
+    except _Terminated:
+        print("carvq: terminated", file=sys.stderr)
+        return 143
     except CarvqError as exc:
         print(f"carvq: error: {exc}", file=sys.stderr)
         return 1

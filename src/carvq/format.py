@@ -181,35 +181,88 @@ def is_carvq(reader) -> bool:
     return reader.get_field(Key.VERSION) is not None
 
 
+def _key(reader, key: str, kind: str, required: bool = True):
+    """The value of metadata `key`, which must have GGUF type `kind` (UINT32, STRING, BOOL), as
+    the C loader requires; None when absent and not required."""
+    import gguf
+
+    field = reader.get_field(key)
+    if field is None:
+        if required:
+            raise CarvqError(f"CARVQ metadata key {key} is missing")
+        return None
+    got = field.types[0] if field.types else None
+    if got != getattr(gguf.GGUFValueType, kind):
+        raise CarvqError(f"CARVQ metadata key {key} is a {getattr(got, 'name', got)}, expected {kind}")
+    return field.contents()
+
+
 def read_layout(reader) -> Layout:
-    """The Layout of a CARVQ file, from its metadata and tensor shapes (validated)."""
-    version = gio.field_value(reader, Key.VERSION)
+    """The Layout of a CARVQ file, from its metadata and tensor shapes, checked as the patched
+    llama.cpp loader checks it (FORMAT.md "Validation")."""
+    version = _key(reader, Key.VERSION, "UINT32", required=False)
     if version is None:
         raise CarvqError(f"not a CARVQ-GGUF: no {Key.VERSION} key")
     if version not in READABLE_VERSIONS:
         raise CarvqError(f"CARVQ format version {version} is not supported (this carvq reads versions "
                          f"{', '.join(map(str, READABLE_VERSIONS))})")
+    arch = gio.field_value(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise CarvqError(f"architecture {arch!r} is not supported with a CARVQ embedding "
+                         f"(supported: {', '.join(ARCHITECTURES)})")
     codes = gio.tensor_by_name(reader, Tensor.CODES)
     if codes is None:
         raise CarvqError(f"CARVQ tensor {Tensor.CODES} is missing")
-    value = lambda key, default=None: gio.field_value(reader, key, default)  # noqa: E731
-    try:
-        layout = Layout(
-            n_vocab=int(codes.shape[1]),
-            n_embd=_embedding_width(reader),
-            group_size=int(value(Key.GROUP_SIZE)),
-            levels=int(value(Key.LEVELS)),
-            codebook_size=int(value(Key.CODEBOOK_SIZE)),
-            adaptor_rank=int(value(Key.ADAPTOR_RANK)),
-            adaptor_hidden=int(value(Key.ADAPTOR_HIDDEN)),
-            activation=str(value(Key.ACTIVATION)),
-            hot_rows=int(value(Key.HOT_ROWS, 0) if version >= 2 else 0),
-            hot_levels=int(value(Key.HOT_LEVELS, 0) if version >= 2 else 0),
-        )
-    except TypeError:
-        raise CarvqError("CARVQ metadata incomplete: a carvq.* key is missing") from None
+    if len(codes.shape) != 2:
+        raise CarvqError(f"CARVQ tensor {Tensor.CODES} must have 2 dimensions (V, B), has {len(codes.shape)}")
+    u32 = lambda key: int(_key(reader, key, "UINT32"))  # noqa: E731
+    layout = Layout(
+        n_vocab=int(codes.shape[1]),
+        n_embd=_embedding_width(reader),
+        group_size=u32(Key.GROUP_SIZE),
+        levels=u32(Key.LEVELS),
+        codebook_size=u32(Key.CODEBOOK_SIZE),
+        adaptor_rank=u32(Key.ADAPTOR_RANK),
+        adaptor_hidden=u32(Key.ADAPTOR_HIDDEN),
+        activation=str(_key(reader, Key.ACTIVATION, "STRING")),
+        hot_rows=u32(Key.HOT_ROWS) if version >= 2 else 0,  # required from version 2 on
+        hot_levels=u32(Key.HOT_LEVELS) if version >= 2 else 0,
+    )
     layout.check()
+    _check_model_shape(reader, arch, layout)
     return layout
+
+
+def _check_model_shape(reader, arch: str, layout: Layout) -> None:
+    """V and n must be the model's: its vocabulary size and its embedding width."""
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    if tokens is not None and len(tokens.data) != layout.n_vocab:
+        raise CarvqError(f"CARVQ tensor {Tensor.CODES} has {layout.n_vocab} rows, but the vocabulary has "
+                         f"{len(tokens.data)} tokens")
+    width = gio.field_value(reader, f"{arch}.embedding_length")
+    if width is not None and int(width) != layout.n_embd:
+        raise CarvqError(f"CARVQ tensor {Tensor.CODEBOOKS} decodes rows of width {layout.n_embd}, but the model's "
+                         f"embedding width is {width}")
+
+
+def check_codes(packed: np.ndarray, codes_per_row: int, codebook_size: int, name: str) -> None:
+    """Every code below K and the padding nibble of an odd row zero, in every row (carvq.c's
+    carvq_codes_scan)."""
+    packed = np.asarray(packed).view(np.uint8)
+    full = codes_per_row // 2
+    if codebook_size < 16 and full:
+        body = packed[:, :full]
+        bad = ((body & 0x0F) >= codebook_size) | ((body >> 4) >= codebook_size)
+        if bad.any():
+            row = int(np.nonzero(bad.any(axis=1))[0][0])
+            raise CarvqError(f"CARVQ tensor {name} row {row}: a code is outside 0..{codebook_size - 1}")
+    if codes_per_row % 2:
+        last = packed[:, full]
+        bad = ((last & 0x0F) >= codebook_size) | ((last >> 4) != 0)
+        if bad.any():
+            row = int(np.nonzero(bad)[0][0])
+            raise CarvqError(f"CARVQ tensor {name} row {row}: a code is outside 0..{codebook_size - 1} "
+                             "or the padding nibble is not zero")
 
 
 def _embedding_width(reader) -> int:
@@ -239,6 +292,7 @@ def read_tensors(source) -> CarvqTensors:
     lo = read_layout(reader)
     floats = ("F32", "F16")
     codes = _expect(reader, Tensor.CODES, ("I8",), (lo.n_vocab, lo.code_row_bytes)).view(np.uint8)
+    check_codes(codes, lo.codes_per_row, lo.codebook_size, Tensor.CODES)
     codebooks = _expect(reader, Tensor.CODEBOOKS, floats, (lo.n_groups, lo.levels, lo.codebook_size, lo.group_size))
     found = CarvqTensors(lo, codes, codebooks)
     if lo.hot_rows:
@@ -247,6 +301,7 @@ def read_tensors(source) -> CarvqTensors:
             raise CarvqError(f"CARVQ tensor {Tensor.HOT_IDS} must hold strictly increasing token ids in 0..{lo.n_vocab - 1}")
         found.hot_ids = hot_ids
         found.hot_codes = _expect(reader, Tensor.HOT_CODES, ("I8",), (lo.hot_rows, lo.hot_code_row_bytes)).view(np.uint8)
+        check_codes(found.hot_codes, lo.n_groups * lo.hot_levels, lo.codebook_size, Tensor.HOT_CODES)
         found.hot_codebooks = _expect(reader, Tensor.HOT_CODEBOOKS, (gio.tensor_by_name(reader, Tensor.CODEBOOKS).tensor_type.name,),
                                       (lo.n_groups, lo.hot_levels, lo.codebook_size, lo.group_size))
     else:
@@ -260,6 +315,9 @@ def read_tensors(source) -> CarvqTensors:
         found.down_b = _expect(reader, Tensor.DOWN_B, ("F32",), (n,))
     else:
         _refuse_stray(reader, Tensor.ADAPTOR, f"{Key.ADAPTOR_RANK} is 0")
+    for name, arr in found.named():
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise CarvqError(f"CARVQ tensor {name} holds non-finite values")
     return found
 
 
@@ -328,5 +386,14 @@ def write_model(source_reader, out, arch: str, tensors: CarvqTensors, provenance
         if head is not None:
             data, qtype = head
             writer.add_tensor(gio.HEAD, data, raw_dtype=qtype)
-    with gio.atomic_output(out) as tmp:
+    with gio.atomic_output(out, check=_check_written) as tmp:
         gio.write_gguf(writer, tmp, progress)
+
+
+def _check_written(path) -> None:
+    """The writer reads its own file back through the reader's validation before renaming it
+    into place: a file that no reader would load is never left behind."""
+    try:
+        read_tensors(path)
+    except CarvqError as exc:
+        raise CarvqError(f"the written file fails validation ({exc}); nothing was written") from None

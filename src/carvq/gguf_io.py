@@ -97,15 +97,78 @@ def dequantize(tensor) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 # writing
 
+TMP_SUFFIX = ".carvq-tmp"
+
+
+def _temp_name(target: Path) -> str:
+    """Our temporary files: hidden, beside the target, named after it and the writing process
+    (so that a later run can tell a dead writer's leftover from a live one)."""
+    return f".{target.name}.{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(target: Path) -> list[Path]:
+    """Delete the temporary files that an earlier writer of `target` left when it was killed
+    (SIGKILL, power loss): ours by name, their process gone. Returns what was removed."""
+    removed = []
+    prefix = f".{target.name}."
+    for p in target.parent.glob(f".{glob_escape(target.name)}.*{TMP_SUFFIX}"):
+        pid = p.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # some platforms cannot open a directory; the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
-def atomic_output(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; rename it to `target` only on success."""
+def atomic_output(target: Path, check=None) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; rename it to `target` only on success.
+
+    The data and the directory entry are fsynced before and after the rename, so that a crash
+    leaves either the old file or the whole new one. `check(tmp)`, if given, validates the
+    finished file before it takes the target's name. A writer killed outright leaves its
+    temporary file behind; the next write to the same target removes it (and says so)."""
+    import sys
+
     target = Path(target)
     directory = target.parent if str(target.parent) else Path(".")
     if not directory.is_dir():
         raise CarvqError(f"{target}: directory {directory} does not exist")
+    for stale in remove_stale_temps(directory / target.name):
+        print(f"carvq: removed {stale}, left by an interrupted earlier write", file=sys.stderr)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+        fd, tmp_name = tempfile.mkstemp(prefix=_temp_name(target), suffix=TMP_SUFFIX, dir=directory)
     except OSError as exc:
         raise CarvqError(f"{target}: cannot write ({exc.strerror})") from None
     os.close(fd)
@@ -115,7 +178,12 @@ def atomic_output(target: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; the result should look like any new file
     try:
         yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        if check is not None:
+            check(tmp)
         os.replace(tmp, target)
+        _fsync_dir(directory)
     except OSError as exc:
         raise CarvqError(f"{target}: write failed ({exc.strerror or exc})") from None
     finally:

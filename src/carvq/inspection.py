@@ -30,7 +30,7 @@ def inspect_text(path) -> str:
 
 
 def carvq_summary(reader) -> list[str]:
-    lo = fmt.read_layout(reader)
+    lo = fmt.read_tensors(reader).layout  # every rule the loader checks, not only the shapes
     carvq_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith(fmt.PREFIX))
     head = gio.tensor_by_name(reader, gio.HEAD)
     head_copy = bool(gio.field_value(reader, Key.HEAD_COPY, False))

@@ -1,0 +1,158 @@
+"""A corpus of hostile CARVQ files (issue 12, item 9): one file per way a file can be wrong,
+each made from a good CARVQ-GGUF by changing one thing. Every reader must refuse each with one
+clear line (tests/test_hostile_files.py): the patched llama.cpp loader, the Python reader,
+`carvq inspect` and `carvq eval`.
+
+    python tests/hostile_corpus.py GOOD.carvq.gguf OUTDIR   # writes OUTDIR/*.gguf + manifest.json
+    python tests/hostile_corpus.py --table OUTDIR           # what each reader says (docs/RESULTS.md)
+
+The good file needs an adaptor and hot rows (the test suite's tiny llama conversion has both).
+manifest.json maps each file to a fragment that every reader's message must contain ("a|b": one
+of them).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from carvq import format as fmt
+from carvq import gguf_io as gio
+from carvq.format import Key, Tensor
+
+KEEP = object()
+
+
+def rewrite(src: Path, dst: Path, *, keys: dict | None = None, tensors: dict | None = None,
+            arch: str | None = None) -> None:
+    """A copy of `src` with metadata `keys` replaced (name -> (GGUF type name, value), or None to
+    drop it) and `tensors` replaced (name -> array, or None to drop it)."""
+    import gguf
+
+    keys, tensors = keys or {}, tensors or {}
+    reader = gio.open_gguf(src)
+    old_arch = gio.field_value(reader, "general.architecture")
+    writer = gguf.GGUFWriter(None, arch or old_arch)
+    gio.copy_fields(reader, writer, skip=set(keys))
+    if arch:  # the same model under another architecture's name: its keys renamed too
+        kv = writer.kv_data[0]
+        for name in [k for k in kv if k.startswith(old_arch + ".")]:
+            kv[arch + name[len(old_arch):]] = kv.pop(name)
+    for name, spec in keys.items():
+        if spec is not None:
+            kind, value = spec
+            getattr(writer, {"UINT32": "add_uint32", "STRING": "add_string", "FLOAT32": "add_float32",
+                             "BOOL": "add_bool", "INT32": "add_int32"}[kind])(name, value)
+    for t in reader.tensors:
+        if t.name not in tensors:
+            gio.add_source_tensor(writer, t)
+        elif tensors[t.name] is not None:
+            writer.add_tensor(t.name, tensors[t.name])
+    gio.write_gguf(writer, dst, progress=False)
+
+
+def _array(reader, name: str) -> np.ndarray:
+    t = gio.tensor_by_name(reader, name)
+    return np.asarray(t.data).reshape(tuple(int(x) for x in reversed(t.shape.tolist()))).copy()
+
+
+def make(good: Path, out: Path) -> dict[str, str]:
+    """Write the corpus; {file name: expected message fragment}."""
+    out.mkdir(parents=True, exist_ok=True)
+    reader = gio.open_gguf(good)
+    lo = fmt.read_layout(reader)
+    assert lo.adaptor_rank and lo.hot_rows, "the good file needs an adaptor and hot rows"
+    codes, codebooks = _array(reader, Tensor.CODES), _array(reader, Tensor.CODEBOOKS)
+    hot_ids = _array(reader, Tensor.HOT_IDS)
+    cases: dict[str, tuple[dict, str]] = {
+        # metadata: presence, type, range
+        "version-string": (dict(keys={Key.VERSION: ("STRING", "2")}), Key.VERSION),
+        "version-99": (dict(keys={Key.VERSION: ("UINT32", 99)}), "version"),
+        "group-size-missing": (dict(keys={Key.GROUP_SIZE: None}), Key.GROUP_SIZE),
+        "group-size-int32": (dict(keys={Key.GROUP_SIZE: ("INT32", lo.group_size)}), Key.GROUP_SIZE),
+        "levels-zero": (dict(keys={Key.LEVELS: ("UINT32", 0)}), "levels"),
+        "levels-huge": (dict(keys={Key.LEVELS: ("UINT32", 4_000_000_000)}), "levels"),
+        "codebook-size-17": (dict(keys={Key.CODEBOOK_SIZE: ("UINT32", 17)}), "codebook"),
+        "adaptor-rank-float": (dict(keys={Key.ADAPTOR_RANK: ("FLOAT32", 4.0)}), Key.ADAPTOR_RANK),
+        "activation-number": (dict(keys={Key.ACTIVATION: ("UINT32", 1)}), Key.ACTIVATION),
+        "activation-unknown": (dict(keys={Key.ACTIVATION: ("STRING", "swish")}), "activation"),
+        "hot-rows-missing-v2": (dict(keys={Key.HOT_ROWS: None}), Key.HOT_ROWS),
+        "hot-rows-beyond-vocab": (dict(keys={Key.HOT_ROWS: ("UINT32", lo.n_vocab + 1)}), "hot"),
+        # tensors: presence, type, shape
+        "codes-missing": (dict(tensors={Tensor.CODES: None}), Tensor.CODES),
+        "codes-f32": (dict(tensors={Tensor.CODES: codes.astype(np.float32)}), Tensor.CODES),
+        "codes-rows-short": (dict(tensors={Tensor.CODES: codes[:-3]}), Tensor.CODES),
+        "codebooks-missing": (dict(tensors={Tensor.CODEBOOKS: None}), Tensor.CODEBOOKS),
+        "codebooks-i32": (dict(tensors={Tensor.CODEBOOKS: codebooks.astype(np.int32)}), Tensor.CODEBOOKS),
+        "codebooks-3d": (dict(tensors={Tensor.CODEBOOKS: codebooks[0]}), Tensor.CODEBOOKS),
+        "sigma0-missing": (dict(tensors={Tensor.SIGMA0: None}), Tensor.SIGMA0),
+        "up-bias-wrong-shape": (dict(tensors={Tensor.UP_B: np.zeros(lo.adaptor_hidden + 1, np.float32)}), Tensor.UP_B),
+        "adaptor-without-rank": (dict(keys={Key.ADAPTOR_RANK: ("UINT32", 0), Key.ADAPTOR_HIDDEN: ("UINT32", 0)}),
+                                 Tensor.SIGMA0),
+        "hot-codes-missing": (dict(tensors={Tensor.HOT_CODES: None}), Tensor.HOT_CODES),
+        # data
+        "codebooks-nan": (dict(tensors={Tensor.CODEBOOKS: np.where(np.arange(codebooks.size).reshape(codebooks.shape) == 5,
+                                                                   np.float32(np.nan), codebooks)}), "non-finite"),
+        "codebooks-inf": (dict(tensors={Tensor.CODEBOOKS: np.full_like(codebooks, np.inf)}), "non-finite"),
+        "codes-beyond-k": (dict(keys={Key.CODEBOOK_SIZE: ("UINT32", 8)},
+                                tensors={Tensor.CODEBOOKS: np.ascontiguousarray(codebooks[:, :, :8]),
+                                         Tensor.HOT_CODEBOOKS: np.ascontiguousarray(
+                                             _array(reader, Tensor.HOT_CODEBOOKS)[:, :, :8]),
+                                         Tensor.CODES: np.full_like(codes, -1)}), "outside 0..7"),
+        "hot-ids-unsorted": (dict(tensors={Tensor.HOT_IDS: hot_ids[[1, 0, *range(2, len(hot_ids))]]}), "hot"),
+        "hot-ids-duplicate": (dict(tensors={Tensor.HOT_IDS: np.concatenate([hot_ids[:1], hot_ids[:-1]])}), "hot"),
+        "hot-ids-negative": (dict(tensors={Tensor.HOT_IDS: np.concatenate([[-1], hot_ids[1:]]).astype(np.int32)}),
+                             "hot"),
+        # the model around it
+        "architecture-mistral3": (dict(arch="mistral3"), "architecture"),
+    }
+    manifest = {}
+    for name, (change, fragment) in cases.items():
+        path = out / f"{name}.gguf"
+        rewrite(good, path, **change)
+        manifest[path.name] = fragment
+    size = good.stat().st_size
+    for name, cut in (("truncated-half", size // 2), ("truncated-header", 64), ("truncated-last-byte", size - 1)):
+        path = out / f"{name}.gguf"
+        path.write_bytes(good.read_bytes()[:cut])
+        manifest[path.name] = "truncated|file size|file bounds|GGUF"
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+
+
+def table(corpus_dir: Path) -> str:
+    """A markdown table of what each reader says about each file of a corpus made by make()
+    (docs/RESULTS.md): the Python reader and the patched llama.cpp loader (through carvq generate)."""
+    import subprocess
+
+    from carvq.errors import CarvqError
+
+    manifest = json.loads((corpus_dir / "manifest.json").read_text())
+    rows = ["| file | Python reader (inspect, eval) | llama.cpp loader (carvq generate) |", "|---|---|---|"]
+    for name in manifest:
+        path = corpus_dir / name
+        try:
+            fmt.read_tensors(gio.open_gguf(path))
+            py = "(accepted)"
+        except CarvqError as exc:
+            py = str(exc).replace(str(path), "FILE")
+        proc = subprocess.run([sys.executable, "-m", "carvq.cli", "generate", str(path), "-p", "the", "-n", "1"],
+                              capture_output=True, text=True, errors="replace", timeout=120)
+        c = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+        c = c.replace(str(path), "FILE").replace("carvq: error: ", "")
+        rows.append(f"| {name.removesuffix('.gguf')} | {py} | {c} |".replace("\n", " "))
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--table":
+        print(table(Path(sys.argv[2])))
+    elif len(sys.argv) == 3:
+        for name, fragment in make(Path(sys.argv[1]), Path(sys.argv[2])).items():
+            print(f"{name}: {fragment}")
+    else:
+        sys.exit(__doc__)
