@@ -9,7 +9,8 @@ after. Every loop and every request is bounded.
 
     python bench/server_load.py [--model gemma3|smollm2] [--clients 8] [--requests 50]
 
-Writes bench/results/server_load.{json,md}.
+Writes bench/results/server_load.{json,md} (server_load_stock.* with --stock, the same load on
+the stock GGUF: llama.cpp's own greedy answers also depend on how requests share a batch).
 """
 from __future__ import annotations
 
@@ -138,9 +139,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=50)
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--stock", action="store_true", help="the stock GGUF instead (the control)")
     args = ap.parse_args()
     label, fetch, _ = MODELS[args.model]
-    model = _converted(args.model, fetch())
+    model = fetch() if args.stock else _converted(args.model, fetch())
     RESULTS.mkdir(exist_ok=True)
     server = Server(model, args.parallel, ctx=args.parallel * 512)
     pid = server.proc.pid
@@ -176,7 +178,7 @@ def main() -> None:
     crashed = server.stop()
     done = [o for o in outcomes if "text" in o]
     res = {
-        "date": str(date.today()), "machine": machine(), "model": f"{label} CARVQ ({model.name})",
+        "date": str(date.today()), "machine": machine(), "model": f"{label} {'stock' if args.stock else 'CARVQ'} ({model.name})",
         "clients": args.clients, "requests_per_client": args.requests, "parallel": args.parallel,
         "max_tokens": args.max_tokens, "seconds": round(seconds, 1),
         "requests": len(outcomes), "completed": len(done), "cancelled": sum(1 for o in outcomes if o.get("cancelled")),
@@ -190,14 +192,15 @@ def main() -> None:
         "server_alive_after": alive and health == 200 and crashed is None,
         "rss_mib": {"before": round(rss_before, 1), "after": round(rss_after, 1)},
     }
-    (RESULTS / "server_load.json").write_text(json.dumps(res, indent=1) + "\n")
+    tag = "server_load" + ("_stock" if args.stock else "")
+    (RESULTS / f"{tag}.json").write_text(json.dumps(res, indent=1) + "\n")
     md = (f"| model | requests (clients x each) | completed / cancelled | malformed | greedy = single client | "
           f"median / max latency | server up after | RSS before → after |\n|---|---|---|---|---|---|---|---|\n"
           f"| {res['model']} | {res['requests']} ({args.clients} x {args.requests}), --parallel {args.parallel} | "
           f"{res['completed']} / {res['cancelled']} | {res['n_malformed']} | "
           f"{res['greedy_identical']} / {res['completed']} | {res['latency_s']['median']} / {res['latency_s']['max']} s | "
           f"{'yes' if res['server_alive_after'] else 'NO'} | {res['rss_mib']['before']} → {res['rss_mib']['after']} MiB |")
-    (RESULTS / "server_load.md").write_text(md + "\n")
+    (RESULTS / f"{tag}.md").write_text(md + "\n")
     print(md)
     print(json.dumps({k: res[k] for k in ("malformed", "greedy_differs")}, indent=1))
 
