@@ -23,7 +23,21 @@ except ImportError as exc:  # pragma: no cover - only without a built package
 
 _init_lock = threading.Lock()
 _initialised = False
-_log_state = {"verbose": False, "last_error": "", "cause": ""}
+_log_state = {"verbose": False}
+
+
+class _Errors(threading.local):
+    """llama.cpp's error lines, per thread: llama.cpp logs on the thread that called it, so two
+    models used from two threads never see each other's errors."""
+
+    last_error = ""
+    cause = ""
+
+    def reset(self) -> None:
+        self.last_error = self.cause = ""
+
+
+_errors = _Errors()
 _GENERIC_LOAD_ERROR = "failed to load model from"
 
 
@@ -34,18 +48,18 @@ def carvq_log_callback(level, text, user_data):  # noqa: ARG001
     # the loader's own line is generic too (a file gguf cannot parse), the first error before
     # it says why
     if level == lib.GGML_LOG_LEVEL_ERROR and msg.strip():
-        if "error loading model:" in msg or "error loading model:" not in _log_state["last_error"]:
-            _log_state["last_error"] = msg.strip()
-        if not _log_state["cause"] and "error loading model:" not in msg:
-            _log_state["cause"] = msg.strip()
+        if "error loading model:" in msg or "error loading model:" not in _errors.last_error:
+            _errors.last_error = msg.strip()
+        if not _errors.cause and "error loading model:" not in msg:
+            _errors.cause = msg.strip()
     if _log_state["verbose"]:
         os.write(2, msg.encode("utf-8", "replace"))
 
 
 def _load_error() -> str:
-    err = _log_state["last_error"] or "unknown error"
-    if _GENERIC_LOAD_ERROR in err and _log_state["cause"]:
-        err = f"{_log_state['cause']} ({err.split('error loading model: ')[-1]})"
+    err = _errors.last_error or "unknown error"
+    if _GENERIC_LOAD_ERROR in err and _errors.cause:
+        err = f"{_errors.cause} ({err.split('error loading model: ')[-1]})"
     return err
 
 
@@ -131,7 +145,7 @@ class Model:
         params.n_gpu_layers = 0
         params.load_mode = lib.LLAMA_LOAD_MODE_MMAP if use_mmap else lib.LLAMA_LOAD_MODE_NONE
         params.vocab_only = vocab_only  # tokenizer only: no weights read
-        _log_state["last_error"] = _log_state["cause"] = ""
+        _errors.reset()
         self._model = lib.llama_model_load_from_file(str(path).encode(), params)
         if self._model == ffi.NULL:
             self._model = None
@@ -167,9 +181,10 @@ class Model:
             if cb_capture is not None:
                 cparams.cb_eval = lib.carvq_eval_callback
                 cparams.cb_eval_user_data = cb_capture
+            _errors.reset()
             ctx = lib.llama_init_from_model(self._model, cparams)
             if ctx == ffi.NULL:
-                raise CarvqError(f"llama.cpp could not create a context: {_log_state['last_error'] or 'unknown error'}")
+                raise CarvqError(f"llama.cpp could not create a context: {_errors.last_error or 'unknown error'}")
             if cb_capture is not None:
                 return ctx
             if self._ctx is not None:
@@ -317,11 +332,12 @@ class Model:
                     batch.seq_id[i][0] = 0
                     batch.logits[i] = 1 if (all_logits or off + i == len(tokens) - 1) else 0
                 os.environ.update(self._head_env)  # this model's head mode for the graphs built now
+                _errors.reset()
                 rc = lib.llama_decode(ctx, batch)
             finally:
                 lib.llama_batch_free(batch)
             if rc != 0:
-                raise CarvqError(f"llama_decode failed (code {rc}): {_log_state['last_error'] or 'see llama.cpp log'}")
+                raise CarvqError(f"llama_decode failed (code {rc}): {_errors.last_error or 'see llama.cpp log'}")
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         """Logits of every position of `tokens` (one sequence from position 0): (len, n_vocab)."""

@@ -36,6 +36,12 @@ if [[ "$extras" == *test* ]] && ! command -v qemu-aarch64 >/dev/null 2>&1 && com
         >/dev/null 2>&1 || echo "not installed: the NEON tests will be skipped"
 fi
 
+if [[ "$extras" == *test* ]] && ! command -v clang >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    step "clang (the tests run the decoder's libFuzzer harness for 60 s)"
+    (apt-get install -y -qq clang || (apt-get update -qq && apt-get install -y -qq clang)) \
+        >/dev/null 2>&1 || echo "not installed: the libFuzzer smoke will be skipped"
+fi
+
 step "torch 2.13.0, CPU build (pinned: an unpinned torch pulls a multi-GB CUDA build)"
 "$PY" -m pip install -q "torch==2.13.0"
 

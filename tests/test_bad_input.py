@@ -382,3 +382,36 @@ def test_runtime_limits_are_messages(tiny_carvq, monkeypatch):
         monkeypatch.setattr(model_mod, "_available_memory", lambda: 16 * 1024)  # 16 x 320 floats: 20 KiB
         with pytest.raises(CarvqError, match="more than half"):
             m.logits([1] * 16)
+
+
+def test_error_state_is_per_thread(tiny_carvq, workdir):
+    """Two threads loading at once: each gets its own file's error, never the other's."""
+    import threading
+
+    from carvq.errors import CarvqError
+    from carvq.runtime.model import Model
+    from hostile_corpus import rewrite
+
+    path, _ = tiny_carvq("llama")
+    bad = {}
+    for name, keys in (("a", {"carvq.levels": ("UINT32", 0)}), ("b", {"carvq.codebook_size": ("UINT32", 99)})):
+        bad[name] = workdir / f"thread-{name}.carvq.gguf"
+        rewrite(path, bad[name], keys=keys)
+    got = {}
+
+    def load(name):
+        msgs = []
+        for _ in range(20):
+            try:
+                Model(bad[name])
+            except CarvqError as exc:
+                msgs.append(str(exc))
+        got[name] = msgs
+
+    threads = [threading.Thread(target=load, args=(n,)) for n in bad]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got["a"]) == 20 and all("levels" in m for m in got["a"]), got["a"][:3]
+    assert len(got["b"]) == 20 and all("codebook" in m for m in got["b"]), got["b"][:3]

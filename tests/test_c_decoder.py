@@ -538,3 +538,25 @@ def test_harness_neon_under_qemu(tmp_path):
     exe = tmp_path / "carvq_fuzz_neon"
     out = _run_harness([cross, "-static", *_harness_flags(), "-o", str(exe)], [qemu, str(exe), "600", "5"])
     assert "simd=neon/neon" in out and "600 passed, 0 failed" in out
+
+
+def test_libfuzzer_smoke(tmp_path):
+    """The same harness under libFuzzer for 60 s (CI's smoke; docs/RESULTS.md has the long runs)."""
+    clang = shutil.which("clang")
+    if clang is None:
+        pytest.skip("no clang (Debian: apt install clang)")
+    exe = tmp_path / "carvq_fuzz"
+    native = ["-march=native"] if _cpu_has("avx2", "f16c") else []
+    build = subprocess.run([clang, "-O1", "-g", "-ffp-contract=off", "-fsanitize=fuzzer,address,undefined",
+                            "-fno-sanitize-recover=all", *native, f"-I{ROOT / 'patches' / 'src'}", str(FUZZ_SRC), str(SRC),
+                            "-o", str(exe)], capture_output=True, text=True)
+    if build.returncode != 0 and "fuzzer" in build.stderr:
+        pytest.skip(f"clang without libFuzzer: {build.stderr.strip().splitlines()[-1]}")
+    assert build.returncode == 0, build.stderr
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    res = subprocess.run([str(exe), str(corpus), "-max_total_time=60", "-print_final_stats=1"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Done" in res.stderr and "stat::number_of_executed_units" in res.stderr
+

@@ -666,8 +666,8 @@ static void carvq_rows_run(carvq_row_fn fn, const struct carvq_layout * l, const
         int64_t first, int64_t last) {
     if (first < 0) first = 0;
     if (last > n_ids) last = n_ids;
-    if (first >= last) {
-        return;
+    if (first >= last || out_row_stride < l->n_embd) {
+        return; // a stride below n would make rows overlap and the last one run past out
     }
     struct carvq_geom gm;
     carvq_geom_init(&gm, l, l->levels, CARVQ_W);
@@ -719,7 +719,7 @@ static int64_t carvq_hot_find(const int32_t * hot_ids, int64_t n_hot, int32_t t)
 void carvq_rows_hot_add(const struct carvq_layout * l, const int32_t * hot_ids, const uint8_t * hot_codes,
         const void * hot_codebooks, enum carvq_codebook_type cb_type, const int32_t * ids, int64_t n_ids,
         float * out, int64_t out_row_stride, int64_t first, int64_t last) {
-    if (l->hot_rows <= 0) {
+    if (l->hot_rows <= 0 || out_row_stride < l->n_embd) {
         return;
     }
     if (first < 0) first = 0;

@@ -115,7 +115,8 @@ int carvq_ids_check(const struct carvq_layout * l, const int32_t * ids, int64_t 
 // Decodes the RVQ part of rows first..last-1 of the id list: for r in [first, last), writes
 // the n floats of token ids[r] to out + r * out_row_stride (stride in floats, >= n). Only
 // those n floats of those rows are written, so threads may share one out buffer.
-// [first, last) is clamped to [0, n_ids). Preconditions (not checked here, for speed): the
+// [first, last) is clamped to [0, n_ids); a stride below n writes nothing (rows would
+// overlap). Preconditions (not checked here, for speed): the
 // layout, codes and ids passed the checks above; codebooks holds G*L*K*d elements of
 // cb_type; out does not overlap codes or codebooks.
 // Bit-exact with src/carvq/reference.py decode_rvq: each element is ((0 + c_0) + c_1) + ... +
