@@ -151,6 +151,23 @@ def test_inspect_lists_tensors_and_totals(tiny_carvq, capsys):
     assert f"{report.n_vocab} x {report.n_embd}" in text
 
 
+def test_inspect_a_stock_file_estimates_the_conversion(tiny_gguf, workdir):
+    """On a stock GGUF, inspect tells what the default conversion would save, before converting."""
+    import re
+
+    from carvq.converter.config import Config
+    from carvq.converter.convert import convert
+    from carvq.inspection import inspect_text
+
+    src = tiny_gguf("llama")
+    text = inspect_text(src)
+    assert "the output head is tied to it" in text and "Q5_0 head copy" in text
+    est = float(re.search(r"file about ([0-9.]+) MiB instead of", text).group(1))
+    out = workdir / "estimate-check.carvq.gguf"
+    convert(src, out, Config(), iters=1, progress=False, force=True)
+    assert abs(est - out.stat().st_size / 2**20) <= 0.01 * out.stat().st_size / 2**20 + 0.005
+
+
 def test_dense_variant_keeps_the_tied_head(tiny_gguf, workdir):
     """bench/simulate.py's variants change only the lookup: a tied source gains a byte copy of its head."""
     from carvq import gguf_io as gio

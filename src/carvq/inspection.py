@@ -1,6 +1,8 @@
 """`carvq inspect FILE`: what a GGUF holds, tensor by tensor, with CARVQ's parameters."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from carvq import format as fmt
 from carvq import gguf_io as gio
 from carvq.format import Key
@@ -26,7 +28,51 @@ def inspect_text(path) -> str:
     lines.append(f"{'total':<{width}}  {'':<8} {f'{n_params:,} elements':<22}{total:>14,}{8 * total / max(n_params, 1):>9.3f}")
     if fmt.is_carvq(reader):
         lines += ["", *carvq_summary(reader)]
+    else:
+        lines += ["", *conversion_estimate(reader, Path(path).stat().st_size)]
     return "\n".join(lines)
+
+
+def conversion_estimate(reader, file_bytes: int) -> list[str]:
+    """What `carvq convert` at its defaults would make of a stock GGUF, from its shapes alone:
+    the embedding's share of the file, the head copy a tied model gains, the expected size."""
+    import gguf
+
+    from carvq.converter import config as cfgmod
+    from carvq.converter.head import default_head_type
+    from carvq.errors import CarvqError
+
+    MiB = 1 << 20
+    arch = gio.field_value(reader, "general.architecture", "?")
+    embd = gio.tensor_by_name(reader, gio.EMBD)
+    if embd is None:
+        return [f"no {gio.EMBD}: nothing for carvq to compress"]
+    n, V = int(embd.shape[0]), int(embd.shape[1])
+    eb = int(embd.n_bytes)
+    tied = gio.tensor_by_name(reader, gio.HEAD) is None
+    lines = [f"embedding {V} x {n}, {embd.tensor_type.name}: {eb / MiB:.2f} MiB = {100 * eb / file_bytes:.1f} % of the "
+             f"file, {8 * eb / (V * n):.3f} bpw" + ("; the output head is tied to it" if tied else "")]
+    if arch not in fmt.ARCHITECTURES:
+        return lines + [f"carvq convert: architecture {arch!r} is not supported (supported: {', '.join(fmt.ARCHITECTURES)})"]
+    try:
+        cfg = cfgmod.Config()
+        cfg.check(n)
+        cfg = cfg.resolve_hot(V, n)
+    except CarvqError as exc:
+        return lines + [f"carvq convert at the defaults: {exc} (choose --group-size)"]
+    lookup = sum(cfgmod.part_bytes(cfg, V, n).values())
+    head = 0
+    head_note = ""
+    if tied:
+        head_type = default_head_type(embd, n)
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[head_type]]
+        head = V * n // block * size
+        head_note = f" + a {head_type} head copy of {head / MiB:.2f} MiB (the tied head needs rows of its own)"
+    expected = file_bytes - eb + lookup + head + 640  # + the carvq.* keys and the new tensors' headers
+    lines.append(f"carvq convert at the defaults (d={cfg.group_size}, L={cfg.levels}, {cfg.hot_rows} hot rows): lookup "
+                 f"{lookup / MiB:.2f} MiB ({8 * lookup / (V * n):.3f} bpw){head_note}; file about "
+                 f"{expected / MiB:.2f} MiB instead of {file_bytes / MiB:.2f} MiB ({100 * (expected - file_bytes) / file_bytes:+.1f} %)")
+    return lines
 
 
 def carvq_summary(reader) -> list[str]:
