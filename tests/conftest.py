@@ -84,3 +84,16 @@ def tiny_carvq(workdir, tiny_gguf):
         return cache[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def stock_perplexity() -> Path:
+    """llama-perplexity built from the same tree without the patch series (ccache makes it cheap)."""
+    repo = Path(__file__).resolve().parent.parent
+    build = repo / "build" / "stock"
+    cfg = subprocess.run(["cmake", "-G", "Ninja", "-S", str(repo), "-B", str(build), "-DCARVQ_STOCK=ON",
+                          "-DCMAKE_BUILD_TYPE=Release"], capture_output=True, text=True, errors="replace")
+    assert cfg.returncode == 0, cfg.stdout[-2000:] + cfg.stderr[-2000:]
+    proc = subprocess.run(["cmake", "--build", str(build), "--target", "llama-perplexity"], capture_output=True, text=True, errors="replace")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    return build / "bin" / "llama-perplexity"

@@ -301,3 +301,52 @@ def test_missing_calibration_text_is_a_clear_error(tiny_gguf, tmp_path):
     with pytest.raises(CarvqError, match="cannot read calibration text"):
         convert(tiny_gguf("llama"), out, Config(), calibration=tmp_path / "missing.txt", progress=False)
     assert not out.exists()
+
+
+def test_export_back_to_a_stock_gguf(tiny_carvq, tiny_gguf, workdir):
+    """carvq export writes a plain token_embd.weight: at F32 the decoder's rows bit for bit (a
+    file without adaptor), and the exported file loads in the unpatched llama.cpp too."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from carvq import format as fmt
+    from carvq import gguf_io as gio
+    from carvq.runtime.model import Model
+
+    path, _ = tiny_carvq("gemma3")  # hot rows, no adaptor: the decode is the exact RVQ
+    out = workdir / "exported-f32.gguf"
+    proc = subprocess.run([sys.executable, "-m", "carvq.cli", "export", str(path), "-o", str(out),
+                           "--embedding-type", "F32", "--force"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    reader = gio.open_gguf(out)
+    assert not fmt.is_carvq(reader) and not any(t.name.startswith(fmt.PREFIX) for t in reader.tensors)
+    exported = gio.dequantize(gio.tensor_by_name(reader, gio.EMBD))
+    with Model(path, n_ctx=64) as m:
+        rows = m.embedding_rows(list(range(m.n_vocab)))
+    assert np.array_equal(exported.view(np.uint32), rows.view(np.uint32))
+    # a quantized export, and the stock build loads it
+    q = workdir / "exported-q8.gguf"
+    proc = subprocess.run([sys.executable, "-m", "carvq.cli", "export", str(path), "-o", str(q), "--force"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert gio.tensor_by_name(gio.open_gguf(q), gio.EMBD).tensor_type.name in ("F32", "Q8_0")
+    proc = subprocess.run([sys.executable, "-m", "carvq.cli", "export", str(path), "-o", str(q), "--embedding-type",
+                           "Q6_K", "--force"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "one of F32" in proc.stderr
+
+
+def test_exported_file_runs_on_stock_llama_cpp(tiny_carvq, workdir, stock_perplexity):
+    import subprocess
+
+    path, _ = tiny_carvq("llama")
+    out = workdir / "exported-stock-check.gguf"
+    from carvq.export import export
+
+    export(path, out, "Q8_0", force=True)
+    text = workdir / "export-text.txt"
+    text.write_text("the history of the city begins with a river and a bridge. " * 40)
+    proc = subprocess.run([str(stock_perplexity), "-m", str(out), "-f", str(text), "-c", "64", "-b", "64", "-t", "2"],
+                          capture_output=True, text=True, errors="replace", timeout=300)
+    assert proc.returncode == 0 and "Final estimate: PPL" in proc.stdout + proc.stderr, proc.stderr[-2000:]

@@ -188,19 +188,6 @@ def test_quantize_passes_carvq_through(tiny_carvq, workdir):
 
 # ---- stock behaviour --------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def stock_perplexity() -> Path:
-    """llama-perplexity built from the same tree without the patch series (ccache makes it cheap)."""
-    repo = Path(__file__).resolve().parent.parent
-    build = repo / "build" / "stock"
-    cfg = subprocess.run(["cmake", "-G", "Ninja", "-S", str(repo), "-B", str(build), "-DCARVQ_STOCK=ON",
-                          "-DCMAKE_BUILD_TYPE=Release"], capture_output=True, text=True, errors="replace")
-    assert cfg.returncode == 0, cfg.stdout[-2000:] + cfg.stderr[-2000:]
-    proc = subprocess.run(["cmake", "--build", str(build), "--target", "llama-perplexity"], capture_output=True, text=True, errors="replace")
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    return build / "bin" / "llama-perplexity"
-
-
 def test_stock_model_unchanged(tiny_gguf, workdir, stock_perplexity):
     """The same stock GGUF gives bit-identical logits through the patched and the unpatched build."""
     text = _run_text(workdir)

@@ -28,6 +28,13 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from carvq.export import export
+
+    print(export(args.model, args.output, args.embedding_type, force=args.force).format())
+    return 0
+
+
 def _cmd_inspect(args) -> int:
     from carvq.inspection import inspect_text
 
@@ -195,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="tensors, types, sizes and CARVQ parameters of a GGUF")
     i.add_argument("file")
     i.set_defaults(func=_cmd_inspect)
+
+    x = sub.add_parser("export", help="a CARVQ-GGUF back to a stock GGUF that any llama.cpp runs (Ollama, LM Studio)")
+    x.add_argument("model")
+    x.add_argument("-o", "--output", required=True)
+    x.add_argument("--embedding-type", default="auto",
+                   help="ggml type of the decoded token_embd.weight: F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0 "
+                        "(default: the source's type where gguf-py can write it, else Q8_0)")
+    x.add_argument("--force", action="store_true", help="replace the output if it exists")
+    x.set_defaults(func=_cmd_export)
 
     ch = sub.add_parser("chat", help="interactive, streaming chat with a GGUF (CARVQ or stock)")
     ch.add_argument("model")

@@ -17,9 +17,10 @@ from carvq.errors import CarvqError
 def write_dense_embedding(src, out: Path, matrix, keep_head: bool = False) -> None:
     """Copy `src` (a GGUF path or reader) to `out` with token_embd.weight = matrix,
     dropping any CARVQ tensors and carvq.* keys. Every other tensor and key is copied.
-    matrix: a float32 or float16 array (written as F32 / F16), or a tensor of another
-    reader (its bytes are copied, e.g. an embedding quantized by llama-quantize), or None
-    to keep the source's own embedding bytes.
+    matrix: a float32 or float16 array (written as F32 / F16), or (data, ggml type) of an
+    already quantized array (gguf-py's layout), or a tensor of another reader (its bytes are
+    copied, e.g. an embedding quantized by llama-quantize), or None to keep the source's own
+    embedding bytes.
     keep_head: a tied source gains output.weight = a byte copy of its own embedding, so
     that only the lookup changes (llama.cpp would otherwise read logits from `matrix`)."""
     import gguf
@@ -40,6 +41,9 @@ def write_dense_embedding(src, out: Path, matrix, keep_head: bool = False) -> No
             if not placed:
                 if isinstance(matrix, np.ndarray):
                     writer.add_tensor(gio.EMBD, matrix)
+                elif isinstance(matrix, tuple):
+                    data, qtype = matrix
+                    writer.add_tensor(gio.EMBD, data, raw_dtype=qtype)
                 else:
                     gio.add_source_tensor(writer, t if matrix is None else matrix, name=gio.EMBD)
                 placed = True
@@ -49,5 +53,12 @@ def write_dense_embedding(src, out: Path, matrix, keep_head: bool = False) -> No
         gio.add_source_tensor(writer, t)
     if not placed:
         raise CarvqError(f"{src}: no embedding to replace")
-    with gio.atomic_output(Path(out)) as tmp:
+    with gio.atomic_output(Path(out), check=_check_plain) as tmp:
         gio.write_gguf(writer, tmp, progress=False)
+
+
+def _check_plain(path) -> None:
+    """The written file parses and has a plain token_embd.weight and no CARVQ part."""
+    reader = gio.open_gguf(path)
+    if fmt.is_carvq(reader) or gio.tensor_by_name(reader, gio.EMBD) is None:
+        raise CarvqError(f"{path}: the written file is not a plain GGUF with {gio.EMBD}; nothing was written")
