@@ -49,6 +49,10 @@ step "pinned llama.cpp source (llama-cpp-python 0.3.36 sdist from the package in
 tree=$("$PY" src/carvq/llama_source.py)
 echo "$tree"
 "$PY" -m pip install -q "$tree/gguf-py"
+if [[ "$extras" == *test* ]]; then
+    step "llama-cpp-python 0.3.36's bindings, without a llama.cpp of their own (tests run them on carvq's library)"
+    CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" "$PY" -m pip install -q "$("$PY" src/carvq/llama_source.py --sdist)"
+fi
 
 step "carvq[$extras]: builds the patched llama.cpp (first time: ~15 min on 2 cores; then seconds)"
 "$PY" -m pip install -q ".[$extras]"

@@ -48,6 +48,12 @@ TOOLS = ("llama-cli", "llama-server", "llama-perplexity", "llama-quantize", "lla
 def _cmd_tools(args) -> int:
     from carvq.runtime import library_dir, tool_path
 
+    if args.lib_dir:  # for LLAMA_CPP_LIB_PATH (llama-cpp-python) and linkers
+        print(library_dir())
+        return 0
+    if args.bin_dir:
+        print(tool_path(TOOLS[0]).parent)
+        return 0
     print(f"library: {library_dir()}")
     for name in TOOLS:
         path = tool_path(name)
@@ -259,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_cmd_bench)
 
     t = sub.add_parser("tools", help="where the bundled, patched llama.cpp tools are")
+    t.add_argument("--lib-dir", action="store_true", help="print only the directory of libllama (LLAMA_CPP_LIB_PATH)")
+    t.add_argument("--bin-dir", action="store_true", help="print only the directory of the tools")
     t.set_defaults(func=_cmd_tools)
     return p
 

@@ -161,5 +161,11 @@ def _tar_filter() -> dict:
     return {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 
 
+def sdist_path() -> Path:
+    """The pinned llama-cpp-python sdist itself (fetched and sha256-checked when absent): its
+    Python bindings install on carvq's library without building llama.cpp again."""
+    return _download(cache_dir() / "downloads")
+
+
 if __name__ == "__main__":
-    print(source_tree())
+    print(sdist_path() if sys.argv[1:] == ["--sdist"] else source_tree())
