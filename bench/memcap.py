@@ -30,7 +30,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import models  # noqa: E402
 import update_readme  # noqa: E402
 from convert import machine  # noqa: E402
 from screen import MODELS, _converted  # noqa: E402

@@ -1,8 +1,11 @@
 """Shared fixtures: tiny random checkpoints, their GGUFs and CARVQ conversions (made once per session)."""
 from __future__ import annotations
 
+import contextlib
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -97,3 +100,38 @@ def stock_perplexity() -> Path:
     proc = subprocess.run(["cmake", "--build", str(build), "--target", "llama-perplexity"], capture_output=True, text=True, errors="replace")
     assert proc.returncode == 0, proc.stdout[-3000:]
     return build / "bin" / "llama-perplexity"
+
+
+@contextlib.contextmanager
+def llama_server(model: Path, *extra: str):
+    """llama-server (carvq's patched build) on a free loopback port; yields (base URL, process),
+    stops it on the way out."""
+    from carvq.runtime import tool_path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([str(tool_path("llama-server")), "-m", str(model), "--host", "127.0.0.1", "--port",
+                               str(port), "-t", "2", "--no-webui", *extra],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def until_answered(server, call, seconds: float = 180):
+    """call() until it stops raising (the server is loading), or fail with the server's log."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            return call()
+        except Exception:  # noqa: BLE001 - connection refused, 503 while loading, ...
+            if server.poll() is not None or time.time() > deadline:
+                raise AssertionError("llama-server did not answer: " + (server.stderr.read()[-2000:]
+                                     if server.poll() is not None else "timeout")) from None
+            time.sleep(0.5)

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
+from conftest import llama_server, until_answered
 from test_real_model import smollm2_carvq  # noqa: F401  (session fixture)
 
 PROMPT = "The capital of France is"
@@ -46,39 +45,15 @@ def test_llama_cpp_python_on_the_patched_library(smollm2_carvq, runtime_answers)
     assert got["chat"].strip() == runtime_answers["chat"].strip()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_openai_client_against_llama_server(smollm2_carvq, runtime_answers):  # noqa: F811
     openai = pytest.importorskip("openai")
-    from carvq.runtime import tool_path
 
-    port = _free_port()
-    server = subprocess.Popen([str(tool_path("llama-server")), "-m", str(smollm2_carvq), "--host", "127.0.0.1",
-                               "--port", str(port), "-c", "1024", "-t", "2", "--no-webui"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
-        deadline = time.time() + 180
-        while True:
-            try:
-                answer = client.chat.completions.create(model="carvq", messages=MESSAGES, max_tokens=16, temperature=0)
-                break
-            except (openai.APIConnectionError, openai.APIStatusError):
-                if server.poll() is not None or time.time() > deadline:
-                    raise AssertionError(server.stderr.read()[-2000:] if server.poll() is not None else "server timeout")
-                time.sleep(0.5)
+    with llama_server(smollm2_carvq, "-c", "1024") as (url, server):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+        answer = until_answered(server, lambda: client.chat.completions.create(
+            model="carvq", messages=MESSAGES, max_tokens=16, temperature=0))
         stream = client.chat.completions.create(model="carvq", messages=MESSAGES, max_tokens=16, temperature=0,
                                                 stream=True)
         streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
-        assert answer.choices[0].message.content.strip() == runtime_answers["chat"].strip()
-        assert streamed.strip() == runtime_answers["chat"].strip()
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+    assert answer.choices[0].message.content.strip() == runtime_answers["chat"].strip()
+    assert streamed.strip() == runtime_answers["chat"].strip()

@@ -4,10 +4,8 @@ from __future__ import annotations
 import json
 import math
 import re
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 
 from carvq import format as fmt
-from conftest import TINY_ARCHES
+from conftest import TINY_ARCHES, llama_server, until_answered
 from tiny_models import synthetic_corpus
 
 ARCHES = list(TINY_ARCHES)
@@ -135,39 +133,18 @@ def test_bench_tool_on_carvq(tiny_carvq):
     assert results and all(r["avg_ts"] > 0 for r in results)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_server_answers_a_completion(tiny_carvq):
     path, _ = tiny_carvq("qwen2")
-    port = _free_port()
-    server = subprocess.Popen([str(tool("llama-server")), "-m", str(path), "--host", "127.0.0.1", "--port", str(port),
-                               "-c", "256", "-t", "2", "--no-webui"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
+    with llama_server(path, "-c", "256") as (url, server):
         body = json.dumps({"prompt": "the cat", "n_predict": 8, "temperature": 0}).encode()
-        while True:
-            try:
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/completion", data=body,
-                                             headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=30) as resp:
-                    answer = json.loads(resp.read())
-                break
-            except Exception:
-                if server.poll() is not None or time.time() > deadline:
-                    raise AssertionError(f"llama-server did not answer: {server.stderr.read()[-2000:] if server.poll() is not None else 'timeout'}")
-                time.sleep(0.5)
+
+        def complete():
+            req = urllib.request.Request(f"{url}/completion", data=body, headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return json.loads(resp.read())
+
+        answer = until_answered(server, complete)
         assert isinstance(answer.get("content"), str) and answer.get("tokens_predicted", 0) > 0
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 def test_quantize_passes_carvq_through(tiny_carvq, workdir):

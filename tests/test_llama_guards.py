@@ -7,7 +7,6 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from carvq import format as fmt
 
@@ -120,8 +119,6 @@ def test_architecture_outside_the_allow_list_is_refused(tiny_carvq, tiny_gguf, t
 
 def test_allow_list_is_one_list():
     """The C loader's CARVQ_ARCHITECTURES and the converter's list are the same text."""
-    from carvq.runtime import library_dir  # noqa: F401  (the installed header travels with the sources)
-
     header = (Path(__file__).resolve().parents[1] / "patches" / "src" / "carvq.h").read_text()
     archs = re.search(r'#define CARVQ_ARCHITECTURES "([^"]*)"', header).group(1).split()
     assert tuple(archs) == fmt.ARCHITECTURES

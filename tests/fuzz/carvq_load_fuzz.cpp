@@ -12,6 +12,7 @@
 //   CARVQ_FUZZ_BASE=good.carvq.gguf ./carvq_load_fuzz CORPUS -max_total_time=1800
 // (build: tests/fuzz/run_gguf_fuzz.sh, which builds both targets)
 
+#include "fuzz_load.h"
 #include "llama.h"
 #include "ggml.h"
 #include "gguf.h"
@@ -131,24 +132,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t * p, size_t size) {
     gguf_free(base);
     ggml_free(data);
     if (written) {
-        llama_model_params mp = llama_model_default_params();
-        mp.n_gpu_layers = 0;
-        llama_model * model = llama_model_load_from_file(path, mp);
-        if (model != nullptr) {
-            llama_context_params cp = llama_context_default_params();
-            cp.n_ctx = 32;
-            cp.n_batch = 32;
-            cp.n_threads = 1;
-            cp.n_threads_batch = 1;
-            llama_context * ctx = llama_init_from_model(model, cp);
-            if (ctx != nullptr) {
-                const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
-                llama_token tokens[3] = { 0, n_vocab - 1, n_vocab / 2 };
-                (void) llama_decode(ctx, llama_batch_get_one(tokens, 3));
-                llama_free(ctx);
-            }
-            llama_model_free(model);
-        }
+        fuzz_load_and_decode(path);
     }
     if (fd >= 0) {
         close(fd);

@@ -9,6 +9,7 @@
 //   ./gguf_load_fuzz CORPUS_DIR SEED_DIR -max_total_time=3600
 // Build libllama itself with -fsanitize=address,fuzzer-no-link so that the loader is covered.
 
+#include "fuzz_load.h"
 #include "llama.h"
 
 #include <sys/mman.h>
@@ -45,27 +46,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t * data, size_t size) {
     char path[64];
     snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
 
-    llama_model_params mp = llama_model_default_params();
-    mp.n_gpu_layers = 0;
-    llama_model * model = llama_model_load_from_file(path, mp);
-    if (model != nullptr) {
-        llama_context_params cp = llama_context_default_params();
-        cp.n_ctx = 32;
-        cp.n_batch = 32;
-        cp.n_threads = 1;
-        cp.n_threads_batch = 1;
-        llama_context * ctx = llama_init_from_model(model, cp);
-        if (ctx != nullptr) {
-            const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
-            llama_token tokens[3] = { 0, n_vocab > 1 ? 1 : 0, n_vocab > 2 ? n_vocab - 1 : 0 };
-            llama_batch batch = llama_batch_get_one(tokens, n_vocab > 0 ? 3 : 0);
-            if (n_vocab > 0) {
-                (void) llama_decode(ctx, batch);
-            }
-            llama_free(ctx);
-        }
-        llama_model_free(model);
-    }
+    fuzz_load_and_decode(path);
     close(fd);
     return 0;
 }
