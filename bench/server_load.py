@@ -23,6 +23,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from datetime import date
@@ -55,7 +56,7 @@ def _rss_mib(pid: int) -> float:
 class Server:
     def __init__(self, model: Path, parallel: int, ctx: int):
         self.port = _free_port()
-        self.log = open(RESULTS / "server_load.log", "w")
+        self.log = tempfile.NamedTemporaryFile("w", prefix="carvq-server-", suffix=".log", delete=False)
         self.proc = subprocess.Popen([str(tool_path("llama-server")), "-m", str(model), "--host", "127.0.0.1",
                                       "--port", str(self.port), "--parallel", str(parallel), "-c", str(ctx),
                                       "-t", str(os.cpu_count() or 1), "--no-webui"],

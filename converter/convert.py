@@ -24,13 +24,6 @@ from carvq.converter.search import choose_config
 from carvq.errors import CarvqError
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve() or (b.exists() and a.exists() and a.samefile(b))
-    except OSError:
-        return False
-
-
 def _calibration_counts(gguf_path: Path, calibration: Path, n_vocab: int) -> tuple[np.ndarray, int]:
     """Count the calibration text's tokens with llama.cpp's tokenizer: exactly the ids the
     model will see at inference, and a vocab-only load takes a second where building a
@@ -57,16 +50,11 @@ def _check_paths(src: Path, out: Path, calibration, force: bool) -> None:
     checkpoint folder, or the calibration text; an existing output needs force."""
     if not src.exists():
         raise CarvqError(f"{src}: no such file or directory")
-    if _same_file(src, out):
-        raise CarvqError(f"output {out} is the input; choose another path")
+    gio.check_output(src, out, force)
     if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
         raise CarvqError(f"output {out} is inside the input checkpoint {src}; choose a path outside it")
-    if calibration is not None and _same_file(Path(calibration), out):
+    if calibration is not None and gio.same_file(Path(calibration), out):
         raise CarvqError(f"output {out} is the calibration text; choose another path")
-    if out.exists() and not force:
-        raise CarvqError(f"{out} exists; pass --force to replace it")
-    if out.exists() and out.is_dir():
-        raise CarvqError(f"{out} is a directory")
 
 
 def convert(input_path, output_path, base: Config, *, target_bpw: float | None = None, iters: int = DEFAULT_ITERS,
@@ -82,7 +70,6 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
         if src.is_dir():
             if not hf.is_hf_checkpoint(src):
                 raise CarvqError(f"{src}: a directory but not a Hugging Face checkpoint (no config.json)")
-            hf.check_architecture(src)  # before any of the checkpoint's own files are used
             gguf_path = Path(tmpdir) / "source.gguf"
             hf.convert_hf(src, gguf_path, hf_outtype)
         reader = gio.open_gguf(gguf_path)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from carvq import format as fmt
+from hostile_corpus import rewrite
 
 
 def tool(name: str) -> Path:
@@ -81,38 +82,17 @@ def test_lora_on_the_carvq_embedding_is_refused(tiny_carvq, tmp_path):
     assert "Segmentation" not in proc.stderr and proc.returncode > 0
 
 
-def _rename_arch(src: Path, dst: Path, arch: str):
-    """The same file under another architecture name (every `llama.*` key renamed)."""
-    import gguf
-
-    from carvq import gguf_io as gio
-
-    reader = gio.open_gguf(src)
-    old = gio.field_value(reader, "general.architecture")
-    writer = gguf.GGUFWriter(None, arch)
-    keep = gguf.GGUFWriter(None, old)  # scratch: copy_fields writes into it, then keys are renamed
-    gio.copy_fields(reader, keep, skip=set())
-    for key, kv in keep.kv_data[0].items():
-        if key == "general.architecture":
-            continue
-        new_key = arch + key[len(old):] if key.startswith(old + ".") else key
-        writer.kv_data[0][new_key] = kv
-    for t in reader.tensors:
-        gio.add_source_tensor(writer, t)
-    gio.write_gguf(writer, dst, progress=False)
-
-
 def test_architecture_outside_the_allow_list_is_refused(tiny_carvq, tiny_gguf, tmp_path):
     """mistral3 builds the same tensors as llama, so it would load; its CARVQ file must not.
     The same rename of the stock file still loads (the control)."""
     path, _ = tiny_carvq("llama")
     bad = tmp_path / "mistral3.carvq.gguf"
-    _rename_arch(path, bad, "mistral3")
+    rewrite(path, bad, arch="mistral3")
     proc = complete(bad)
     assert proc.returncode != 0
     assert "architecture 'mistral3' is not supported" in proc.stderr, proc.stderr[-3000:]
     control = tmp_path / "mistral3.gguf"
-    _rename_arch(tiny_gguf("llama"), control, "mistral3")
+    rewrite(tiny_gguf("llama"), control, arch="mistral3")
     proc = complete(control)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

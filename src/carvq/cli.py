@@ -159,7 +159,8 @@ def _add_sampling(p: argparse.ArgumentParser, max_tokens: int, temperature: floa
     p.add_argument("--head", choices=HEADS, default="auto",
                    help="a tied CARVQ model's logits: screened by the codes with the best --screen-k exact, or the "
                         "dense head; auto screens generation (docs/SCREEN.md)")
-    p.add_argument("--screen-k", type=int, help="candidate rows computed exactly by the screened head (default 4096)")
+    p.add_argument("--screen-k", type=int, help="candidate rows computed exactly by the screened head (default: a quarter of the "
+                        "vocabulary, within 4096..16384)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,10 +57,7 @@ def export(src, out, embedding_type: str = "auto", force: bool = False) -> Expor
     reader = gio.open_gguf(src)
     if not fmt.is_carvq(reader):
         raise CarvqError(f"{src}: not a CARVQ-GGUF (nothing to export)")
-    if out.exists() and (out.resolve() == src.resolve() or out.samefile(src)):
-        raise CarvqError(f"output {out} is the input; choose another path")
-    if out.exists() and not force:
-        raise CarvqError(f"{out} exists; pass --force to replace it")
+    gio.check_output(src, out, force)
     tensors = fmt.read_tensors(reader)
     if embedding_type == "auto":
         source_type = str(gio.field_value(reader, fmt.Key.SOURCE_TYPE, "Q8_0"))

@@ -315,9 +315,9 @@ def read_tensors(source) -> CarvqTensors:
         found.down_b = _expect(reader, Tensor.DOWN_B, ("F32",), (n,))
     else:
         _refuse_stray(reader, Tensor.ADAPTOR, f"{Key.ADAPTOR_RANK} is 0")
-    for name, arr in found.named():
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            raise CarvqError(f"CARVQ tensor {name} holds non-finite values")
+    bad = first_non_finite(found)
+    if bad is not None:
+        raise CarvqError(f"CARVQ tensor {bad} holds non-finite values")
     return found
 
 
@@ -340,12 +340,17 @@ class Provenance:
     head_bpw: float  # carvq.head_bpw: the head copy, 0 without one
 
 
+def first_non_finite(tensors: CarvqTensors) -> str | None:
+    """The name of the first float tensor holding inf or NaN, else None."""
+    return next((name for name, arr in tensors.named() if arr.dtype.kind == "f" and not np.isfinite(arr).all()), None)
+
+
 def check_finite(tensors: CarvqTensors) -> None:
     """Writers never store non-finite values (FORMAT.md): a codebook that overflowed F16, or
     a diverged adaptor, would decode to inf/NaN rows."""
-    for name, arr in tensors.named():
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            raise CarvqError(f"{name}: non-finite values (an F16 overflow or a diverged fit); nothing was written")
+    name = first_non_finite(tensors)
+    if name is not None:
+        raise CarvqError(f"{name}: non-finite values (an F16 overflow or a diverged fit); nothing was written")
 
 
 def add_metadata(writer, layout: Layout, provenance: Provenance) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -100,10 +101,9 @@ def dequantize(tensor) -> np.ndarray:
 TMP_SUFFIX = ".carvq-tmp"
 
 
-def _temp_name(target: Path) -> str:
-    """Our temporary files: hidden, beside the target, named after it and the writing process
-    (so that a later run can tell a dead writer's leftover from a live one)."""
-    return f".{target.name}.{os.getpid()}."
+def _temp_prefix(target: Path) -> str:
+    """Our temporary files are hidden, beside the target and named after it: f".{name}.{pid}.*"."""
+    return f".{target.name}."
 
 
 def _pid_alive(pid: int) -> bool:
@@ -118,10 +118,11 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_temps(target: Path) -> list[Path]:
     """Delete the temporary files that an earlier writer of `target` left when it was killed
-    (SIGKILL, power loss): ours by name, their process gone. Returns what was removed."""
+    (SIGKILL, power loss): ours by name, their process gone (the pid in the name, so that a
+    live writer's file is left alone). Returns what was removed."""
     removed = []
-    prefix = f".{target.name}."
-    for p in target.parent.glob(f".{glob_escape(target.name)}.*{TMP_SUFFIX}"):
+    prefix = _temp_prefix(target)
+    for p in target.parent.glob(glob.escape(prefix) + "*" + TMP_SUFFIX):
         pid = p.name[len(prefix):].split(".", 1)[0]
         if pid.isdigit() and not _pid_alive(int(pid)):
             try:
@@ -132,10 +133,22 @@ def remove_stale_temps(target: Path) -> list[Path]:
     return removed
 
 
-def glob_escape(name: str) -> str:
-    import glob
+def same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (b.exists() and a.exists() and a.samefile(b))
+    except OSError:
+        return False
 
-    return glob.escape(name)
+
+def check_output(src: Path, out: Path, force: bool) -> None:
+    """Never destroy input: the output may not be the input, and an existing output is replaced
+    only with force."""
+    if same_file(src, out):
+        raise CarvqError(f"output {out} is the input; choose another path")
+    if out.exists() and not force:
+        raise CarvqError(f"{out} exists; pass --force to replace it")
+    if out.is_dir():
+        raise CarvqError(f"{out} is a directory")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -168,7 +181,8 @@ def atomic_output(target: Path, check=None) -> Iterator[Path]:
     for stale in remove_stale_temps(directory / target.name):
         print(f"carvq: removed {stale}, left by an interrupted earlier write", file=sys.stderr)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=_temp_name(target), suffix=TMP_SUFFIX, dir=directory)
+        fd, tmp_name = tempfile.mkstemp(prefix=f"{_temp_prefix(target)}{os.getpid()}.", suffix=TMP_SUFFIX,
+                                        dir=directory)
     except OSError as exc:
         raise CarvqError(f"{target}: cannot write ({exc.strerror})") from None
     os.close(fd)

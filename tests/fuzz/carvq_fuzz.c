@@ -263,14 +263,7 @@ int LLVMFuzzerTestOneInput(const uint8_t * data, size_t size) {
 }
 
 #if defined(CARVQ_FUZZ_STANDALONE)
-static uint64_t rng_state;
-
-static uint64_t rng_next(void) { // splitmix64
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
+#include "splitmix.h"
 
 int main(int argc, char ** argv) {
     if (argc > 1 && (argv[1][0] < '0' || argv[1][0] > '9')) { // replay files
