@@ -146,7 +146,7 @@ def variants(name: str) -> list[tuple[str, Path, dict]]:
     stock = fetch()
     carvq = _converted(name, stock)
     return [("stock GGUF", stock, {}),
-            ("CARVQ, screened head (default k)", carvq, {"CARVQ_HEAD": "screened"}),
+            ("CARVQ, screened head (default k = 8192)", carvq, {"CARVQ_HEAD": "screened"}),
             ("CARVQ, screened head, k = 4096", carvq, {"CARVQ_HEAD": "screened", "CARVQ_SCREEN_K": "4096"}),
             ("CARVQ, dense head", carvq, {"CARVQ_HEAD": "dense"})]
 

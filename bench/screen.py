@@ -55,7 +55,7 @@ def _converted(name: str, stock: Path) -> Path:
 
 
 def _default_k(n_vocab: int) -> int:
-    return min(n_vocab, max(4096, min(16384, n_vocab // 4)))  # llama_carvq_screen_default_k
+    return min(n_vocab, max(4096, min(8192, n_vocab // 4)))  # llama_carvq_screen_default_k
 
 
 def _perplexity(model: Path, text: Path, chunks: int, env: dict, extra: list[str]) -> str:
@@ -168,7 +168,11 @@ def main() -> None:
         r["scan"] = scan_bench(carvq)
         results[name] = r
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "screen.json").write_text(json.dumps(results, indent=2))
+    previous = RESULTS / "screen.json"
+    if previous.exists():  # a run of some models keeps the others' latest results
+        results = {**{k: v for k, v in json.loads(previous.read_text()).items() if k not in results}, **results}
+        results = {name: results[name] for name, _, _ in MODELS.values() if name in results}
+    previous.write_text(json.dumps(results, indent=2))
     plot(results, RESULTS / "screen.png")
     (RESULTS / "screen.md").write_text(table(results) + "\n")
     update_readme.update("screen")
@@ -180,8 +184,8 @@ def table(results: dict) -> str:
     lines = [f"Measured {date.today().isoformat()} on {machine()}; default `carvq convert` (tied head copy Q5_0); "
              "KLD / top-1 / Δ perplexity of the screened head against the dense head of the same file on the "
              "Britannica text; speeds are generation (64 tokens) tokens/s; A/B ratios over alternating llama-bench "
-             "rounds (mean ± std) with the default `--head auto` (SmolLM2's default k is a quarter of its rows, "
-             "so auto keeps its dense head there).", "",
+             "rounds (mean ± std) with the default `--head auto` (auto screens only where k <= V/8, so SmolLM2, "
+             "k = 8192 of 49152 rows, keeps its dense head there).", "",
              "| model | k (default) | KLD | 99% KLD | top-1 | Δ PPL | tg t/s ratio vs stock | vs own dense head | "
              "greedy = dense (20 × 128 tokens) | peak RSS, mmap, 256 tokens | scan GB/s (% of memcpy) | scan vs dense Q5_0 head |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

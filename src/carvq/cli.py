@@ -160,7 +160,7 @@ def _add_sampling(p: argparse.ArgumentParser, max_tokens: int, temperature: floa
                    help="a tied CARVQ model's logits: screened by the codes with the best --screen-k exact, or the "
                         "dense head; auto screens generation (docs/SCREEN.md)")
     p.add_argument("--screen-k", type=int, help="candidate rows computed exactly by the screened head (default: a quarter of the "
-                        "vocabulary, within 4096..16384)")
+                        "vocabulary, within 4096..8192)")
 
 
 def build_parser() -> argparse.ArgumentParser:
