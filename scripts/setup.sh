@@ -30,10 +30,12 @@ if ! command -v ccache >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && 
 fi
 command -v ccache >/dev/null 2>&1 || echo "note: no ccache: every fresh build compiles llama.cpp in full (about 15 min on 2 cores)"
 
-if [[ "$extras" == *test* ]] && ! command -v qemu-aarch64 >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    step "aarch64 cross compiler and qemu-user (the tests run the NEON paths under emulation)"
-    (apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user || (apt-get update -qq && apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user)) \
-        >/dev/null 2>&1 || echo "not installed: the NEON tests will be skipped"
+if [[ "$extras" == *test* ]] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+   && ! { command -v aarch64-linux-gnu-g++ && command -v qemu-aarch64 && command -v debootstrap; } >/dev/null 2>&1; then
+    step "aarch64 cross compilers, qemu-user, debootstrap (the tests build the Raspberry Pi wheels and run them emulated)"
+    pkgs="gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user debootstrap"
+    (apt-get install -y -qq $pkgs || (apt-get update -qq && apt-get install -y -qq $pkgs)) \
+        >/dev/null 2>&1 || echo "not installed: the Raspberry Pi and NEON tests will be skipped (CI fails instead)"
 fi
 
 if [[ "$extras" == *test* ]] && ! command -v clang >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

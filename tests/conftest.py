@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import socket
 import subprocess
 import sys
@@ -11,6 +12,19 @@ from pathlib import Path
 import pytest
 
 from tiny_models import make_tiny_checkpoint
+
+
+def _load_pi_build():
+    """scripts/pi/build.py (not a package): the Pi CPU profiles and the emulated Pi."""
+    spec = importlib.util.spec_from_file_location("carvq_pi_build", Path(__file__).resolve().parents[1] / "scripts" / "pi" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+pi_build = _load_pi_build()
+PI_PROFILES = list(pi_build.PROFILES.values())
 
 # Small but complete configurations; each arch exercises another adaptor variant.
 # gemma3 gets none: its FFN's ggml_gelu rounds inputs to F16 for a table lookup, so the

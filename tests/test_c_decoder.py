@@ -22,6 +22,7 @@ cffi = pytest.importorskip("cffi")
 from carvq import format as fmt
 from carvq import reference
 from carvq.errors import CarvqError
+from conftest import PI_PROFILES
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "patches" / "src" / "carvq.c"
@@ -531,12 +532,15 @@ def test_harness_asan_native(tmp_path):
     assert "1500 passed, 0 failed" in out
 
 
-def test_harness_neon_under_qemu(tmp_path):
+@pytest.mark.parametrize("profile", PI_PROFILES, ids=lambda p: p.name)
+def test_harness_neon_under_qemu(tmp_path, profile):
+    """The NEON path, built for each Raspberry Pi profile and run on that profile's core."""
     cross, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
     if not cross or not qemu:
         pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64 (Debian: gcc-aarch64-linux-gnu qemu-user)")
     exe = tmp_path / "carvq_fuzz_neon"
-    out = _run_harness([cross, "-static", *_harness_flags(), "-o", str(exe)], [qemu, str(exe), "600", "5"])
+    out = _run_harness([cross, "-static", f"-march={profile.march}", *_harness_flags(), "-o", str(exe)],
+                       [qemu, "-cpu", profile.qemu_cpu, str(exe), "600", "5"])
     assert "simd=neon/neon" in out and "600 passed, 0 failed" in out
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from carvq import format as fmt
 from carvq import screen
+from conftest import PI_PROFILES
 
 cffi = pytest.importorskip("cffi")
 
@@ -261,12 +262,14 @@ def test_scan_check_native(tmp_path):
     assert "400 passed, 0 failed" in out.stdout
 
 
-def test_scan_check_neon_under_qemu(tmp_path):
+@pytest.mark.parametrize("profile", PI_PROFILES, ids=lambda p: p.name)
+def test_scan_check_neon_under_qemu(tmp_path, profile):
+    """The NEON scan, built for each Raspberry Pi profile and run on that profile's core."""
     cross, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
     if not cross or not qemu:
         pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64 (Debian: gcc-aarch64-linux-gnu qemu-user)")
     exe = tmp_path / "screen_check_neon"
-    subprocess.run([cross, "-static", *_check_flags(), "-o", str(exe)], check=True)
-    out = subprocess.run([qemu, str(exe), "200", "5"], capture_output=True, text=True, timeout=600)
+    subprocess.run([cross, "-static", f"-march={profile.march}", *_check_flags(), "-o", str(exe)], check=True)
+    out = subprocess.run([qemu, "-cpu", profile.qemu_cpu, str(exe), "200", "5"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "scan=neon" in out.stdout and "200 passed, 0 failed" in out.stdout

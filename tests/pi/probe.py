@@ -1,0 +1,39 @@
+"""Run by tests/test_pi.py twice: with this machine's carvq and inside the emulated Pi's venv.
+Prints one JSON object; the test compares the two.
+
+    python probe.py decode MODEL            the C lookup against the NumPy reference, every row
+    python probe.py greedy MODEL N PROMPT   N greedy tokens after PROMPT (the default head)
+"""
+import json
+import platform
+import sys
+import time
+
+import numpy as np
+
+import carvq
+from carvq import reference
+
+
+def decode(model: str) -> dict:
+    with carvq.Model(model, n_ctx=256, n_batch=256) as m:
+        ids = list(range(m.n_vocab))
+        rows = np.concatenate([m.embedding_rows(ids[i:i + 256]) for i in range(0, len(ids), 256)])
+    ref = reference.decode_rows(model, ids)
+    same = rows.view(np.uint32) == ref.view(np.uint32)
+    return {"rows": len(ids), "bit_exact_rows": int(same.all(axis=1).sum()), "max_abs_diff": float(np.abs(rows - ref).max()),
+            "max_abs": float(np.abs(ref).max())}
+
+
+def greedy(model: str, n: int, prompt: str) -> dict:
+    with carvq.Model(model, n_ctx=256) as m:
+        t0 = time.perf_counter()
+        tokens = list(m.generate_tokens(m.tokenize(prompt), n, temperature=0))
+        return {"tokens": tokens, "seconds": time.perf_counter() - t0}
+
+
+if __name__ == "__main__":
+    what, model, *rest = sys.argv[1:]
+    out = decode(model) if what == "decode" else greedy(model, int(rest[0]), rest[1])
+    out["machine"] = platform.machine()
+    print(json.dumps(out))
