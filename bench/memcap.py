@@ -105,19 +105,21 @@ def evict(path: Path) -> None:
         os.close(fd)
 
 
-def run_capped(model: Path, cap_mib: int | None, env: dict, gen: int, timeout: int, evict_too=()) -> dict:
+def run_capped(model: Path, cap_mib: int | None, env: dict, gen: int, timeout: int, evict_too=(), depth: int = 0) -> dict:
     """One llama-bench generation run (after its warm-up token) in a fresh cgroup."""
     with cgroup(f"carvq-memcap-{os.getpid()}") as cg:
         cg.limit(cap_mib * MiB if cap_mib else None)
         for path in {model, *evict_too}:
             evict(path)
-        return _run(cg, model, env, gen, timeout)
+        return _run(cg, model, env, gen, timeout, depth)
 
 
-def _run(cg: Cgroup, model: Path, env: dict, gen: int, timeout: int) -> dict:
+def _run(cg: Cgroup, model: Path, env: dict, gen: int, timeout: int, depth: int = 0) -> dict:
     # three repetitions: the first pays the cold page cache (the file was just evicted), the
     # last is the steady state under the cap
-    cmd = [str(tool_path("llama-bench")), "-m", str(model), "-p", "0", "-n", str(gen), "-t",
+    # depth: tokens already in the context (llama-bench -d), so that the KV cache of a long
+    # conversation is in the budget too
+    cmd = [str(tool_path("llama-bench")), "-m", str(model), "-p", "0", "-n", str(gen), "-d", str(depth), "-t",
            str(os.cpu_count() or 1), "-b", "64", "-ub", "64", "-r", "3", "-o", "json"]
     t0 = time.time()
     try:
@@ -193,30 +195,39 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["gemma3", "smollm2"], choices=sorted(MODELS))
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--timeout", type=int, default=150)
+    ap.add_argument("--depth", type=int, default=0,
+                    help="tokens already in the context while generating (e.g. 1984: a full 2048 context); "
+                         "results go to memcap-d<depth>.* and not to the README")
+    ap.add_argument("--caps", type=int, nargs="+", help="caps in MiB (default: per model)")
     args = ap.parse_args()
-    res = {"date": str(date.today()), "machine": machine(), "gen": args.gen, "threads": os.cpu_count(), "models": {}}
+    caps_of = {name: args.caps or CAPS[name] for name in args.models}
+    res = {"date": str(date.today()), "machine": machine(), "gen": args.gen, "depth": args.depth,
+           "threads": os.cpu_count(), "models": {}}
     every = {name: variants(name) for name in args.models}
     files = {path for vs in every.values() for _, path, _ in vs}
-    n_runs = sum(len(vs) * (1 + len(CAPS[name])) for name, vs in every.items())
+    n_runs = sum(len(vs) * (1 + len(caps_of[name])) for name, vs in every.items())
     with tqdm(total=n_runs, desc="capped runs") as bar:
         for name, vs in every.items():
-            caps = [None, *CAPS[name]]
+            caps = [None, *caps_of[name]]
             block = res["models"][name] = {"label": MODELS[name][0], "caps_mib": caps, "rows": []}
             for variant, path, env in vs:
                 row = {"variant": variant, "file_mib": path.stat().st_size / MiB, "env": env, "runs": []}
                 for cap in caps:
-                    row["runs"].append(run_capped(path, cap, env, args.gen, args.timeout, files))
+                    row["runs"].append(run_capped(path, cap, env, args.gen, args.timeout, files, args.depth))
                     bar.update(1)
                 block["rows"].append(row)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "memcap.json").write_text(json.dumps(res, indent=1) + "\n")
-    md = markdown(res) + (f"\n\n_{res['machine']}, {res['date']}; llama-bench, {args.gen} tokens, {res['threads']} "
+    stem = f"memcap-d{args.depth}" if args.depth else "memcap"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
+    at_depth = f" after {args.depth} tokens of context" if args.depth else ""
+    md = markdown(res) + (f"\n\n_{res['machine']}, {res['date']}; llama-bench, {args.gen} tokens{at_depth}, {res['threads']} "
                           "threads; tokens/s under each cap (page cache included, no swap), the model file evicted "
                           "from the page cache before each run (bench/memcap.py)._\n\n"
-                          "![tokens/s against the memory cap](bench/results/memcap.png)")
-    (RESULTS / "memcap.md").write_text(md + "\n")
-    plot(res, RESULTS / "memcap.png")
-    update_readme.update("memcap")
+                          f"![tokens/s against the memory cap](bench/results/{stem}.png)")
+    (RESULTS / f"{stem}.md").write_text(md + "\n")
+    plot(res, RESULTS / f"{stem}.png")
+    if not args.depth:
+        update_readme.update("memcap")
     print(md)
 
 

@@ -61,6 +61,7 @@ struct llama_context_params {
     enum ggml_type type_v;
     bool embeddings;
     bool no_perf;
+    struct llama_context * ctx_other;  // a draft's target (tests: a draft borrowing a CARVQ embedding)
     ...;
 };
 typedef struct llama_sampler_chain_params { bool no_perf; ...; } llama_sampler_chain_params;
