@@ -1,6 +1,6 @@
 """Convert SmolLM2-135M-Instruct and Gemma-3-270M (both from PyPI) at --target-bpw 1.6.
 
-Records wall time, peak memory, bpw and both reconstruction errors; writes
+Records wall time (and rows/s), peak memory (and its ratio to the F32 embedding), bpw and both reconstruction errors; writes
 bench/results/convert.json and a Markdown table (bench/results/convert.md) for the README.
 
     python bench/convert.py [--models smollm2 gemma3]
@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import re
-import resource
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
 
+from carvq import format as fmt  # noqa: E402
+from carvq import gguf_io as gio  # noqa: E402
 from carvq.llama_source import cache_dir  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -31,19 +32,25 @@ MODELS = {"smollm2": ("SmolLM2-135M-Instruct", models.smollm2), "gemma3": ("Gemm
 def convert_one(name: str, src: Path, target: float) -> dict:
     out = cache_dir() / "bench" / f"{name}.target{target}.carvq.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "carvq.cli", "convert", str(src), "-o", str(out), "--force", "-q",
-                           "--target-bpw", str(target)], capture_output=True, text=True, errors="replace", cwd=RESULTS)
+    proc = subprocess.Popen([sys.executable, "-m", "carvq.cli", "convert", str(src), "-o", str(out), "--force", "-q",
+                             "--target-bpw", str(target)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            errors="replace", cwd=RESULTS)
+    stdout, stderr = proc.stdout.read(), proc.stderr.read()  # -q: the report and a few lines
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS, not the max of all children
+    proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(proc.stderr)
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    report = proc.stdout
+        raise SystemExit(stderr)
+    peak_kib = usage.ru_maxrss
+    lo = fmt.read_layout(gio.open_gguf(out))
+    report = stdout
     grab = lambda pat: float(re.search(pat, report).group(1))  # noqa: E731
     return {
         "model": name, "target_bpw": target, "wall_s": round(wall, 1),
-        "peak_rss_mib": round(max(peak_kib, before) / 1024, 1),
+        "peak_rss_mib": round(peak_kib / 1024, 1), "n_vocab": lo.n_vocab, "n_embd": lo.n_embd,
+        "peak_over_f32": round(peak_kib * 1024 / (4 * lo.n_vocab * lo.n_embd), 2),
+        "rows_per_s": round(lo.n_vocab / wall),
         "lookup_bpw": grab(r"lookup total\s+[\d,]+\s+([\d.]+)"),
         "head_bpw": grab(r"head copy \(\w+\)\s+[\d,]+\s+([\d.]+)") if "head copy (" in report else 0.0,
         "rel_error": grab(r"relative error \(Frobenius\)\s+([\d.]+)"),
@@ -81,11 +88,12 @@ def main() -> None:
     meta = {"date": date.today().isoformat(), "machine": machine(), "python": platform.python_version()}
     (RESULTS / "convert.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"Measured {meta['date']} on {meta['machine']}.", "",
-             "| model | config chosen | lookup bpw | head copy bpw | rel. error | weighted rel. error | wall time | peak RSS |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | config chosen | lookup bpw | head copy bpw | rel. error | weighted rel. error | wall time | rows/s | peak RSS (x F32 embedding) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['config']} | {r['lookup_bpw']:.4f} | {r['head_bpw']:.3f} | {r['rel_error']:.4f} | "
-                     f"{r['weighted_rel_error']:.4f} | {r['wall_s']:.0f} s | {r['peak_rss_mib']:.0f} MiB |")
+                     f"{r['weighted_rel_error']:.4f} | {r['wall_s']:.0f} s | {r['rows_per_s']:,} | "
+                     f"{r['peak_rss_mib']:.0f} MiB ({r['peak_over_f32']:.2f}x) |")
     (RESULTS / "convert.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     import update_readme

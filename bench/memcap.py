@@ -157,7 +157,7 @@ def markdown(res: dict) -> str:
     out = []
     for name, block in res["models"].items():
         caps = block["caps_mib"]
-        out += [f"**{block['label']}**", "",
+        out += [f"**{block['label']}**" + (f" ({block['date']})" if block.get("date") else ""), "",
                 "| variant | file MiB | " + " | ".join("no cap" if c is None else f"{c} MiB" for c in caps) + " |",
                 "|---|---:|" + "---:|" * len(caps)]
         for row in block["rows"]:
@@ -209,7 +209,7 @@ def main() -> None:
     with tqdm(total=n_runs, desc="capped runs") as bar:
         for name, vs in every.items():
             caps = [None, *caps_of[name]]
-            block = res["models"][name] = {"label": MODELS[name][0], "caps_mib": caps, "rows": []}
+            block = res["models"][name] = {"label": MODELS[name][0], "date": res["date"], "caps_mib": caps, "rows": []}
             for variant, path, env in vs:
                 row = {"variant": variant, "file_mib": path.stat().st_size / MiB, "env": env, "runs": []}
                 for cap in caps:
@@ -218,7 +218,12 @@ def main() -> None:
                 block["rows"].append(row)
     RESULTS.mkdir(exist_ok=True)
     stem = f"memcap-d{args.depth}" if args.depth else "memcap"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
+    previous = RESULTS / f"{stem}.json"
+    if previous.exists():  # a run of some models keeps the others' latest results (each block says its date)
+        old = json.loads(previous.read_text())
+        merged = {**old.get("models", {}), **res["models"]}
+        res["models"] = {k: merged[k] for k in [*CAPS, *merged] if k in merged}  # CAPS's order, stable
+    previous.write_text(json.dumps(res, indent=1) + "\n")
     at_depth = f" after {args.depth} tokens of context" if args.depth else ""
     md = markdown(res) + (f"\n\n_{res['machine']}, {res['date']}; llama-bench, {args.gen} tokens{at_depth}, {res['threads']} "
                           "threads; tokens/s under each cap (page cache included, no swap), the model file evicted "

@@ -15,7 +15,7 @@ import numpy as np
 from carvq import format as fmt
 from carvq import gguf_io as gio
 from carvq.converter import config as cfgmod
-from carvq.converter import frequency, hf, train
+from carvq.converter import frequency, hf, memory, train
 from carvq.converter.body import quantize_body
 from carvq.converter.config import DEFAULT_ITERS, Config
 from carvq.converter.head import default_head_type, head_tensor
@@ -43,6 +43,14 @@ def _token_weights(reader, n_vocab, calibration, gguf_path):
         w = frequency.from_counts(counts, prior)
         desc = f"counts from {calibration} ({total:,} tokens) + 1, plus a {how} of the same mass"
     return frequency.with_special_tokens(w, reader, n_vocab), desc + "; special tokens as heavy as the heaviest"
+
+
+def _first_non_finite_row(M: np.ndarray, chunk_rows: int = 16384) -> int | None:
+    for a in range(0, M.shape[0], chunk_rows):  # by chunks: a (V, n) bool mask is a quarter of M again
+        ok = np.isfinite(M[a : a + chunk_rows]).all(axis=1)
+        if not ok.all():
+            return a + int(np.argmin(ok))
+    return None
 
 
 def _check_paths(src: Path, out: Path, calibration, force: bool) -> None:
@@ -98,26 +106,32 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
     if embd is None:
         raise CarvqError(f"{src}: no {gio.EMBD} tensor")
     M = gio.dequantize(embd)
-    if not np.isfinite(M).all():
-        bad = int(np.nonzero(~np.isfinite(M).all(axis=1))[0][0])
+    gio.release_pages(reader, embd)  # M holds it now; a byte-copied head maps it again when written
+    memory.trim()
+    bad = _first_non_finite_row(M)
+    if bad is not None:
         raise CarvqError(f"{src}: {gio.EMBD} holds non-finite values (row {bad}); nothing to compress")
     V, n = M.shape
     w, weights_from = _token_weights(reader, V, calibration, gguf_path)
     notes: list[str] = []
     if target_bpw is not None:
         cfg, notes = choose_config(M, w, base, target_bpw, seed, progress)
+        memory.trim()
     else:
         base.check(n)
         cfg = base.resolve_hot(V, n)
     cfg.check(n)
 
     fit = train.compress(M, w, cfg, iters, seed, progress)
-    errors = ErrorStats.measure(M, fit.reconstruction, w)
-    del fit.reconstruction  # (V, n) float32: 670 MB for Gemma-3, not needed past this point
+    memory.trim()
+    errors = ErrorStats.measure(M, fit.tensors, w)
+    memory.trim()
 
     head = None
     if gio.tensor_by_name(reader, gio.HEAD) is None:
         head = head_tensor(embd, M, head_type or default_head_type(embd, n))
+    del M  # the write reads the output back to validate it: not beside a float32 copy of the embedding
+    memory.trim()
     head_bytes = int(head[0].nbytes) if head is not None else 0
     provenance = fmt.Provenance(source_type=embd.tensor_type.name, head_copy=head is not None,
                                 bpw=cfgmod.bpw(cfg, V, n), head_bpw=8.0 * head_bytes / (V * n))

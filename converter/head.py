@@ -27,6 +27,21 @@ def default_head_type(embd, n_embd: int) -> str:
     return DEFAULT_HEAD_TYPE
 
 
+def _quantize_rows(M: np.ndarray, qtype) -> np.ndarray:
+    """gguf-py's quantize, a chunk of rows at a time into one output array: blocks never
+    span rows, so the bytes are the same as one call's, at a fraction of its peak memory."""
+    import gguf
+
+    from carvq.gguf_io import CHUNK_ROWS
+
+    first = gguf.quants.quantize(M[:CHUNK_ROWS], qtype)
+    out = np.empty((M.shape[0], first.shape[1]), first.dtype)
+    out[: first.shape[0]] = first
+    for a in range(CHUNK_ROWS, M.shape[0], CHUNK_ROWS):
+        out[a : a + CHUNK_ROWS] = gguf.quants.quantize(M[a : a + CHUNK_ROWS], qtype)
+    return out
+
+
 def head_tensor(embd, M: np.ndarray, head_type: str):
     """(data, ggml type) of the output.weight to add: a byte copy when the type is the
     source's, else the dequantized embedding `M` quantized by gguf-py."""
@@ -41,7 +56,7 @@ def head_tensor(embd, M: np.ndarray, head_type: str):
     if qtype == gguf.GGMLQuantizationType.F32:
         return M, qtype
     try:
-        return gguf.quants.quantize(M, qtype), qtype
+        return _quantize_rows(M, qtype), qtype
     except (NotImplementedError, gguf.quants.QuantError, AssertionError, ValueError):
         raise CarvqError(f"--head-type {head_type}: gguf-py cannot write this type for a "
                          f"{M.shape[0]}x{M.shape[1]} matrix; use the source type ({embd.tensor_type.name}), F16, Q8_0 or Q4_0") from None

@@ -17,14 +17,25 @@ class ErrorStats:
     worst_cos: float
 
     @classmethod
-    def measure(cls, M: np.ndarray, R: np.ndarray, w: np.ndarray) -> "ErrorStats":
-        err = M - R
-        row_cos = (M * R).sum(1) / np.maximum(np.linalg.norm(M, axis=1) * np.linalg.norm(R, axis=1), 1e-30)
+    def measure(cls, M: np.ndarray, tensors, w: np.ndarray, chunk_rows: int = 16384) -> "ErrorStats":
+        """M against the stored tensors as the reference decoder decodes them, a chunk of rows
+        at a time (never a whole decoded copy of M)."""
+        from carvq.reference import decode
+
         wn = w / w.sum()
-        return cls(
-            rel_error=float(np.linalg.norm(err) / max(np.linalg.norm(M), 1e-30)),
-            weighted_rel_error=float(np.sqrt(((err**2).sum(1) * wn).sum() / max(((M**2).sum(1) * wn).sum(), 1e-30))),
-            mean_cos=float(row_cos.mean()), worst_cos=float(row_cos.min()))
+        err2 = m2 = werr2 = wm2 = 0.0
+        cos_sum, cos_min = 0.0, np.inf
+        for a in range(0, M.shape[0], chunk_rows):
+            b = min(M.shape[0], a + chunk_rows)
+            m, r = M[a:b], decode(tensors, np.arange(a, b))
+            e_rows, m_rows = ((m - r) ** 2).sum(1, dtype=np.float64), (m * m).sum(1, dtype=np.float64)
+            err2, m2 = err2 + e_rows.sum(), m2 + m_rows.sum()
+            werr2, wm2 = werr2 + (e_rows * wn[a:b]).sum(), wm2 + (m_rows * wn[a:b]).sum()
+            cos = (m * r).sum(1) / np.maximum(np.linalg.norm(m, axis=1) * np.linalg.norm(r, axis=1), 1e-30)
+            cos_sum, cos_min = cos_sum + float(cos.sum()), min(cos_min, float(cos.min()))
+        return cls(rel_error=float(np.sqrt(err2 / max(m2, 1e-30))),
+                   weighted_rel_error=float(np.sqrt(werr2 / max(wm2, 1e-30))),
+                   mean_cos=cos_sum / M.shape[0], worst_cos=cos_min)
 
 
 @dataclass

@@ -13,8 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
+from carvq.converter import memory
+
 # Codebooks are learnt on at most this many rows; every row is encoded at the end.
 MAX_FIT_ROWS = 65536
+# Sample values (rows x columns) one block of groups holds while it is fitted (64 MiB as
+# float32; the fit holds about four such arrays): SmolLM2's whole sample (49152 x 576) is one
+# block, Gemma-3's (65536 x 640) three, LLaMA-3.2-1B's (65536 x 2048) eight
+FIT_BLOCK_ELEMENTS = 1 << 23
 
 
 @dataclass
@@ -40,6 +46,8 @@ def _pick(cb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 # (G, V, K) tensor per call spent most of the fit in page faults and memory traffic
 # (Gemma-3: assign 0.50 s -> 0.15 s per call at 65536 rows).
 _ASSIGN_ROWS = 2048
+# Rows per step of encode(): its per-row temporaries are a few times the row's size
+_ENCODE_ROWS = 16384
 
 
 def assign(x: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
@@ -126,13 +134,34 @@ def fit(M: torch.Tensor, w: torch.Tensor, d: int, L: int, K: int, iters: int, re
     With beam > 1 the last refine round first re-encodes the rows by beam search and then
     refits every level's codebook to those codes (least squares: weighted means), so the
     codebooks are made for the codes `encode(..., beam)` will choose.
-    Codebooks are learnt on at most MAX_FIT_ROWS rows (see fit_rows). Returns the codebooks
-    (G, L, K, d); `encode` gives every row's codes."""
+    Codebooks are learnt on at most MAX_FIT_ROWS rows (see fit_rows), and the groups, which
+    are independent, a block of at most FIT_BLOCK_ELEMENTS sample values at a time: the fit's
+    memory is bounded whatever the model's width. Returns the codebooks (G, L, K, d);
+    `encode` gives every row's codes."""
     V, n = M.shape
     G = n // d
     ids, w_fit = fit_rows(w, MAX_FIT_ROWS, gen)
-    rows = M if ids is None else M[ids]
-    x = rows.reshape(rows.shape[0], G, d).permute(1, 0, 2).contiguous()  # (G, V', d)
+    n_rows = V if ids is None else ids.numel()
+    per_block = max(1, min(G, FIT_BLOCK_ELEMENTS // (n_rows * d)))
+    blocks = range(0, G, per_block)
+    cbs = []
+    for g0 in blocks:
+        g1 = min(G, g0 + per_block)
+        cols = M[:, g0 * d : g1 * d]  # a view; only the sampled rows of it are copied
+        rows = cols if ids is None else cols[ids]
+        x = rows.reshape(n_rows, g1 - g0, d).permute(1, 0, 2).contiguous()  # (groups, V', d)
+        del rows
+        cbs.append(_fit_groups(x, w_fit, L, K, iters, refine, gen, beam, None if init is None else init[g0:g1],
+                               progress, 1.0 / len(blocks)))
+        del x
+        memory.trim()
+    return torch.cat(cbs, dim=0)  # (G, L, K, d)
+
+
+def _fit_groups(x: torch.Tensor, w_fit: torch.Tensor, L: int, K: int, iters: int, refine: int, gen: torch.Generator,
+                beam: int, init: torch.Tensor | None, progress, step: float) -> torch.Tensor:
+    """fit() on one block of groups x (g, V', d) -> codebooks (g, L, K, d). The residual is
+    updated in place, so the block is held about three times at most."""
     residual = x.clone()
     cbs, idxs = [], []
     for level in range(L):
@@ -142,26 +171,28 @@ def fit(M: torch.Tensor, w: torch.Tensor, d: int, L: int, K: int, iters: int, re
         cbs.append(cb)
         idxs.append(idx)
         if progress:
-            progress.update(1)
+            progress.update(step)
     for round_ in range(refine):
         searched = beam > 1 and round_ == refine - 1  # this round keeps beam-searched codes
         if searched:
             codes = _beam_codes(x, torch.stack(cbs, dim=1), beam)
             idxs = [codes[:, :, level].long() for level in range(L)]
-            residual = x - sum(_pick(cbs[level], idxs[level]) for level in range(L))
+            del codes
+            residual.copy_(x)
+            for level in range(L):
+                residual -= _pick(cbs[level], idxs[level])
         for level in range(L):
-            chosen = _pick(cbs[level], idxs[level])
-            target = residual + chosen  # what this level should explain
-            idx = idxs[level] if searched else assign(target, cbs[level])
-            sums, mass = _weighted_means(target, w_fit, idx, K)
+            residual += _pick(cbs[level], idxs[level])  # now what this level should explain
+            idx = idxs[level] if searched else assign(residual, cbs[level])
+            sums, mass = _weighted_means(residual, w_fit, idx, K)
             keep = (mass <= 0).unsqueeze(-1)
             cbs[level] = torch.where(keep, cbs[level], sums / mass.clamp_min(1e-30).unsqueeze(-1))
             if not searched:  # the nearest centroid again; searched codes are kept as found
-                idxs[level] = assign(target, cbs[level])
-            residual = target - _pick(cbs[level], idxs[level])
+                idxs[level] = assign(residual, cbs[level])
+            residual -= _pick(cbs[level], idxs[level])
         if progress:
-            progress.update(1)
-    return torch.stack(cbs, dim=1)  # (G, L, K, d)
+            progress.update(step)
+    return torch.stack(cbs, dim=1)
 
 
 def encode(M: torch.Tensor, codebooks: torch.Tensor, beam: int = 1) -> torch.Tensor:
@@ -174,15 +205,20 @@ def encode(M: torch.Tensor, codebooks: torch.Tensor, beam: int = 1) -> torch.Ten
     The decoder is the same; only the chosen codes differ."""
     G, L, K, d = codebooks.shape
     V = M.shape[0]
-    x = M.reshape(V, G, d).permute(1, 0, 2).contiguous()
-    if beam <= 1:
-        residual, idxs = x, []
-        for level in range(L):
-            idx = assign(residual, codebooks[:, level])
-            residual = residual - _pick(codebooks[:, level], idx)
-            idxs.append(idx)
-        return torch.stack(idxs, dim=-1).permute(1, 0, 2).to(torch.uint8).contiguous()
-    return _beam_codes(x, codebooks, beam).permute(1, 0, 2).contiguous()
+    codes = torch.empty(V, G, L, dtype=torch.uint8)
+    for a in range(0, V, _ENCODE_ROWS):  # a chunk at a time: never a second (V, n) copy of M
+        b = min(V, a + _ENCODE_ROWS)
+        x = M[a:b].reshape(b - a, G, d).permute(1, 0, 2).contiguous()
+        if beam <= 1:
+            residual, idxs = x, []
+            for level in range(L):
+                idx = assign(residual, codebooks[:, level])
+                residual = residual - _pick(codebooks[:, level], idx)
+                idxs.append(idx)
+            codes[a:b] = torch.stack(idxs, dim=-1).permute(1, 0, 2).to(torch.uint8)
+        else:
+            codes[a:b] = _beam_codes(x, codebooks, beam).permute(1, 0, 2)
+    return codes
 
 
 def _beam_codes(x: torch.Tensor, codebooks: torch.Tensor, beam: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from tqdm import tqdm
 from carvq import reference
 from carvq.format import CarvqTensors, Layout, pack_codes
 from carvq.converter import adaptor as adaptor_mod
-from carvq.converter import rvq
+from carvq.converter import memory, rvq
 from carvq.converter.config import Config
 
 KMEANS_ITERS = 12
@@ -21,12 +21,12 @@ ADAPTOR_LR = 1e-2
 PROXY_ROWS = 8192
 # Paths kept by the beam-search encoder (1 = greedy); see rvq.encode.
 ENCODE_BEAM = 4
+CHUNK_ROWS = 16384  # rows per step of the full-matrix passes
 
 
 @dataclass
 class Fit:
     tensors: CarvqTensors
-    reconstruction: np.ndarray  # (V, n) float32: the stored tensors as the reference decoder decodes them
     rounds: int
 
 
@@ -47,14 +47,47 @@ def _fit_rvq(target: torch.Tensor, w: torch.Tensor, cfg: Config, gen: torch.Gene
                  init=init, beam=ENCODE_BEAM)
     # The stored codebooks may be F16: encode against exactly what the decoder will see.
     cb = _round_codebooks(cb, cfg)
-    return rvq.RVQ(cb, rvq.encode(target, cb, beam=ENCODE_BEAM))
+    memory.trim()
+    codes = rvq.encode(target, cb, beam=ENCODE_BEAM)
+    memory.trim()
+    return rvq.RVQ(cb, codes)
+
+
+def _rows(M: torch.Tensor):
+    for a in range(0, M.shape[0], CHUNK_ROWS):
+        yield a, min(M.shape[0], a + CHUNK_ROWS)
+
+
+def _residual(M: torch.Tensor, q: rvq.RVQ) -> torch.Tensor:
+    """M minus its RVQ reconstruction, decoded a chunk of rows at a time (one (V, n) array)."""
+    from carvq.reference import sum_levels
+
+    out = torch.empty_like(M)
+    cb = q.codebooks.numpy()
+    for a, b in _rows(M):
+        out[a:b] = M[a:b] - torch.from_numpy(sum_levels(cb, q.codes[a:b].numpy()).reshape(b - a, -1))
+    return out
+
+
+def _error_of_residual(E: torch.Tensor, C: torch.Tensor, M: torch.Tensor, w: torch.Tensor) -> float:
+    """weighted_error(M, M - E + C), by chunks: E = M - RVQ, C the adaptor's correction."""
+    num = sum(float((((E[a:b] - C[a:b]) ** 2).sum(1) * w[a:b]).sum()) for a, b in _rows(M))
+    den = sum(float(((M[a:b] ** 2).sum(1) * w[a:b]).sum()) for a, b in _rows(M))
+    return num / max(den, 1e-30)
 
 
 def compress(M_np: np.ndarray, w_np: np.ndarray, cfg: Config, iters: int, seed: int, progress: bool = True) -> Fit:
-    """Fit CARVQ to M (V, n) under token weights w (V,)."""
+    """Fit CARVQ to M (V, n) under token weights w (V,).
+
+    Memory: M itself (not copied when it is a writable float32 array) and, with an adaptor,
+    at most two more (V, n) arrays (the RVQ residual and the adaptor's correction); every
+    other step works on a sample of rows or a chunk of them (MEMORY in docs/RESULTS.md)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    M = torch.from_numpy(np.array(M_np, dtype=np.float32, copy=True))  # torch wants it writable
+    M_np = np.asarray(M_np)
+    if not (M_np.dtype == np.float32 and M_np.flags.c_contiguous and M_np.flags.writeable):
+        M_np = np.array(M_np, dtype=np.float32, order="C")  # torch wants a writable float32 array
+    M = torch.from_numpy(M_np)  # shared with the caller: never written to
     w_full = torch.from_numpy(np.asarray(w_np, np.float64)).float()
     w = _base_weights(w_full, cfg)
     V, n = M.shape
@@ -66,27 +99,34 @@ def compress(M_np: np.ndarray, w_np: np.ndarray, cfg: Config, iters: int, seed: 
     bar = tqdm(total=rounds * per_round + hot_steps, desc="carvq fit", unit="step", disable=not progress, leave=False)
 
     best = None
-    correction = torch.zeros_like(M)
-    adaptor = None
+    correction = None
     for r in range(rounds):
         # later rounds refine the previous codebooks against the new target (warm start)
-        q = _fit_rvq(M - correction, w, cfg, gen, bar, init=None if best is None else best[1].codebooks)
-        approx = q.reconstruct()
+        target = M if correction is None else M - correction
+        q = _fit_rvq(target, w, cfg, gen, bar, init=None if best is None else best[1].codebooks)
+        del target
+        adaptor = None
         if cfg.adaptor_rank:
+            residual = _residual(M, q)
             adaptor = adaptor_mod.Adaptor(V, n, cfg.adaptor_rank, cfg.adaptor_hidden, cfg.activation, gen)
-            adaptor_mod.train(adaptor, M - approx, w, ADAPTOR_STEPS, ADAPTOR_BATCH, ADAPTOR_LR, gen, bar)
+            adaptor_mod.train(adaptor, residual, w, ADAPTOR_STEPS, ADAPTOR_BATCH, ADAPTOR_LR, gen, bar)
+            correction = None  # the previous round's, before the new one is made
             with torch.no_grad():
                 correction = adaptor()
-        err = weighted_error(M, approx + correction, w)
+            err = _error_of_residual(residual, correction, M, w)
+            del residual
+        else:
+            err = None  # one round: nothing to compare
         if best is not None and err >= best[0]:
             break  # alternation stopped helping
         best = (err, q, adaptor, r + 1)
+    del correction
     _, q, adaptor, used = best
     tensors = _to_tensors(q, adaptor, cfg, V, n)
     if cfg.hot_rows:
-        _fit_hot(tensors, M.numpy(), w_full, cfg, gen, bar)
+        _fit_hot(tensors, M_np, w_full, cfg, gen, bar)
     bar.close()
-    return Fit(tensors, reference.decode(tensors, np.arange(V)), used)
+    return Fit(tensors, used)
 
 
 def _base_weights(w: torch.Tensor, cfg: Config) -> torch.Tensor:
@@ -111,8 +151,9 @@ def _fit_hot(tensors: CarvqTensors, M: np.ndarray, w: torch.Tensor, cfg: Config,
     decode (RVQ + adaptor) leaves of them, weighted by their frequency. Frequent tokens
     dominate the model's behaviour on text (KLD), and a few thousand of them cost little."""
     ids = hot_row_ids(w, cfg.hot_rows)
-    decoded = reference.decode(tensors, ids)
-    target = torch.from_numpy(np.ascontiguousarray(M[ids] - decoded, np.float32))
+    residual = reference.decode(tensors, ids)
+    np.subtract(M[ids], residual, out=residual)  # in place: the hot rows are held twice at most
+    target = torch.from_numpy(residual)
     hot_cfg = replace(cfg, levels=cfg.hot_levels)
     q = _fit_rvq(target, w[torch.from_numpy(ids.astype(np.int64))], hot_cfg, gen, bar)
     layout = replace(tensors.layout, hot_rows=cfg.hot_rows, hot_levels=cfg.hot_levels)

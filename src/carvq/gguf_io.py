@@ -65,6 +65,23 @@ def open_gguf(path: str | os.PathLike):
     return reader
 
 
+def release_pages(reader, tensor) -> None:
+    """Drop a tensor's pages from this process's memory map (MADV_DONTNEED; the file is
+    read-only, so nothing is lost and a later access reads them again). Its mapped pages
+    otherwise count in the converter's RSS beside the float32 copy made from them."""
+    import mmap
+
+    m, arr = None, reader.data
+    while arr is not None and m is None:  # the reader holds a plain view; its base chain ends at the mapping
+        m = arr if isinstance(arr, mmap.mmap) else getattr(arr, "_mmap", None)
+        arr = getattr(arr, "base", None)
+    if m is None or not hasattr(m, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = tensor.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+    stop = min(len(m), tensor.data_offset + tensor.n_bytes)
+    m.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+
 def field_value(reader, key: str, default=None):
     field = reader.get_field(key)
     if field is None:
@@ -83,16 +100,28 @@ def tensor_type_name(tensor) -> str:
     return tensor.tensor_type.name
 
 
+# Rows per step when a whole matrix is converted (dequantized, quantized, decoded): gguf-py's
+# NumPy kernels make several temporaries the size of their input, so a 128256 x 2048 matrix
+# done at once peaked at many times its own size.
+CHUNK_ROWS = 16384
+
+
 def dequantize(tensor) -> np.ndarray:
-    """A tensor of any ggml type as float32, in NumPy shape (rows, cols)."""
+    """A tensor of any ggml type as float32, in NumPy shape (rows, cols), dequantized in
+    chunks of rows into one preallocated array (peak: the result plus one chunk)."""
     import gguf
 
-    try:
-        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    except NotImplementedError:
-        raise CarvqError(f"{tensor.name}: gguf-py cannot dequantize type {tensor.tensor_type.name}") from None
     n_cols = int(tensor.shape[0])
-    return np.ascontiguousarray(data.reshape(-1, n_cols), dtype=np.float32)
+    n_rows = int(np.prod(tensor.shape[1:], dtype=np.int64)) if len(tensor.shape) > 1 else 1
+    data = np.asarray(tensor.data).reshape(n_rows, -1)  # a view of the mapped file: one row per row
+    out = np.empty((n_rows, n_cols), np.float32)
+    for a in range(0, n_rows, CHUNK_ROWS):
+        b = min(n_rows, a + CHUNK_ROWS)
+        try:
+            out[a:b] = gguf.quants.dequantize(data[a:b], tensor.tensor_type).reshape(b - a, n_cols)
+        except NotImplementedError:
+            raise CarvqError(f"{tensor.name}: gguf-py cannot dequantize type {tensor.tensor_type.name}") from None
+    return out
 
 
 # ---------------------------------------------------------------------------------------

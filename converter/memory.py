@@ -1,0 +1,28 @@
+"""Give freed heap memory back to the system between the converter's phases.
+
+Each phase (dequantize, fit, encode, hot rows, head) makes and frees many temporaries of a
+few to a few tens of MB. glibc keeps such freed blocks in its heap, so without a trim the
+peak RSS is the sum of the phases' peaks rather than the largest one (Gemma-3, --target-bpw
+1.6: 2.2 GB against 1.9 GB with trims). Lowering malloc's mmap threshold does the same for
+every block, at a third more conversion time; a trim between phases costs milliseconds.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+def trim() -> None:
+    fn = _malloc_trim()
+    if fn is not None:
+        fn(0)
