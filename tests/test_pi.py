@@ -27,7 +27,10 @@ from conftest import pi_build as pi
 from test_real_model import smollm2_carvq  # noqa: F401  (session fixture)
 
 PROBE = Path(__file__).resolve().parent / "pi" / "probe.py"
-PROMPT = "The capital of France is"
+# A prompt whose next tokens are clear-cut. "The capital of France is" was a near-tie for
+# SmolLM2 CARVQ at its first token: the pi5 build, whose fp16 vector arithmetic rounds
+# differently from x86, took the other branch (476 against 216) while pi4 agreed with x86.
+PROMPT = "The capital of France is Paris. The capital of Germany is"
 
 pytestmark = pytest.mark.slow
 
