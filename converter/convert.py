@@ -45,9 +45,9 @@ def _token_weights(reader, n_vocab, calibration, gguf_path):
     return frequency.with_special_tokens(w, reader, n_vocab), desc + "; special tokens as heavy as the heaviest"
 
 
-def _first_non_finite_row(M: np.ndarray, chunk_rows: int = 16384) -> int | None:
-    for a in range(0, M.shape[0], chunk_rows):  # by chunks: a (V, n) bool mask is a quarter of M again
-        ok = np.isfinite(M[a : a + chunk_rows]).all(axis=1)
+def _first_non_finite_row(M: np.ndarray) -> int | None:
+    for a, b in gio.row_chunks(M.shape[0]):  # by chunks: a (V, n) bool mask is a quarter of M again
+        ok = np.isfinite(M[a:b]).all(axis=1)
         if not ok.all():
             return a + int(np.argmin(ok))
     return None

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from carvq.gguf_io import row_chunks
+
 from carvq.converter.config import Config
 
 
@@ -17,7 +19,7 @@ class ErrorStats:
     worst_cos: float
 
     @classmethod
-    def measure(cls, M: np.ndarray, tensors, w: np.ndarray, chunk_rows: int = 16384) -> "ErrorStats":
+    def measure(cls, M: np.ndarray, tensors, w: np.ndarray) -> "ErrorStats":
         """M against the stored tensors as the reference decoder decodes them, a chunk of rows
         at a time (never a whole decoded copy of M)."""
         from carvq.reference import decode
@@ -25,8 +27,7 @@ class ErrorStats:
         wn = w / w.sum()
         err2 = m2 = werr2 = wm2 = 0.0
         cos_sum, cos_min = 0.0, np.inf
-        for a in range(0, M.shape[0], chunk_rows):
-            b = min(M.shape[0], a + chunk_rows)
+        for a, b in row_chunks(M.shape[0]):
             m, r = M[a:b], decode(tensors, np.arange(a, b))
             e_rows, m_rows = ((m - r) ** 2).sum(1, dtype=np.float64), (m * m).sum(1, dtype=np.float64)
             err2, m2 = err2 + e_rows.sum(), m2 + m_rows.sum()

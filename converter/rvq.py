@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from carvq.converter import memory
+from carvq.gguf_io import row_chunks
 
 # Codebooks are learnt on at most this many rows; every row is encoded at the end.
 MAX_FIT_ROWS = 65536
@@ -46,8 +47,6 @@ def _pick(cb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 # (G, V, K) tensor per call spent most of the fit in page faults and memory traffic
 # (Gemma-3: assign 0.50 s -> 0.15 s per call at 65536 rows).
 _ASSIGN_ROWS = 2048
-# Rows per step of encode(): its per-row temporaries are a few times the row's size
-_ENCODE_ROWS = 16384
 
 
 def assign(x: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
@@ -206,8 +205,7 @@ def encode(M: torch.Tensor, codebooks: torch.Tensor, beam: int = 1) -> torch.Ten
     G, L, K, d = codebooks.shape
     V = M.shape[0]
     codes = torch.empty(V, G, L, dtype=torch.uint8)
-    for a in range(0, V, _ENCODE_ROWS):  # a chunk at a time: never a second (V, n) copy of M
-        b = min(V, a + _ENCODE_ROWS)
+    for a, b in row_chunks(V):  # a chunk at a time: never a second (V, n) copy of M
         x = M[a:b].reshape(b - a, G, d).permute(1, 0, 2).contiguous()
         if beam <= 1:
             residual, idxs = x, []

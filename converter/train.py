@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from carvq import reference
 from carvq.format import CarvqTensors, Layout, pack_codes
+from carvq.gguf_io import row_chunks
 from carvq.converter import adaptor as adaptor_mod
 from carvq.converter import memory, rvq
 from carvq.converter.config import Config
@@ -21,7 +22,6 @@ ADAPTOR_LR = 1e-2
 PROXY_ROWS = 8192
 # Paths kept by the beam-search encoder (1 = greedy); see rvq.encode.
 ENCODE_BEAM = 4
-CHUNK_ROWS = 16384  # rows per step of the full-matrix passes
 
 
 @dataclass
@@ -53,26 +53,21 @@ def _fit_rvq(target: torch.Tensor, w: torch.Tensor, cfg: Config, gen: torch.Gene
     return rvq.RVQ(cb, codes)
 
 
-def _rows(M: torch.Tensor):
-    for a in range(0, M.shape[0], CHUNK_ROWS):
-        yield a, min(M.shape[0], a + CHUNK_ROWS)
-
-
 def _residual(M: torch.Tensor, q: rvq.RVQ) -> torch.Tensor:
     """M minus its RVQ reconstruction, decoded a chunk of rows at a time (one (V, n) array)."""
     from carvq.reference import sum_levels
 
     out = torch.empty_like(M)
     cb = q.codebooks.numpy()
-    for a, b in _rows(M):
+    for a, b in row_chunks(M.shape[0]):
         out[a:b] = M[a:b] - torch.from_numpy(sum_levels(cb, q.codes[a:b].numpy()).reshape(b - a, -1))
     return out
 
 
 def _error_of_residual(E: torch.Tensor, C: torch.Tensor, M: torch.Tensor, w: torch.Tensor) -> float:
     """weighted_error(M, M - E + C), by chunks: E = M - RVQ, C the adaptor's correction."""
-    num = sum(float((((E[a:b] - C[a:b]) ** 2).sum(1) * w[a:b]).sum()) for a, b in _rows(M))
-    den = sum(float(((M[a:b] ** 2).sum(1) * w[a:b]).sum()) for a, b in _rows(M))
+    num = sum(float((((E[a:b] - C[a:b]) ** 2).sum(1) * w[a:b]).sum()) for a, b in row_chunks(M.shape[0]))
+    den = sum(float(((M[a:b] ** 2).sum(1) * w[a:b]).sum()) for a, b in row_chunks(M.shape[0]))
     return num / max(den, 1e-30)
 
 

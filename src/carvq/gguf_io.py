@@ -106,6 +106,12 @@ def tensor_type_name(tensor) -> str:
 CHUNK_ROWS = 16384
 
 
+def row_chunks(n_rows: int):
+    """(start, stop) of each CHUNK_ROWS-row step over n_rows rows."""
+    for a in range(0, n_rows, CHUNK_ROWS):
+        yield a, min(n_rows, a + CHUNK_ROWS)
+
+
 def dequantize(tensor) -> np.ndarray:
     """A tensor of any ggml type as float32, in NumPy shape (rows, cols), dequantized in
     chunks of rows into one preallocated array (peak: the result plus one chunk)."""
@@ -115,8 +121,7 @@ def dequantize(tensor) -> np.ndarray:
     n_rows = int(np.prod(tensor.shape[1:], dtype=np.int64)) if len(tensor.shape) > 1 else 1
     data = np.asarray(tensor.data).reshape(n_rows, -1)  # a view of the mapped file: one row per row
     out = np.empty((n_rows, n_cols), np.float32)
-    for a in range(0, n_rows, CHUNK_ROWS):
-        b = min(n_rows, a + CHUNK_ROWS)
+    for a, b in row_chunks(n_rows):
         try:
             out[a:b] = gguf.quants.dequantize(data[a:b], tensor.tensor_type).reshape(b - a, n_cols)
         except NotImplementedError:
