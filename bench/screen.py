@@ -45,17 +45,25 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {"smollm2": ("SmolLM2-135M-Instruct", models.smollm2, 20), "gemma3": ("Gemma-3-270M", models.gemma3_270m, 4)}
 
 
-def _converted(name: str, stock: Path) -> Path:
-    out = cache_dir() / "bench" / f"{name}.default.carvq.gguf"
+def _converted(name: str, stock: Path, own_index: bool = True) -> Path:
+    """The default conversion (format v3, with the head's screen index), or with
+    --no-screen-index (v2: the screen reads the lookup's codes)."""
+    out = cache_dir() / "bench" / f"{name}.default.{'v3' if own_index else 'v2'}.carvq.gguf"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "carvq.cli", "convert", str(stock), "-o", str(out), "-q"], check=True,
-                       stdout=subprocess.DEVNULL)
+        extra = [] if own_index else ["--no-screen-index"]
+        subprocess.run([sys.executable, "-m", "carvq.cli", "convert", str(stock), "-o", str(out), "-q", *extra],
+                       check=True, stdout=subprocess.DEVNULL)
     return out
 
 
-def _default_k(n_vocab: int) -> int:
-    return min(n_vocab, max(4096, min(8192, n_vocab // 4)))  # llama_carvq_screen_default_k
+def _default_k(n_vocab: int, own_index: bool = True) -> int:
+    if own_index:  # llama_carvq_screen_default_k
+        return min(n_vocab, max(2048, min(4096, n_vocab // 16)))
+    return min(n_vocab, max(4096, min(8192, n_vocab // 4)))
+
+
+CODES_LABEL = " (lookup's codes)"  # result rows of files without a screen index
 
 
 def _perplexity(model: Path, text: Path, chunks: int, env: dict, extra: list[str]) -> str:
@@ -105,7 +113,8 @@ def greedy_identity(model: Path, text: Path, n_prompts: int = 20, tokens: int = 
 
 
 def scan_bench(model: Path) -> dict:
-    lo = fmt.read_layout(gio.open_gguf(model))
+    t = fmt.read_tensors(gio.open_gguf(model))
+    lo = t.screen.rvq.layout if t.screen is not None else t.layout  # what the screen scans
     proc = subprocess.run([str(tool_path("carvq-screen-bench")), str(lo.n_vocab), str(lo.n_embd), str(lo.group_size),
                            str(lo.levels)], capture_output=True, text=True, check=True)
     return {r["what"]: r for r in map(json.loads, proc.stdout.splitlines())}
@@ -143,18 +152,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--screen", choices=["index", "codes"], default="index",
+                    help="screen with the head's own index (default conversion, format v3) or with the lookup's codes "
+                         "(--no-screen-index, v2)")
     args = ap.parse_args()
+    own_index = args.screen == "index"
     text = models.britannica_text()
     results = {}
     for key in args.models:
         name, fetch, chunks = MODELS[key]
         stock = fetch()
-        carvq = _converted(key, stock)
+        carvq = _converted(key, stock, own_index)
+        name += "" if own_index else CODES_LABEL
         V = fmt.read_layout(gio.open_gguf(carvq)).n_vocab
-        k0 = _default_k(V)
+        k0 = _default_k(V, own_index)
         print(f"{name}: quality and speed against k ...", flush=True)
-        ks = sorted({1024, 4096, k0, min(V, 2 * k0)})
-        r = {"default_k": k0, "n_vocab": V, "quality": quality_vs_k(carvq, text, chunks, ks)}
+        ks = sorted({1024, 2048, 4096, k0, min(V, 2 * k0)})
+        r = {"default_k": k0, "n_vocab": V, "screen_index": own_index, "quality": quality_vs_k(carvq, text, chunks, ks)}
         r["stock_tg_tps"] = _tg_speed(stock, {})
         print(f"{name}: A/B speed ...", flush=True)
         r["ab_stock"] = bench(carvq, stock, rounds=args.rounds, prompt=128, gen=64, progress=False).summary()
@@ -170,8 +184,15 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     previous = RESULTS / "screen.json"
     if previous.exists():  # a run of some models keeps the others' latest results
-        results = {**{k: v for k, v in json.loads(previous.read_text()).items() if k not in results}, **results}
-        results = {name: results[name] for name, _, _ in MODELS.values() if name in results}
+        old = json.loads(previous.read_text())
+        # rows measured before format v3 screened with the lookup's codes
+        old = {(k if v.get("screen_index", True) is False or k.endswith(CODES_LABEL) or "screen_index" in v else k + CODES_LABEL): v
+               for k, v in old.items()}
+        for v in old.values():
+            v.setdefault("screen_index", False)
+        results = {**{k: v for k, v in old.items() if k not in results}, **results}
+        order = [n + suffix for suffix in ("", CODES_LABEL) for n, _, _ in MODELS.values()]
+        results = {name: results[name] for name in order if name in results}
     previous.write_text(json.dumps(results, indent=2))
     plot(results, RESULTS / "screen.png")
     (RESULTS / "screen.md").write_text(table(results) + "\n")
@@ -181,14 +202,15 @@ def main() -> None:
 
 def table(results: dict) -> str:
     mib = lambda n: f"{n / 2**20:.1f}"  # noqa: E731
-    lines = [f"Measured {date.today().isoformat()} on {machine()}; default `carvq convert` (tied head copy Q5_0); "
+    lines = [f"Latest run {date.today().isoformat()} on {machine()}; default `carvq convert` (tied head copy Q5_0, "
+             "and from format v3 the head's own screen index; rows marked \"lookup's codes\" are files converted with "
+             "`--no-screen-index`, measured 2026-11-26 in session 6 unless rerun); "
              "KLD / top-1 / Δ perplexity of the screened head against the dense head of the same file on the "
              "Britannica text; speeds are generation (64 tokens) tokens/s; A/B ratios over alternating llama-bench "
-             "rounds (mean ± std) with the default `--head auto` (auto screens only where k <= V/8, so SmolLM2, "
-             "k = 8192 of 49152 rows, keeps its dense head there).", "",
+             "rounds (mean ± std) with the default `--head auto` (auto screens only where k <= V/8).", "",
              "| model | k (default) | KLD | 99% KLD | top-1 | Δ PPL | tg t/s ratio vs stock | vs own dense head | "
-             "greedy = dense (20 × 128 tokens) | peak RSS, mmap, 256 tokens | scan GB/s (% of memcpy) | scan vs dense Q5_0 head |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "greedy = dense (20 × 128 tokens) | peak RSS, mmap, 256 tokens | file | scan GB/s (% of memcpy) | scan vs dense Q5_0 head |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         q = next(row for row in r["quality"] if row["k"] == r["default_k"])
         s = r["scan"]
@@ -198,6 +220,7 @@ def table(results: dict) -> str:
             f"{r['ab_dense']['tg64']['ratio']:.2f} ± {r['ab_dense']['tg64']['ratio_std']:.2f} | "
             f"{r['greedy']['identical']}/{r['greedy']['prompts']} | "
             f"{mib(r['rss_mmap_peak']['stock'])} → {mib(r['rss_mmap_peak']['carvq'])} MiB | "
+            f"{mib(r['file_bytes']['stock'])} → {mib(r['file_bytes']['carvq'])} MiB | "
             f"{s['scan']['bytes_per_s'] / 1e9:.1f} ({100 * s['scan']['bytes_per_s'] / s['memcpy_codes']['bytes_per_s']:.0f} %) | "
             f"{s['dense_head_q5_0']['seconds'] / s['scan']['seconds']:.1f}x faster |")
     lines += ["", "Against k, screening forced (`CARVQ_HEAD=screened`; `auto` screens only from k <= V/8):", "",

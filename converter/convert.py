@@ -15,7 +15,7 @@ import numpy as np
 from carvq import format as fmt
 from carvq import gguf_io as gio
 from carvq.converter import config as cfgmod
-from carvq.converter import frequency, hf, memory, train
+from carvq.converter import frequency, hf, memory, screen_index, train
 from carvq.converter.body import quantize_body
 from carvq.converter.config import DEFAULT_ITERS, Config
 from carvq.converter.head import default_head_type, head_tensor
@@ -67,7 +67,7 @@ def _check_paths(src: Path, out: Path, calibration, force: bool) -> None:
 
 def convert(input_path, output_path, base: Config, *, target_bpw: float | None = None, iters: int = DEFAULT_ITERS,
             seed: int = 0, calibration=None, head_type: str | None = None, hf_outtype: str = "auto",
-            body_type: str | None = None, progress: bool = True, force: bool = False) -> Report:
+            body_type: str | None = None, progress: bool = True, force: bool = False, screen: bool = True) -> Report:
     start = time.perf_counter()
     src, out = Path(input_path), Path(output_path)
     _check_paths(src, out, calibration, force)
@@ -83,7 +83,7 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
         reader = gio.open_gguf(gguf_path)
         written = Path(tmpdir) / "carvq.gguf" if body_type else out
         report = _convert_reader(reader, src, written, gguf_path, base, target_bpw, iters, seed,
-                                 calibration, head_type, progress, start)
+                                 calibration, head_type, progress, start, screen)
         if body_type:
             quantize_body(written, out, body_type, keep_head=report.head_copied)
             report.output = str(out)
@@ -92,7 +92,7 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
 
 
 def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, calibration,
-                    head_type, progress, start) -> Report:
+                    head_type, progress, start, screen) -> Report:
     arch = gio.field_value(reader, "general.architecture")
     if fmt.is_carvq(reader):
         raise CarvqError(f"{src}: already a CARVQ-GGUF")
@@ -105,6 +105,11 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
     embd = gio.tensor_by_name(reader, gio.EMBD)
     if embd is None:
         raise CarvqError(f"{src}: no {gio.EMBD} tensor")
+    head_src = gio.tensor_by_name(reader, gio.HEAD)
+    if head_src is not None and tuple(int(x) for x in head_src.shape[:2]) != tuple(int(x) for x in embd.shape[:2]):
+        raise CarvqError(f"{src}: {gio.HEAD} has shape {tuple(head_src.shape)}, {gio.EMBD} {tuple(embd.shape)}")
+    # before the embedding is dequantized: the model runs here, and the peak stays the fit's
+    states = screen_index.hidden_states(gguf_path, calibration, seed, progress) if screen else None
     M = gio.dequantize(embd)
     gio.release_pages(reader, embd)  # M holds it now; a byte-copied head maps it again when written
     memory.trim()
@@ -128,18 +133,32 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
     memory.trim()
 
     head = None
-    if gio.tensor_by_name(reader, gio.HEAD) is None:
+    if head_src is None:
         head = head_tensor(embd, M, head_type or default_head_type(embd, n))
+    if states is not None:
+        # the index is fitted to the head's rows: the embedding's for a tied model (overwritten in
+        # place, unless the head copy is M itself), the source's output.weight for an untied one
+        if head_src is None:
+            E = M if not np.shares_memory(head[0], M) else M.copy()
+        else:
+            del M
+            memory.trim()
+            M = E = gio.dequantize(head_src)
+        fit.tensors.screen = screen_index.fit(E, w, states[0], screen_index.DEFAULT_CONFIG, seed, progress)
+        notes.append(f"screen index fitted in the metric of the hidden states of {states[1]}")
+        del E
     del M  # the write reads the output back to validate it: not beside a float32 copy of the embedding
     memory.trim()
     head_bytes = int(head[0].nbytes) if head is not None else 0
+    screen_bytes = fit.tensors.screen.nbytes if fit.tensors.screen is not None else 0
     provenance = fmt.Provenance(source_type=embd.tensor_type.name, head_copy=head is not None,
-                                bpw=cfgmod.bpw(cfg, V, n), head_bpw=8.0 * head_bytes / (V * n))
+                                bpw=cfgmod.bpw(cfg, V, n), head_bpw=8.0 * head_bytes / (V * n),
+                                screen_bpw=8.0 * screen_bytes / (V * n))
     fmt.write_model(reader, out, arch, fit.tensors, provenance, head, progress)
     return Report(
         input=str(src), output=str(out), arch=arch, n_vocab=V, n_embd=n, source_type=embd.tensor_type.name,
         config=cfg, weights_from=weights_from, parts=cfgmod.part_bytes(cfg, V, n), head_bytes=head_bytes,
-        head_type=(head[1].name if head is not None else "untied"), head_copied=head is not None,
+        head_type=(head[1].name if head is not None else "untied"), head_copied=head is not None, screen_bytes=screen_bytes,
         errors=errors, seconds=time.perf_counter() - start, rounds=fit.rounds, source_bytes=int(embd.n_bytes),
         notes=notes,
     )

@@ -57,6 +57,7 @@ class Report:
     seconds: float
     rounds: int
     source_bytes: int = 0
+    screen_bytes: int = 0  # the output head's screen index (output.carvq.*), 0 without one
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -78,6 +79,10 @@ class Report:
             rows.append((f"head copy ({self.head_type})", self.head_bytes, self.bpw(self.head_bytes)))
             total = self.lookup_bytes + self.head_bytes
             rows.append(("lookup + head copy", total, self.bpw(total)))
+        if self.screen_bytes:
+            rows.append(("head screen index", self.screen_bytes, self.bpw(self.screen_bytes)))
+            total = self.lookup_bytes + self.head_bytes + self.screen_bytes
+            rows.append(("everything CARVQ adds", total, self.bpw(total)))
         lines = [
             f"carvq convert: {self.input} -> {self.output}",
             f"  model: {self.arch}, embedding {self.n_vocab} x {self.n_embd}, source type {self.source_type} "

@@ -88,17 +88,17 @@ def tiny_gguf(workdir, tiny_hf):
 
 @pytest.fixture(scope="session")
 def tiny_carvq(workdir, tiny_gguf):
-    """arch -> (CARVQ-GGUF path, conversion report), converted from the GGUF."""
+    """(arch, screen index or not) -> (CARVQ-GGUF path, conversion report), converted from the GGUF."""
     from carvq.converter.convert import convert
 
     cache = {}
 
-    def get(arch: str):
-        if arch not in cache:
-            out = workdir / f"{arch}.carvq.gguf"
-            report = convert(tiny_gguf(arch), out, tiny_config(arch), iters=2, seed=0, progress=False)
-            cache[arch] = (out, report)
-        return cache[arch]
+    def get(arch: str, screen: bool = True):
+        if (arch, screen) not in cache:
+            out = workdir / f"{arch}{'' if screen else '.noscreen'}.carvq.gguf"
+            report = convert(tiny_gguf(arch), out, tiny_config(arch), iters=2, seed=0, progress=False, screen=screen)
+            cache[arch, screen] = (out, report)
+        return cache[arch, screen]
 
     return get
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from carvq import format as fmt
 from carvq import gguf_io as gio
-from carvq.format import Key, Tensor
+from carvq.format import Key, ScreenKey, Tensor
 
 KEEP = object()
 
@@ -108,6 +108,22 @@ def make(good: Path, out: Path) -> dict[str, str]:
         # the model around it
         "architecture-mistral3": (dict(arch="mistral3"), "architecture"),
     }
+    if reader.get_field(ScreenKey.LEVELS) is not None:  # the output head's screen index (version 3)
+        s_codes, proj = _array(reader, fmt.screen_name(Tensor.CODES)), _array(reader, fmt.SCREEN_PROJECTION)
+        cases.update({
+            "screen-index-in-v2": (dict(keys={Key.VERSION: ("UINT32", 2)}), "format_version 3"),
+            "screen-tensors-without-key": (dict(keys={ScreenKey.LEVELS: None}), ScreenKey.LEVELS),
+            "screen-codes-rows-short": (dict(tensors={fmt.screen_name(Tensor.CODES): s_codes[:-3]}),
+                                        fmt.screen_name(Tensor.CODES)),
+            "screen-projection-missing": (dict(tensors={fmt.SCREEN_PROJECTION: None}), fmt.SCREEN_PROJECTION),
+            "screen-projection-nan": (dict(tensors={fmt.SCREEN_PROJECTION: np.where(np.eye(len(proj)) > 0, np.float32(np.nan),
+                                                                                    proj).astype(np.float32)}),
+                                      "non-finite"),
+        })
+        if gio.tensor_by_name(reader, fmt.screen_name(Tensor.HOT_IDS)) is not None:
+            s_ids = _array(reader, fmt.screen_name(Tensor.HOT_IDS))
+            cases["screen-hot-ids-unsorted"] = (dict(tensors={fmt.screen_name(Tensor.HOT_IDS): s_ids[[1, 0, *range(2, len(s_ids))]]}),
+                                                "hot")
     manifest = {}
     for name, (change, fragment) in cases.items():
         path = out / f"{name}.gguf"

@@ -48,6 +48,11 @@ def test_convert_roundtrip(arch, source, workdir, tiny_hf, tiny_gguf, tiny_carvq
     n_weights = V * report.n_embd
     assert reader.get_field("carvq.bpw").contents() == pytest.approx(8 * carvq_bytes / n_weights, rel=1e-6)
     assert reader.get_field("carvq.head_bpw").contents() == pytest.approx(8 * int(head.n_bytes) / n_weights, rel=1e-6)
+    # the head's screen index (format v3): every output.carvq.* byte counted
+    screen_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith("output.carvq."))
+    assert screen_bytes == report.screen_bytes > 0
+    assert reader.get_field("carvq.format_version").contents() == 3
+    assert reader.get_field("carvq.screen.bpw").contents() == pytest.approx(8 * screen_bytes / n_weights, rel=1e-6)
 
     # every other tensor is the source's, byte for byte
     src = gio.open_gguf(tiny_gguf(arch))
@@ -134,7 +139,7 @@ def test_target_bpw_fills_the_budget_with_hot_rows(workdir, tiny_gguf):
                      target_bpw=6.0, iters=1, progress=False)
     lookup_bpw = 8 * report.lookup_bytes / (report.n_vocab * report.n_embd)
     assert lookup_bpw <= 6.0
-    assert report.config.hot_rows > 0 and "hot rows" in report.notes[-1]
+    assert report.config.hot_rows > 0 and any("hot rows" in note for note in report.notes)
     lo = fmt.read_layout(gio.open_gguf(out))
     assert (lo.hot_rows, lo.hot_levels) == (report.config.hot_rows, 2)
     assert abs(gio.field_value(gio.open_gguf(out), fmt.Key.BPW) - lookup_bpw) < 1e-4
@@ -147,7 +152,7 @@ def test_inspect_lists_tensors_and_totals(tiny_carvq, capsys):
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "token_embd.carvq.codes" in text and "I8" in text
-    assert "CARVQ format 2" in text and "head copy" in text and "hot rows: 24 tokens with 2 more levels" in text
+    assert "CARVQ format 3" in text and "head copy" in text and "head screen index" in text and "hot rows: 24 tokens with 2 more levels" in text
     assert f"{report.n_vocab} x {report.n_embd}" in text
 
 
@@ -350,3 +355,29 @@ def test_exported_file_runs_on_stock_llama_cpp(tiny_carvq, workdir, stock_perple
     proc = subprocess.run([str(stock_perplexity), "-m", str(out), "-f", str(text), "-c", "64", "-b", "64", "-t", "2"],
                           capture_output=True, text=True, errors="replace", timeout=300)
     assert proc.returncode == 0 and "Final estimate: PPL" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+
+
+def test_without_screen_index_the_file_is_version_2(tiny_carvq):
+    """--no-screen-index: no output.carvq.* tensor, no carvq.screen.* key, format version 2 (what
+    readers of version 2 load), and the screened head screens with the lookup's codes."""
+    import gguf
+
+    out, report = tiny_carvq("llama", screen=False)
+    reader = gguf.GGUFReader(out)
+    assert reader.get_field("carvq.format_version").contents() == 2
+    assert not [t.name for t in reader.tensors if t.name.startswith("output.carvq.")]
+    assert not [k for k in reader.fields if k.startswith("carvq.screen.")]
+    assert report.screen_bytes == 0
+
+
+def test_screen_index_metric():
+    """The projection maps hidden states to unit covariance up to the ridge: S^(1/2) S^(-1/2) = I,
+    and the product h . e is unchanged by the change of metric."""
+    from carvq.converter import screen_index
+
+    rng = np.random.default_rng(0)
+    H = (rng.standard_normal((500, 12)) * np.logspace(-3, 1, 12)).astype(np.float32)
+    sqrt_s, inv_sqrt_s = screen_index.metric(H)
+    assert np.allclose(sqrt_s @ inv_sqrt_s, np.eye(12), atol=1e-9)
+    e = rng.standard_normal(12)
+    assert np.allclose((H @ inv_sqrt_s) @ (sqrt_s @ e), H @ e, rtol=1e-8, atol=1e-10)

@@ -191,6 +191,20 @@ def test_scan_matches_reference(lib, f16):
         _check(lib, rng, f16=f16)
 
 
+@pytest.mark.parametrize("n", [1, 7, 64, 640])
+def test_projection_matches_reference(lib, n):
+    """A screen index's projection h @ P (carvq_screen_project) is the NumPy reference's, bit for
+    bit: every output sums its terms in order, whatever the compiler vectorizes."""
+    ffi, clib = lib
+    rng = np.random.default_rng(n)
+    P = (rng.standard_normal((n, n)) * rng.choice([1e-3, 1.0, 50.0])).astype(np.float32)
+    h = rng.standard_normal(n).astype(np.float32)
+    h[rng.random(n) < 0.2] = 0.0
+    out = np.full(n, np.nan, np.float32)
+    clib.carvq_screen_project(n, _ptr(ffi, "float *", P), _ptr(ffi, "float *", h), _ptr(ffi, "float *", out))
+    assert np.array_equal(out.view(np.uint32), screen.project(P, h).view(np.uint32))
+
+
 def test_ties_zeros_and_k_at_least_v(lib):
     rng = np.random.default_rng(5)
     for _ in range(30):

@@ -21,23 +21,27 @@ def _logits(path, head, k=None, **kw):
         return m.logits(TEXT_IDS)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_candidates_are_the_reference_top_k(arch, tiny_carvq):
-    """k of V rows exact: which ones is decided by the scan, checked against src/carvq/screen.py."""
+@pytest.mark.parametrize("arch,own_index", [("llama", True), ("gemma3", True), ("llama", False), ("gemma3", False)])
+def test_candidates_are_the_reference_top_k(arch, own_index, tiny_carvq):
+    """k of V rows exact: which ones is decided by the scan, checked against src/carvq/screen.py,
+    with the head's own index (format v3: projection, then its tables) and with the lookup's codes."""
     from carvq import format as fmt
     from carvq import screen
     from carvq.runtime.model import Model
 
-    path, report = tiny_carvq(arch)
+    path, report = tiny_carvq(arch, screen=own_index)
     k = 24
     dense = _logits(path, "dense")
     screened = _logits(path, "screened", k)
     with Model(path, n_ctx=64, head="dense") as m:
         hidden = m.hidden_states(TEXT_IDS)
     t = fmt.read_tensors(path)
+    assert (t.screen is not None) == own_index
+    index = t.screen.rvq if own_index else t
     for p in range(len(TEXT_IDS)):
-        tables = screen.tables(t.layout, t.codebooks, t.hot_codebooks, hidden[p])
-        scores = screen.scores(t.layout, t.codes, tables, t.hot_ids, t.hot_codes)
+        h = screen.project(t.screen.projection, hidden[p]) if own_index else hidden[p]
+        tables = screen.tables(index.layout, index.codebooks, index.hot_codebooks, h)
+        scores = screen.scores(index.layout, index.codes, tables, index.hot_ids, index.hot_codes)
         want = set(screen.topk(scores, k).tolist())
         close = np.isclose(screened[p], dense[p], rtol=1e-5, atol=1e-5 * np.abs(dense[p]).max())
         exact = set(np.nonzero(close)[0].tolist())

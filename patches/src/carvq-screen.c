@@ -323,6 +323,21 @@ void carvq_screen_scan_scalar(const struct carvq_layout * l, const uint8_t * blo
     carvq_screen_run(carvq_screen_block_scalar, l, blocks, q, b0, b1, scores);
 }
 
+void carvq_screen_project(int64_t n, const float * projection, const float * h, float * out) {
+    for (int64_t i = 0; i < n; ++i) {
+        out[i] = 0.0f;
+    }
+    // i innermost over a contiguous row of P: the compiler vectorizes it, and every out[i]
+    // still adds its terms in order of j, one rounding each (built with -ffp-contract=off)
+    for (int64_t j = 0; j < n; ++j) {
+        const float hj = h[j];
+        const float * row = projection + j * n;
+        for (int64_t i = 0; i < n; ++i) {
+            out[i] = out[i] + row[i] * hj;
+        }
+    }
+}
+
 const char * carvq_screen_simd_name(void) {
     return CARVQ_SCREEN_SIMD_NAME;
 }

@@ -88,6 +88,11 @@ int64_t carvq_screen_select(const int32_t * scores, int64_t n, int64_t k, int32_
 int64_t carvq_screen_topk(const int32_t * scores, int64_t n, int64_t k, int32_t * ids, uint32_t * hist,
         int64_t * keys);
 
+// A screen index's projection (version 3): out[i] = sum over j = 0..n-1, in that order, of
+// projection[j * n + i] * h[j] (float32, no FMA), i.e. out = h @ P with P stored row-major.
+// The tables are then built from out, with the index's codebooks.
+void carvq_screen_project(int64_t n, const float * projection, const float * h, float * out);
+
 // "avx2", "neon" or "scalar": the path carvq_screen_scan takes in this build.
 const char * carvq_screen_simd_name(void);
 

@@ -1,4 +1,4 @@
-// carvq.c - decoder for CARVQ-compressed token embeddings (docs/FORMAT.md, versions 1 and 2).
+// carvq.c - decoder for CARVQ-compressed token embeddings (docs/FORMAT.md, versions 1 to 3).
 // See carvq.h for the API. Build with -ffp-contract=off and without -ffast-math.
 
 #include "carvq.h"

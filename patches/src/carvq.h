@@ -1,4 +1,4 @@
-// carvq.h - decoder for CARVQ-compressed token embeddings (docs/FORMAT.md, versions 1 and 2)
+// carvq.h - decoder for CARVQ-compressed token embeddings (docs/FORMAT.md, versions 1 to 3)
 //
 // Self-contained: C11 + libc only, no ggml / llama.cpp dependency, so it can be unit-tested
 // on its own and called from a ggml custom op (each of nth threads decodes a slice of rows).
@@ -36,7 +36,8 @@
 extern "C" {
 #endif
 
-#define CARVQ_FORMAT_VERSION     2 // newest version; every version from CARVQ_MIN_FORMAT_VERSION is read
+#define CARVQ_FORMAT_VERSION     3 // newest version; every version from CARVQ_MIN_FORMAT_VERSION is read
+                                   // (3 = 2 + the output head's optional screen index, docs/SCREEN.md)
 #define CARVQ_MIN_FORMAT_VERSION 1 // version 1 = version 2 without hot rows
 
 // general.architecture values a CARVQ file may name (FORMAT.md "Architectures"): the graphs

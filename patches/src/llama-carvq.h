@@ -18,6 +18,22 @@ struct llama_model_loader;
 struct llama_model_base;
 struct llama_model;
 
+// What the screened head scans (docs/SCREEN.md): the output head's own index (format v3:
+// output.carvq.*, fitted in the hidden states' metric, with its projection), else, for a tied
+// source, the lookup's codes (projection null). Either way the codes re-laid in blocks.
+struct llama_carvq_screen {
+    carvq_layout layout = {};
+    const ggml_tensor * codes         = nullptr;
+    const ggml_tensor * codebooks     = nullptr;
+    const ggml_tensor * hot_ids       = nullptr;
+    const ggml_tensor * hot_codes     = nullptr;
+    const ggml_tensor * hot_codebooks = nullptr;
+    const ggml_tensor * projection    = nullptr; // F32 {n, n}: tables from h @ P
+    std::vector<uint8_t> blocks, hot_blocks;
+
+    bool enabled() const { return !blocks.empty(); }
+};
+
 struct llama_carvq {
     ggml_tensor * codes     = nullptr; // I8  {B, V}: packed 4-bit codes
     ggml_tensor * codebooks = nullptr; // F32/F16 {d, K, L, G}
@@ -34,9 +50,13 @@ struct llama_carvq {
     int activation = 0; // llama_carvq_act
 
     // carvq.head_copy: output.weight is the tied source's own matrix, so the codes index the
-    // head too and can screen it (docs/SCREEN.md); the codes re-laid for that scan
+    // head too and can screen it (docs/SCREEN.md)
     bool head_copy = false;
-    std::vector<uint8_t> screen_blocks, screen_hot_blocks;
+    // the screen index's tensors as loaded (all null without one: output.carvq.*)
+    ggml_tensor * screen_codes = nullptr, * screen_codebooks = nullptr, * screen_hot_ids = nullptr,
+                * screen_hot_codes = nullptr, * screen_hot_codebooks = nullptr, * screen_projection = nullptr;
+    carvq_layout screen_layout = {};
+    llama_carvq_screen screen; // what the screened head reads (empty: no screened head)
 
     bool enabled() const { return codes != nullptr; }
 };
@@ -75,7 +95,11 @@ void llama_carvq_check_data(llama_carvq & carvq);
 // Measured on 2 x86 cores (bench/screen.py): Gemma-3-270M, k = V/16, generates 1.2x faster than
 // its dense head; SmolLM2-135M, k = V/4, 0.97x. Auto screens from k <= V/8.
 #define LLAMA_CARVQ_SCREEN_MIN_SHARE 8
-int64_t llama_carvq_screen_default_k(int64_t n_vocab);
+// The default k: with the lookup's codes a quarter of the rows within 4096..8192; with the
+// head's own index (format v3) V/16 within LLAMA_CARVQ_SCREEN_INDEX_K_MIN..MAX.
+#define LLAMA_CARVQ_SCREEN_INDEX_K_MIN 2048
+#define LLAMA_CARVQ_SCREEN_INDEX_K_MAX 4096
+int64_t llama_carvq_screen_default_k(int64_t n_vocab, bool own_index);
 ggml_tensor * llama_carvq_build_head(ggml_context * ctx, const llama_carvq & carvq, ggml_tensor * w, ggml_tensor * cur);
 
 // The input embeddings of `tokens` (I32 [n_tokens]) as an F32 [n_embd, n_tokens] tensor:

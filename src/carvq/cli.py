@@ -23,7 +23,8 @@ def _cmd_convert(args) -> int:
                   hot_bpw=0.0 if args.hot_rows is not None else args.hot_bpw)
     report = convert(args.input, args.output, base, target_bpw=args.target_bpw, iters=args.iters, seed=args.seed,
                      calibration=args.calibration, head_type=args.head_type, hf_outtype=args.hf_outtype,
-                     body_type=args.body_type, progress=not args.quiet, force=args.force)
+                     body_type=args.body_type, progress=not args.quiet, force=args.force,
+                     screen=not args.no_screen_index)
     print(report.format())
     return 0
 
@@ -201,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration", help="text file whose token counts weight the objective (default: a prior from the tokenizer)")
     c.add_argument("--head-type", help="type of the output.weight written for a tied model (default: Q5_0, or a byte "
                                        "copy of the source embedding when that is as small); the source type keeps the head exact")
+    c.add_argument("--no-screen-index", action="store_true",
+                   help="write no index of the output head (output.carvq.*): the screened head then screens with the "
+                        "lookup's codes and needs about 4x more exact candidates for the same quality (docs/SCREEN.md)")
     c.add_argument("--body-type", help="also quantize every other tensor with llama-quantize, e.g. Q4_K_M")
     c.add_argument("--hf-outtype", default="auto", help="outtype passed to convert_hf_to_gguf.py for a HF checkpoint")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -37,6 +37,8 @@ def write_dense_embedding(src, out: Path, matrix, keep_head: bool = False) -> No
     placed = False
     add_head = keep_head and gio.tensor_by_name(reader, gio.HEAD) is None
     for t in reader.tensors:
+        if t.name.startswith(fmt.SCREEN_PREFIX):
+            continue  # the head's screen index means nothing to a dense file
         if t.name == gio.EMBD or t.name.startswith(fmt.PREFIX):
             if not placed:
                 if isinstance(matrix, np.ndarray):

@@ -16,11 +16,12 @@ import numpy as np
 from carvq import gguf_io as gio
 from carvq.errors import CarvqError
 
-FORMAT_VERSION = 2  # what the writer writes
+FORMAT_VERSION = 2  # what the writer writes for a file without a screen index
+SCREEN_FORMAT_VERSION = 3  # ... and with one (version 3 = version 2 + the optional screen index)
 # general.architecture values a CARVQ file may name (FORMAT.md "Architectures"; carvq.h's
 # CARVQ_ARCHITECTURES): graphs that read the input embedding only through build_inp_embd
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
-READABLE_VERSIONS = (1, 2)  # version 1 is version 2 without hot rows
+READABLE_VERSIONS = (1, 2, 3)  # version 1 is version 2 without hot rows
 
 # limits (FORMAT.md "Metadata keys"; carvq.h CARVQ_MAX_*)
 MAX_LEVELS = 16  # L and Lh
@@ -31,6 +32,7 @@ MAX_ADAPTOR_HIDDEN = 65536
 ACTIVATIONS = ("relu", "silu", "gelu")
 
 PREFIX = "token_embd.carvq."
+SCREEN_PREFIX = "output.carvq."  # the screen index of the output head (version 3, docs/SCREEN.md)
 
 
 class Key:
@@ -51,6 +53,18 @@ class Key:
     HOT_LEVELS = "carvq.hot_levels"
 
 
+class ScreenKey:
+    """The carvq.screen.* keys of the output head's screen index (version 3)."""
+
+    GROUP_SIZE = "carvq.screen.group_size"
+    LEVELS = "carvq.screen.levels"
+    CODEBOOK_SIZE = "carvq.screen.codebook_size"
+    HOT_ROWS = "carvq.screen.hot_rows"
+    HOT_LEVELS = "carvq.screen.hot_levels"
+    BPW = "carvq.screen.bpw"  # descriptive: every output.carvq.* byte, per head weight
+    ALL = (GROUP_SIZE, LEVELS, CODEBOOK_SIZE, HOT_ROWS, HOT_LEVELS, BPW)
+
+
 class Tensor:
     """The token_embd.carvq.* tensor names."""
 
@@ -66,6 +80,15 @@ class Tensor:
     HOT_CODEBOOKS = PREFIX + "hot_codebooks"
     ADAPTOR = (SIGMA0, UP_W, UP_B, DOWN_W, DOWN_B)
     HOT = (HOT_IDS, HOT_CODES, HOT_CODEBOOKS)
+
+
+def screen_name(name: str) -> str:
+    """token_embd.carvq.X -> output.carvq.X: the screen index's tensor of the same role."""
+    return SCREEN_PREFIX + name[len(PREFIX):]
+
+
+SCREEN_PROJECTION = SCREEN_PREFIX + "projection"
+SCREEN_TENSORS = (*(screen_name(n) for n in (Tensor.CODES, Tensor.CODEBOOKS, *Tensor.HOT)), SCREEN_PROJECTION)
 
 
 @dataclass(frozen=True)
@@ -142,8 +165,11 @@ class CarvqTensors:
     hot_codes: np.ndarray | None = None  # (N, Bh) uint8, packed
     hot_codebooks: np.ndarray | None = None  # (G, Lh, K, d), the codebooks' type
 
+    screen: "ScreenIndex | None" = None  # the output head's own index (version 3)
+
     def named(self) -> list[tuple[str, np.ndarray]]:
-        """(tensor name, array) in file order, packed codes as I8 as stored."""
+        """(tensor name, array) in file order, packed codes as I8 as stored; the screen
+        index's tensors are not among them (ScreenIndex.named)."""
         out = [(Tensor.CODES, self.codes.view(np.int8)), (Tensor.CODEBOOKS, self.codebooks)]
         if self.layout.adaptor_rank:
             out += list(zip(Tensor.ADAPTOR, (self.sigma0, self.up_w, self.up_b, self.down_w, self.down_b)))
@@ -151,6 +177,23 @@ class CarvqTensors:
             out += [(Tensor.HOT_IDS, self.hot_ids), (Tensor.HOT_CODES, self.hot_codes.view(np.int8)),
                     (Tensor.HOT_CODEBOOKS, self.hot_codebooks)]
         return out
+
+
+@dataclass
+class ScreenIndex:
+    """The output head's screen index (docs/SCREEN.md): an RVQ with hot rows, like the lookup's
+    but without adaptor, of the head's rows E_v mapped into the hidden states' metric, and the
+    projection that maps a hidden state there: approximate logit_v = (h @ projection) . decoded_v."""
+
+    rvq: CarvqTensors  # layout: the head's V and n; adaptor_rank 0
+    projection: np.ndarray  # (n, n) float32
+
+    def named(self) -> list[tuple[str, np.ndarray]]:
+        return [(screen_name(name), arr) for name, arr in self.rvq.named()] + [(SCREEN_PROJECTION, self.projection)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(arr.nbytes) for _, arr in self.named())
 
 
 # ---------------------------------------------------------------------------------------
@@ -286,26 +329,36 @@ def _expect(reader, name: str, types: tuple[str, ...], shape: tuple[int, ...]) -
     return np.asarray(t.data).reshape(shape)
 
 
+def _read_rvq(reader, lo: Layout, name, hot_key: str) -> CarvqTensors:
+    """Codes, codebooks and hot rows of an RVQ of layout `lo`; name(role) gives the tensor
+    name of each role (Tensor.* for the lookup, screen_name for the screen index)."""
+    floats = ("F32", "F16")
+    codes = _expect(reader, name(Tensor.CODES), ("I8",), (lo.n_vocab, lo.code_row_bytes)).view(np.uint8)
+    check_codes(codes, lo.codes_per_row, lo.codebook_size, name(Tensor.CODES))
+    codebooks = _expect(reader, name(Tensor.CODEBOOKS), floats, (lo.n_groups, lo.levels, lo.codebook_size, lo.group_size))
+    found = CarvqTensors(lo, codes, codebooks)
+    if lo.hot_rows:
+        hot_ids = _expect(reader, name(Tensor.HOT_IDS), ("I32",), (lo.hot_rows,))
+        if hot_ids.min() < 0 or hot_ids.max() >= lo.n_vocab or (np.diff(hot_ids.astype(np.int64)) <= 0).any():
+            raise CarvqError(f"CARVQ tensor {name(Tensor.HOT_IDS)} must hold strictly increasing token ids in 0..{lo.n_vocab - 1}")
+        found.hot_ids = hot_ids
+        found.hot_codes = _expect(reader, name(Tensor.HOT_CODES), ("I8",), (lo.hot_rows, lo.hot_code_row_bytes)).view(np.uint8)
+        check_codes(found.hot_codes, lo.n_groups * lo.hot_levels, lo.codebook_size, name(Tensor.HOT_CODES))
+        found.hot_codebooks = _expect(reader, name(Tensor.HOT_CODEBOOKS),
+                                      (gio.tensor_by_name(reader, name(Tensor.CODEBOOKS)).tensor_type.name,),
+                                      (lo.n_groups, lo.hot_levels, lo.codebook_size, lo.group_size))
+    else:
+        _refuse_stray(reader, [name(t) for t in Tensor.HOT], f"{hot_key} is 0")
+    return found
+
+
 def read_tensors(source) -> CarvqTensors:
-    """The CARVQ tensors of a file (a path or a gguf.GGUFReader), checked against FORMAT.md."""
+    """The CARVQ tensors of a file (a path or a gguf.GGUFReader), checked against FORMAT.md,
+    with its screen index (version 3) when it has one."""
     reader = source if hasattr(source, "tensors") else gio.open_gguf(source)
     lo = read_layout(reader)
     floats = ("F32", "F16")
-    codes = _expect(reader, Tensor.CODES, ("I8",), (lo.n_vocab, lo.code_row_bytes)).view(np.uint8)
-    check_codes(codes, lo.codes_per_row, lo.codebook_size, Tensor.CODES)
-    codebooks = _expect(reader, Tensor.CODEBOOKS, floats, (lo.n_groups, lo.levels, lo.codebook_size, lo.group_size))
-    found = CarvqTensors(lo, codes, codebooks)
-    if lo.hot_rows:
-        hot_ids = _expect(reader, Tensor.HOT_IDS, ("I32",), (lo.hot_rows,))
-        if hot_ids.min() < 0 or hot_ids.max() >= lo.n_vocab or (np.diff(hot_ids.astype(np.int64)) <= 0).any():
-            raise CarvqError(f"CARVQ tensor {Tensor.HOT_IDS} must hold strictly increasing token ids in 0..{lo.n_vocab - 1}")
-        found.hot_ids = hot_ids
-        found.hot_codes = _expect(reader, Tensor.HOT_CODES, ("I8",), (lo.hot_rows, lo.hot_code_row_bytes)).view(np.uint8)
-        check_codes(found.hot_codes, lo.n_groups * lo.hot_levels, lo.codebook_size, Tensor.HOT_CODES)
-        found.hot_codebooks = _expect(reader, Tensor.HOT_CODEBOOKS, (gio.tensor_by_name(reader, Tensor.CODEBOOKS).tensor_type.name,),
-                                      (lo.n_groups, lo.hot_levels, lo.codebook_size, lo.group_size))
-    else:
-        _refuse_stray(reader, Tensor.HOT, f"{Key.HOT_ROWS} is 0")
+    found = _read_rvq(reader, lo, lambda role: role, Key.HOT_ROWS)
     if lo.adaptor_rank:
         m, h, n = lo.adaptor_rank, lo.adaptor_hidden, lo.n_embd
         found.sigma0 = _expect(reader, Tensor.SIGMA0, floats, (lo.n_vocab, m))
@@ -318,7 +371,39 @@ def read_tensors(source) -> CarvqTensors:
     bad = first_non_finite(found)
     if bad is not None:
         raise CarvqError(f"CARVQ tensor {bad} holds non-finite values")
+    found.screen = read_screen_index(reader, lo)
     return found
+
+
+def read_screen_index(reader, lo: Layout) -> ScreenIndex | None:
+    """The output head's screen index (FORMAT.md "Screen index", version 3), or None when the
+    file has none. Its V and n are the lookup's: it indexes output.weight, which must exist."""
+    present = [k for k in ScreenKey.ALL if reader.get_field(k) is not None]
+    stray = [n for n in SCREEN_TENSORS if gio.tensor_by_name(reader, n) is not None]
+    if not present:
+        if stray:
+            raise CarvqError(f"CARVQ tensor {stray[0]} present but the file has no {ScreenKey.LEVELS} key")
+        return None
+    version = int(_key(reader, Key.VERSION, "UINT32"))
+    if version < SCREEN_FORMAT_VERSION:
+        raise CarvqError(f"CARVQ key {present[0]} needs carvq.format_version {SCREEN_FORMAT_VERSION}, the file says {version}")
+    head = gio.tensor_by_name(reader, gio.HEAD)
+    if head is None or tuple(int(x) for x in head.shape[:2]) != (lo.n_embd, lo.n_vocab):
+        raise CarvqError(f"CARVQ screen index without a {lo.n_vocab} x {lo.n_embd} {gio.HEAD} to screen")
+    u32 = lambda key: int(_key(reader, key, "UINT32"))  # noqa: E731
+    layout = Layout(n_vocab=lo.n_vocab, n_embd=lo.n_embd, group_size=u32(ScreenKey.GROUP_SIZE),
+                    levels=u32(ScreenKey.LEVELS), codebook_size=u32(ScreenKey.CODEBOOK_SIZE),
+                    hot_rows=u32(ScreenKey.HOT_ROWS), hot_levels=u32(ScreenKey.HOT_LEVELS))
+    try:
+        layout.check()
+    except CarvqError as exc:
+        raise CarvqError(f"CARVQ screen index: {exc}") from None
+    rvq = _read_rvq(reader, layout, screen_name, ScreenKey.HOT_ROWS)
+    index = ScreenIndex(rvq, _expect(reader, SCREEN_PROJECTION, ("F32",), (lo.n_embd, lo.n_embd)))
+    bad = next((name for name, arr in index.named() if arr.dtype.kind == "f" and not np.isfinite(arr).all()), None)
+    if bad is not None:
+        raise CarvqError(f"CARVQ tensor {bad} holds non-finite values")
+    return index
 
 
 def _refuse_stray(reader, names, why: str) -> None:
@@ -338,6 +423,7 @@ class Provenance:
     head_copy: bool  # the writer added output.weight for a tied source
     bpw: float  # carvq.bpw: the lookup, every token_embd.carvq.* tensor
     head_bpw: float  # carvq.head_bpw: the head copy, 0 without one
+    screen_bpw: float = 0.0  # carvq.screen.bpw: the screen index, every output.carvq.* tensor
 
 
 def first_non_finite(tensors: CarvqTensors) -> str | None:
@@ -353,9 +439,9 @@ def check_finite(tensors: CarvqTensors) -> None:
         raise CarvqError(f"{name}: non-finite values (an F16 overflow or a diverged fit); nothing was written")
 
 
-def add_metadata(writer, layout: Layout, provenance: Provenance) -> None:
+def add_metadata(writer, layout: Layout, provenance: Provenance, screen: ScreenIndex | None = None) -> None:
     """The carvq.* keys of FORMAT.md, into a gguf.GGUFWriter."""
-    writer.add_uint32(Key.VERSION, FORMAT_VERSION)
+    writer.add_uint32(Key.VERSION, FORMAT_VERSION if screen is None else SCREEN_FORMAT_VERSION)
     writer.add_uint32(Key.GROUP_SIZE, layout.group_size)
     writer.add_uint32(Key.LEVELS, layout.levels)
     writer.add_uint32(Key.CODEBOOK_SIZE, layout.codebook_size)
@@ -368,6 +454,14 @@ def add_metadata(writer, layout: Layout, provenance: Provenance) -> None:
     writer.add_float32(Key.HEAD_BPW, provenance.head_bpw)
     writer.add_uint32(Key.HOT_ROWS, layout.hot_rows)
     writer.add_uint32(Key.HOT_LEVELS, layout.hot_levels)
+    if screen is not None:
+        sl = screen.rvq.layout
+        writer.add_uint32(ScreenKey.GROUP_SIZE, sl.group_size)
+        writer.add_uint32(ScreenKey.LEVELS, sl.levels)
+        writer.add_uint32(ScreenKey.CODEBOOK_SIZE, sl.codebook_size)
+        writer.add_uint32(ScreenKey.HOT_ROWS, sl.hot_rows)
+        writer.add_uint32(ScreenKey.HOT_LEVELS, sl.hot_levels)
+        writer.add_float32(ScreenKey.BPW, provenance.screen_bpw)
 
 
 def write_model(source_reader, out, arch: str, tensors: CarvqTensors, provenance: Provenance,
@@ -379,9 +473,14 @@ def write_model(source_reader, out, arch: str, tensors: CarvqTensors, provenance
     import gguf
 
     check_finite(tensors)
+    screen = tensors.screen
+    if screen is not None:
+        bad = next((n for n, arr in screen.named() if arr.dtype.kind == "f" and not np.isfinite(arr).all()), None)
+        if bad is not None:
+            raise CarvqError(f"{bad}: non-finite values; nothing was written")
     writer = gguf.GGUFWriter(None, arch)
     gio.copy_fields(source_reader, writer, skip=set())
-    add_metadata(writer, tensors.layout, provenance)
+    add_metadata(writer, tensors.layout, provenance, screen)
     for tensor in source_reader.tensors:
         if tensor.name != gio.EMBD:
             gio.add_source_tensor(writer, tensor)
@@ -391,6 +490,8 @@ def write_model(source_reader, out, arch: str, tensors: CarvqTensors, provenance
         if head is not None:
             data, qtype = head
             writer.add_tensor(gio.HEAD, data, raw_dtype=qtype)
+        for name, arr in screen.named() if screen is not None else ():
+            writer.add_tensor(name, arr)
     with gio.atomic_output(out, check=_check_written) as tmp:
         gio.write_gguf(writer, tmp, progress)
 

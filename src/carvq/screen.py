@@ -35,6 +35,17 @@ def _dots(codebooks, h: np.ndarray, d: int) -> np.ndarray:
     return acc.reshape(-1, cb.shape[2])  # (G*levels, K), row j = g*levels + l
 
 
+def project(projection, h) -> np.ndarray:
+    """h' = h @ projection for a screen index (carvq_screen_project): h'[i] = sum over j, in order
+    of j, of projection[j, i] * h[j], float32, one rounding per multiply and per add."""
+    P = np.asarray(projection, np.float32)
+    h = np.asarray(h, np.float32)
+    acc = np.zeros(P.shape[1], np.float32)
+    for j in range(P.shape[0]):
+        acc = acc + P[j] * h[j]
+    return acc
+
+
 def _sequential_sum(x: np.ndarray) -> np.float32:
     s = np.float32(0)
     for v in x.astype(np.float32):
