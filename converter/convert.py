@@ -67,8 +67,13 @@ def _check_paths(src: Path, out: Path, calibration, force: bool) -> None:
 
 def convert(input_path, output_path, base: Config, *, target_bpw: float | None = None, iters: int = DEFAULT_ITERS,
             seed: int = 0, calibration=None, head_type: str | None = None, hf_outtype: str = "auto",
-            body_type: str | None = None, progress: bool = True, force: bool = False, screen: bool = True) -> Report:
+            body_type: str | None = None, progress: bool = True, force: bool = False,
+            screen: Config | bool | None = True) -> Report:
+    """screen: the head's screen index (format v3): True for screen_index.DEFAULT_CONFIG, a
+    Config of its own, or False/None for none (format v2)."""
     start = time.perf_counter()
+    if screen is True:
+        screen = screen_index.DEFAULT_CONFIG
     src, out = Path(input_path), Path(output_path)
     _check_paths(src, out, calibration, force)
     if target_bpw is not None and target_bpw <= 0:
@@ -108,14 +113,15 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
     head_src = gio.tensor_by_name(reader, gio.HEAD)
     if head_src is not None and tuple(int(x) for x in head_src.shape[:2]) != tuple(int(x) for x in embd.shape[:2]):
         raise CarvqError(f"{src}: {gio.HEAD} has shape {tuple(head_src.shape)}, {gio.EMBD} {tuple(embd.shape)}")
-    # before the embedding is dequantized: the model runs here, and the peak stays the fit's
-    states = screen_index.hidden_states(gguf_path, calibration, seed, progress) if screen else None
     M = gio.dequantize(embd)
     gio.release_pages(reader, embd)  # M holds it now; a byte-copied head maps it again when written
     memory.trim()
     bad = _first_non_finite_row(M)
     if bad is not None:
         raise CarvqError(f"{src}: {gio.EMBD} holds non-finite values (row {bad}); nothing to compress")
+    # the source model runs here (mapped, a small context): less than the fit's own peak
+    states = screen_index.hidden_states(gguf_path, calibration, seed, progress) if screen else None
+    memory.trim()
     V, n = M.shape
     w, weights_from = _token_weights(reader, V, calibration, gguf_path)
     notes: list[str] = []
@@ -144,7 +150,7 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
             del M
             memory.trim()
             M = E = gio.dequantize(head_src)
-        fit.tensors.screen = screen_index.fit(E, w, states[0], screen_index.DEFAULT_CONFIG, seed, progress)
+        fit.tensors.screen = screen_index.fit(E, w, states[0], screen, seed, progress)
         notes.append(f"screen index fitted in the metric of the hidden states of {states[1]}")
         del E
     del M  # the write reads the output back to validate it: not beside a float32 copy of the embedding

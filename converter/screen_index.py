@@ -36,7 +36,8 @@ from carvq.converter.config import Config
 # 1e-2 0.023, 0.1 0.0095, 0.3 0.0087.
 RIDGE = 0.3
 SAMPLE_TOKENS = 2048  # hidden states the metric is estimated from
-SEQUENCE_TOKENS = 512  # per self-written sequence (and per context window of calibration text)
+SEQUENCE_TOKENS = 512  # per context window of calibration text; self-written sequences are half as long,
+                       # twice as many, written side by side (Model.sample_sequences)
 # The index's own configuration: the lookup's default (d = 8, L = 3, hot rows for 0.08 bpw);
 # see docs/RESULTS.md for the cheaper ones measured.
 DEFAULT_CONFIG = Config(group_size=8, levels=3, adaptor_rank=0, hot_bpw=0.08)
@@ -47,7 +48,12 @@ def hidden_states(gguf_path: Path, calibration: Path | None, seed: int, progress
     "result_norm"), and where they came from."""
     from carvq.runtime.model import Model
 
-    with Model(gguf_path, n_ctx=SEQUENCE_TOKENS, n_batch=SEQUENCE_TOKENS) as m:
+    try:
+        model = Model(gguf_path, n_ctx=SEQUENCE_TOKENS, n_batch=SEQUENCE_TOKENS)
+    except CarvqError as exc:
+        raise CarvqError(f"the head's screen index is fitted to the model's own hidden states, but {exc}; "
+                         "convert with --no-screen-index") from None
+    with model as m:
         rows: list[np.ndarray] = []
         if calibration is not None:
             try:
@@ -63,18 +69,13 @@ def hidden_states(gguf_path: Path, calibration: Path | None, seed: int, progress
             start = m.tokenize("", add_special=True) or m.tokenize("\n", add_special=False)
             bar = tqdm(total=SAMPLE_TOKENS, desc="carvq screen: self-written text", unit="tok", disable=not progress,
                        leave=False)
-            have, attempt = 0, 0
-            while have < SAMPLE_TOKENS and attempt < 4 * SAMPLE_TOKENS // SEQUENCE_TOKENS:
-                budget = min(SEQUENCE_TOKENS, SAMPLE_TOKENS - have) - len(start)
-                out = list(m.generate_tokens(start, max_tokens=budget, temperature=1.0, top_p=1.0, seed=seed + attempt))
-                attempt += 1
-                seq = start + out
+            seqs = m.sample_sequences(start, SAMPLE_TOKENS // SEQUENCE_TOKENS * 2, SEQUENCE_TOKENS // 2 - len(start),
+                                      seed=seed, progress=bar.update)
+            bar.close()
+            for seq in seqs:
                 if len(seq) >= 16:  # a sequence that ended at once says little
                     rows.append(m.hidden_states(seq))
-                    have += len(seq)
-                    bar.update(len(seq))
-            bar.close()
-            how = f"{have} tokens of text the model wrote itself (temperature 1)"
+            how = f"{sum(len(r) for r in rows)} tokens of text the model wrote itself (temperature 1)"
     if not rows:
         raise CarvqError("the screen index needs the model's hidden states, and none could be sampled "
                          "(calibration text too short?); use --no-screen-index")

@@ -25,12 +25,43 @@ def _logits(path, head, k=None, **kw):
 def test_candidates_are_the_reference_top_k(arch, own_index, tiny_carvq):
     """k of V rows exact: which ones is decided by the scan, checked against src/carvq/screen.py,
     with the head's own index (format v3: projection, then its tables) and with the lookup's codes."""
+    path, report = tiny_carvq(arch, screen=own_index)
+    _check_candidates(path, own_index, k=24)
+
+
+def test_an_untied_head_is_screened_with_its_own_index(workdir):
+    """An untied model's head is a matrix of its own: the converter fits the screen index to the
+    source's output.weight, and the screen ranks by it (the lookup's codes could not)."""
+    from carvq import format as fmt
+    from carvq import gguf_io as gio
+    from carvq import screen
+    from carvq.converter.convert import convert
+    from carvq.runtime.model import Model
+    from conftest import tiny_config
+    from tiny_models import make_tiny_checkpoint
+
+    hf = make_tiny_checkpoint("qwen2", workdir / "hf-qwen2-untied", tied=False, seed=3)
+    out = workdir / "qwen2-untied.carvq.gguf"
+    report = convert(hf, out, tiny_config("qwen2"), iters=1, hf_outtype="f32", progress=False)
+    assert not report.head_copied and report.screen_bytes > 0
+    _check_candidates(out, True, k=24)
+    # the index approximates this head, not the embedding
+    t = fmt.read_tensors(out)
+    head = gio.dequantize(gio.tensor_by_name(gio.open_gguf(out), gio.HEAD))
+    with Model(out, n_ctx=64, head="dense") as m:
+        hidden = m.hidden_states(TEXT_IDS)
+    ix = t.screen.rvq
+    for p in range(4):
+        tb = screen.tables(ix.layout, ix.codebooks, ix.hot_codebooks, screen.project(t.screen.projection, hidden[p]))
+        approx = screen.scores(ix.layout, ix.codes, tb, ix.hot_ids, ix.hot_codes) * tb.scale + tb.bias
+        assert np.corrcoef(approx, head @ hidden[p])[0, 1] > 0.5
+
+
+def _check_candidates(path, own_index: bool, k: int) -> None:
     from carvq import format as fmt
     from carvq import screen
     from carvq.runtime.model import Model
 
-    path, report = tiny_carvq(arch, screen=own_index)
-    k = 24
     dense = _logits(path, "dense")
     screened = _logits(path, "screened", k)
     with Model(path, n_ctx=64, head="dense") as m:

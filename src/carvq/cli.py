@@ -24,9 +24,17 @@ def _cmd_convert(args) -> int:
     report = convert(args.input, args.output, base, target_bpw=args.target_bpw, iters=args.iters, seed=args.seed,
                      calibration=args.calibration, head_type=args.head_type, hf_outtype=args.hf_outtype,
                      body_type=args.body_type, progress=not args.quiet, force=args.force,
-                     screen=not args.no_screen_index)
+                     screen=None if args.no_screen_index else Config(group_size=args.screen_group_size,
+                                                                     levels=args.screen_levels,
+                                                                     hot_bpw=args.screen_hot_bpw))
     print(report.format())
     return 0
+
+
+def screen_index_defaults():
+    from carvq.converter.screen_index import DEFAULT_CONFIG
+
+    return DEFAULT_CONFIG
 
 
 def _cmd_export(args) -> int:
@@ -158,10 +166,11 @@ def _add_sampling(p: argparse.ArgumentParser, max_tokens: int, temperature: floa
     p.add_argument("--ctx", type=int, default=2048, help="context length in tokens")
     p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
     p.add_argument("--head", choices=HEADS, default="auto",
-                   help="a tied CARVQ model's logits: screened by the codes with the best --screen-k exact, or the "
-                        "dense head; auto screens generation (docs/SCREEN.md)")
-    p.add_argument("--screen-k", type=int, help="candidate rows computed exactly by the screened head (default: a quarter of the "
-                        "vocabulary, within 4096..8192)")
+                   help="a CARVQ model's logits: screened (every row ranked by the head's screen index, or a tied "
+                        "model's lookup codes, the best --screen-k exact), or the dense head; auto screens generation "
+                        "(docs/SCREEN.md)")
+    p.add_argument("--screen-k", type=int, help="candidate rows computed exactly by the screened head (default: with the "
+                        "head's screen index V/16 within 2048..4096, with the lookup's codes V/4 within 4096..8192)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-screen-index", action="store_true",
                    help="write no index of the output head (output.carvq.*): the screened head then screens with the "
                         "lookup's codes and needs about 4x more exact candidates for the same quality (docs/SCREEN.md)")
+    S = screen_index_defaults()
+    c.add_argument("--screen-group-size", type=int, default=S.group_size, help=f"the screen index's d (default {S.group_size})")
+    c.add_argument("--screen-levels", type=int, default=S.levels, help=f"the screen index's L (default {S.levels})")
+    c.add_argument("--screen-hot-bpw", type=float, default=S.hot_bpw,
+                   help=f"bpw the screen index spends on hot rows (default {S.hot_bpw})")
     c.add_argument("--body-type", help="also quantize every other tensor with llama-quantize, e.g. Q4_K_M")
     c.add_argument("--hf-outtype", default="auto", help="outtype passed to convert_hf_to_gguf.py for a HF checkpoint")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
