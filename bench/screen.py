@@ -45,25 +45,25 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {"smollm2": ("SmolLM2-135M-Instruct", models.smollm2, 20), "gemma3": ("Gemma-3-270M", models.gemma3_270m, 4)}
 
 
-def _converted(name: str, stock: Path, own_index: bool = True) -> Path:
-    """The default conversion (format v3, with the head's screen index), or with
-    --no-screen-index (v2: the screen reads the lookup's codes)."""
+def _converted(name: str, stock: Path, own_index: bool = False) -> Path:
+    """The default conversion (format v2: the screen reads the lookup's codes), or with
+    --screen-index (format v3 where the held-out check keeps the head's own index)."""
     out = cache_dir() / "bench" / f"{name}.default.{'v3' if own_index else 'v2'}.carvq.gguf"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        extra = [] if own_index else ["--no-screen-index"]
+        extra = ["--screen-index"] if own_index else []
         subprocess.run([sys.executable, "-m", "carvq.cli", "convert", str(stock), "-o", str(out), "-q", *extra],
                        check=True, stdout=subprocess.DEVNULL)
     return out
 
 
-def _default_k(n_vocab: int, own_index: bool = True) -> int:
-    if own_index:  # llama_carvq_screen_default_k
-        return min(n_vocab, max(2048, min(4096, n_vocab // 16)))
-    return min(n_vocab, max(4096, min(8192, n_vocab // 4)))
+def _default_k(n_vocab: int, own_index: bool = False) -> int:
+    from carvq.converter.screen_index import default_k
+
+    return default_k(n_vocab, own_index)
 
 
-CODES_LABEL = " (lookup's codes)"  # result rows of files without a screen index
+INDEX_LABEL = " (--screen-index)"  # result rows of files with the head's own screen index
 
 
 def _perplexity(model: Path, text: Path, chunks: int, env: dict, extra: list[str]) -> str:
@@ -152,23 +152,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--screen", choices=["index", "codes"], default="index",
-                    help="screen with the head's own index (default conversion, format v3) or with the lookup's codes "
-                         "(--no-screen-index, v2)")
+    ap.add_argument("--screen", choices=["index", "codes"], default="codes",
+                    help="convert with --screen-index (the head's own index, format v3, where the converter keeps it) "
+                         "or by default (the lookup's codes screen, v2)")
+    ap.add_argument("--redraw", action="store_true", help="only redraw the table and plot from the saved results")
     args = ap.parse_args()
     own_index = args.screen == "index"
+    if args.redraw:
+        return _write(json.loads((RESULTS / "screen.json").read_text()))
     text = models.britannica_text()
     results = {}
     for key in args.models:
         name, fetch, chunks = MODELS[key]
         stock = fetch()
         carvq = _converted(key, stock, own_index)
-        name += "" if own_index else CODES_LABEL
+        name += INDEX_LABEL if own_index else ""
         V = fmt.read_layout(gio.open_gguf(carvq)).n_vocab
-        k0 = _default_k(V, own_index)
+        k0 = _default_k(V, fmt.read_tensors(carvq).screen is not None)
         print(f"{name}: quality and speed against k ...", flush=True)
         ks = sorted({1024, 2048, 4096, k0, min(V, 2 * k0)})
-        r = {"default_k": k0, "n_vocab": V, "screen_index": own_index, "quality": quality_vs_k(carvq, text, chunks, ks)}
+        r = {"default_k": k0, "n_vocab": V, "screen_index": fmt.read_tensors(carvq).screen is not None,
+             "quality": quality_vs_k(carvq, text, chunks, ks)}
         r["stock_tg_tps"] = _tg_speed(stock, {})
         print(f"{name}: A/B speed ...", flush=True)
         r["ab_stock"] = bench(carvq, stock, rounds=args.rounds, prompt=128, gen=64, progress=False).summary()
@@ -185,15 +189,15 @@ def main() -> None:
     previous = RESULTS / "screen.json"
     if previous.exists():  # a run of some models keeps the others' latest results
         old = json.loads(previous.read_text())
-        # rows measured before format v3 screened with the lookup's codes
-        old = {(k if v.get("screen_index", True) is False or k.endswith(CODES_LABEL) or "screen_index" in v else k + CODES_LABEL): v
-               for k, v in old.items()}
-        for v in old.values():
-            v.setdefault("screen_index", False)
         results = {**{k: v for k, v in old.items() if k not in results}, **results}
-        order = [n + suffix for suffix in ("", CODES_LABEL) for n, _, _ in MODELS.values()]
+        order = [n + suffix for suffix in ("", INDEX_LABEL) for n, _, _ in MODELS.values()]
+        order += [name for name in results if name not in order]  # rows of earlier designs, kept
         results = {name: results[name] for name in order if name in results}
     previous.write_text(json.dumps(results, indent=2))
+    _write(results)
+
+
+def _write(results: dict) -> None:
     plot(results, RESULTS / "screen.png")
     (RESULTS / "screen.md").write_text(table(results) + "\n")
     update_readme.update("screen")
@@ -203,8 +207,7 @@ def main() -> None:
 def table(results: dict) -> str:
     mib = lambda n: f"{n / 2**20:.1f}"  # noqa: E731
     lines = [f"Latest run {date.today().isoformat()} on {machine()}; default `carvq convert` (tied head copy Q5_0, "
-             "and from format v3 the head's own screen index; rows marked \"lookup's codes\" are files converted with "
-             "`--no-screen-index`, measured 2026-11-26 in session 6 unless rerun); "
+             "rows marked --screen-index: converted with it, the head's own index screening, format v3); "
              "KLD / top-1 / Δ perplexity of the screened head against the dense head of the same file on the "
              "Britannica text; speeds are generation (64 tokens) tokens/s; A/B ratios over alternating llama-bench "
              "rounds (mean ± std) with the default `--head auto` (auto screens only where k <= V/8).", "",

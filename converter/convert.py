@@ -68,9 +68,10 @@ def _check_paths(src: Path, out: Path, calibration, force: bool) -> None:
 def convert(input_path, output_path, base: Config, *, target_bpw: float | None = None, iters: int = DEFAULT_ITERS,
             seed: int = 0, calibration=None, head_type: str | None = None, hf_outtype: str = "auto",
             body_type: str | None = None, progress: bool = True, force: bool = False,
-            screen: Config | bool | None = True) -> Report:
-    """screen: the head's screen index (format v3): True for screen_index.DEFAULT_CONFIG, a
-    Config of its own, or False/None for none (format v2)."""
+            screen: Config | bool | None = None) -> Report:
+    """screen: fit the head's own screen index (format v3; kept for a tied model only where it
+    screens better than the lookup's codes): True for screen_index.DEFAULT_CONFIG, a Config of
+    its own, or False/None for none (the default: format v2)."""
     start = time.perf_counter()
     if screen is True:
         screen = screen_index.DEFAULT_CONFIG
@@ -144,15 +145,24 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
     if states is not None:
         # the index is fitted to the head's rows: the embedding's for a tied model (overwritten in
         # place, unless the head copy is M itself), the source's output.weight for an untied one
+        fit_states, held_out, source = states
         if head_src is None:
             E = M if not np.shares_memory(head[0], M) else M.copy()
         else:
             del M
             memory.trim()
             M = E = gio.dequantize(head_src)
-        fit.tensors.screen = screen_index.fit(E, w, states[0], screen, seed, progress)
-        notes.append(f"screen index fitted in the metric of the hidden states of {states[1]}")
+        exact_top = screen_index.top_rows(held_out, lambda a, b: E[a:b], V, screen_index.TOP)
+        index = screen_index.fit(E, w, fit_states, screen, seed, progress)
         del E
+        notes.append(f"screen index fitted in the metric of the hidden states of {source}")
+        if head_src is None:
+            # a tied head can also be screened by the lookup's codes: keep the index only where it screens better
+            keep, how = screen_index.choose(index, fit.tensors, exact_top, held_out)
+            notes.append(how + ("" if keep else "; the file is written without it (format v2)"))
+        else:
+            keep = True  # an untied head has no other screen
+        fit.tensors.screen = index if keep else None
     del M  # the write reads the output back to validate it: not beside a float32 copy of the embedding
     memory.trim()
     head_bytes = int(head[0].nbytes) if head is not None else 0

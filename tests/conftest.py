@@ -93,7 +93,7 @@ def tiny_carvq(workdir, tiny_gguf):
 
     cache = {}
 
-    def get(arch: str, screen: bool = True):
+    def get(arch: str, screen: bool = False):
         if (arch, screen) not in cache:
             out = workdir / f"{arch}{'' if screen else '.noscreen'}.carvq.gguf"
             report = convert(tiny_gguf(arch), out, tiny_config(arch), iters=2, seed=0, progress=False, screen=screen)

@@ -302,7 +302,7 @@ def test_decode_every_small_group_size(lib, d, f16):
 def test_limits_are_the_headers(libs):
     """carvq.format's limits are carvq.h's CARVQ_* constants."""
     lib = libs["default"].lib
-    assert lib.CARVQ_FORMAT_VERSION == fmt.FORMAT_VERSION
+    assert lib.CARVQ_FORMAT_VERSION == max(fmt.READABLE_VERSIONS) == fmt.SCREEN_FORMAT_VERSION
     assert lib.CARVQ_MIN_FORMAT_VERSION == min(fmt.READABLE_VERSIONS)
     assert lib.CARVQ_MAX_LEVELS == fmt.MAX_LEVELS
     assert lib.CARVQ_MIN_CODEBOOK_SIZE == fmt.MIN_CODEBOOK_SIZE
@@ -354,7 +354,7 @@ def test_layout_check_accepts_valid(libs):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (dict(version=3), "format_version 3"),
+    (dict(version=4), "format_version 4"),
     (dict(N=5, Lh=2), "need carvq.format_version 2"),
     (dict(version=2, N=101, Lh=2), "hot_rows 101"),
     (dict(version=2, N=-1, Lh=2), "hot_rows -1"),

@@ -48,11 +48,8 @@ def test_convert_roundtrip(arch, source, workdir, tiny_hf, tiny_gguf, tiny_carvq
     n_weights = V * report.n_embd
     assert reader.get_field("carvq.bpw").contents() == pytest.approx(8 * carvq_bytes / n_weights, rel=1e-6)
     assert reader.get_field("carvq.head_bpw").contents() == pytest.approx(8 * int(head.n_bytes) / n_weights, rel=1e-6)
-    # the head's screen index (format v3): every output.carvq.* byte counted
-    screen_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith("output.carvq."))
-    assert screen_bytes == report.screen_bytes > 0
-    assert reader.get_field("carvq.format_version").contents() == 3
-    assert reader.get_field("carvq.screen.bpw").contents() == pytest.approx(8 * screen_bytes / n_weights, rel=1e-6)
+    # no screen index unless asked for (--screen-index): format version 2
+    assert reader.get_field("carvq.format_version").contents() == 2 and report.screen_bytes == 0
 
     # every other tensor is the source's, byte for byte
     src = gio.open_gguf(tiny_gguf(arch))
@@ -152,7 +149,7 @@ def test_inspect_lists_tensors_and_totals(tiny_carvq, capsys):
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "token_embd.carvq.codes" in text and "I8" in text
-    assert "CARVQ format 3" in text and "head copy" in text and "head screen index" in text and "hot rows: 24 tokens with 2 more levels" in text
+    assert "CARVQ format 2" in text and "head copy" in text and "hot rows: 24 tokens with 2 more levels" in text
     assert f"{report.n_vocab} x {report.n_embd}" in text
 
 
@@ -358,16 +355,32 @@ def test_exported_file_runs_on_stock_llama_cpp(tiny_carvq, workdir, stock_perple
 
 
 def test_without_screen_index_the_file_is_version_2(tiny_carvq):
-    """--no-screen-index: no output.carvq.* tensor, no carvq.screen.* key, format version 2 (what
+    """The default: no output.carvq.* tensor, no carvq.screen.* key, format version 2 (what
     readers of version 2 load), and the screened head screens with the lookup's codes."""
     import gguf
 
-    out, report = tiny_carvq("llama", screen=False)
+    out, report = tiny_carvq("llama")
     reader = gguf.GGUFReader(out)
     assert reader.get_field("carvq.format_version").contents() == 2
     assert not [t.name for t in reader.tensors if t.name.startswith("output.carvq.")]
     assert not [k for k in reader.fields if k.startswith("carvq.screen.")]
     assert report.screen_bytes == 0
+
+
+def test_screen_index_file_is_version_3_and_counts_every_byte(tiny_carvq):
+    """--screen-index on a tiny model (k >= V: the held-out check keeps it): format version 3,
+    carvq.screen.bpw over every output.carvq.* byte, and the choice noted in the report."""
+    import gguf
+
+    out, report = tiny_carvq("llama", screen=True)
+    reader = gguf.GGUFReader(out)
+    assert reader.get_field("carvq.format_version").contents() == 3
+    screen_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith("output.carvq."))
+    assert screen_bytes == report.screen_bytes > 0
+    n_weights = report.n_vocab * report.n_embd
+    assert reader.get_field("carvq.screen.bpw").contents() == pytest.approx(8 * screen_bytes / n_weights, rel=1e-6)
+    assert any(note.startswith("screen index kept") for note in report.notes)
+    assert "head screen index" in report.format()
 
 
 def test_screen_index_metric():

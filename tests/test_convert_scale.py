@@ -49,9 +49,7 @@ def test_llama_1b_shape_converts_within_3x_the_f32_embedding(tmp_path):
     src, out = tmp_path / "synthetic-1b.gguf", tmp_path / "synthetic-1b.carvq.gguf"
     _synthetic_llama(src)
     t0 = time.perf_counter()
-    # --no-screen-index: the screen index runs the model, and this one has no tokenizer or blocks
-    proc = subprocess.Popen([sys.executable, "-m", "carvq.cli", "convert", str(src), "-o", str(out), "-q",
-                             "--no-screen-index"],
+    proc = subprocess.Popen([sys.executable, "-m", "carvq.cli", "convert", str(src), "-o", str(out), "-q"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stderr = proc.stderr.read()  # -q: a few lines at most, so the pipe never fills
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS (ru_maxrss, KiB)

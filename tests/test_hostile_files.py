@@ -20,7 +20,7 @@ from hostile_corpus import make
 
 @pytest.fixture(scope="module")
 def corpus(workdir, tiny_carvq) -> dict[Path, str]:
-    good, _ = tiny_carvq("llama")  # adaptor and hot rows
+    good, _ = tiny_carvq("llama", screen=True)  # adaptor, hot rows and a screen index (format v3)
     out = workdir / "hostile"
     manifest = make(good, out)
     return {out / name: fragment for name, fragment in manifest.items()}

@@ -68,13 +68,7 @@ def conversion_estimate(reader, file_bytes: int) -> list[str]:
         block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[head_type]]
         head = V * n // block * size
         head_note = f" + a {head_type} head copy of {head / MiB:.2f} MiB (the tied head needs rows of its own)"
-    # the head's screen index (format v3) at its default configuration, and its n x n projection
-    from carvq.converter.screen_index import DEFAULT_CONFIG
-
-    scfg = DEFAULT_CONFIG.resolve_hot(V, n)
-    index = sum(cfgmod.part_bytes(scfg, V, n).values()) + 4 * n * n
-    head_note += f" + a screen index of the head of {index / MiB:.2f} MiB"
-    expected = file_bytes - eb + lookup + head + index + 1200  # + the carvq.* keys and the new tensors' headers
+    expected = file_bytes - eb + lookup + head + 640  # + the carvq.* keys and the new tensors' headers
     lines.append(f"carvq convert at the defaults (d={cfg.group_size}, L={cfg.levels}, {cfg.hot_rows} hot rows): lookup "
                  f"{lookup / MiB:.2f} MiB ({8 * lookup / (V * n):.3f} bpw){head_note}; file about "
                  f"{expected / MiB:.2f} MiB instead of {file_bytes / MiB:.2f} MiB ({100 * (expected - file_bytes) / file_bytes:+.1f} %)")
