@@ -77,6 +77,9 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
         screen = screen_index.DEFAULT_CONFIG
     src, out = Path(input_path), Path(output_path)
     _check_paths(src, out, calibration, force)
+    if screen and calibration is None:
+        raise CarvqError("--screen-index needs --calibration: the index is fitted to, and judged on, the model's hidden "
+                         "states on text like the text it will see (docs/SCREEN.md)")
     if target_bpw is not None and target_bpw <= 0:
         raise CarvqError(f"--target-bpw {target_bpw}: must be positive")
     with tempfile.TemporaryDirectory(prefix="carvq-") as tmpdir:
@@ -121,7 +124,7 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
     if bad is not None:
         raise CarvqError(f"{src}: {gio.EMBD} holds non-finite values (row {bad}); nothing to compress")
     # the source model runs here (mapped, a small context): less than the fit's own peak
-    states = screen_index.hidden_states(gguf_path, calibration, seed, progress) if screen else None
+    states = screen_index.hidden_states(gguf_path, calibration, progress) if screen else None
     memory.trim()
     V, n = M.shape
     w, weights_from = _token_weights(reader, V, calibration, gguf_path)

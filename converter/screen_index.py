@@ -12,9 +12,11 @@ Measured on SmolLM2-135M (512 positions of the Britannica text; docs/RESULTS.md,
 at k = 2048 the index keeps the dense top-40 set inside the candidates at 99.6 % of positions
 (KLD 0.010) where the lookup's own codes manage 87 % (KLD 0.050) with as many bytes.
 
-The hidden states come from the calibration text when there is one, else from text the source
-model writes itself (sampled at temperature 1): no data to download, and on SmolLM2 the
-index fitted on that is as good as one fitted on Britannica text (KLD at k = 4096: 0.0087).
+The hidden states come from the calibration text, which a screen index requires: text the
+model wrote itself (sampled at temperature 1 from BOS) served SmolLM2 well, but on Gemma-3 it
+gave an index that screens Britannica text far worse than the lookup's codes (KLD 0.086
+against 0.018 at k = 4096) while a held-out part of that same self-written text judged it
+better; with calibration text the same check drops Gemma's index and keeps SmolLM2's.
 """
 from __future__ import annotations
 
@@ -37,48 +39,36 @@ from carvq.converter.config import Config
 RIDGE = 0.3
 SAMPLE_TOKENS = 2048  # hidden states the metric is estimated from
 HELD_OUT_TOKENS = 512  # and more, held out, to choose between the index and the lookup's codes
-SEQUENCE_TOKENS = 512  # per context window of calibration text; self-written sequences are half as long,
-                       # twice as many, written side by side (Model.sample_sequences)
+SEQUENCE_TOKENS = 512  # per context window of calibration text
 # The index's own configuration: the lookup's default (d = 8, L = 3, hot rows for 0.08 bpw);
 # see docs/RESULTS.md for the cheaper ones measured.
 DEFAULT_CONFIG = Config(group_size=8, levels=3, adaptor_rank=0, hot_bpw=0.08)
 
 
-def hidden_states(gguf_path: Path, calibration: Path | None, seed: int, progress: bool) -> tuple[np.ndarray, np.ndarray, str]:
-    """Final hidden states of the source model, as its output head sees them (llama.cpp's
-    "result_norm"): (T, n) to fit the metric to, (T', n) held out to judge the index by
-    (`choose`), and where they came from."""
+def hidden_states(gguf_path: Path, calibration: Path, progress: bool) -> tuple[np.ndarray, np.ndarray, str]:
+    """Final hidden states of the source model on the calibration text, as its output head sees
+    them (llama.cpp's "result_norm"): (T, n) to fit the metric to, (T', n) held out to judge the
+    index by (`choose`), and where they came from."""
     from carvq.runtime.model import Model
 
+    try:
+        text = Path(calibration).read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise CarvqError(f"{calibration}: cannot read calibration text ({exc.strerror})") from None
     try:
         model = Model(gguf_path, n_ctx=SEQUENCE_TOKENS, n_batch=SEQUENCE_TOKENS)
     except CarvqError as exc:
         raise CarvqError(f"the head's screen index is fitted to the model's own hidden states, but {exc}; "
                          "convert without --screen-index") from None
+    rows: list[np.ndarray] = []
     with model as m:
-        rows: list[np.ndarray] = []
-        if calibration is not None:
-            try:
-                text = Path(calibration).read_text(encoding="utf-8", errors="replace")
-            except OSError as exc:
-                raise CarvqError(f"{calibration}: cannot read calibration text ({exc.strerror})") from None
-            tokens = m.tokenize(text[: (SAMPLE_TOKENS + HELD_OUT_TOKENS) * 16], add_special=False)
-            tokens = tokens[: SAMPLE_TOKENS + HELD_OUT_TOKENS]
-            for a in range(0, len(tokens), SEQUENCE_TOKENS):
-                if len(tokens) - a >= 16:
-                    rows.append(m.hidden_states(tokens[a : a + SEQUENCE_TOKENS]))
-            how = f"{sum(len(r) for r in rows)} tokens of {calibration}"
-        else:
-            start = m.tokenize("", add_special=True) or m.tokenize("\n", add_special=False)
-            total = SAMPLE_TOKENS + HELD_OUT_TOKENS
-            bar = tqdm(total=total, desc="carvq screen: self-written text", unit="tok", disable=not progress, leave=False)
-            seqs = m.sample_sequences(start, total // (SEQUENCE_TOKENS // 2), SEQUENCE_TOKENS // 2 - len(start),
-                                      seed=seed, progress=bar.update)
-            bar.close()
-            for seq in seqs:
-                if len(seq) >= 16:  # a sequence that ended at once says little
-                    rows.append(m.hidden_states(seq))
-            how = f"{sum(len(r) for r in rows)} tokens of text the model wrote itself (temperature 1)"
+        tokens = m.tokenize(text[: (SAMPLE_TOKENS + HELD_OUT_TOKENS) * 16], add_special=False)
+        tokens = tokens[: SAMPLE_TOKENS + HELD_OUT_TOKENS]
+        for a in tqdm(range(0, len(tokens), SEQUENCE_TOKENS), desc="carvq screen: hidden states", unit="window",
+                      disable=not progress, leave=False):
+            if len(tokens) - a >= 16:
+                rows.append(m.hidden_states(tokens[a : a + SEQUENCE_TOKENS]))
+    how = f"{sum(len(r) for r in rows)} tokens of {calibration}"
     if not rows:
         raise CarvqError("the screen index needs the model's hidden states, and none could be sampled "
                          "(calibration text too short?); convert without --screen-index")

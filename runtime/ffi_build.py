@@ -52,7 +52,6 @@ struct llama_context_params {
     uint32_t n_ctx;
     uint32_t n_batch;
     uint32_t n_ubatch;
-    uint32_t n_seq_max;
     int32_t  n_threads;
     int32_t  n_threads_batch;
     ggml_backend_sched_eval_callback cb_eval;

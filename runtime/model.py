@@ -455,68 +455,6 @@ class Model:
         finally:
             lib.llama_sampler_free(sampler)
 
-    def sample_sequences(self, start: list[int], n_seq: int, max_tokens: int, seed: int = 0,
-                         temperature: float = 1.0, progress=None) -> list[list[int]]:
-        """n_seq texts the model writes after `start`, sampled side by side: one llama_decode per
-        step carries a token of every unfinished sequence, so a memory-bound model writes them
-        about n_seq times faster than one after another. Each ends at an end-of-generation token
-        or after max_tokens; returns start + its tokens for each. progress(n) is called with the
-        number of tokens each step added."""
-        if not start or n_seq < 1 or max_tokens < 1:
-            raise CarvqError("sample_sequences: empty start, or n_seq / max_tokens below 1")
-        self._check_tokens(start)
-        with self._lock:
-            self._epoch += 1
-            self._live_model()
-            cparams = lib.llama_context_default_params()
-            cparams.n_ctx = n_seq * (len(start) + max_tokens)
-            cparams.n_batch = cparams.n_ubatch = max(n_seq, n_seq * len(start))
-            cparams.n_seq_max = n_seq
-            cparams.n_threads = cparams.n_threads_batch = self._n_threads
-            cparams.no_perf = True
-            _errors.reset()
-            ctx = lib.llama_init_from_model(self._model, cparams)
-            if ctx == ffi.NULL:
-                raise CarvqError(f"llama.cpp could not create a context: {_errors.last_error or 'unknown error'}")
-            samplers = [self._sampler(temperature, 1.0, seed + s) for s in range(n_seq)]
-            seqs = [list(start) for _ in range(n_seq)]
-            batch = lib.llama_batch_init(n_seq * len(start), 0, 1)
-            try:
-                # every sequence's start, then a token of each unfinished sequence per step
-                feed = [(s, i, tok) for s in range(n_seq) for i, tok in enumerate(start)]
-                active = list(range(n_seq))
-                for _ in range(max_tokens):
-                    batch.n_tokens = len(feed)
-                    last = {}
-                    for b, (s, pos, tok) in enumerate(feed):
-                        batch.token[b], batch.pos[b], batch.n_seq_id[b] = tok, pos, 1
-                        batch.seq_id[b][0] = s
-                        batch.logits[b] = 1 if pos == len(seqs[s]) - 1 else 0
-                        if batch.logits[b]:
-                            last[s] = b
-                    os.environ.update(self._head_env)
-                    _errors.reset()
-                    if lib.llama_decode(ctx, batch) != 0:
-                        raise CarvqError(f"llama_decode failed: {_errors.last_error or 'see llama.cpp log'}")
-                    feed = []
-                    for s in active:
-                        tok = lib.llama_sampler_sample(samplers[s], ctx, last[s])
-                        if lib.llama_vocab_is_eog(self._vocab, tok):
-                            continue
-                        seqs[s].append(tok)
-                        feed.append((s, len(seqs[s]) - 1, tok))
-                    active = [s for s, _, _ in feed]
-                    if progress:
-                        progress(len(feed))
-                    if not feed:
-                        break
-            finally:
-                lib.llama_batch_free(batch)
-                for smpl in samplers:
-                    lib.llama_sampler_free(smpl)
-                lib.llama_free(ctx)
-        return seqs
-
     def _check_epoch(self, epoch: int) -> None:
         if self._model is None or self._ctx is None:
             raise CarvqError("the model was closed while generating")

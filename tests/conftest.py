@@ -86,6 +86,10 @@ def tiny_gguf(workdir, tiny_hf):
     return get
 
 
+SCREEN_TEXT = ("the river runs past the old mill and the bridge. a cat sat on the wall of the city, and the "
+               "people of the town went to the market in the morning.\n") * 60
+
+
 @pytest.fixture(scope="session")
 def tiny_carvq(workdir, tiny_gguf):
     """(arch, screen index or not) -> (CARVQ-GGUF path, conversion report), converted from the GGUF."""
@@ -96,7 +100,12 @@ def tiny_carvq(workdir, tiny_gguf):
     def get(arch: str, screen: bool = False):
         if (arch, screen) not in cache:
             out = workdir / f"{arch}{'' if screen else '.noscreen'}.carvq.gguf"
-            report = convert(tiny_gguf(arch), out, tiny_config(arch), iters=2, seed=0, progress=False, screen=screen)
+            text = None
+            if screen:  # a screen index is fitted to the hidden states of a calibration text
+                text = workdir / "screen-calibration.txt"
+                text.write_text(SCREEN_TEXT)
+            report = convert(tiny_gguf(arch), out, tiny_config(arch), iters=2, seed=0, progress=False, screen=screen,
+                             calibration=text)
             cache[arch, screen] = (out, report)
         return cache[arch, screen]
 

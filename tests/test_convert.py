@@ -394,3 +394,14 @@ def test_screen_index_metric():
     assert np.allclose(sqrt_s @ inv_sqrt_s, np.eye(12), atol=1e-9)
     e = rng.standard_normal(12)
     assert np.allclose((H @ inv_sqrt_s) @ (sqrt_s @ e), H @ e, rtol=1e-8, atol=1e-10)
+
+
+def test_screen_index_needs_calibration_text(tiny_gguf, tmp_path):
+    """Text the model writes itself misled the index on Gemma-3 (docs/SCREEN.md): refused, clearly."""
+    from carvq.converter.convert import convert
+    from carvq.errors import CarvqError
+
+    out = tmp_path / "x.carvq.gguf"
+    with pytest.raises(CarvqError, match="--screen-index needs --calibration"):
+        convert(tiny_gguf("llama"), out, tiny_config("llama"), iters=1, progress=False, screen=True)
+    assert not out.exists()

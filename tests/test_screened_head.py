@@ -37,12 +37,15 @@ def test_an_untied_head_is_screened_with_its_own_index(workdir):
     from carvq import screen
     from carvq.converter.convert import convert
     from carvq.runtime.model import Model
-    from conftest import tiny_config
+    from conftest import SCREEN_TEXT, tiny_config
     from tiny_models import make_tiny_checkpoint
 
     hf = make_tiny_checkpoint("qwen2", workdir / "hf-qwen2-untied", tied=False, seed=3)
     out = workdir / "qwen2-untied.carvq.gguf"
-    report = convert(hf, out, tiny_config("qwen2"), iters=1, hf_outtype="f32", progress=False, screen=True)
+    text = workdir / "untied-calibration.txt"
+    text.write_text(SCREEN_TEXT)
+    report = convert(hf, out, tiny_config("qwen2"), iters=1, hf_outtype="f32", progress=False, screen=True,
+                     calibration=text)
     assert not report.head_copied and report.screen_bytes > 0
     _check_candidates(out, True, k=24)
     # the index approximates this head, not the embedding
