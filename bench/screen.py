@@ -51,9 +51,18 @@ def _converted(name: str, stock: Path, own_index: bool = False) -> Path:
     out = cache_dir() / "bench" / f"{name}.default.{'v3' if own_index else 'v2'}.carvq.gguf"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        extra = ["--screen-index"] if own_index else []
+        extra = ["--screen-index", "--calibration", str(_screen_calibration())] if own_index else []
         subprocess.run([sys.executable, "-m", "carvq.cli", "convert", str(stock), "-o", str(out), "-q", *extra],
                        check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def _screen_calibration() -> Path:
+    """Calibration text for --screen-index: 300 000 characters of the Britannica text from far
+    after the part the quality runs evaluate on (its first chunks)."""
+    out = cache_dir() / "bench" / "britannica-screen-calibration.txt"
+    if not out.exists():
+        out.write_text(models.britannica_text().read_text(encoding="utf-8")[200_000:500_000], encoding="utf-8")
     return out
 
 
