@@ -71,6 +71,12 @@ class Config:
         return replace(cfg, hot_rows=min(cfg.hot_rows, n_vocab))
 
 
+# The head's screen index (carvq convert --screen-index): the lookup's default configuration
+# (d = 8, L = 3, hot rows for 0.08 bpw), no adaptor; docs/RESULTS.md (session 7) has the cheaper
+# ones measured. Here, not in screen_index.py, so that the CLI reads it without torch.
+SCREEN_DEFAULT = Config(group_size=8, levels=3, adaptor_rank=0, hot_bpw=0.08)
+
+
 def part_bytes(cfg: Config, n_vocab: int, n_embd: int) -> dict[str, int]:
     """Bytes of each CARVQ tensor group, exactly as written (no alignment padding)."""
     G = n_embd // cfg.group_size

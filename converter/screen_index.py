@@ -31,7 +31,7 @@ from carvq.errors import CarvqError
 from carvq.gguf_io import row_chunks
 
 from carvq.converter import memory, train
-from carvq.converter.config import Config
+from carvq.converter.config import SCREEN_DEFAULT, Config
 
 # S + RIDGE * trace(S)/n * I: the sample is a few thousand states, and whitening its smallest
 # directions fits noise. Measured (SmolLM2, KLD at k = 4096, self-written text): 1e-4 0.20,
@@ -40,9 +40,7 @@ RIDGE = 0.3
 SAMPLE_TOKENS = 2048  # hidden states the metric is estimated from
 HELD_OUT_TOKENS = 512  # and more, held out, to choose between the index and the lookup's codes
 SEQUENCE_TOKENS = 512  # per context window of calibration text
-# The index's own configuration: the lookup's default (d = 8, L = 3, hot rows for 0.08 bpw);
-# see docs/RESULTS.md for the cheaper ones measured.
-DEFAULT_CONFIG = Config(group_size=8, levels=3, adaptor_rank=0, hot_bpw=0.08)
+DEFAULT_CONFIG = SCREEN_DEFAULT
 
 
 def hidden_states(gguf_path: Path, calibration: Path, progress: bool) -> tuple[np.ndarray, np.ndarray, str]:

@@ -129,6 +129,44 @@ static void carvq_expect_type(const ggml_tensor * t, bool allow_f16, bool is_cod
     }
 }
 
+struct carvq_hot_tensors {
+    llm_tensor ids, codes, codebooks;
+};
+
+// The hot rows' three tensors of an RVQ (the lookup's, or the screen index's) with layout l:
+// created and type-checked when l.hot_rows > 0; refused when present while it is 0 (rows_key
+// names the key that says so).
+static void carvq_create_hot(llama_model_base & model, llama_model_loader & ml, const carvq_layout & l,
+                             const carvq_hot_tensors & names, const char * rows_key, const ggml_tensor * codebooks,
+                             ggml_tensor *& hot_ids, ggml_tensor *& hot_codes, ggml_tensor *& hot_codebooks) {
+    const LLM_TN & tn = model.tn;
+    if (l.hot_rows == 0) {
+        for (const llm_tensor t : { names.ids, names.codes, names.codebooks }) {
+            if (ml.get_tensor_meta(tn(t).str().c_str()) != nullptr) {
+                throw std::runtime_error(format("CARVQ: tensor %s present but %s is 0", tn(t).str().c_str(), rows_key));
+            }
+        }
+        return;
+    }
+    int64_t hot_codes_ne[2];
+    int64_t hot_cb_ne[4];
+    carvq_layout_hot_codes_ne(&l, hot_codes_ne);
+    carvq_layout_hot_codebooks_ne(&l, hot_cb_ne);
+    hot_ids       = model.create_tensor(tn(names.ids),   {l.hot_rows}, 0);
+    hot_codes     = model.create_tensor(tn(names.codes), {hot_codes_ne[0], hot_codes_ne[1]}, 0);
+    hot_codebooks = model.create_tensor(tn(names.codebooks), {hot_cb_ne[0], hot_cb_ne[1], hot_cb_ne[2], hot_cb_ne[3]}, 0);
+    if (hot_ids->type != GGML_TYPE_I32) {
+        throw std::runtime_error(format("CARVQ: tensor %s has type %s, expected i32", hot_ids->name,
+                                        ggml_type_name(hot_ids->type)));
+    }
+    carvq_expect_type(hot_codes, false, true);
+    carvq_expect_type(hot_codebooks, true);
+    if (hot_codebooks->type != codebooks->type) {
+        throw std::runtime_error(format("CARVQ: tensor %s must have the type of the codebooks (%s)", hot_codebooks->name,
+                                        ggml_type_name(codebooks->type)));
+    }
+}
+
 // The output head's screen index (docs/SCREEN.md, version 3): an RVQ of the head's rows with
 // hot rows and no adaptor, and the projection of the hidden states into its metric. Absent
 // when the file has no carvq.screen.levels key; then none of its tensors may be present.
@@ -175,34 +213,10 @@ static void carvq_load_screen_index(llama_model_base & model, llama_model_loader
     carvq_expect_type(carvq.screen_codes, false, true);
     carvq_expect_type(carvq.screen_codebooks, true);
     carvq_expect_type(carvq.screen_projection, false);
-    if (l.hot_rows > 0) {
-        int64_t hot_codes_ne[2];
-        int64_t hot_cb_ne[4];
-        carvq_layout_hot_codes_ne(&l, hot_codes_ne);
-        carvq_layout_hot_codebooks_ne(&l, hot_cb_ne);
-        carvq.screen_hot_ids   = model.create_tensor(tn(LLM_TENSOR_CARVQ_SCREEN_HOT_IDS), {l.hot_rows}, 0);
-        carvq.screen_hot_codes = model.create_tensor(tn(LLM_TENSOR_CARVQ_SCREEN_HOT_CODES), {hot_codes_ne[0], hot_codes_ne[1]}, 0);
-        carvq.screen_hot_codebooks = model.create_tensor(tn(LLM_TENSOR_CARVQ_SCREEN_HOT_CODEBOOKS),
-                                                         {hot_cb_ne[0], hot_cb_ne[1], hot_cb_ne[2], hot_cb_ne[3]}, 0);
-        if (carvq.screen_hot_ids->type != GGML_TYPE_I32) {
-            throw std::runtime_error(format("CARVQ: tensor %s has type %s, expected i32", carvq.screen_hot_ids->name,
-                                            ggml_type_name(carvq.screen_hot_ids->type)));
-        }
-        carvq_expect_type(carvq.screen_hot_codes, false, true);
-        carvq_expect_type(carvq.screen_hot_codebooks, true);
-        if (carvq.screen_hot_codebooks->type != carvq.screen_codebooks->type) {
-            throw std::runtime_error(format("CARVQ: tensor %s must have the type of %s (%s)", carvq.screen_hot_codebooks->name,
-                                            carvq.screen_codebooks->name, ggml_type_name(carvq.screen_codebooks->type)));
-        }
-    } else {
-        for (const llm_tensor t : { LLM_TENSOR_CARVQ_SCREEN_HOT_IDS, LLM_TENSOR_CARVQ_SCREEN_HOT_CODES,
-                                    LLM_TENSOR_CARVQ_SCREEN_HOT_CODEBOOKS }) {
-            if (ml.get_tensor_meta(tn(t).str().c_str()) != nullptr) {
-                throw std::runtime_error(format("CARVQ: tensor %s present but %s is 0", tn(t).str().c_str(),
-                                                carvq_key::SCREEN_HOT_ROWS));
-            }
-        }
-    }
+    carvq_create_hot(model, ml, l, { LLM_TENSOR_CARVQ_SCREEN_HOT_IDS, LLM_TENSOR_CARVQ_SCREEN_HOT_CODES,
+                                     LLM_TENSOR_CARVQ_SCREEN_HOT_CODEBOOKS },
+                     carvq_key::SCREEN_HOT_ROWS, carvq.screen_codebooks, carvq.screen_hot_ids, carvq.screen_hot_codes,
+                     carvq.screen_hot_codebooks);
     LLAMA_LOG_INFO("%s: CARVQ screen index: d=%d L=%d K=%d, %lld hot rows +%d levels\n", __func__, l.group_size,
                    l.levels, l.codebook_size, (long long) l.hot_rows, l.hot_levels);
 }
@@ -255,32 +269,8 @@ void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml,
     carvq_expect_type(carvq.codes, false, true);
     carvq_expect_type(carvq.codebooks, true);
 
-    if (l.hot_rows > 0) {
-        int64_t hot_codes_ne[2];
-        int64_t hot_cb_ne[4];
-        carvq_layout_hot_codes_ne(&l, hot_codes_ne);
-        carvq_layout_hot_codebooks_ne(&l, hot_cb_ne);
-        carvq.hot_ids       = model.create_tensor(tn(LLM_TENSOR_CARVQ_HOT_IDS),   {l.hot_rows}, 0);
-        carvq.hot_codes     = model.create_tensor(tn(LLM_TENSOR_CARVQ_HOT_CODES), {hot_codes_ne[0], hot_codes_ne[1]}, 0);
-        carvq.hot_codebooks = model.create_tensor(tn(LLM_TENSOR_CARVQ_HOT_CODEBOOKS),
-                                                  {hot_cb_ne[0], hot_cb_ne[1], hot_cb_ne[2], hot_cb_ne[3]}, 0);
-        if (carvq.hot_ids->type != GGML_TYPE_I32) {
-            throw std::runtime_error(format("CARVQ: tensor %s has type %s, expected i32", carvq.hot_ids->name,
-                                            ggml_type_name(carvq.hot_ids->type)));
-        }
-        carvq_expect_type(carvq.hot_codes, false, true);
-        carvq_expect_type(carvq.hot_codebooks, true);
-        if (carvq.hot_codebooks->type != carvq.codebooks->type) {
-            throw std::runtime_error(format("CARVQ: tensor %s must have the type of the codebooks (%s)",
-                                            carvq.hot_codebooks->name, ggml_type_name(carvq.codebooks->type)));
-        }
-    } else {
-        for (const llm_tensor t : { LLM_TENSOR_CARVQ_HOT_IDS, LLM_TENSOR_CARVQ_HOT_CODES, LLM_TENSOR_CARVQ_HOT_CODEBOOKS }) {
-            if (ml.get_tensor_meta(tn(t).str().c_str()) != nullptr) {
-                throw std::runtime_error(format("CARVQ: tensor %s present but carvq.hot_rows is 0", tn(t).str().c_str()));
-            }
-        }
-    }
+    carvq_create_hot(model, ml, l, { LLM_TENSOR_CARVQ_HOT_IDS, LLM_TENSOR_CARVQ_HOT_CODES, LLM_TENSOR_CARVQ_HOT_CODEBOOKS },
+                     carvq_key::HOT_ROWS, carvq.codebooks, carvq.hot_ids, carvq.hot_codes, carvq.hot_codebooks);
 
     if (l.adaptor_rank > 0) {
         const int64_t m = l.adaptor_rank, h = l.adaptor_hidden, n = l.n_embd, V = l.n_vocab;
@@ -322,7 +312,9 @@ void llama_carvq_check_data(llama_carvq & carvq) {
     // the decoder and the screen read the tensors' bytes on the CPU: an --override-tensor to a
     // device buffer must be refused here, before anything dereferences device memory
     const ggml_tensor * all[] = { carvq.codes, carvq.codebooks, carvq.sigma0, carvq.up_w, carvq.up_b, carvq.down_w,
-                                  carvq.down_b, carvq.hot_ids, carvq.hot_codes, carvq.hot_codebooks };
+                                  carvq.down_b, carvq.hot_ids, carvq.hot_codes, carvq.hot_codebooks,
+                                  carvq.screen_codes, carvq.screen_codebooks, carvq.screen_hot_ids,
+                                  carvq.screen_hot_codes, carvq.screen_hot_codebooks, carvq.screen_projection };
     for (const ggml_tensor * t : all) {
         if (t != nullptr && (t->buffer == nullptr || !ggml_backend_buffer_is_host(t->buffer))) {
             throw std::runtime_error(format("CARVQ: tensor %s was placed in buffer %s, which is not host memory; "
@@ -355,30 +347,7 @@ void llama_carvq_check_data(llama_carvq & carvq) {
     }
     llama_carvq_screen & sc = carvq.screen;
     if (carvq.screen_codes != nullptr) {
-        // the screen index, checked like the lookup: host memory, finite floats, codes in range
-        const ggml_tensor * index[] = { carvq.screen_codes, carvq.screen_codebooks, carvq.screen_hot_ids,
-                                        carvq.screen_hot_codes, carvq.screen_hot_codebooks, carvq.screen_projection };
-        for (const ggml_tensor * t : index) {
-            if (t == nullptr) {
-                continue;
-            }
-            if (t->buffer == nullptr || !ggml_backend_buffer_is_host(t->buffer)) {
-                throw std::runtime_error(format("CARVQ: tensor %s was placed in buffer %s, which is not host memory; "
-                                                "CARVQ tensors are read on the CPU (do not override their placement)",
-                                                t->name, t->buffer ? ggml_backend_buffer_name(t->buffer) : "(none)"));
-            }
-            if (t->type == GGML_TYPE_F32 || t->type == GGML_TYPE_F16) {
-                const int64_t n = ggml_nelements(t);
-                for (int64_t i = 0; i < n; ++i) {
-                    const float x = t->type == GGML_TYPE_F32 ? ((const float *) t->data)[i]
-                                                             : ggml_fp16_to_fp32(((const ggml_fp16_t *) t->data)[i]);
-                    if (!std::isfinite(x)) {
-                        throw std::runtime_error(format("CARVQ: tensor %s holds a non-finite value at element %lld",
-                                                        t->name, (long long) i));
-                    }
-                }
-            }
-        }
+        // the screen index: host memory and finite floats checked above with the lookup; codes here
         const carvq_layout & l = carvq.screen_layout;
         if (carvq_codes_check(&l, (const uint8_t *) carvq.screen_codes->data, err, sizeof(err)) != 0) {
             throw std::runtime_error(format("CARVQ: tensor %s: %s", carvq.screen_codes->name, err));

@@ -32,9 +32,9 @@ def _cmd_convert(args) -> int:
 
 
 def screen_index_defaults():
-    from carvq.converter.screen_index import DEFAULT_CONFIG
+    from carvq.converter.config import SCREEN_DEFAULT  # torch-free: the runtime parses these options too
 
-    return DEFAULT_CONFIG
+    return SCREEN_DEFAULT
 
 
 def _cmd_export(args) -> int:
