@@ -70,11 +70,11 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
             body_type: str | None = None, progress: bool = True, force: bool = False,
             screen: Config | bool | None = None) -> Report:
     """screen: fit the head's own screen index (format v3; kept for a tied model only where it
-    screens better than the lookup's codes): True for screen_index.DEFAULT_CONFIG, a Config of
-    its own, or False/None for none (the default: format v2)."""
+    screens better than the lookup's codes): True for config.SCREEN_DEFAULT, a Config of its
+    own, or False/None for none (the default: format v2)."""
     start = time.perf_counter()
     if screen is True:
-        screen = screen_index.DEFAULT_CONFIG
+        screen = cfgmod.SCREEN_DEFAULT
     src, out = Path(input_path), Path(output_path)
     _check_paths(src, out, calibration, force)
     if screen and calibration is None:

@@ -20,7 +20,6 @@ better; with calibration text the same check drops Gemma's index and keeps SmolL
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ from carvq.errors import CarvqError
 from carvq.gguf_io import row_chunks
 
 from carvq.converter import memory, train
-from carvq.converter.config import SCREEN_DEFAULT, Config
+from carvq.converter.config import Config
 
 # S + RIDGE * trace(S)/n * I: the sample is a few thousand states, and whitening its smallest
 # directions fits noise. Measured (SmolLM2, KLD at k = 4096, self-written text): 1e-4 0.20,
@@ -40,7 +39,6 @@ RIDGE = 0.3
 SAMPLE_TOKENS = 2048  # hidden states the metric is estimated from
 HELD_OUT_TOKENS = 512  # and more, held out, to choose between the index and the lookup's codes
 SEQUENCE_TOKENS = 512  # per context window of calibration text
-DEFAULT_CONFIG = SCREEN_DEFAULT
 
 
 def hidden_states(gguf_path: Path, calibration: Path, progress: bool) -> tuple[np.ndarray, np.ndarray, str]:
@@ -98,7 +96,7 @@ def fit(E: np.ndarray, w: np.ndarray, H: np.ndarray, cfg: Config, seed: int, pro
     for a, b in row_chunks(V):
         E[a:b] = E[a:b] @ sqrt_s
     memory.trim()
-    cfg = replace(cfg.without_adaptor()).resolve_hot(V, n)
+    cfg = cfg.without_adaptor().resolve_hot(V, n)
     cfg.check(n)
     result = train.compress(E, w, cfg, 1, seed, progress)
     return fmt.ScreenIndex(result.tensors, np.ascontiguousarray(inv_sqrt_s.astype(np.float32)))
@@ -127,11 +125,8 @@ def _running_top(vals: np.ndarray | None, ids: np.ndarray | None, chunk: np.ndar
 
 def top_rows(H: np.ndarray, rows, V: int, k: int) -> np.ndarray:
     """(P, k) ids of the k largest h . r over rows r = rows(a, b) (a chunk of the matrix), per h."""
-    from carvq.gguf_io import CHUNK_ROWS
-
     vals = ids = None
-    for a in range(0, V, CHUNK_ROWS):
-        b = min(V, a + CHUNK_ROWS)
+    for a, b in row_chunks(V):
         vals, ids = _running_top(vals, ids, H @ rows(a, b).T, a, k)
     return ids
 
@@ -146,17 +141,12 @@ def choose(index: fmt.ScreenIndex, lookup: fmt.CarvqTensors, exact_top: np.ndarr
     at least as often as the lookup's codes at theirs: it then screens with fewer exact rows at
     no loss. Measured (issue 11): SmolLM2-135M keeps it (KLD 0.014 at k = 3072 against 0.016 at
     8192); Gemma-3-270M does not (its index needed k = 8192 for the codes' KLD at k = 8192)."""
-    from carvq.reference import add_hot, decode_rvq
+    from carvq.reference import decode_codes
 
     V = lookup.layout.n_vocab
 
     def rows(t: fmt.CarvqTensors):
-        def get(a, b):
-            ids = np.arange(a, b)
-            out = decode_rvq(t.layout, t.codes, t.codebooks, ids)  # what the scan approximates: no adaptor
-            add_hot(t.layout, t.hot_ids, t.hot_codes, t.hot_codebooks, ids, out)
-            return out
-        return get
+        return lambda a, b: decode_codes(t, np.arange(a, b))  # what the scan approximates: no adaptor
 
     k_index, k_codes = default_k(V, True), default_k(V, False)
     r_index = recall(exact_top, top_rows(H_held @ index.projection, rows(index.rvq), V, k_index))

@@ -305,6 +305,20 @@ void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml,
                    carvq_simd_name(carvq.codebooks->type == GGML_TYPE_F16 ? CARVQ_CODEBOOK_F16 : CARVQ_CODEBOOK_F32));
 }
 
+// Every code of an RVQ (the lookup's or the screen index's) below K, and its hot ids sorted and
+// in range: throws naming the tensor, or `hot_what` for the hot rows.
+static void carvq_check_codes(const carvq_layout & l, const ggml_tensor * codes, const ggml_tensor * hot_ids,
+                              const ggml_tensor * hot_codes, const char * hot_what) {
+    char err[256];
+    if (carvq_codes_check(&l, (const uint8_t *) codes->data, err, sizeof(err)) != 0) {
+        throw std::runtime_error(format("CARVQ: tensor %s: %s", codes->name, err));
+    }
+    if (l.hot_rows > 0 && carvq_hot_check(&l, (const int32_t *) hot_ids->data, (const uint8_t *) hot_codes->data, err,
+                                          sizeof(err)) != 0) {
+        throw std::runtime_error(format("CARVQ: %s: %s", hot_what, err));
+    }
+}
+
 void llama_carvq_check_data(llama_carvq & carvq) {
     if (!carvq.enabled()) {
         return;
@@ -336,26 +350,12 @@ void llama_carvq_check_data(llama_carvq & carvq) {
             }
         }
     }
-    char err[256];
-    if (carvq_codes_check(&carvq.layout, (const uint8_t *) carvq.codes->data, err, sizeof(err)) != 0) {
-        throw std::runtime_error(format("CARVQ: tensor %s: %s", carvq.codes->name, err));
-    }
-    if (carvq.layout.hot_rows > 0 &&
-        carvq_hot_check(&carvq.layout, (const int32_t *) carvq.hot_ids->data, (const uint8_t *) carvq.hot_codes->data,
-                        err, sizeof(err)) != 0) {
-        throw std::runtime_error(format("CARVQ: hot rows: %s", err));
-    }
+    carvq_check_codes(carvq.layout, carvq.codes, carvq.hot_ids, carvq.hot_codes, "hot rows");
     llama_carvq_screen & sc = carvq.screen;
     if (carvq.screen_codes != nullptr) {
-        // the screen index: host memory and finite floats checked above with the lookup; codes here
+        // the screen index: host memory and finite floats checked above with the lookup
         const carvq_layout & l = carvq.screen_layout;
-        if (carvq_codes_check(&l, (const uint8_t *) carvq.screen_codes->data, err, sizeof(err)) != 0) {
-            throw std::runtime_error(format("CARVQ: tensor %s: %s", carvq.screen_codes->name, err));
-        }
-        if (l.hot_rows > 0 && carvq_hot_check(&l, (const int32_t *) carvq.screen_hot_ids->data,
-                                              (const uint8_t *) carvq.screen_hot_codes->data, err, sizeof(err)) != 0) {
-            throw std::runtime_error(format("CARVQ: screen index hot rows: %s", err));
-        }
+        carvq_check_codes(l, carvq.screen_codes, carvq.screen_hot_ids, carvq.screen_hot_codes, "screen index hot rows");
         sc.layout = l;
         sc.codes = carvq.screen_codes;
         sc.codebooks = carvq.screen_codebooks;

@@ -400,7 +400,7 @@ def read_screen_index(reader, lo: Layout) -> ScreenIndex | None:
         raise CarvqError(f"CARVQ screen index: {exc}") from None
     rvq = _read_rvq(reader, layout, screen_name, ScreenKey.HOT_ROWS)
     index = ScreenIndex(rvq, _expect(reader, SCREEN_PROJECTION, ("F32",), (lo.n_embd, lo.n_embd)))
-    bad = next((name for name, arr in index.named() if arr.dtype.kind == "f" and not np.isfinite(arr).all()), None)
+    bad = first_non_finite(index)
     if bad is not None:
         raise CarvqError(f"CARVQ tensor {bad} holds non-finite values")
     return index
@@ -426,12 +426,12 @@ class Provenance:
     screen_bpw: float = 0.0  # carvq.screen.bpw: the screen index, every output.carvq.* tensor
 
 
-def first_non_finite(tensors: CarvqTensors) -> str | None:
+def first_non_finite(tensors: CarvqTensors | ScreenIndex) -> str | None:
     """The name of the first float tensor holding inf or NaN, else None."""
     return next((name for name, arr in tensors.named() if arr.dtype.kind == "f" and not np.isfinite(arr).all()), None)
 
 
-def check_finite(tensors: CarvqTensors) -> None:
+def check_finite(tensors: CarvqTensors | ScreenIndex) -> None:
     """Writers never store non-finite values (FORMAT.md): a codebook that overflowed F16, or
     a diverged adaptor, would decode to inf/NaN rows."""
     name = first_non_finite(tensors)
@@ -475,9 +475,7 @@ def write_model(source_reader, out, arch: str, tensors: CarvqTensors, provenance
     check_finite(tensors)
     screen = tensors.screen
     if screen is not None:
-        bad = next((n for n, arr in screen.named() if arr.dtype.kind == "f" and not np.isfinite(arr).all()), None)
-        if bad is not None:
-            raise CarvqError(f"{bad}: non-finite values; nothing was written")
+        check_finite(screen)
     writer = gguf.GGUFWriter(None, arch)
     gio.copy_fields(source_reader, writer, skip=set())
     add_metadata(writer, tensors.layout, provenance, screen)

@@ -80,11 +80,18 @@ def decode_adaptor(layout: Layout, sigma0, up_w, up_b, down_w, down_b, token_ids
     return (u @ np.asarray(down_w, np.float32).T + np.asarray(down_b, np.float32)).astype(np.float32)
 
 
+def decode_codes(tensors: CarvqTensors, token_ids) -> np.ndarray:
+    """What the codes alone decode to (RVQ and hot levels, no adaptor): (len(ids), n) float32.
+    It is also what the screened head's scan approximates logits with."""
+    out = decode_rvq(tensors.layout, tensors.codes, tensors.codebooks, token_ids)
+    add_hot(tensors.layout, tensors.hot_ids, tensors.hot_codes, tensors.hot_codebooks, token_ids, out)
+    return out
+
+
 def decode(tensors: CarvqTensors, token_ids) -> np.ndarray:
     """Embedding rows of `token_ids`: (len(ids), n) float32 (RVQ, hot levels, adaptor)."""
     lo = tensors.layout
-    out = decode_rvq(lo, tensors.codes, tensors.codebooks, token_ids)
-    add_hot(lo, tensors.hot_ids, tensors.hot_codes, tensors.hot_codebooks, token_ids, out)
+    out = decode_codes(tensors, token_ids)
     if lo.adaptor_rank:
         out += decode_adaptor(lo, tensors.sigma0, tensors.up_w, tensors.up_b, tensors.down_w, tensors.down_b, token_ids)
     return out
