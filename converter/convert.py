@@ -15,7 +15,7 @@ import numpy as np
 from carvq import format as fmt
 from carvq import gguf_io as gio
 from carvq.converter import config as cfgmod
-from carvq.converter import frequency, hf, memory, screen_index, train
+from carvq.converter import frequency, hf, memory, screen_index, train, tune
 from carvq.converter.body import quantize_body
 from carvq.converter.config import DEFAULT_ITERS, Config
 from carvq.converter.head import default_head_type, head_tensor
@@ -68,8 +68,9 @@ def _check_paths(src: Path, out: Path, calibration, force: bool) -> None:
 def convert(input_path, output_path, base: Config, *, target_bpw: float | None = None, iters: int = DEFAULT_ITERS,
             seed: int = 0, calibration=None, head_type: str | None = None, hf_outtype: str = "auto",
             body_type: str | None = None, progress: bool = True, force: bool = False,
-            screen: Config | bool | None = None) -> Report:
-    """screen: fit the head's own screen index (format v3; kept for a tied model only where it
+            screen: Config | bool | None = None, tune_steps: int = 0) -> Report:
+    """tune_steps: Adam steps of end-to-end tuning of the codebooks on the calibration text
+    (converter/tune.py; 0 = none). screen: fit the head's own screen index (format v3; kept for a tied model only where it
     screens better than the lookup's codes): True for config.SCREEN_DEFAULT, a Config of its
     own, or False/None for none (the default: format v2)."""
     start = time.perf_counter()
@@ -80,6 +81,10 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
     if screen and calibration is None:
         raise CarvqError("--screen-index needs --calibration: the index is fitted to, and judged on, the model's hidden "
                          "states on text like the text it will see (docs/SCREEN.md)")
+    if tune_steps < 0:
+        raise CarvqError(f"--tune-steps {tune_steps}: must not be negative")
+    if tune_steps and calibration is None:
+        raise CarvqError("--tune-steps needs --calibration: the codebooks are tuned on the model's behaviour on that text")
     if target_bpw is not None and target_bpw <= 0:
         raise CarvqError(f"--target-bpw {target_bpw}: must be positive")
     with tempfile.TemporaryDirectory(prefix="carvq-") as tmpdir:
@@ -92,7 +97,7 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
         reader = gio.open_gguf(gguf_path)
         written = Path(tmpdir) / "carvq.gguf" if body_type else out
         report = _convert_reader(reader, src, written, gguf_path, base, target_bpw, iters, seed,
-                                 calibration, head_type, progress, start, screen)
+                                 calibration, head_type, progress, start, screen, tune_steps)
         if body_type:
             quantize_body(written, out, body_type, keep_head=report.head_copied)
             report.output = str(out)
@@ -101,7 +106,7 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
 
 
 def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, calibration,
-                    head_type, progress, start, screen) -> Report:
+                    head_type, progress, start, screen, tune_steps) -> Report:
     arch = gio.field_value(reader, "general.architecture")
     if fmt.is_carvq(reader):
         raise CarvqError(f"{src}: already a CARVQ-GGUF")
@@ -139,6 +144,9 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
 
     fit = train.compress(M, w, cfg, iters, seed, progress)
     memory.trim()
+    if tune_steps:
+        notes.append(tune.tune(gguf_path, fit.tensors, Path(calibration), tune_steps, seed, progress).note())
+        memory.trim()
     errors = ErrorStats.measure(M, fit.tensors, w)
     memory.trim()
 

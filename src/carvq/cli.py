@@ -23,7 +23,7 @@ def _cmd_convert(args) -> int:
                   hot_bpw=0.0 if args.hot_rows is not None else args.hot_bpw)
     report = convert(args.input, args.output, base, target_bpw=args.target_bpw, iters=args.iters, seed=args.seed,
                      calibration=args.calibration, head_type=args.head_type, hf_outtype=args.hf_outtype,
-                     body_type=args.body_type, progress=not args.quiet, force=args.force,
+                     body_type=args.body_type, progress=not args.quiet, force=args.force, tune_steps=args.tune_steps,
                      screen=None if not args.screen_index else Config(group_size=args.screen_group_size,
                                                                      levels=args.screen_levels,
                                                                      hot_bpw=args.screen_hot_bpw))
@@ -211,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration", help="text file whose token counts weight the objective (default: a prior from the tokenizer)")
     c.add_argument("--head-type", help="type of the output.weight written for a tied model (default: Q5_0, or a byte "
                                        "copy of the source embedding when that is as small); the source type keeps the head exact")
+    c.add_argument("--tune-steps", type=int, default=0,
+                   help="then tune the codebooks end to end: this many Adam steps (256 calibration tokens each) on the KL "
+                        "divergence between the source model and the model reading the CARVQ lookup, through the frozen "
+                        "model in PyTorch; needs --calibration (default 0: none)")
     c.add_argument("--screen-index", action="store_true",
                    help="also fit an index of the output head of its own (output.carvq.*, format v3) in the metric of "
                         "the model's hidden states, and keep it where it screens better than the lookup's codes "

@@ -1,0 +1,198 @@
+"""End-to-end tuning (`carvq convert --tune-steps N`): the codes stay, the codebooks learn
+what the model needs of them.
+
+The RVQ fit minimises a token-weighted squared error of the rows, but what a user sees is
+the model's next-token distribution (docs/RESULTS.md: quality is decided by KL divergence
+through llama.cpp, never by matrix error). Here the codebooks and the hot rows' codebooks
+are refitted by Adam on the KL divergence between the source model and the same model
+reading the decoded lookup, on sequences of the calibration text, through the frozen model
+in PyTorch (transformers reads the GGUF and dequantizes it). The codes, the adaptor (if any)
+and every weight of the model stay as they are; only a few ten thousand codebook values move.
+
+The reference distribution is kept as its TOP_K most likely tokens plus one bucket for the
+rest: the KL of that coarsened distribution is a lower bound of the full one that is tight
+where the mass is, and it keeps no V-wide reference in memory.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from carvq import reference
+from carvq.errors import CarvqError
+from carvq.format import CarvqTensors, unpack_codes
+
+SEQ_TOKENS = 256
+LEARNING_RATE = 3e-4  # SmolLM2 L3+2, 60 steps: 3e-4 took the Britannica KLD 0.187 -> 0.157, 1e-3 only to 0.176
+TOP_K = 128
+HELD_OUT_SEQS = 4  # sequences never trained on: the report's KL before and after
+
+
+@dataclass
+class TuneResult:
+    steps: int
+    seconds: float
+    held_out_kl_before: float
+    held_out_kl_after: float
+    train_sequences: int
+
+    def note(self) -> str:
+        return (f"tuned {self.steps} steps on {self.train_sequences} calibration sequences of {SEQ_TOKENS} tokens "
+                f"in {self.seconds:.0f} s: KL on {HELD_OUT_SEQS} held-out sequences {self.held_out_kl_before:.4f} -> "
+                f"{self.held_out_kl_after:.4f}")
+
+
+def load_frozen(gguf_path: Path, progress: bool):
+    """The source model in float32 PyTorch, every parameter frozen."""
+    try:
+        import transformers
+        from transformers import AutoModelForCausalLM
+    except ImportError as exc:  # the converter's extra brings it
+        raise CarvqError(f"--tune-steps needs transformers ({exc}); pip install 'carvq[convert]'") from None
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    gguf_path = Path(gguf_path).resolve()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    except (ValueError, KeyError, NotImplementedError) as exc:
+        raise CarvqError(f"--tune-steps: transformers cannot run this GGUF in PyTorch ({exc})") from None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def calibration_sequences(gguf_path: Path, calibration: Path, seq_tokens: int = SEQ_TOKENS) -> torch.Tensor:
+    """The calibration text as (S, seq_tokens) token ids, each sequence opened as llama.cpp opens
+    a context (BOS where the model adds one)."""
+    from carvq.runtime.model import Model
+
+    try:
+        text = Path(calibration).read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise CarvqError(f"{calibration}: cannot read calibration text ({exc.strerror})") from None
+    with Model(gguf_path, vocab_only=True) as vocab:
+        ids = vocab.tokenize(text, add_special=False)
+        opening = vocab.tokenize("", add_special=True)
+    body = seq_tokens - len(opening)
+    count = len(ids) // body
+    if count < 2:
+        raise CarvqError(f"{calibration}: {len(ids)} tokens; --tune-steps needs at least {2 * body} "
+                         f"(two sequences of {seq_tokens})")
+    seqs = torch.tensor(ids[: count * body], dtype=torch.long).view(count, body)
+    return torch.cat([torch.tensor(opening, dtype=torch.long).expand(count, -1), seqs], dim=1)
+
+
+class Lookup(torch.nn.Module):
+    """The CARVQ lookup of docs/FORMAT.md, differentiable in its codebooks."""
+
+    def __init__(self, t: CarvqTensors):
+        super().__init__()
+        lo = t.layout
+        G, d = lo.n_groups, lo.group_size
+        self.n = lo.n_embd
+        self.t = t
+        self.codes = torch.from_numpy(unpack_codes(t.codes, lo).reshape(lo.n_vocab, G, lo.levels).astype(np.int64))
+        self.codebooks = torch.nn.Parameter(torch.from_numpy(t.codebooks.astype(np.float32)).clone())
+        self.hot = lo.hot_rows > 0
+        if self.hot:
+            self.hot_pos = torch.full((lo.n_vocab,), -1, dtype=torch.long)
+            self.hot_pos[torch.from_numpy(t.hot_ids.astype(np.int64))] = torch.arange(lo.hot_rows)
+            hl = lo.hot_layout()
+            self.hot_codes = torch.from_numpy(unpack_codes(t.hot_codes, hl).reshape(lo.hot_rows, G, lo.hot_levels)
+                                              .astype(np.int64))
+            self.hot_codebooks = torch.nn.Parameter(torch.from_numpy(t.hot_codebooks.astype(np.float32)).clone())
+        self.adaptor = t.sigma0 is not None  # kept fixed: added as the reference decoder computes it
+
+    @staticmethod
+    def _sum(codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """sum over levels of codebooks[g, l, codes[t, g, l]]: (T, G, L) -> (T, G * d)."""
+        G, L = codebooks.shape[:2]
+        picked = codebooks[torch.arange(G).view(1, G, 1), torch.arange(L).view(1, 1, L), codes]
+        return picked.sum(2).reshape(codes.shape[0], -1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        e = self._sum(self.codebooks, self.codes[tokens])
+        if self.hot:
+            pos = self.hot_pos[tokens]
+            rows = (pos >= 0).nonzero().squeeze(1)
+            if rows.numel():
+                e = e.index_add(0, rows, self._sum(self.hot_codebooks, self.hot_codes[pos[rows]]))
+        if self.adaptor:
+            lo = self.t.layout
+            ids = tokens.numpy()
+            e = e + torch.from_numpy(reference.decode_adaptor(lo, self.t.sigma0, self.t.up_w, self.t.up_b, self.t.down_w,
+                                                              self.t.down_b, ids))
+        return e
+
+    def store(self) -> None:
+        """Write the tuned codebooks back, in their stored type."""
+        self.t.codebooks = self.codebooks.detach().numpy().astype(self.t.codebooks.dtype)
+        if self.hot:
+            self.t.hot_codebooks = self.hot_codebooks.detach().numpy().astype(self.t.hot_codebooks.dtype)
+
+
+def _reference(model, embed, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The source model's TOP_K log-probabilities, their token ids and the rest's log-mass."""
+    with torch.no_grad():
+        lp = model(inputs_embeds=embed(tokens).unsqueeze(0)).logits[0].float().log_softmax(-1)
+        top, ids = lp.topk(min(TOP_K, lp.shape[-1]), -1)
+    rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-7))
+    return top, ids, rest
+
+
+def _kl(model, lookup: Lookup, scale: float, tokens: torch.Tensor, ref) -> torch.Tensor:
+    """Mean KL(reference || model with the decoded lookup) over the sequence's positions."""
+    top, ids, rest = ref
+    lq = model(inputs_embeds=(lookup(tokens) * scale).unsqueeze(0)).logits[0].float().log_softmax(-1)
+    q_top = lq.gather(-1, ids)
+    q_rest = torch.log1p(-q_top.exp().sum(-1).clamp(max=1 - 1e-7))
+    return ((top.exp() * (top - q_top)).sum(-1) + rest.exp() * (rest - q_rest)).mean()
+
+
+def tune(gguf_path: Path, tensors: CarvqTensors, calibration: Path, steps: int, seed: int,
+         progress: bool = True) -> TuneResult:
+    """Tune `tensors`' codebooks in place by `steps` Adam steps, one calibration sequence each."""
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    seqs = calibration_sequences(gguf_path, calibration)
+    model = load_frozen(gguf_path, progress)
+    embed = model.get_input_embeddings()
+    # Gemma's embedding layer scales its rows by sqrt(n); inputs_embeds bypass it
+    scale = float(getattr(embed, "embed_scale", 1.0))
+    if model.config.vocab_size != tensors.layout.n_vocab:
+        raise CarvqError(f"--tune-steps: transformers reads {model.config.vocab_size} tokens, the embedding has "
+                         f"{tensors.layout.n_vocab}")
+    held = min(HELD_OUT_SEQS, len(seqs) // 2)
+    train, held_out = seqs[held:], seqs[:held]
+    lookup = Lookup(tensors)
+    refs_held = [_reference(model, embed, s) for s in held_out]
+
+    def held_out_kl() -> float:
+        with torch.no_grad():
+            return float(np.mean([float(_kl(model, lookup, scale, s, r)) for s, r in zip(held_out, refs_held)]))
+
+    before = held_out_kl()
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(train), generator=gen)
+    opt = torch.optim.Adam([p for p in lookup.parameters()], lr=LEARNING_RATE)
+    bar = tqdm(range(steps), desc="carvq tune", unit="step", disable=not progress, leave=False)
+    for step in bar:
+        tokens = train[int(order[step % len(train)])]
+        loss = _kl(model, lookup, scale, tokens, _reference(model, embed, tokens))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.set_postfix(kl=f"{float(loss.detach()):.4f}")
+    bar.close()
+    # the stored type (F16) is what llama.cpp decodes: measure after rounding to it
+    lookup.store()
+    lookup = Lookup(tensors)
+    after = held_out_kl()
+    return TuneResult(steps, time.perf_counter() - start, before, after, len(train))
