@@ -1,4 +1,17 @@
-"""`--target-bpw`: the group size and levels with the least weighted error under a bit budget."""
+"""`--target-bpw`: the operating point the quality bench measured for a bit budget.
+
+Every CARVQ point that bench/quality.py scores by KLD through llama.cpp belongs to one family:
+d = 8, L levels for every row, and the bits L leaves to hot rows with 2 more levels (4 where
+that is a large budget). A budget gets the most levels that still leave hot rows for at least
+1 % of the vocabulary; at the bench's budgets (1.1, 1.6, 2.1, 3.0 bpw) that reproduces exactly
+the points measured best there, on SmolLM2 and Gemma-3 alike (L2+2, L3+2, L4+2, L5+4).
+
+The older search ranked every (d, L) by a reconstruction proxy, and for Gemma-3 at 1.6 bpw it
+chose d=16 L=6, which measured worse by KLD (docs/RESULTS.md, session 8): a matrix error does
+not rank configurations the way the model's behaviour does. It remains for what the family
+cannot serve: widths not divisible by 8, an adaptor, an explicit --hot-rows, and budgets too
+small for two levels.
+"""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -9,10 +22,33 @@ from carvq.converter.config import Config
 from carvq.errors import CarvqError
 
 
+GROUP_SIZE = 8
+MIN_HOT_SHARE = 0.01  # hot rows a level count must leave room for, as a share of the vocabulary
+WIDE_HOT_BPW = 0.3  # from this hot budget on, hot rows get 4 more levels (3.0 bpw: L5+4 beat L4+6 on both models)
+
+
+def measured_point(base: Config, V: int, n: int, target_bpw: float) -> Config | None:
+    """The bench's family at this budget, or None where it does not apply."""
+    if n % GROUP_SIZE or base.adaptor_rank or not base.hot_from_budget:
+        return None
+    for levels in range(16, 1, -1):
+        cfg = replace(base, group_size=GROUP_SIZE, levels=levels, hot_rows=0)
+        rest = target_bpw - cfgmod.bpw(cfg, V, n)
+        hot = cfgmod.with_hot_budget(replace(cfg, hot_levels=4 if rest >= WIDE_HOT_BPW else 2), V, n, rest)
+        if rest > 0 and hot.hot_rows >= MIN_HOT_SHARE * V:
+            return replace(hot, hot_bpw=rest)
+    return None
+
+
 def choose_config(M, w, base: Config, target_bpw: float, seed: int, progress: bool) -> tuple[Config, list[str]]:
-    """The best candidate of config.candidates by train.proxy_error, and notes on the choice.
+    """measured_point where it applies; otherwise the best candidate of config.candidates by train.proxy_error, and notes on the choice.
     What the chosen levels leave of the budget goes to hot rows (when they come from a budget)."""
     V, n = M.shape
+    point = measured_point(base, V, n, target_bpw)
+    if point is not None:
+        return point, [f"--target-bpw {target_bpw}: the bench's measured family, d={point.group_size} L={point.levels}; "
+                       f"the {point.hot_bpw:.3f} bpw the levels leave pay for {point.hot_rows} hot rows with "
+                       f"{point.hot_levels} more levels"]
     options = cfgmod.candidates(base, V, n, target_bpw)
     if not options and base.adaptor_rank:
         options = cfgmod.candidates(base.without_adaptor(), V, n, target_bpw)

@@ -138,8 +138,22 @@ def test_target_bpw_fills_the_budget_with_hot_rows(workdir, tiny_gguf):
     assert lookup_bpw <= 6.0
     assert report.config.hot_rows > 0 and any("hot rows" in note for note in report.notes)
     lo = fmt.read_layout(gio.open_gguf(out))
-    assert (lo.hot_rows, lo.hot_levels) == (report.config.hot_rows, 2)
+    assert (lo.hot_rows, lo.hot_levels) == (report.config.hot_rows, report.config.hot_levels)
     assert abs(gio.field_value(gio.open_gguf(out), fmt.Key.BPW) - lookup_bpw) < 1e-4
+
+
+@pytest.mark.parametrize("V, n", [(49152, 576), (262144, 640)])  # SmolLM2, Gemma-3
+def test_target_bpw_picks_the_points_the_quality_bench_measured(V, n):
+    """At the bench's budgets, --target-bpw chooses the operating points bench/quality.py scored."""
+    from carvq.converter.config import Config
+    from carvq.converter.search import measured_point
+
+    got = {t: measured_point(Config(), V, n, t) for t in (1.1, 1.6, 2.1, 3.0)}
+    assert {t: (c.group_size, c.levels, c.hot_levels) for t, c in got.items()} == {
+        1.1: (8, 2, 2), 1.6: (8, 3, 2), 2.1: (8, 4, 2), 3.0: (8, 5, 4)}
+    assert all(c.hot_rows > 0 for c in got.values())
+    assert measured_point(Config(adaptor_rank=4, adaptor_hidden=64), V, n, 1.6) is None  # the proxy search's
+    assert measured_point(Config(), V, 580, 1.6) is None  # 580 is not a multiple of 8
 
 
 def test_inspect_lists_tensors_and_totals(tiny_carvq, capsys):
