@@ -8,6 +8,9 @@ from the reference only in its token-embedding lookup:
   writes is kept);
 - llama.cpp's 256-block types, which it cannot store at n = 576 or 640: simulated through
   libggml in 256-blocks (bench/simulate.py), labelled "simulated";
+- ik_llama.cpp's trellis and non-linear types (IQ1_KT ... IQ4_KT, IQ2_KS, IQ3_KS, IQ2_K), the
+  strongest low-bit GGUF types, simulated the same way through ik's own libggml in rows of 4
+  embedding rows (bench/ik_ggml.py; fetched and built once), labelled "ik (simulated)";
 - CARVQ at several operating points, converted with calibration counts from Shakespeare
   and Milton (text disjoint from the evaluation text).
 Each is scored by llama-perplexity on the 1911 Britannica text: perplexity, KL divergence
@@ -18,7 +21,7 @@ Outputs bench/results/quality.{json,md,png} and the README's quality section. Co
 and evaluation results are cached in ~/.cache/carvq/quality (keyed by the converter's
 source and arguments, and by the files evaluated); --fresh starts from scratch.
 
-    python bench/quality.py [--models smollm2 gemma3] [--chunks 20] [--fresh]
+    python bench/quality.py [--models smollm2 gemma3] [--chunks 20] [--fresh] [--no-ik]
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ik_ggml  # noqa: E402
 import models  # noqa: E402
 import simulate  # noqa: E402
 
@@ -48,8 +52,12 @@ from carvq.runtime.evaluate import evaluate  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {"smollm2": ("SmolLM2-135M-Instruct", models.smollm2), "gemma3": ("Gemma-3-270M", models.gemma3_270m)}
-NATIVE = ["F16", "Q8_0", "Q5_0", "IQ4_NL", "Q4_0"]
+# Q2_0 (64-wide blocks, 2.25 bpw) and Q1_0 (128-wide, 1.125 bpw) are in the pinned llama.cpp;
+# a type whose block does not divide the width (Q1_0 at n = 576) is left out for that model
+NATIVE = ["F16", "Q8_0", "Q5_0", "IQ4_NL", "Q4_0", "Q2_0", "Q1_0"]
 SIMULATED = ["Q6_K", "Q4_K", "Q3_K", "Q2_K", "IQ2_XXS", "IQ1_M", "TQ1_0", "IQ1_S"]
+IK = ["IQ4_KT", "IQ3_KS", "IQ3_KT", "IQ2_K", "IQ2_KS", "IQ2_KT", "IQ1_KT"]  # ik_llama.cpp's, bench/ik_ggml.py
+KIND_LABEL = {"ik": "ik (simulated)"}
 # CARVQ operating points: (label, levels, hot levels, adaptor rank, bpw target). Each is d=8,
 # K=16 RVQ with `levels` levels for every row; the bits left below the target buy hot rows
 # (the most frequent tokens, by the calibration counts) with `hot levels` more levels.
@@ -81,7 +89,7 @@ HEAD_TYPES = {"Q8_0": "Q8_0", "Q6_K": "Q8_0", "Q4_K": "Q5_0", "Q4_0": "Q4_0"}  #
 class Row:
     model: str
     variant: str
-    kind: str  # reference | native | simulated | carvq
+    kind: str  # reference | native | simulated | ik | carvq
     bpw: float
     ppl: float
     delta_ppl: float
@@ -118,6 +126,12 @@ def _type_bpw(type_name: str) -> float:
     return 8.0 * size / block
 
 
+def _block(type_name: str) -> int:
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]][0]
+
+
 def make_reference(src: Path, work: Path) -> Path:
     out = work / "reference.gguf"
     if not out.exists():
@@ -138,7 +152,8 @@ def make_native(ref: Path, qtype: str, work: Path) -> Path:
     quantized = gio.tensor_by_name(gio.open_gguf(tmp), gio.EMBD)
     if quantized.tensor_type.name != qtype:
         raise SystemExit(f"llama-quantize stored token_embd as {quantized.tensor_type.name}, not {qtype}")
-    write_dense_embedding(ref, out, quantized)
+    # as a (bytes, type) pair: carvq.dense takes any tuple for one, and a ReaderTensor is a NamedTuple
+    write_dense_embedding(ref, out, (quantized.data, quantized.tensor_type))
     tmp.unlink()
     return out
 
@@ -148,6 +163,19 @@ def make_simulated(ref: Path, qtype: str, work: Path) -> Path:
     if not out.exists():
         reader = gio.open_gguf(ref)
         deq, _ = simulate.simulate(gio.dequantize(gio.tensor_by_name(reader, gio.EMBD)), qtype)
+        write_dense_embedding(reader, out, deq)
+    return out
+
+
+def make_ik(ref: Path, qtype: str, work: Path) -> Path:
+    """ik_llama.cpp's `qtype`, quantized and dequantized by ik's libggml (no importance
+    vector: none of these types requires one), written as an F32 token_embd."""
+    out = work / f"ik-{qtype}.gguf"
+    if not out.exists():
+        reader = gio.open_gguf(ref)
+        matrix = gio.dequantize(gio.tensor_by_name(reader, gio.EMBD))
+        deq, bpw = ik_ggml.simulate(matrix, qtype)
+        ik_ggml.check(matrix, deq, qtype, bpw)
         write_dense_embedding(reader, out, deq)
     return out
 
@@ -209,18 +237,19 @@ def score(path: Path, ref: Path, text: Path, chunks: int, work: Path) -> dict:
     return result
 
 
-def run_model(key: str, chunks: int, carvq_points: list[tuple]) -> tuple[list[Row], list[dict]]:
+def run_model(key: str, chunks: int, carvq_points: list[tuple], ik_types: list[str] = IK) -> tuple[list[Row], list[dict]]:
     from tqdm import tqdm
 
     name, fetch = MODELS[key]
     src, text, calibration = fetch(), models.britannica_text(), models.calibration_text()
     work = _workdir(key)
     ref = make_reference(src, work)
-    plan = [("reference (stock embedding)", "reference", lambda: ref)]
-    plan += [(t, "native", lambda t=t: make_native(ref, t, work)) for t in NATIVE]
-    plan += [(t, "simulated", lambda t=t: make_simulated(ref, t, work)) for t in SIMULATED]
     embd = gio.tensor_by_name(gio.open_gguf(src), gio.EMBD)
     V, n = int(embd.shape[1]), int(embd.shape[0])
+    plan = [("reference (stock embedding)", "reference", lambda: ref)]
+    plan += [(t, "native", lambda t=t: make_native(ref, t, work)) for t in NATIVE if n % _block(t) == 0]
+    plan += [(t, "simulated", lambda t=t: make_simulated(ref, t, work)) for t in SIMULATED]
+    plan += [(t, "ik", lambda t=t: make_ik(ref, t, work)) for t in ik_types]
     for label, levels, hot_levels, rank, target in carvq_points:
         args = carvq_args(levels, hot_levels, rank, target, V, n)
         plan.append((label, "carvq", lambda label=label, a=args: make_carvq(src, label, a, calibration, work,
@@ -230,7 +259,9 @@ def run_model(key: str, chunks: int, carvq_points: list[tuple]) -> tuple[list[Ro
         path = build()
         s = score(path, ref, text, chunks, work)
         # a simulated type is stored as F32 here; its bpw is what the type itself would take
-        bpw = _type_bpw(variant) if kind == "simulated" else _embedding_bpw(path)
+        # (an ik type's with its row metadata, once per 4 embedding rows)
+        bpw = (_type_bpw(variant) if kind == "simulated" else
+               ik_ggml.row_bpw(variant, ik_ggml.ROWS_PER_CHUNK * n) if kind == "ik" else _embedding_bpw(path))
         rows.append(Row(name, variant, kind, bpw, s["ppl"], s["delta_ppl"], s["kld"], s["kld_p99"],
                         s["top1"], path.stat().st_size, {"ref_ppl": s["ref_ppl"], "file": path.name, "shape": [V, n],
                                                          "source_embd_bytes": int(embd.n_bytes)}))
@@ -300,21 +331,87 @@ def target_checks(rows: list[Row]) -> list[dict]:
     return out
 
 
-def markdown(all_rows: dict[str, list[Row]], checks: list[dict], heads: dict[str, list[dict]], meta: dict) -> str:
+def ik_checks(rows: list[Row]) -> list[dict]:
+    """Issue 14: at every operating point CARVQ must be below (in mean KLD) every ik type at
+    equal or higher bpw; one entry per CARVQ point and such ik type."""
+    out = []
+    for point in (r for r in rows if r.kind == "carvq"):
+        for ik in sorted((r for r in rows if r.kind == "ik" and r.bpw >= point.bpw), key=lambda r: r.bpw):
+            out.append({"model": rows[0].model, "carvq": point.variant, "carvq_bpw": point.bpw, "carvq_kld": point.kld,
+                        "ik": ik.variant, "ik_bpw": ik.bpw, "ik_kld": ik.kld, "met": point.kld < ik.kld})
+    return out
+
+
+def ik_verdicts(rows: list[Row]) -> list[dict]:
+    """Each ik type against the best CARVQ point at <= its bpw: is CARVQ's curve below it?"""
+    out = []
+    for ik in sorted((r for r in rows if r.kind == "ik"), key=lambda r: r.bpw):
+        cands = [r for r in rows if r.kind == "carvq" and r.bpw <= ik.bpw]
+        best = min(cands, key=lambda r: r.kld) if cands else None
+        out.append({"model": rows[0].model, "ik": ik.variant, "ik_bpw": ik.bpw, "ik_kld": ik.kld,
+                    "ik_dppl": ik.delta_ppl, "carvq": best.variant if best else None,
+                    "carvq_bpw": best.bpw if best else None, "carvq_kld": best.kld if best else None,
+                    "carvq_dppl": best.delta_ppl if best else None, "met": bool(best and best.kld < ik.kld)})
+    return out
+
+
+def _ik_lines(all_rows: dict[str, list[Row]], checks: list[dict], verdicts: list[dict]) -> list[str]:
+    types = [t for t in IK if any(r.kind == "ik" and r.variant == t for rs in all_rows.values() for r in rs)]
+    if not types:
+        return []
+    lines = ["", "**Against ik_llama.cpp** (issue 14: at every operating point CARVQ must have a lower mean KLD than "
+             "every ik type at equal or higher bpw). Each ik type against the best CARVQ point at ≤ its bpw:", "",
+             "| model | ik type | its bpw / KLD / ΔPPL | best CARVQ ≤ its bpw | its bpw / KLD / ΔPPL | CARVQ below |",
+             "|---|---|---|---|---|---|"]
+    for v in verdicts:
+        mine = (f"{v['carvq']} | {v['carvq_bpw']:.3f} / {v['carvq_kld']:.4f} / {v['carvq_dppl']:+.3f}" if v["carvq"]
+                else "none | –")
+        lines.append(f"| {v['model']} | {v['ik']} | {v['ik_bpw']:.3f} / {v['ik_kld']:.4f} / {v['ik_dppl']:+.3f} | {mine} | "
+                     f"{'yes' if v['met'] else '**no**'} |")
+    failed = [v for v in verdicts if not v["met"]]
+    lines.append("")
+    if failed:
+        lines.append("**Not met, the next problem:** " + "; ".join(
+            f"{v['model']}: {v['ik']} ({v['ik_bpw']:.3f} bpw, KLD {v['ik_kld']:.4f}) is below every CARVQ point at ≤ "
+            f"its bpw" + (f" (best {v['carvq']}, {v['carvq_bpw']:.2f} bpw, KLD {v['carvq_kld']:.4f})" if v["carvq"] else "")
+            for v in failed) + ".")
+    else:
+        lines.append("Met on both models: below every ik type, CARVQ has a point at ≤ its bpw with a lower KLD.")
+    lines += ["", "Every pair (CARVQ point, ik type at ≥ its bpw): the ik type's KLD, ✓ where the CARVQ point is below "
+              "it, ✗ where not, – where the type has fewer bpw than the point:", "",
+              "| model | CARVQ point | bpw / KLD | " + " | ".join(types) + " |", "|---|---|---|" + "---|" * len(types)]
+    for model, rows in all_rows.items():
+        for point in sorted((r for r in rows if r.kind == "carvq"), key=lambda r: r.bpw):
+            cells = []
+            for t in types:
+                c = next((c for c in checks if c["model"] == model and c["carvq"] == point.variant and c["ik"] == t), None)
+                cells.append("–" if c is None else f"{c['ik_kld']:.4f} {'✓' if c['met'] else '✗'}")
+            lines.append(f"| {model} | {point.variant} | {point.bpw:.3f} / {point.kld:.4f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(all_rows: dict[str, list[Row]], checks: list[dict], heads: dict[str, list[dict]], meta: dict,
+             ik_check: list[dict] = (), ik_verdict: list[dict] = ()) -> str:
     lines = [f"Measured {meta['date']} on {meta['machine']}; {meta['chunks']} chunks of 512 tokens of the 1911 "
              "Britannica text, KLD against the stock embedding. Every variant has the same untied head (a byte copy "
              "of the source embedding); only the lookup differs. bpw counts every byte of the embedding. "
              "\"simulated\": a 256-block type llama.cpp cannot store at this width, quantized through libggml "
-             "(uniform importance vector); ★ = on llama.cpp's Pareto frontier.", ""]
+             "(uniform importance vector); \"ik (simulated)\": an ik_llama.cpp type (which mainline llama.cpp cannot "
+             "read), quantized and dequantized by ik's own libggml in rows of 4 embedding rows (no importance vector: "
+             "none of them requires one), its bpw ik's own row size with the row metadata; ★ = on llama.cpp's Pareto "
+             "frontier.", ""]
     for model, rows in all_rows.items():
         on_front = {id(r) for r in frontier(rows)}
         ref = next(r for r in rows if r.kind == "reference")
-        lines += [f"**{model}** (reference perplexity {ref.extra['ref_ppl']:.3f})", "",
+        n = ref.extra["shape"][1]
+        absent = [t for t in NATIVE if n % _block(t)]
+        note = "".join(f"; {t} left out: its {_block(t)}-wide blocks do not divide n = {n}" for t in absent)
+        lines += [f"**{model}** (reference perplexity {ref.extra['ref_ppl']:.3f}{note})", "",
                   "| embedding | kind | bpw | Δ perplexity | mean KLD | 99% KLD | top-1 |", "|---|---|---|---|---|---|---|"]
         for r in sorted(rows, key=lambda r: -r.bpw):
             star = " ★" if id(r) in on_front else ""
             bold = "**" if r.kind == "carvq" else ""
-            lines.append(f"| {bold}{r.variant}{bold}{star} | {r.kind} | {r.bpw:.3f} | {r.delta_ppl:+.3f} | {r.kld:.4f} | "
+            lines.append(f"| {bold}{r.variant}{bold}{star} | {KIND_LABEL.get(r.kind, r.kind)} | {r.bpw:.3f} | {r.delta_ppl:+.3f} | {r.kld:.4f} | "
                          f"{r.kld_p99:.3f} | {100 * r.top1:.1f} % |")
         lines.append("")
     lines += ["**Targets** (CARVQ at ≤ the bpw limit against the llama.cpp type, both KLD and Δ perplexity lower):", "",
@@ -325,6 +422,7 @@ def markdown(all_rows: dict[str, list[Row]], checks: list[dict], heads: dict[str
                 else "none | –")
         lines.append(f"| {c['model']} | {c['limit']} | {c['rival']} | {c['rival_bpw']:.3f} / {c['rival_kld']:.4f} / "
                      f"{c['rival_dppl']:+.3f} | {mine} | {'yes' if c['met'] else '**no**'} |")
+    lines += _ik_lines(all_rows, list(ik_check), list(ik_verdict))
     if any(heads.values()):
         lines += ["", "**Tied heads**: the head CARVQ adds to a tied model, at each type (stock embedding, only the head "
                   "changes; Q6_K and Q4_K cannot be stored at these widths, llama.cpp falls back as shown):", "",
@@ -358,9 +456,13 @@ def plot(all_rows: dict[str, list[Row]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(all_rows), figsize=(6.5 * len(all_rows), 4.8), squeeze=False)
     for ax, (model, rows) in zip(axes[0], all_rows.items()):
-        for kind, style in (("native", dict(marker="s", color="tab:blue")), ("simulated", dict(marker="o", mfc="none", color="tab:blue"))):
+        for kind, style, name in (("native", dict(marker="s", color="tab:blue"), "llama.cpp (native)"),
+                                  ("simulated", dict(marker="o", mfc="none", color="tab:blue"), "llama.cpp (simulated)"),
+                                  ("ik", dict(marker="^", mfc="none", color="tab:green"), "ik_llama.cpp (simulated)")):
             pts = [r for r in rows if r.kind == kind]
-            ax.plot([r.bpw for r in pts], [r.kld for r in pts], ls="none", label=f"llama.cpp ({kind})", **style)
+            if not pts:
+                continue
+            ax.plot([r.bpw for r in pts], [r.kld for r in pts], ls="none", label=name, **style)
             for r in pts:
                 ax.annotate(r.variant, (r.bpw, r.kld), fontsize=7, xytext=(3, 3), textcoords="offset points")
         front = sorted(frontier(rows), key=lambda r: r.bpw)
@@ -380,25 +482,28 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--chunks", type=int, default=20, help="512-token chunks of text to score (default 20)")
     ap.add_argument("--fresh", action="store_true", help="drop cached conversions and scores first")
+    ap.add_argument("--no-ik", action="store_true", help="leave out ik_llama.cpp's types (no fetch or build of ik's ggml)")
     args = ap.parse_args()
     start = time.perf_counter()
     if args.fresh:
         shutil.rmtree(cache_dir() / "quality", ignore_errors=True)
     import convert as bench_convert
 
-    all_rows, heads, checks = {}, {}, []
+    all_rows, heads, checks, ik_check, ik_verdict = {}, {}, [], [], []
     for key in args.models:
-        rows, hs = run_model(key, args.chunks, CARVQ_POINTS)
+        rows, hs = run_model(key, args.chunks, CARVQ_POINTS, [] if args.no_ik else IK)
         all_rows[rows[0].model] = rows
         heads[rows[0].model] = hs
         checks += target_checks(rows)
+        ik_check += ik_checks(rows)
+        ik_verdict += ik_verdicts(rows)
     meta = {"date": date.today().isoformat(), "machine": bench_convert.machine(), "chunks": args.chunks,
             "wall_s": round(time.perf_counter() - start)}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "quality.json").write_text(json.dumps(
         {"meta": meta, "rows": {m: [r.__dict__ for r in rs] for m, rs in all_rows.items()}, "targets": checks,
-         "heads": heads}, indent=1))
-    md = markdown(all_rows, checks, heads, meta)
+         "ik_targets": ik_verdict, "ik_pairs": ik_check, "heads": heads}, indent=1))
+    md = markdown(all_rows, checks, heads, meta, ik_check, ik_verdict)
     (RESULTS / "quality.md").write_text(md)
     plot(all_rows, RESULTS / "quality.png")
     print(md)

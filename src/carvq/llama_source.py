@@ -28,7 +28,7 @@ from pathlib import Path
 
 PACKAGE = "llama-cpp-python"
 VERSION = "0.3.36"
-SDIST = "llama_cpp_python-0.3.36.tar.gz"
+SDIST = "llama_cpp_python-0.3.36.tar.gz"  # = sdist_name(PACKAGE, VERSION)
 SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 COMMIT = "0c1e57098"
 VENDOR_DIR = "llama_cpp_python-0.3.36/vendor/llama.cpp"
@@ -81,9 +81,9 @@ class _Anchors(html.parser.HTMLParser):
             self.hrefs.append(href)
 
 
-def _sdist_url(index: str) -> str | None:
+def _sdist_url(index: str, package: str = PACKAGE, sdist: str = SDIST) -> str | None:
     """The sdist's download URL on one index, or None when that index does not have it."""
-    page = f"{index.rstrip('/')}/{PACKAGE}/"
+    page = f"{index.rstrip('/')}/{package}/"
     request = urllib.request.Request(page, headers={
         "Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"})
     try:
@@ -98,22 +98,31 @@ def _sdist_url(index: str) -> str | None:
         parser.feed(body.decode("utf-8", "replace"))
         links = parser.hrefs
     for link in links:
-        if urllib.parse.urlsplit(link).path.rsplit("/", 1)[-1] == SDIST:
+        if urllib.parse.urlsplit(link).path.rsplit("/", 1)[-1] == sdist:
             return urllib.parse.urljoin(page, link)
     return None
 
 
-def _download(dest_dir: Path) -> Path:
+def sdist_name(package: str, version: str) -> str:
+    """The file name of a package's sdist (PEP 625: normalized name, dashes as underscores)."""
+    return f"{package.lower().replace('-', '_').replace('.', '_')}-{version}.tar.gz"
+
+
+def _download(dest_dir: Path, package: str = PACKAGE, version: str = VERSION, sha256: str = SHA256) -> Path:
+    """The sdist of `package` `version` from the package index into dest_dir (kept there),
+    checked against `sha256`; the defaults are the pinned llama-cpp-python."""
+    filename = sdist_name(package, version)
     dest_dir.mkdir(parents=True, exist_ok=True)
-    sdist = dest_dir / SDIST
+    sdist = dest_dir / filename
     if not sdist.exists():
         indexes = package_indexes()
-        url = next((u for u in map(_sdist_url, indexes) if u), None)
+        url = next((u for u in (_sdist_url(i, package, filename) for i in indexes) if u), None)
         if url is None:
-            raise SystemExit(f"carvq: {SDIST} not found on the package index ({', '.join(indexes)}); "
-                             f"download it by hand into {dest_dir}, or set CARVQ_LLAMA_CPP_DIR to an unpacked tree")
+            hint = ", or set CARVQ_LLAMA_CPP_DIR to an unpacked tree" if package == PACKAGE else ""
+            raise SystemExit(f"carvq: {filename} not found on the package index ({', '.join(indexes)}); "
+                             f"download it by hand into {dest_dir}{hint}")
         print(f"carvq: downloading {url}", file=sys.stderr)
-        fd, partial = tempfile.mkstemp(prefix=SDIST + ".", suffix=".part", dir=dest_dir)
+        fd, partial = tempfile.mkstemp(prefix=filename + ".", suffix=".part", dir=dest_dir)
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=TIMEOUT_S) as resp:
                 shutil.copyfileobj(resp, out, 1 << 20)
@@ -124,10 +133,38 @@ def _download(dest_dir: Path) -> Path:
             if os.path.exists(partial):
                 os.unlink(partial)
     digest = _sha256(sdist)
-    if digest != SHA256:
+    if digest != sha256:
         sdist.unlink()
-        raise SystemExit(f"carvq: {SDIST} has sha256 {digest}, expected {SHA256}; deleted it")
+        raise SystemExit(f"carvq: {filename} has sha256 {digest}, expected {sha256}; deleted it")
     return sdist
+
+
+def unpack(sdist: Path, member_dir: str, tree: Path) -> Path:
+    """The folder `member_dir` of the archive `sdist`, unpacked as `tree` (the rename is
+    atomic: a half-unpacked tree is never visible)."""
+    tree.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=tree.name + "-", dir=tree.parent))
+    try:
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(member_dir + "/")]
+            tar.extractall(staging, members=members, **_tar_filter())
+        unpacked = staging / member_dir
+        # a vendored submodule's .git is a gitlink into a repo that is not there
+        git_link = unpacked / ".git"
+        if git_link.is_file():
+            git_link.unlink()
+        os.replace(unpacked, tree)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return tree
+
+
+def fetch_tree(package: str, version: str, sha256: str, member_dir: str, tree: Path) -> Path:
+    """`member_dir` of a pinned sdist (fetched into the cache's downloads and sha256-checked
+    when absent), unpacked once as `tree`."""
+    if tree.is_dir():
+        return tree
+    return unpack(_download(cache_dir() / "downloads", package, version, sha256), member_dir, tree)
 
 
 def source_tree() -> Path:
@@ -138,21 +175,7 @@ def source_tree() -> Path:
     tree = cache_dir() / f"llama.cpp-{COMMIT}"
     if (tree / "CMakeLists.txt").exists():
         return tree
-    sdist = _download(cache_dir() / "downloads")
-    staging = Path(tempfile.mkdtemp(prefix="llama.cpp-", dir=cache_dir()))
-    try:
-        with tarfile.open(sdist) as tar:
-            members = [m for m in tar.getmembers() if m.name.startswith(VENDOR_DIR + "/")]
-            tar.extractall(staging, members=members, **_tar_filter())
-        unpacked = staging / VENDOR_DIR
-        # The sdist's vendor/llama.cpp/.git is a gitlink into a repo that is not there.
-        git_link = unpacked / ".git"
-        if git_link.is_file():
-            git_link.unlink()
-        os.replace(unpacked, tree)  # atomic: a half-unpacked tree is never visible
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return tree
+    return unpack(_download(cache_dir() / "downloads"), VENDOR_DIR, tree)
 
 
 def _tar_filter() -> dict:
