@@ -24,13 +24,19 @@ importance vector is passed and each quantizer uses its own default weighting (l
 llama-quantize run without --imatrix); `uniform=True` passes an all-ones vector instead
 (what bench/simulate.py passes mainline's types).
 
+Isolation: ik's libggml has the SONAME libggml.so, like mainline's. Loaded first, it would be
+taken for the libggml that carvq's libllama needs (and lacks mainline's symbols), so a process
+that uses carvq's runtime calls simulate_file(), which runs the simulation in a child process.
+
     python bench/ik_ggml.py                       # fetch, build; print the library path and build time
     python bench/ik_ggml.py IQ2_KT IQ3_KS ...     # simulate on SmolLM2's embedding: bpw, relative error
+    python bench/ik_ggml.py --write REF.gguf TYPE OUT.gguf [--uniform]   # what simulate_file runs
 """
 from __future__ import annotations
 
 import ctypes
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -190,7 +196,41 @@ def check(matrix: np.ndarray, deq: np.ndarray, type_name: str, bpw: float, limit
     return err
 
 
+def sidecar(out: Path) -> Path:
+    return out.with_name(out.name + ".ik.json")
+
+
+def write_simulated(ref: Path, type_name: str, out: Path, uniform: bool = False) -> dict:
+    """`ref` with its token_embd replaced by the F32 dequantization of `type_name`, written to
+    `out`, and `out`'s sidecar JSON: bpw, relative error, importance, rows per chunk."""
+    from carvq import gguf_io as gio
+    from carvq.dense import write_dense_embedding
+
+    reader = gio.open_gguf(ref)
+    matrix = gio.dequantize(gio.tensor_by_name(reader, gio.EMBD))
+    deq, bpw = simulate(matrix, type_name, uniform=uniform)
+    err = check(matrix, deq, type_name, bpw)
+    write_dense_embedding(reader, out, deq)
+    info = {"type": type_name, "bpw": bpw, "rel_error": err, "rows_per_chunk": ROWS_PER_CHUNK,
+            "importance": "all-ones" if uniform or _ggml().ggml_quantize_requires_imatrix(TYPES[type_name]) else "none",
+            "ik": f"{PACKAGE}=={VERSION}"}
+    sidecar(out).write_text(json.dumps(info, indent=1))
+    return info
+
+
+def simulate_file(ref: Path, type_name: str, out: Path, uniform: bool = False) -> dict:
+    """write_simulated() in a child process (see Isolation above); its sidecar, once made."""
+    if not (out.exists() and sidecar(out).exists()):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--write", str(ref), type_name, str(out)]
+        subprocess.run(cmd + (["--uniform"] if uniform else []), check=True, stdout=subprocess.DEVNULL)
+    return json.loads(sidecar(out).read_text())
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--write"]:
+        ref, type_name, out = sys.argv[2:5]
+        print(json.dumps(write_simulated(Path(ref), type_name, Path(out), "--uniform" in sys.argv[5:])))
+        return
     lib = library()
     seconds = root() / f"build-{VERSION}" / "build-seconds.txt"
     print(f"{lib} (built in {seconds.read_text().strip() if seconds.exists() else '?'} s)")
