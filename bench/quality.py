@@ -58,16 +58,23 @@ NATIVE = ["F16", "Q8_0", "Q5_0", "IQ4_NL", "Q4_0", "Q2_0", "Q1_0"]
 SIMULATED = ["Q6_K", "Q4_K", "Q3_K", "Q2_K", "IQ2_XXS", "IQ1_M", "TQ1_0", "IQ1_S"]
 IK = ["IQ4_KT", "IQ3_KS", "IQ3_KT", "IQ2_K", "IQ2_KS", "IQ2_KT", "IQ1_KT"]  # ik_llama.cpp's, bench/ik_ggml.py
 KIND_LABEL = {"ik": "ik (simulated)"}
-# CARVQ operating points: (label, levels, hot levels, adaptor rank, bpw target). Each is d=8,
-# K=16 RVQ with `levels` levels for every row; the bits left below the target buy hot rows
-# (the most frequent tokens, by the calibration counts) with `hot levels` more levels.
+# CARVQ operating points: (label, levels, hot levels, adaptor rank, bpw target, tuning steps).
+# Each is d=8, K=16 RVQ with `levels` levels for every row; the bits left below the target buy
+# hot rows (the most frequent tokens, by the calibration counts) with `hot levels` more levels;
+# "tuned" points then tune the codebooks end to end (carvq convert --tune-steps, on the same
+# calibration text; minutes per point on 2 cores, so --no-tune leaves them out).
+TUNE_STEPS = 60
 CARVQ_POINTS = [
-    ("CARVQ L2 +2", 2, 2, 0, 1.1),
-    ("CARVQ L3 +2", 3, 2, 0, 1.6),
-    ("CARVQ L4 +2", 4, 2, 0, 2.1),
-    ("CARVQ L4 +6", 4, 6, 0, 3.0),
-    ("CARVQ L5 +4", 5, 4, 0, 3.0),
+    ("CARVQ L2 +2", 2, 2, 0, 1.1, 0),
+    ("CARVQ L3 +2", 3, 2, 0, 1.6, 0),
+    ("CARVQ L3 +2 tuned", 3, 2, 0, 1.6, TUNE_STEPS),
+    ("CARVQ L4 +2", 4, 2, 0, 2.1, 0),
+    ("CARVQ L4 +2 tuned", 4, 2, 0, 2.1, TUNE_STEPS),
+    ("CARVQ L4 +6", 4, 6, 0, 3.0, 0),
+    ("CARVQ L5 +4", 5, 4, 0, 3.0, 0),
 ]
+# What a new user gets: `carvq convert` without flags or calibration text (the bench's head kept)
+DEFAULT_POINT = "CARVQ default (no flags)"
 
 
 def carvq_args(levels: int, hot_levels: int, rank: int, target: float, n_vocab: int, n_embd: int) -> list[str]:
@@ -152,8 +159,7 @@ def make_native(ref: Path, qtype: str, work: Path) -> Path:
     quantized = gio.tensor_by_name(gio.open_gguf(tmp), gio.EMBD)
     if quantized.tensor_type.name != qtype:
         raise SystemExit(f"llama-quantize stored token_embd as {quantized.tensor_type.name}, not {qtype}")
-    # as a (bytes, type) pair: carvq.dense takes any tuple for one, and a ReaderTensor is a NamedTuple
-    write_dense_embedding(ref, out, (quantized.data, quantized.tensor_type))
+    write_dense_embedding(ref, out, quantized)
     tmp.unlink()
     return out
 
@@ -201,12 +207,13 @@ def _code_only(source: str) -> str:
     return ast.dump(tree)
 
 
-def make_carvq(src: Path, label: str, args: list[str], calibration: Path, work: Path, head_type: str | None = None) -> Path:
+def make_carvq(src: Path, label: str, args: list[str], calibration: Path | None, work: Path,
+               head_type: str | None = None) -> Path:
     """`carvq convert` with the bench's calibration text; reused while the converter's
     source, the arguments and the input are unchanged."""
     if head_type is None:  # the bench's rule: every variant keeps the source's head, byte for byte
         head_type = gio.tensor_by_name(gio.open_gguf(src), gio.EMBD).tensor_type.name
-    full = [*args, "--calibration", str(calibration), "--head-type", head_type]
+    full = [*args, *(["--calibration", str(calibration)] if calibration else []), "--head-type", head_type]
     key = hashlib.sha256(json.dumps([_converter_digest(), full, src.stat().st_size]).encode()).hexdigest()[:12]
     out = work / f"{label.replace(' ', '-')}.{key}.gguf"
     if out.exists():
@@ -252,10 +259,11 @@ def run_model(key: str, chunks: int, carvq_points: list[tuple], ik_types: list[s
     plan += [(t, "native", lambda t=t: make_native(ref, t, work)) for t in NATIVE if n % _block(t) == 0]
     plan += [(t, "simulated", lambda t=t: make_simulated(ref, t, work)) for t in SIMULATED]
     plan += [(t, "ik", lambda t=t: make_ik(ref, t, work)) for t in ik_types]
-    for label, levels, hot_levels, rank, target in carvq_points:
-        args = carvq_args(levels, hot_levels, rank, target, V, n)
+    for label, levels, hot_levels, rank, target, steps in carvq_points:
+        args = carvq_args(levels, hot_levels, rank, target, V, n) + (["--tune-steps", str(steps)] if steps else [])
         plan.append((label, "carvq", lambda label=label, a=args: make_carvq(src, label, a, calibration, work,
                                                                            embd.tensor_type.name)))
+    plan.append((DEFAULT_POINT, "carvq", lambda: make_carvq(src, DEFAULT_POINT, [], None, work, embd.tensor_type.name)))
     rows = []
     for variant, kind, build in tqdm(plan, desc=name, unit="variant"):
         path = build()
@@ -485,6 +493,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=20, help="512-token chunks of text to score (default 20)")
     ap.add_argument("--fresh", action="store_true", help="drop cached conversions and scores first")
     ap.add_argument("--no-ik", action="store_true", help="leave out ik_llama.cpp's types (no fetch or build of ik's ggml)")
+    ap.add_argument("--no-tune", action="store_true", help="leave out the tuned CARVQ points (--tune-steps)")
     args = ap.parse_args()
     start = time.perf_counter()
     if args.fresh:
@@ -493,7 +502,8 @@ def main() -> None:
 
     all_rows, heads, checks, ik_check, ik_verdict = {}, {}, [], [], []
     for key in args.models:
-        rows, hs = run_model(key, args.chunks, CARVQ_POINTS, [] if args.no_ik else IK)
+        points = [p for p in CARVQ_POINTS if not (args.no_tune and p[5])]
+        rows, hs = run_model(key, args.chunks, points, [] if args.no_ik else IK)
         all_rows[rows[0].model] = rows
         heads[rows[0].model] = hs
         checks += target_checks(rows)

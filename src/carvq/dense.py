@@ -43,7 +43,7 @@ def write_dense_embedding(src, out: Path, matrix, keep_head: bool = False) -> No
             if not placed:
                 if isinstance(matrix, np.ndarray):
                     writer.add_tensor(gio.EMBD, matrix)
-                elif isinstance(matrix, tuple):
+                elif isinstance(matrix, tuple) and not hasattr(matrix, "tensor_type"):  # a ReaderTensor is a tuple too
                     data, qtype = matrix
                     writer.add_tensor(gio.EMBD, data, raw_dtype=qtype)
                 else:
