@@ -342,6 +342,13 @@ def target_checks(rows: list[Row]) -> list[dict]:
     return out
 
 
+def _best_carvq_cells(entry: dict) -> str:
+    """The two table cells of a check's best CARVQ point: its name, and its bpw / KLD / ΔPPL."""
+    if not entry["carvq"]:
+        return "none | –"
+    return f"{entry['carvq']} | {entry['carvq_bpw']:.3f} / {entry['carvq_kld']:.4f} / {entry['carvq_dppl']:+.3f}"
+
+
 def ik_checks(rows: list[Row]) -> list[dict]:
     """Issue 14: at every operating point CARVQ must be below (in mean KLD) every ik type at
     equal or higher bpw; one entry per CARVQ point and such ik type."""
@@ -375,8 +382,7 @@ def _ik_lines(all_rows: dict[str, list[Row]], checks: list[dict], verdicts: list
              "| model | ik type | its bpw / KLD / ΔPPL | best CARVQ ≤ its bpw | its bpw / KLD / ΔPPL | CARVQ below |",
              "|---|---|---|---|---|---|"]
     for v in verdicts:
-        mine = (f"{v['carvq']} | {v['carvq_bpw']:.3f} / {v['carvq_kld']:.4f} / {v['carvq_dppl']:+.3f}" if v["carvq"]
-                else "none | –")
+        mine = _best_carvq_cells(v)
         lines.append(f"| {v['model']} | {v['ik']} | {v['ik_bpw']:.3f} / {v['ik_kld']:.4f} / {v['ik_dppl']:+.3f} | {mine} | "
                      f"{'yes' if v['met'] else '**no**'} |")
     failed = [v for v in verdicts if not v["met"]]
@@ -428,8 +434,7 @@ def markdown(all_rows: dict[str, list[Row]], checks: list[dict], heads: dict[str
               "| model | limit | llama.cpp type | its bpw / KLD / ΔPPL | best CARVQ ≤ limit | its bpw / KLD / ΔPPL | met |",
               "|---|---|---|---|---|---|---|"]
     for c in checks:
-        mine = (f"{c['carvq']} | {c['carvq_bpw']:.3f} / {c['carvq_kld']:.4f} / {c['carvq_dppl']:+.3f}" if c["carvq"]
-                else "none | –")
+        mine = _best_carvq_cells(c)
         lines.append(f"| {c['model']} | {c['limit']} | {c['rival']} | {c['rival_bpw']:.3f} / {c['rival_kld']:.4f} / "
                      f"{c['rival_dppl']:+.3f} | {mine} | {'yes' if c['met'] else '**no**'} |")
     lines += _ik_lines(all_rows, list(ik_check), list(ik_verdict))
