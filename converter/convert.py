@@ -24,24 +24,25 @@ from carvq.converter.search import choose_config
 from carvq.errors import CarvqError
 
 
-def _calibration_counts(gguf_path: Path, calibration: Path, n_vocab: int) -> tuple[np.ndarray, int]:
-    """Count the calibration text's tokens with llama.cpp's tokenizer: exactly the ids the
-    model will see at inference, and a vocab-only load takes a second where building a
-    transformers tokenizer from a GGUF took 26 s on Gemma-3."""
+def _calibration_tokens(gguf_path: Path, calibration: Path, n_vocab: int) -> tuple[np.ndarray, list[int]]:
+    """The calibration text's token ids by llama.cpp's tokenizer: exactly the ids the model
+    will see at inference, and a vocab-only load takes a second where building a transformers
+    tokenizer from a GGUF took 26 s on Gemma-3. Also the tokens llama.cpp opens a context
+    with (BOS where the model adds one). Read once: the token weights and the tuning use both."""
     from carvq.runtime.model import Model
 
     with Model(gguf_path, vocab_only=True) as vocab:
-        return frequency.count_tokens(lambda piece: vocab.tokenize(piece, add_special=False), calibration, n_vocab)
+        ids = frequency.text_tokens(lambda piece: vocab.tokenize(piece, add_special=False), calibration, n_vocab)
+        return ids, vocab.tokenize("", add_special=True)
 
 
-def _token_weights(reader, n_vocab, calibration, gguf_path):
+def _token_weights(reader, n_vocab, calibration, ids: np.ndarray | None):
     prior, how = frequency.prior_from_gguf(reader, n_vocab)
-    if calibration is None:
+    if ids is None:
         w, desc = prior, how
     else:
-        counts, total = _calibration_counts(gguf_path, Path(calibration), n_vocab)
-        w = frequency.from_counts(counts, prior)
-        desc = f"counts from {calibration} ({total:,} tokens) + 1, plus a {how} of the same mass"
+        w = frequency.from_counts(np.bincount(ids, minlength=n_vocab)[:n_vocab], prior)
+        desc = f"counts from {calibration} ({ids.size:,} tokens) + 1, plus a {how} of the same mass"
     return frequency.with_special_tokens(w, reader, n_vocab), desc + "; special tokens as heavy as the heaviest"
 
 
@@ -132,7 +133,8 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
     states = screen_index.hidden_states(gguf_path, calibration, progress) if screen else None
     memory.trim()
     V, n = M.shape
-    w, weights_from = _token_weights(reader, V, calibration, gguf_path)
+    tokens = _calibration_tokens(gguf_path, Path(calibration), V) if calibration is not None else None
+    w, weights_from = _token_weights(reader, V, calibration, None if tokens is None else tokens[0])
     notes: list[str] = []
     if target_bpw is not None:
         cfg, notes = choose_config(M, w, base, target_bpw, seed, progress)
@@ -145,7 +147,7 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
     fit = train.compress(M, w, cfg, iters, seed, progress)
     memory.trim()
     if tune_steps:
-        notes.append(tune.tune(gguf_path, fit.tensors, Path(calibration), tune_steps, seed, progress).note())
+        notes.append(tune.tune(gguf_path, fit.tensors, *tokens, tune_steps, seed, progress).note())
         memory.trim()
     errors = ErrorStats.measure(M, fit.tensors, w)
     memory.trim()

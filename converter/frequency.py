@@ -95,8 +95,9 @@ def from_counts(counts: np.ndarray, prior: np.ndarray | None = None) -> np.ndarr
     return w
 
 
-def count_tokens(encode, text_path: Path, n_vocab: int) -> tuple[np.ndarray, int]:
-    """Token counts of a text file; `encode(str) -> ids` is the model's own tokenizer."""
+def text_tokens(encode, text_path: Path, n_vocab: int) -> np.ndarray:
+    """The token ids of a text file (int64, in 0..n_vocab-1); `encode(str) -> ids` is the
+    model's own tokenizer."""
     try:
         text = Path(text_path).read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
@@ -105,8 +106,7 @@ def count_tokens(encode, text_path: Path, n_vocab: int) -> tuple[np.ndarray, int
         raise CarvqError(f"{text_path}: calibration text is empty")
     # in pieces for bounded memory; a cut between paragraphs changes nothing
     arr = np.concatenate([np.asarray(encode(piece), np.int64) for piece in _paragraph_chunks(text, 1 << 16)])
-    arr = arr[(arr >= 0) & (arr < n_vocab)]
-    return np.bincount(arr, minlength=n_vocab)[:n_vocab], int(arr.size)
+    return arr[(arr >= 0) & (arr < n_vocab)]
 
 
 def _paragraph_chunks(text: str, size: int):

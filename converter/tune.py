@@ -76,24 +76,15 @@ def load_frozen(gguf_path: Path, progress: bool):
     return model
 
 
-def calibration_sequences(gguf_path: Path, calibration: Path, seq_tokens: int = SEQ_TOKENS) -> torch.Tensor:
-    """The calibration text as (S, seq_tokens) token ids, each sequence opened as llama.cpp opens
-    a context (BOS where the model adds one)."""
-    from carvq.runtime.model import Model
-
-    try:
-        text = Path(calibration).read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise CarvqError(f"{calibration}: cannot read calibration text ({exc.strerror})") from None
-    with Model(gguf_path, vocab_only=True) as vocab:
-        ids = vocab.tokenize(text, add_special=False)
-        opening = vocab.tokenize("", add_special=True)
+def calibration_sequences(ids: np.ndarray, opening: list[int], seq_tokens: int = SEQ_TOKENS) -> torch.Tensor:
+    """The calibration text's token ids as (S, seq_tokens) sequences, each opened as llama.cpp
+    opens a context (`opening`: BOS where the model adds one)."""
     body = seq_tokens - len(opening)
     count = len(ids) // body
     if count < 2:
-        raise CarvqError(f"{calibration}: {len(ids)} tokens; --tune-steps needs at least {2 * body} "
+        raise CarvqError(f"the calibration text has {len(ids)} tokens; --tune-steps needs at least {2 * body} "
                          f"(two sequences of {seq_tokens})")
-    seqs = torch.tensor(ids[: count * body], dtype=torch.long).view(count, body)
+    seqs = torch.from_numpy(np.ascontiguousarray(ids[: count * body], np.int64)).view(count, body)
     return torch.cat([torch.tensor(opening, dtype=torch.long).expand(count, -1), seqs], dim=1)
 
 
@@ -103,8 +94,7 @@ class Lookup(torch.nn.Module):
     def __init__(self, t: CarvqTensors):
         super().__init__()
         lo = t.layout
-        G, d = lo.n_groups, lo.group_size
-        self.n = lo.n_embd
+        G = lo.n_groups
         self.t = t
         self.codes = torch.from_numpy(unpack_codes(t.codes, lo).reshape(lo.n_vocab, G, lo.levels).astype(np.int64))
         self.codebooks = torch.nn.Parameter(torch.from_numpy(t.codebooks.astype(np.float32)).clone())
@@ -164,7 +154,7 @@ def _kl(model, lookup: Lookup, scale: float, tokens: torch.Tensor, ref) -> torch
     return ((top.exp() * (top - q_top)).sum(-1) + rest.exp() * (rest - q_rest)).mean()
 
 
-def tune(gguf_path: Path, tensors: CarvqTensors, calibration: Path, steps: int, seed: int,
+def tune(gguf_path: Path, tensors: CarvqTensors, ids: np.ndarray, opening: list[int], steps: int, seed: int,
          progress: bool = True) -> TuneResult:
     """Tune `tensors`' codebooks in place by `steps` Adam steps, one calibration sequence each;
     the state with the least KL on the held-out sequences (checked every CHECK_EVERY steps, the
@@ -172,7 +162,7 @@ def tune(gguf_path: Path, tensors: CarvqTensors, calibration: Path, steps: int, 
     from tqdm import tqdm
 
     start = time.perf_counter()
-    seqs = calibration_sequences(gguf_path, calibration)
+    seqs = calibration_sequences(ids, opening)
     model = load_frozen(gguf_path, progress)
     embed = model.get_input_embeddings()
     # Gemma's embedding layer scales its rows by sqrt(n); inputs_embeds bypass it
@@ -191,11 +181,11 @@ def tune(gguf_path: Path, tensors: CarvqTensors, calibration: Path, steps: int, 
 
     def rounded() -> None:
         # the stored type (F16) is what llama.cpp decodes: keep, and measure, the rounded values
+        # (the starting codebooks are read from that type already)
         with torch.no_grad():
             for p in lookup.parameters():
                 p.copy_(torch.from_numpy(p.detach().numpy().astype(tensors.codebooks.dtype).astype(np.float32)))
 
-    rounded()
     best = (held_out_kl(), 0, [p.detach().clone() for p in lookup.parameters()])
     before = best[0]
     gen = torch.Generator().manual_seed(seed)

@@ -284,14 +284,15 @@ def test_special_tokens_are_the_named_and_the_templated_ones():
 def test_calibration_counts_use_the_models_own_tokenizer(tiny_gguf, tmp_path):
     """Counts are llama.cpp's token ids of the text, the ids the model sees at inference."""
     from carvq import gguf_io as gio
-    from carvq.converter.convert import _calibration_counts
+    from carvq.converter.convert import _calibration_tokens
     from carvq.runtime.model import Model
 
     src = tiny_gguf("llama")
     V = int(gio.tensor_by_name(gio.open_gguf(src), gio.EMBD).shape[1])
     text = tmp_path / "calibration.txt"
     text.write_text("the cat sat on the mat, and the dog did not.\n" * 40, encoding="utf-8")
-    counts, total = _calibration_counts(src, text, V)
+    got, _ = _calibration_tokens(src, text, V)
+    counts, total = np.bincount(got, minlength=V), got.size
     with Model(src, vocab_only=True) as vocab:
         ids = vocab.tokenize(text.read_text(encoding="utf-8"), add_special=False)
     assert total == len(ids) > 0
