@@ -22,7 +22,8 @@ ggml_row_size(type, 4 n) * 8 / (4 n): every byte, metadata included.
 Importance: ik's ggml_quantize_requires_imatrix is false for all of these, so by default no
 importance vector is passed and each quantizer uses its own default weighting (like a
 llama-quantize run without --imatrix); `uniform=True` passes an all-ones vector instead
-(what bench/simulate.py passes mainline's types).
+(what bench/simulate.py passes mainline's types), and that is what the quality bench uses:
+without it SmolLM2's IQ2_KT scored KLD 0.207 instead of 0.143 (docs/RESULTS.md).
 
 Isolation: ik's libggml has the SONAME libggml.so, like mainline's. Loaded first, it would be
 taken for the libggml that carvq's libllama needs (and lacks mainline's symbols), so a process
