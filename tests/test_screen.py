@@ -184,6 +184,24 @@ def _check(lib_pair, rng, k=None, **kw):
     return layout, got, want_t
 
 
+def test_row_codes_read_back_from_the_blocks(lib):
+    """carvq_screen_row_codes inverts the relayout row by row: the lookup decodes from the blocks
+    (odd G*L, V not a multiple of the block, one row) and needs the file's packed row exactly."""
+    ffi, clib = lib
+    rng = np.random.default_rng(5)
+    for V, d, L in ((1, 4, 3), (33, 2, 1), (70, 8, 3), (96, 1, 5)):
+        layout, codes, *_ = _case(rng, V=V, d=d, L=L, N=0)
+        codes = np.ascontiguousarray(codes)
+        lay = _layout_c(ffi, layout)
+        blocks = np.empty(clib.carvq_screen_blocks_nbytes(lay), np.uint8)
+        clib.carvq_screen_relayout(lay, _ptr(ffi, "uint8_t *", codes), _ptr(ffi, "uint8_t *", blocks))
+        row = np.empty(codes.shape[1], np.uint8)
+        for r in range(V):
+            row[:] = 0xEE  # garbage: every byte must be written
+            clib.carvq_screen_row_codes(lay, _ptr(ffi, "uint8_t *", blocks), r, _ptr(ffi, "uint8_t *", row))
+            assert np.array_equal(row, codes[r]), f"{layout} row {r}"
+
+
 @pytest.mark.parametrize("f16", [False, True], ids=["f32", "f16"])
 def test_scan_matches_reference(lib, f16):
     rng = np.random.default_rng(11 + f16)

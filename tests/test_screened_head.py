@@ -83,6 +83,41 @@ def _check_candidates(path, own_index: bool, k: int) -> None:
         assert len(exact - want) <= 3, f"position {p}: rows outside the top-k came out exact: {sorted(exact - want)}"
 
 
+_CACHE_PROBE = ("import sys, numpy as np; from carvq.runtime.model import Model\n"
+                "with Model(sys.argv[1], n_ctx=64, head='screened', screen_k=int(sys.argv[2]), verbose=True) as m:\n"
+                "    np.save(sys.argv[3], m.logits([int(t) for t in sys.argv[4:]]))")
+
+
+def _logits_with_cache(path, k, out, cache_mib: str | None):
+    import os
+
+    env = dict(os.environ)
+    env.pop("CARVQ_HEAD_CACHE_MIB", None)
+    if cache_mib is not None:
+        env["CARVQ_HEAD_CACHE_MIB"] = cache_mib  # read when the model loads
+    proc = subprocess.run([sys.executable, "-c", _CACHE_PROBE, str(path), str(k), str(out), *map(str, TEXT_IDS)],
+                          capture_output=True, text=True, errors="replace", timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return np.load(out), proc.stderr
+
+
+def test_head_rows_read_through_the_cache_are_the_mapped_rows(tiny_carvq, workdir):
+    """The screened head reads its exact rows with pread into a bounded cache (docs/SCREEN.md):
+    the logits equal those read through the mapping, with a cache that holds every row and with
+    one of 3 rows, where candidates are evicted and read into the thread's scratch."""
+    from carvq import gguf_io as gio
+
+    path, report = tiny_carvq("llama")
+    row_bytes = gio.tensor_by_name(gio.open_gguf(path), gio.HEAD).n_bytes / report.n_vocab
+    k = 24
+    mapped, log = _logits_with_cache(path, k, workdir / "mapped.npy", "0")
+    assert "read with pread" not in log
+    for mib in (None, repr(3.5 * row_bytes / 2**20)):
+        cached, log = _logits_with_cache(path, k, workdir / "cached.npy", mib)
+        assert "exact rows read with pread" in log, log[-2000:]
+        assert np.array_equal(cached, mapped), f"CARVQ_HEAD_CACHE_MIB={mib}"
+
+
 def test_every_row_a_candidate_is_the_dense_head(tiny_carvq):
     path, report = tiny_carvq("phi3")
     dense = _logits(path, "dense")

@@ -79,6 +79,21 @@ void carvq_screen_relayout(const struct carvq_layout * l, const uint8_t * codes,
     }
 }
 
+void carvq_screen_row_codes(const struct carvq_layout * l, const uint8_t * blocks, int64_t row, uint8_t * codes) {
+    struct carvq_screen_geom s;
+    if (carvq_screen_geom_init(l, &s)) {
+        return;
+    }
+    const uint8_t * blk = blocks + (row / CARVQ_SCREEN_BLOCK) * s.block_bytes;
+    const int64_t i = row % CARVQ_SCREEN_BLOCK;
+    const int shift = i < CARVQ_SCREEN_HALF ? 0 : 4;
+    memset(codes, 0, (size_t) carvq_layout_code_row_bytes(l));
+    for (int64_t j = 0; j < s.GL; ++j) {
+        const unsigned c = (blk[j * 16 + (i % CARVQ_SCREEN_HALF)] >> shift) & 15u;
+        codes[j >> 1] |= (uint8_t) (c << ((j & 1) * 4));
+    }
+}
+
 // The hot levels as a code table of their own: N rows of Lh levels (for the block layout)
 static struct carvq_layout carvq_screen_hot_as_rows(const struct carvq_layout * l) {
     struct carvq_layout h = *l;

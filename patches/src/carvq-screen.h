@@ -32,6 +32,11 @@ int64_t carvq_screen_blocks_nbytes(const struct carvq_layout * l);
 // Rows past V and the padding position j = G*L (odd G*L) hold code 0.
 void carvq_screen_relayout(const struct carvq_layout * l, const uint8_t * codes, uint8_t * blocks);
 
+// The packed codes of one row (B bytes, as in the file) read back from the blocks: the inverse
+// of carvq_screen_relayout for row `row` (0 <= row < V, not checked). Lets the lookup decode from
+// the blocks, so that the file's copy of the codes need not stay resident beside them.
+void carvq_screen_row_codes(const struct carvq_layout * l, const uint8_t * blocks, int64_t row, uint8_t * codes);
+
 struct carvq_screen_tables {
     float   scale;      // logits per score unit
     float   bias;       // approximate logit = score * scale + bias

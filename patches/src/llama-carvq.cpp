@@ -20,11 +20,21 @@
 #include "gguf.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+
+#if !defined(_WIN32)
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#define CARVQ_HEAD_ROWS_PREAD 1 // the head's rows read with pread (llama_carvq_head_rows)
+#endif
 
 static_assert(sizeof(carvq_layout) == 56, "carvq_layout is part of the decoder ABI");
 
@@ -221,6 +231,200 @@ static void carvq_load_screen_index(llama_model_base & model, llama_model_loader
                    l.levels, l.codebook_size, (long long) l.hot_rows, l.hot_levels);
 }
 
+// ---- the head's exact rows, read with pread (llama_carvq_head_rows) ------------------------
+
+llama_carvq_head_rows::~llama_carvq_head_rows() {
+#if defined(CARVQ_HEAD_ROWS_PREAD)
+    if (fd >= 0) {
+        close(fd);
+    }
+#endif
+}
+
+bool llama_carvq_head_rows::allocate(int64_t rows) {
+    capacity = std::min(rows, n_rows);
+    if (fd < 0 || capacity < 1 || row_bytes == 0) {
+        capacity = 0;
+        return false;
+    }
+    // new[] without an initializer: the kernel backs the slab's pages only when a row is stored
+    slab.reset(new uint8_t[(size_t) capacity * row_bytes]);
+    slot_of.reset(new std::atomic<int32_t>[(size_t) n_rows]);
+    for (int64_t i = 0; i < n_rows; ++i) {
+        slot_of[i].store(-1, std::memory_order_relaxed);
+    }
+    row_of.reset(new int32_t[(size_t) capacity]);
+    used.reset(new std::atomic<uint8_t>[(size_t) capacity]);
+    free_slots.reset(new int32_t[(size_t) capacity]);
+    for (int64_t s = 0; s < capacity; ++s) {
+        row_of[s] = -1;
+        used[s].store(0, std::memory_order_relaxed);
+        free_slots[s] = (int32_t) s;
+    }
+    n_free = capacity;
+    next_free.store(0, std::memory_order_relaxed);
+    return true;
+}
+
+#if defined(CARVQ_HEAD_ROWS_PREAD)
+static bool carvq_pread_all(int fd, uint8_t * dst, size_t n, size_t offset) {
+    while (n > 0) {
+        const ssize_t r = pread(fd, dst, n, (off_t) offset);
+        if (r < 0 && errno == EINTR) {
+            continue;
+        }
+        if (r <= 0) {
+            return false;
+        }
+        dst += r;
+        offset += (size_t) r;
+        n -= (size_t) r;
+    }
+    return true;
+}
+#endif
+
+const uint8_t * llama_carvq_head_rows::row(int64_t id, uint8_t * scratch) {
+#if defined(CARVQ_HEAD_ROWS_PREAD)
+    const int32_t slot = slot_of[id].load(std::memory_order_acquire);
+    if (slot >= 0) {
+        if (!used[slot].load(std::memory_order_relaxed)) {
+            used[slot].store(1, std::memory_order_relaxed);
+        }
+        return slab.get() + (size_t) slot * row_bytes;
+    }
+    const int64_t i = next_free.fetch_add(1, std::memory_order_relaxed);
+    const int32_t mine = i < n_free ? free_slots[i] : -1;
+    uint8_t * dst = mine >= 0 ? slab.get() + (size_t) mine * row_bytes : scratch;
+    if (!carvq_pread_all(fd, dst, row_bytes, offset + (size_t) id * row_bytes)) {
+        return nullptr; // the slot stays free (row_of -1): the next eviction hands it out again
+    }
+    if (mine >= 0) {
+        row_of[mine] = (int32_t) id;
+        used[mine].store(1, std::memory_order_relaxed);
+        slot_of[id].store(mine, std::memory_order_release); // published after its bytes
+    }
+    return dst;
+#else
+    (void) id;
+    (void) scratch;
+    return nullptr;
+#endif
+}
+
+void llama_carvq_head_rows::evict_if_full() {
+    if (next_free.load(std::memory_order_relaxed) < n_free) {
+        return;
+    }
+    std::unique_lock<std::shared_mutex> lock(mutex); // no exact op of any context is reading now
+    if (next_free.load(std::memory_order_relaxed) < n_free) {
+        return;
+    }
+    int64_t n = 0;
+    for (int64_t s = 0; s < capacity; ++s) {
+        if (row_of[s] >= 0 && used[s].load(std::memory_order_relaxed)) {
+            used[s].store(0, std::memory_order_relaxed); // a second chance
+            continue;
+        }
+        if (row_of[s] >= 0) {
+            slot_of[row_of[s]].store(-1, std::memory_order_relaxed);
+            row_of[s] = -1;
+        }
+        free_slots[n++] = (int32_t) s;
+    }
+    n_free = n;
+    next_free.store(0, std::memory_order_relaxed);
+}
+
+// A lazily mapped output.weight (llama_carvq_tensor_flags) gets a file descriptor of its own for
+// the screened head's pread: a new open file description where /proc allows it, so that its
+// random-access advice does not change the loader's sequential one.
+static void carvq_open_head_rows(llama_model_loader & ml, llama_carvq & carvq) {
+#if defined(CARVQ_HEAD_ROWS_PREAD)
+    const ggml_tensor * meta = ml.get_tensor_meta("output.weight");
+    const llama_model_loader::llama_tensor_weight * w = ml.get_weight("output.weight");
+    if (meta == nullptr || w == nullptr || !ml.lazy.has(meta) || w->idx >= ml.files.size()) {
+        return;
+    }
+    const int src = ml.files[w->idx]->file_id();
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/self/fd/%d", src);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        fd = fcntl(src, F_DUPFD_CLOEXEC, 0);
+    }
+    if (fd < 0) {
+        return; // the mapping serves the rows
+    }
+    auto rows = std::make_unique<llama_carvq_head_rows>();
+    rows->fd = fd;
+    rows->offset = w->offs;
+    rows->row_bytes = ggml_row_size(meta->type, meta->ne[0]);
+    rows->n_rows = meta->ne[1];
+#if defined(POSIX_FADV_RANDOM)
+    posix_fadvise(fd, (off_t) w->offs, (off_t) ggml_nbytes(meta), POSIX_FADV_RANDOM);
+#endif
+    carvq.screen.head_rows = std::move(rows);
+#else
+    (void) ml;
+    (void) carvq;
+#endif
+}
+
+// After the codes are re-laid, the lookup decodes from the blocks: the file's copy of the codes
+// (Gemma-3-270M: 31.5 MiB) is read no more, so its pages leave the process. MADV_DONTNEED on a
+// read-only file mapping only unmaps them (a later read faults them back in, same bytes).
+static void carvq_drop_mapped_codes(const llama_carvq & carvq) {
+#if defined(__linux__)
+    if (!carvq.codes_mapped || !carvq.lookup_from_blocks()) {
+        return;
+    }
+    const uintptr_t page = (uintptr_t) sysconf(_SC_PAGESIZE);
+    const uintptr_t first = ((uintptr_t) carvq.codes->data + page - 1) / page * page;
+    const uintptr_t last = ((uintptr_t) carvq.codes->data + ggml_nbytes(carvq.codes)) / page * page;
+    if (page > 0 && last > first) {
+        madvise((void *) first, last - first, MADV_DONTNEED);
+    }
+#else
+    (void) carvq;
+#endif
+}
+
+static const char * carvq_env(const char * name, const char * fallback) {
+    const char * v = getenv(name);
+    return v && *v ? v : fallback;
+}
+
+// Candidates per output: CARVQ_SCREEN_K (read whenever a graph is built) or the default, at most V
+static long long carvq_screen_k(const llama_carvq_screen & screen, bool warn) {
+    const carvq_layout & l = screen.layout;
+    const long long k_default = llama_carvq_screen_default_k(l.n_vocab, screen.projection != nullptr);
+    char * end = nullptr;
+    const char * k_env = carvq_env("CARVQ_SCREEN_K", "");
+    long long k = *k_env ? strtoll(k_env, &end, 10) : k_default;
+    if (*k_env && (end == k_env || *end != '\0' || k < 1)) {
+        if (warn) {
+            LLAMA_LOG_WARN("%s: CARVQ_SCREEN_K=%s is not a positive integer; using %lld\n", __func__, k_env, k_default);
+        }
+        k = k_default;
+    }
+    return std::min<long long>(k, l.n_vocab);
+}
+
+static int64_t carvq_head_cache_rows(const llama_carvq_head_rows & rows, long long k) {
+    const char * env = getenv("CARVQ_HEAD_CACHE_MIB");
+    if (env != nullptr && *env) {
+        char * end = nullptr;
+        const double mib = strtod(env, &end);
+        if (end != env && *end == '\0' && mib >= 0 && std::isfinite(mib)) {
+            return (int64_t) (mib * 1024.0 * 1024.0 / (double) rows.row_bytes);
+        }
+        LLAMA_LOG_WARN("%s: CARVQ_HEAD_CACHE_MIB=%s is not a size in MiB; using the default\n", __func__, env);
+    }
+    // rows that stay candidates (frequent tokens) outlive the churn of a few tokens' candidates
+    return std::max<int64_t>(rows.n_rows / LLAMA_CARVQ_HEAD_CACHE_SHARE, LLAMA_CARVQ_HEAD_CACHE_ROUNDS * k);
+}
+
 void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml, llama_carvq & carvq) {
     const gguf_context * meta = ml.metadata;
     carvq_layout & l = carvq.layout;
@@ -298,6 +502,8 @@ void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml,
         }
     }
     carvq_load_screen_index(model, ml, carvq);
+    carvq.codes_mapped = ml.use_mmap; // from_mapping in load_all_data: the tensor's data is the mapping
+    carvq_open_head_rows(ml, carvq);
     LLAMA_LOG_INFO("%s: CARVQ embedding v%d: d=%d L=%d K=%d, adaptor m=%d h=%d (%s), %lld hot rows +%d levels, "
                    "decoder path %s\n", __func__,
                    l.format_version, l.group_size, l.levels, l.codebook_size, l.adaptor_rank, l.adaptor_hidden,
@@ -372,6 +578,7 @@ void llama_carvq_check_data(llama_carvq & carvq) {
         sc.hot_codes = carvq.hot_codes;
         sc.hot_codebooks = carvq.hot_codebooks;
     } else {
+        sc.head_rows.reset();
         return; // an untied source's head is its own matrix: the lookup's codes do not index it
     }
     sc.blocks.resize((size_t) carvq_screen_blocks_nbytes(&sc.layout));
@@ -379,6 +586,15 @@ void llama_carvq_check_data(llama_carvq & carvq) {
     if (sc.layout.hot_rows > 0) {
         sc.hot_blocks.resize((size_t) carvq_screen_hot_blocks_nbytes(&sc.layout));
         carvq_screen_hot_relayout(&sc.layout, (const uint8_t *) sc.hot_codes->data, sc.hot_blocks.data());
+    }
+    carvq_drop_mapped_codes(carvq);
+    if (sc.head_rows && !sc.head_rows->allocate(carvq_head_cache_rows(*sc.head_rows, carvq_screen_k(sc, false)))) {
+        sc.head_rows.reset();
+    }
+    if (sc.head_rows) {
+        LLAMA_LOG_INFO("%s: CARVQ screened head: exact rows read with pread, cache of %lld rows (%.1f MiB)\n",
+                       __func__, (long long) sc.head_rows->capacity,
+                       sc.head_rows->capacity * (double) sc.head_rows->row_bytes / (1024.0 * 1024.0));
     }
 }
 
@@ -388,7 +604,8 @@ void llama_carvq_check_data(llama_carvq & carvq) {
 // out-of-range tokens, so this only turns a broken invariant into an abort, never a read
 // outside the codes.
 static void carvq_rvq_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    const carvq_layout * l = (const carvq_layout *) userdata;
+    const llama_carvq & carvq = *(const llama_carvq *) userdata;
+    const carvq_layout * l = &carvq.layout;
     const ggml_tensor * codes = dst->src[0];
     const ggml_tensor * cb    = dst->src[1];
     const ggml_tensor * ids   = dst->src[2];
@@ -406,8 +623,20 @@ static void carvq_rvq_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     }
     const carvq_codebook_type cb_type = cb->type == GGML_TYPE_F16 ? CARVQ_CODEBOOK_F16 : CARVQ_CODEBOOK_F32;
     const int64_t stride = (int64_t) (dst->nb[1] / sizeof(float));
-    carvq_rows_decode(l, (const uint8_t *) codes->data, cb->data, cb_type, (const int32_t *) ids->data, n_ids,
-                      (float *) dst->data, stride, first, last);
+    if (carvq.lookup_from_blocks()) {
+        // the same codes from the screen's blocks, a row at a time (carvq_drop_mapped_codes)
+        static thread_local std::vector<uint8_t> packed;
+        packed.resize((size_t) carvq_layout_code_row_bytes(l));
+        uint8_t * row = packed.data();
+        const int32_t zero = 0;
+        for (int64_t r = first; r < last; ++r) {
+            carvq_screen_row_codes(l, carvq.screen.blocks.data(), ((const int32_t *) ids->data)[r], row);
+            carvq_rows_decode(l, row, cb->data, cb_type, &zero, 1, (float *) dst->data + r * stride, stride, 0, 1);
+        }
+    } else {
+        carvq_rows_decode(l, (const uint8_t *) codes->data, cb->data, cb_type, (const int32_t *) ids->data, n_ids,
+                          (float *) dst->data, stride, first, last);
+    }
     if (l->hot_rows > 0) {
         carvq_rows_hot_add(l, (const int32_t *) dst->src[3]->data, (const uint8_t *) dst->src[4]->data,
                            dst->src[5]->data, cb_type, (const int32_t *) ids->data, n_ids, (float *) dst->data,
@@ -425,6 +654,7 @@ struct carvq_screen_scratch {
     std::vector<uint32_t> hist = std::vector<uint32_t>(CARVQ_SCREEN_HIST);
     std::vector<uint8_t> hq; // the hidden state in the head's vec_dot type
     std::vector<float> exact, approx; // the candidates' logits
+    std::vector<uint8_t> row; // a head row read past a full cache
 
     std::vector<float> hp; // the hidden state projected into a screen index's metric
 
@@ -463,6 +693,9 @@ static void carvq_screen_scan_op(ggml_tensor * dst, int ith, int nth, void * use
     const int64_t n_blocks = (l.n_vocab + CARVQ_SCREEN_BLOCK - 1) / CARVQ_SCREEN_BLOCK;
     const int64_t per = (n_blocks + nth - 1) / nth;
     const int64_t b0 = per * ith, b1 = std::min(n_blocks, b0 + per);
+    if (ith == 0 && c.head_rows) {
+        c.head_rows->evict_if_full(); // before the exact op, which reads the cache with this graph's threads
+    }
     if (b0 >= b1) {
         return;
     }
@@ -535,7 +768,8 @@ static char * carvq_candidate_ids(const ggml_tensor * exact_t, int64_t p) {
 // and deterministic, and cheaper than a barrier) and computes every nth of them; thread 0
 // stores the ids.
 static void carvq_screen_exact_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    (void) userdata;
+    const llama_carvq_screen & screen = *(const llama_carvq_screen *) userdata;
+    llama_carvq_head_rows * rows = screen.head_rows.get();
     const ggml_tensor * scores_t = dst->src[0];
     const ggml_tensor * cur = dst->src[1];
     const ggml_tensor * w = dst->src[2];
@@ -544,6 +778,14 @@ static void carvq_screen_exact_op(ggml_tensor * dst, int ith, int nth, void * us
     carvq_screen_scratch & sc = carvq_scratch;
     const int64_t V = scores_t->ne[0];
     sc.ids.resize((size_t) k); // k <= V (llama_carvq_build_head), so the selection has k rows
+    if (rows != nullptr && (rows->row_bytes != w->nb[1] || rows->n_rows != w->ne[1])) {
+        rows = nullptr; // not the tensor the cache was opened for
+    }
+    std::shared_lock<std::shared_mutex> lock;
+    if (rows != nullptr) {
+        lock = std::shared_lock<std::shared_mutex>(rows->mutex);
+        sc.row.resize(rows->row_bytes);
+    }
     for (int64_t p = 0; p < dst->ne[1]; ++p) {
         const int32_t * scores = (const int32_t *) ((const char *) scores_t->data + p * scores_t->nb[1]);
         const int64_t m = carvq_screen_select(scores, V, k, sc.ids.data(), sc.hist.data());
@@ -560,7 +802,9 @@ static void carvq_screen_exact_op(ggml_tensor * dst, int ith, int nth, void * us
         float * out = (float *) ((char *) dst->data + p * dst->nb[1]);
         for (int64_t i = ith; i < m; i += nth) {
             const int32_t id = sc.ids[(size_t) i];
-            tr->vec_dot((int) n, out + i, 0, (const char *) w->data + id * w->nb[1], 0, hv, 0, 1);
+            const uint8_t * cached = rows != nullptr ? rows->row(id, sc.row.data()) : nullptr;
+            const char * row = cached != nullptr ? (const char *) cached : (const char *) w->data + id * w->nb[1];
+            tr->vec_dot((int) n, out + i, 0, row, 0, hv, 0, 1);
         }
     }
 }
@@ -618,11 +862,6 @@ int64_t llama_carvq_screen_default_k(int64_t n_vocab, bool own_index) {
     return std::min<int64_t>(n_vocab, std::max<int64_t>(4096, std::min<int64_t>(8192, n_vocab / 4)));
 }
 
-static const char * carvq_env(const char * name, const char * fallback) {
-    const char * v = getenv(name);
-    return v && *v ? v : fallback;
-}
-
 ggml_tensor * llama_carvq_build_head(ggml_context * ctx, const llama_carvq & carvq, ggml_tensor * w, ggml_tensor * cur) {
     const llama_carvq_screen & screen = carvq.screen;
     const carvq_layout & l = screen.layout;
@@ -642,15 +881,7 @@ ggml_tensor * llama_carvq_build_head(ggml_context * ctx, const llama_carvq & car
     if (mode == "dense" || (mode != "screened" && cur->ne[1] > LLAMA_CARVQ_SCREEN_MAX_OUTPUTS)) {
         return nullptr;
     }
-    const long long k_default = llama_carvq_screen_default_k(l.n_vocab, screen.projection != nullptr);
-    char * end = nullptr;
-    const char * k_env = carvq_env("CARVQ_SCREEN_K", "");
-    long long k = *k_env ? strtoll(k_env, &end, 10) : k_default;
-    if (*k_env && (end == k_env || *end != '\0' || k < 1)) {
-        LLAMA_LOG_WARN("%s: CARVQ_SCREEN_K=%s is not a positive integer; using %lld\n", __func__, k_env, k_default);
-        k = k_default;
-    }
-    k = std::min<long long>(k, l.n_vocab);
+    const long long k = carvq_screen_k(screen, true);
     if (mode != "screened" && k * LLAMA_CARVQ_SCREEN_MIN_SHARE > l.n_vocab) {
         return nullptr; // auto: reading k exact rows as well as the codes does not pay (bench/screen.py)
     }
@@ -694,7 +925,7 @@ ggml_tensor * llama_carvq_build_lookup(ggml_context * ctx, const llama_carvq & c
     // spares the other threads' wake-up (measured in bench/lookup_bench.c)
     const int n_tasks = tokens->ne[0] < 8 ? 1 : GGML_N_TASKS_MAX;
     ggml_tensor * cur = ggml_custom_4d(ctx, GGML_TYPE_F32, l.n_embd, tokens->ne[0], 1, 1, args, n_args,
-                                       carvq_rvq_op, n_tasks, (void *) &carvq.layout);
+                                       carvq_rvq_op, n_tasks, (void *) &carvq);
     // build_inp_embd names the lookup's result "embd" (the node the runtime's embedding_rows()
     // reads back); the names here only label the nodes inside the lookup in graph dumps
     if (l.adaptor_rank == 0) {

@@ -9,7 +9,11 @@
 #include "llama-arch.h"
 #include "ggml-backend.h"
 
+#include <atomic>
+#include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <shared_mutex>
 #include <vector>
 
 struct ggml_context;
@@ -17,6 +21,40 @@ struct ggml_tensor;
 struct llama_model_loader;
 struct llama_model_base;
 struct llama_model;
+
+// The exact rows of a head mapped lazily, read with pread into a bounded cache (docs/SCREEN.md,
+// "Resident memory"). Read through the mapping, each candidate faults in its page and, by the
+// kernel's fault-around, up to 64 KiB beside it: after 256 tokens of Gemma-3-270M 90 of the
+// head copy's 110 MiB were resident, though the candidates had touched a quarter of its rows.
+// The cache holds whole rows. When it has no free slot left, the next scan evicts the rows no
+// exact op has read since the previous eviction (a clock with one reference bit); until then a
+// row that finds no slot is read into the caller's scratch. POSIX only (elsewhere: the mapping).
+struct llama_carvq_head_rows {
+    int     fd        = -1;
+    size_t  offset    = 0; // of output.weight in the file
+    size_t  row_bytes = 0;
+    int64_t n_rows    = 0;
+    int64_t capacity  = 0; // rows
+    std::unique_ptr<uint8_t[]> slab;                  // capacity rows; untouched pages stay non-resident
+    std::unique_ptr<std::atomic<int32_t>[]> slot_of;  // row -> slot, -1 when not cached
+    std::unique_ptr<int32_t[]> row_of;                // slot -> row, -1 when free
+    std::unique_ptr<std::atomic<uint8_t>[]> used;     // slot read since the last eviction
+    std::unique_ptr<int32_t[]> free_slots;            // [0, n_free): slots to fill, in order
+    int64_t n_free = 0;
+    std::atomic<int64_t> next_free {0};               // free slots handed out
+    std::shared_mutex mutex;                          // shared: reading and filling; exclusive: eviction
+
+    llama_carvq_head_rows() = default;
+    llama_carvq_head_rows(const llama_carvq_head_rows &) = delete;
+    llama_carvq_head_rows & operator=(const llama_carvq_head_rows &) = delete;
+    ~llama_carvq_head_rows();
+
+    bool allocate(int64_t rows); // false (and no cache) when rows < 1
+    // Row `id`'s bytes, from the cache or read into it (into `scratch`, row_bytes long, when no slot
+    // is free); nullptr when the read fails. The caller holds `mutex` shared.
+    const uint8_t * row(int64_t id, uint8_t * scratch);
+    void evict_if_full(); // takes `mutex` exclusively when no slot is free
+};
 
 // What the screened head scans (docs/SCREEN.md): the output head's own index (format v3:
 // output.carvq.*, fitted in the hidden states' metric, with its projection), else, for a tied
@@ -30,6 +68,7 @@ struct llama_carvq_screen {
     const ggml_tensor * hot_codebooks = nullptr;
     const ggml_tensor * projection    = nullptr; // F32 {n, n}: tables from h @ P
     std::vector<uint8_t> blocks, hot_blocks;
+    std::unique_ptr<llama_carvq_head_rows> head_rows; // null: the head's rows are read through its mapping
 
     bool enabled() const { return !blocks.empty(); }
 };
@@ -57,6 +96,10 @@ struct llama_carvq {
                 * screen_hot_codes = nullptr, * screen_hot_codebooks = nullptr, * screen_projection = nullptr;
     carvq_layout screen_layout = {};
     llama_carvq_screen screen; // what the screened head reads (empty: no screened head)
+    // the codes lie in a read-only file mapping, so their pages can be dropped once re-laid
+    bool codes_mapped = false;
+    // lookup decodes from screen.blocks (the same codes, re-laid) instead of `codes`
+    bool lookup_from_blocks() const { return screen.enabled() && screen.codes == codes; }
 
     bool enabled() const { return codes != nullptr; }
 };
@@ -84,6 +127,14 @@ void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml,
 // for the screened head.
 void llama_carvq_check_data(llama_carvq & carvq);
 
+// Rows of the head the screened head's cache holds: 1/LLAMA_CARVQ_HEAD_CACHE_SHARE of them but
+// at least LLAMA_CARVQ_HEAD_CACHE_ROUNDS x k (k as at load), or CARVQ_HEAD_CACHE_MIB (read at load;
+// 0 reads every row through the mapping). Gemma-3-270M at k = 8192: 62k distinct candidate rows
+// in 256 generated tokens, 98k in 512 tokens of Britannica; a cache of 4 x k rows cost 12 % of its
+// generation speed at k = 16384 (rows read again and again), one of 8 x k rows 3 % at k = 8192.
+#define LLAMA_CARVQ_HEAD_CACHE_SHARE 4
+#define LLAMA_CARVQ_HEAD_CACHE_ROUNDS 8
+
 // The output head w (output.weight) times the hidden states cur (F32 [n_embd, n_outputs]),
 // screened: every logit approximated from the codes, the k best computed exactly from w's
 // rows. nullptr when the dense ggml_mul_mat should be used instead: not this model's screened
@@ -92,9 +143,10 @@ void llama_carvq_check_data(llama_carvq & carvq);
 // most 1/LLAMA_CARVQ_SCREEN_MIN_SHARE of the rows) | screened | dense; CARVQ_SCREEN_K =
 // candidates computed exactly (default llama_carvq_screen_default_k).
 #define LLAMA_CARVQ_SCREEN_MAX_OUTPUTS 4
-// Measured on 2 x86 cores (bench/screen.py): Gemma-3-270M, k = V/16, generates 1.2x faster than
-// its dense head; SmolLM2-135M, k = V/4, 0.97x. Auto screens from k <= V/8.
-#define LLAMA_CARVQ_SCREEN_MIN_SHARE 8
+// Measured on 2 x86 cores (bench/screen.py): Gemma-3-270M, k = V/32, generates 1.76x faster than
+// its dense head; SmolLM2-135M, k = V/6, 1.04x (3 rounds of 3 x 128 tokens; 0.97x at V/4 before
+// the hot rows' SIMD scan). Auto screens from k <= V/5.
+#define LLAMA_CARVQ_SCREEN_MIN_SHARE 5
 // The default k: with the lookup's codes a quarter of the rows within 4096..8192; with the
 // head's own index (format v3) V/16 within LLAMA_CARVQ_SCREEN_INDEX_K_MIN..MAX.
 #define LLAMA_CARVQ_SCREEN_INDEX_K_MIN 2048
