@@ -422,6 +422,8 @@ def markdown(all_rows: dict[str, list[Row]], checks: list[dict], heads: dict[str
         n = ref.extra["shape"][1]
         absent = [t for t in NATIVE if n % _block(t)]
         note = "".join(f"; {t} left out: its {_block(t)}-wide blocks do not divide n = {n}" for t in absent)
+        if ref.extra.get("measured"):
+            note += f"; rows of the run of {ref.extra['measured']}, not measured again this time"
         lines += [f"**{model}** (reference perplexity {ref.extra['ref_ppl']:.3f}{note})", "",
                   "| embedding | kind | bpw | Δ perplexity | mean KLD | 99% KLD | top-1 |", "|---|---|---|---|---|---|---|"]
         for r in sorted(rows, key=lambda r: -r.bpw):
@@ -492,6 +494,27 @@ def plot(all_rows: dict[str, list[Row]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _earlier_results() -> dict:
+    path = RESULTS / "quality.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _earlier_rows(done: set[str]) -> dict[str, list[Row]]:
+    """The latest saved rows of the models this run left out, with the date they were measured."""
+    old = _earlier_results()
+    when = old.get("meta", {}).get("date", "an earlier run")
+    out = {}
+    for model, rows in old.get("rows", {}).items():
+        if model not in done:
+            out[model] = [Row(**{**r, "extra": {**r.get("extra", {}), "measured": r.get("extra", {}).get("measured", when)}})
+                          for r in rows]
+    return out
+
+
+def _earlier_heads(model: str) -> dict:
+    return _earlier_results().get("heads", {}).get(model, {})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -516,6 +539,12 @@ def main() -> None:
         ik_verdict += ik_verdicts(rows)
     meta = {"date": date.today().isoformat(), "machine": bench_convert.machine(), "chunks": args.chunks,
             "wall_s": round(time.perf_counter() - start)}
+    for model, rows in _earlier_rows(set(all_rows)).items():  # a run of some models keeps the others' latest rows
+        all_rows[model] = rows
+        heads[model] = _earlier_heads(model)
+        checks += target_checks(rows)
+        ik_check += ik_checks(rows)
+        ik_verdict += ik_verdicts(rows)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "quality.json").write_text(json.dumps(
         {"meta": meta, "rows": {m: [r.__dict__ for r in rs] for m, rs in all_rows.items()}, "targets": checks,

@@ -219,7 +219,7 @@ def table(results: dict) -> str:
              "rows marked --screen-index: converted with it, the head's own index screening, format v3); "
              "KLD / top-1 / Δ perplexity of the screened head against the dense head of the same file on the "
              "Britannica text; speeds are generation (64 tokens) tokens/s; A/B ratios over alternating llama-bench "
-             "rounds (mean ± std) with the default `--head auto` (auto screens only where k <= V/8).", "",
+             "rounds (mean ± std) with the default `--head auto` (auto screens only where k <= V/5).", "",
              "| model | k (default) | KLD | 99% KLD | top-1 | Δ PPL | tg t/s ratio vs stock | vs own dense head | "
              "greedy = dense (20 × 128 tokens) | peak RSS, mmap, 256 tokens | file | scan GB/s (% of memcpy) | scan vs dense Q5_0 head |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -231,11 +231,12 @@ def table(results: dict) -> str:
             f"{q['dppl']:+.3f} | {r['ab_stock']['tg64']['ratio']:.2f} ± {r['ab_stock']['tg64']['ratio_std']:.2f} | "
             f"{r['ab_dense']['tg64']['ratio']:.2f} ± {r['ab_dense']['tg64']['ratio_std']:.2f} | "
             f"{r['greedy']['identical']}/{r['greedy']['prompts']} | "
-            f"{mib(r['rss_mmap_peak']['stock'])} → {mib(r['rss_mmap_peak']['carvq'])} MiB | "
+            f"{mib(r['rss_mmap_peak']['stock'])} → {mib(r['rss_mmap_peak']['carvq'])} MiB "
+            f"({r['rss_mmap_peak']['carvq'] / r['rss_mmap_peak']['stock']:.2f}x) | "
             f"{mib(r['file_bytes']['stock'])} → {mib(r['file_bytes']['carvq'])} MiB | "
             f"{s['scan']['bytes_per_s'] / 1e9:.1f} ({100 * s['scan']['bytes_per_s'] / s['memcpy_codes']['bytes_per_s']:.0f} %) | "
             f"{s['dense_head_q5_0']['seconds'] / s['scan']['seconds']:.1f}x faster |")
-    lines += ["", "Against k, screening forced (`CARVQ_HEAD=screened`; `auto` screens only from k <= V/8):", "",
+    lines += ["", "Against k, screening forced (`CARVQ_HEAD=screened`; `auto` screens only from k <= V/5):", "",
               "| model | k | KLD | top-1 | Δ PPL | tg t/s |", "|---|---|---|---|---|---|"]
     for name, r in results.items():
         for row in r["quality"]:

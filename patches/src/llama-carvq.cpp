@@ -9,6 +9,7 @@
 #include "llama-carvq.h"
 
 #include "llama-impl.h"
+#include "llama-mmap.h"
 #include "llama-model-loader.h"
 #include "llama-model.h"
 
@@ -374,19 +375,27 @@ static void carvq_open_head_rows(llama_model_loader & ml, llama_carvq & carvq) {
 // After the codes are re-laid, the lookup decodes from the blocks: the file's copy of the codes
 // (Gemma-3-270M: 31.5 MiB) is read no more, so its pages leave the process. MADV_DONTNEED on a
 // read-only file mapping only unmaps them (a later read faults them back in, same bytes).
-static void carvq_drop_mapped_codes(const llama_carvq & carvq) {
+static void carvq_drop_mapped_codes(const llama_carvq & carvq, const llama_model_loader & ml) {
 #if defined(__linux__)
-    if (!carvq.codes_mapped || !carvq.lookup_from_blocks()) {
+    if (!carvq.lookup_from_blocks()) {
         return;
     }
+    // only pages of a file mapping: the same call on a heap copy (--no-mmap, a buffer the loader
+    // copied into) would zero it
+    const uintptr_t lo = (uintptr_t) carvq.codes->data, hi = lo + ggml_nbytes(carvq.codes);
+    bool mapped = false;
+    for (const auto & m : ml.mappings) {
+        const uintptr_t a = m ? (uintptr_t) m->addr() : 0;
+        mapped = mapped || (m && lo >= a && hi <= a + m->size());
+    }
     const uintptr_t page = (uintptr_t) sysconf(_SC_PAGESIZE);
-    const uintptr_t first = ((uintptr_t) carvq.codes->data + page - 1) / page * page;
-    const uintptr_t last = ((uintptr_t) carvq.codes->data + ggml_nbytes(carvq.codes)) / page * page;
-    if (page > 0 && last > first) {
+    const uintptr_t first = (lo + page - 1) / page * page, last = hi / page * page;
+    if (mapped && last > first) {
         madvise((void *) first, last - first, MADV_DONTNEED);
     }
 #else
     (void) carvq;
+    (void) ml;
 #endif
 }
 
@@ -502,7 +511,6 @@ void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml,
         }
     }
     carvq_load_screen_index(model, ml, carvq);
-    carvq.codes_mapped = ml.use_mmap; // from_mapping in load_all_data: the tensor's data is the mapping
     carvq_open_head_rows(ml, carvq);
     LLAMA_LOG_INFO("%s: CARVQ embedding v%d: d=%d L=%d K=%d, adaptor m=%d h=%d (%s), %lld hot rows +%d levels, "
                    "decoder path %s\n", __func__,
@@ -525,7 +533,7 @@ static void carvq_check_codes(const carvq_layout & l, const ggml_tensor * codes,
     }
 }
 
-void llama_carvq_check_data(llama_carvq & carvq) {
+void llama_carvq_check_data(llama_carvq & carvq, const llama_model_loader & ml) {
     if (!carvq.enabled()) {
         return;
     }
@@ -587,7 +595,7 @@ void llama_carvq_check_data(llama_carvq & carvq) {
         sc.hot_blocks.resize((size_t) carvq_screen_hot_blocks_nbytes(&sc.layout));
         carvq_screen_hot_relayout(&sc.layout, (const uint8_t *) sc.hot_codes->data, sc.hot_blocks.data());
     }
-    carvq_drop_mapped_codes(carvq);
+    carvq_drop_mapped_codes(carvq, ml);
     if (sc.head_rows && !sc.head_rows->allocate(carvq_head_cache_rows(*sc.head_rows, carvq_screen_k(sc, false)))) {
         sc.head_rows.reset();
     }

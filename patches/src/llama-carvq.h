@@ -96,8 +96,6 @@ struct llama_carvq {
                 * screen_hot_codes = nullptr, * screen_hot_codebooks = nullptr, * screen_projection = nullptr;
     carvq_layout screen_layout = {};
     llama_carvq_screen screen; // what the screened head reads (empty: no screened head)
-    // the codes lie in a read-only file mapping, so their pages can be dropped once re-laid
-    bool codes_mapped = false;
     // lookup decodes from screen.blocks (the same codes, re-laid) instead of `codes`
     bool lookup_from_blocks() const { return screen.enabled() && screen.codes == codes; }
 
@@ -124,8 +122,8 @@ void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml,
 
 // After the data is loaded: every code < K, hot ids sorted and in range (throws
 // std::runtime_error naming the first bad row); then, for a tied source, the codes re-laid
-// for the screened head.
-void llama_carvq_check_data(llama_carvq & carvq);
+// for the screened head, the file's mapped copy of them dropped, and the head's row cache.
+void llama_carvq_check_data(llama_carvq & carvq, const llama_model_loader & ml);
 
 // Rows of the head the screened head's cache holds: 1/LLAMA_CARVQ_HEAD_CACHE_SHARE of them but
 // at least LLAMA_CARVQ_HEAD_CACHE_ROUNDS x k (k as at load), or CARVQ_HEAD_CACHE_MIB (read at load;
