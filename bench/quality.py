@@ -26,7 +26,6 @@ source and arguments, and by the files evaluated); --fresh starts from scratch.
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
 import json
 import shutil
@@ -39,6 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ik_ggml  # noqa: E402
+from converter_digest import converter_digest  # noqa: E402
 import models  # noqa: E402
 import simulate  # noqa: E402
 
@@ -188,25 +188,6 @@ def make_ik(ref: Path, qtype: str, work: Path) -> Path:
     return out
 
 
-def _converter_digest() -> str:
-    """What decides a conversion: the converter's code, without its comments and docstrings
-    (an edited comment should not cost a reconversion of every operating point)."""
-    digest = hashlib.sha256()
-    for path in sorted([*(REPO / "converter").glob("*.py"), REPO / "src" / "carvq" / "format.py", REPO / "src" / "carvq" / "reference.py"]):
-        digest.update(_code_only(path.read_text(encoding="utf-8")).encode())
-    return digest.hexdigest()[:16]
-
-
-def _code_only(source: str) -> str:
-    tree = ast.parse(source)
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
-                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
-            node.body = body[1:] or [ast.Pass()]
-    return ast.dump(tree)
-
-
 def make_carvq(src: Path, label: str, args: list[str], calibration: Path | None, work: Path,
                head_type: str | None = None) -> Path:
     """`carvq convert` with the bench's calibration text; reused while the converter's
@@ -214,7 +195,7 @@ def make_carvq(src: Path, label: str, args: list[str], calibration: Path | None,
     if head_type is None:  # the bench's rule: every variant keeps the source's head, byte for byte
         head_type = gio.tensor_by_name(gio.open_gguf(src), gio.EMBD).tensor_type.name
     full = [*args, *(["--calibration", str(calibration)] if calibration else []), "--head-type", head_type]
-    key = hashlib.sha256(json.dumps([_converter_digest(), full, src.stat().st_size]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([converter_digest(), full, src.stat().st_size]).encode()).hexdigest()[:12]
     out = work / f"{label.replace(' ', '-')}.{key}.gguf"
     if out.exists():
         return out

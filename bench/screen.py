@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
+from converter_digest import converter_digest  # noqa: E402
 import update_readme  # noqa: E402
 from convert import machine  # noqa: E402
 
@@ -48,9 +49,12 @@ MODELS = {"smollm2": ("SmolLM2-135M-Instruct", models.smollm2, 20), "gemma3": ("
 def _converted(name: str, stock: Path, own_index: bool = False) -> Path:
     """The default conversion (format v2: the screen reads the lookup's codes), or with
     --screen-index (format v3 where the held-out check keeps the head's own index)."""
-    out = cache_dir() / "bench" / f"{name}.default.{'v3' if own_index else 'v2'}.carvq.gguf"
-    if not out.exists():
+    kind = "v3" if own_index else "v2"
+    out = cache_dir() / "bench" / f"{name}.default.{kind}.{converter_digest()}.carvq.gguf"
+    if not out.exists():  # made again whenever the converter's code changes
         out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out.parent.glob(f"{name}.default.{kind}.*carvq.gguf"):
+            stale.unlink()
         extra = ["--screen-index", "--calibration", str(_screen_calibration())] if own_index else []
         subprocess.run([sys.executable, "-m", "carvq.cli", "convert", str(stock), "-o", str(out), "-q", *extra],
                        check=True, stdout=subprocess.DEVNULL)

@@ -15,7 +15,7 @@ import numpy as np
 from carvq import format as fmt
 from carvq import gguf_io as gio
 from carvq.converter import config as cfgmod
-from carvq.converter import frequency, hf, memory, screen_index, train, tune
+from carvq.converter import frequency, hf, memory, model_prior, screen_index, train, tune
 from carvq.converter.body import quantize_body
 from carvq.converter.config import DEFAULT_ITERS, Config
 from carvq.converter.head import default_head_type, head_tensor
@@ -36,13 +36,31 @@ def _calibration_tokens(gguf_path: Path, calibration: Path, n_vocab: int) -> tup
         return ids, vocab.tokenize("", add_special=True)
 
 
-def _token_weights(reader, n_vocab, calibration, ids: np.ndarray | None):
-    prior, how = frequency.prior_from_gguf(reader, n_vocab)
+PRIORS = ("model", "tokenizer")
+
+
+def _prior(reader, gguf_path: Path, n_vocab: int, prior: str, seed: int, progress: bool) -> tuple[np.ndarray, str, list[str]]:
+    """(weights, description, notes) of the token prior: the source model's own next-token
+    distribution (converter/model_prior.py), or the tokenizer's rank; the tokenizer's where the
+    model cannot write text here."""
+    if prior == "model":
+        try:
+            p, how = model_prior.predicted_unigram(gguf_path, seed, progress)
+            return frequency.from_distribution(p), how, []
+        except CarvqError as exc:
+            w, how = frequency.prior_from_gguf(reader, n_vocab)
+            return w, how, [f"the model could not write text to weight its tokens by ({exc}); {how} instead, "
+                            "which ranks some vocabularies' most frequent tokens last (docs/RESULTS.md)"]
+    w, how = frequency.prior_from_gguf(reader, n_vocab)
+    return w, how, []
+
+
+def _token_weights(prior: np.ndarray, how: str, reader, n_vocab, calibration, ids: np.ndarray | None):
     if ids is None:
         w, desc = prior, how
     else:
         w = frequency.from_counts(np.bincount(ids, minlength=n_vocab)[:n_vocab], prior)
-        desc = f"counts from {calibration} ({ids.size:,} tokens) + 1, plus a {how} of the same mass"
+        desc = f"counts from {calibration} ({ids.size:,} tokens) + 1, plus {how} of the same mass"
     return frequency.with_special_tokens(w, reader, n_vocab), desc + "; special tokens as heavy as the heaviest"
 
 
@@ -69,11 +87,13 @@ def _check_paths(src: Path, out: Path, calibration, force: bool) -> None:
 def convert(input_path, output_path, base: Config, *, target_bpw: float | None = None, iters: int = DEFAULT_ITERS,
             seed: int = 0, calibration=None, head_type: str | None = None, hf_outtype: str = "auto",
             body_type: str | None = None, progress: bool = True, force: bool = False,
-            screen: Config | bool | None = None, tune_steps: int = 0) -> Report:
+            screen: Config | bool | None = None, tune_steps: int = 0, prior: str = "model") -> Report:
     """tune_steps: Adam steps of end-to-end tuning of the codebooks on the calibration text
     (converter/tune.py; 0 = none). screen: fit the head's own screen index (format v3; kept for a tied model only where it
     screens better than the lookup's codes): True for config.SCREEN_DEFAULT, a Config of its
-    own, or False/None for none (the default: format v2)."""
+    own, or False/None for none (the default: format v2). prior: where the token weights come
+    from beside the calibration counts, "model" (the source model's own next-token distribution)
+    or "tokenizer" (a Zipf prior over the vocabulary's order; no model run)."""
     start = time.perf_counter()
     if screen is True:
         screen = cfgmod.SCREEN_DEFAULT
@@ -82,6 +102,8 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
     if screen and calibration is None:
         raise CarvqError("--screen-index needs --calibration: the index is fitted to, and judged on, the model's hidden "
                          "states on text like the text it will see (docs/SCREEN.md)")
+    if prior not in PRIORS:
+        raise CarvqError(f"--prior {prior!r}: one of {', '.join(PRIORS)}")
     if tune_steps < 0:
         raise CarvqError(f"--tune-steps {tune_steps}: must not be negative")
     if tune_steps and calibration is None:
@@ -98,7 +120,7 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
         reader = gio.open_gguf(gguf_path)
         written = Path(tmpdir) / "carvq.gguf" if body_type else out
         report = _convert_reader(reader, src, written, gguf_path, base, target_bpw, iters, seed,
-                                 calibration, head_type, progress, start, screen, tune_steps)
+                                 calibration, head_type, progress, start, screen, tune_steps, prior)
         if body_type:
             quantize_body(written, out, body_type, keep_head=report.head_copied)
             report.output = str(out)
@@ -107,7 +129,7 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
 
 
 def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, calibration,
-                    head_type, progress, start, screen, tune_steps) -> Report:
+                    head_type, progress, start, screen, tune_steps, prior) -> Report:
     arch = gio.field_value(reader, "general.architecture")
     if fmt.is_carvq(reader):
         raise CarvqError(f"{src}: already a CARVQ-GGUF")
@@ -123,6 +145,10 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
     head_src = gio.tensor_by_name(reader, gio.HEAD)
     if head_src is not None and tuple(int(x) for x in head_src.shape[:2]) != tuple(int(x) for x in embd.shape[:2]):
         raise CarvqError(f"{src}: {gio.HEAD} has shape {tuple(head_src.shape)}, {gio.EMBD} {tuple(embd.shape)}")
+    # the source model writes its documents before the embedding is unpacked: its context and
+    # logits then add nothing to the conversion's peak
+    prior_w, prior_how, notes = _prior(reader, gguf_path, int(embd.shape[1]), prior, seed, progress)
+    memory.trim()
     M = gio.dequantize(embd)
     gio.release_pages(reader, embd)  # M holds it now; a byte-copied head maps it again when written
     memory.trim()
@@ -134,10 +160,10 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
     memory.trim()
     V, n = M.shape
     tokens = _calibration_tokens(gguf_path, Path(calibration), V) if calibration is not None else None
-    w, weights_from = _token_weights(reader, V, calibration, None if tokens is None else tokens[0])
-    notes: list[str] = []
+    w, weights_from = _token_weights(prior_w, prior_how, reader, V, calibration, None if tokens is None else tokens[0])
     if target_bpw is not None:
-        cfg, notes = choose_config(M, w, base, target_bpw, seed, progress)
+        cfg, search_notes = choose_config(M, w, base, target_bpw, seed, progress)
+        notes += search_notes
         memory.trim()
     else:
         base.check(n)

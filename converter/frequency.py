@@ -1,13 +1,16 @@
 """Token weights for the training objective: how often each token is looked up.
 
-Two sources:
-- a calibration text, tokenized by llama.cpp with the model's own vocabulary: w_t = count_t + 1;
-- no text: a Zipf prior over a frequency rank read from the tokenizer itself
-  (SentencePiece: higher score = more frequent; BPE: lower id = earlier merge = more frequent),
-  scaled as if from PRIOR_TOKENS tokens of text.
-Tokens that are not ordinary text (control, unused, byte tokens) get the floor weight 1
-from either source; the special tokens a model really reads (BOS, EOS, chat-template
-markers) are then raised to the heaviest weight by with_special_tokens.
+Sources:
+- a calibration text, tokenized by llama.cpp with the model's own vocabulary: w_t = count_t + 1,
+  plus a prior of the same mass;
+- the prior, scaled as if from PRIOR_TOKENS tokens of text: by default the source model's own
+  next-token distribution (converter/model_prior.py); or (--prior tokenizer, and where the model
+  cannot run) a Zipf prior over a frequency rank read from the tokenizer itself
+  (SentencePiece: higher score = more frequent; BPE: lower id = earlier merge = more frequent).
+  The Zipf prior gives tokens that are not ordinary text (control, unused, byte tokens) the floor
+  weight 1.
+The special tokens a model really reads (BOS, EOS, chat-template markers) are then raised to
+the heaviest weight by with_special_tokens.
 """
 from __future__ import annotations
 
@@ -23,11 +26,15 @@ ZIPF_OFFSET = 10.0
 TOKEN_TYPE_NORMAL = 1
 
 
+def from_distribution(p: np.ndarray) -> np.ndarray:
+    """w = 1 + PRIOR_TOKENS * p: a token distribution as pseudo-counts of PRIOR_TOKENS tokens."""
+    p = np.asarray(p, np.float64)
+    return 1.0 + PRIOR_TOKENS * p / max(float(p.sum()), 1e-30)
+
+
 def zipf_weights(rank: np.ndarray, ordinary: np.ndarray) -> np.ndarray:
-    """w = 1 + PRIOR_TOKENS * p(rank), p Zipf over the ordinary tokens only."""
-    p = np.where(ordinary, 1.0 / (rank + ZIPF_OFFSET), 0.0)
-    p /= max(p.sum(), 1e-30)
-    return 1.0 + PRIOR_TOKENS * p
+    """Zipf over the ordinary tokens only, as pseudo-counts."""
+    return from_distribution(np.where(ordinary, 1.0 / (rank + ZIPF_OFFSET), 0.0))
 
 
 def prior_from_gguf(reader, n_vocab: int) -> tuple[np.ndarray, str]:

@@ -299,6 +299,56 @@ def test_calibration_counts_use_the_models_own_tokenizer(tiny_gguf, tmp_path):
     assert np.array_equal(counts, np.bincount(ids, minlength=V))
 
 
+def test_softmax_sum_by_row_blocks():
+    from carvq.converter.model_prior import softmax_sum
+
+    z = np.random.default_rng(0).normal(scale=30.0, size=(70, 11)).astype(np.float32)
+    e = np.exp(z.astype(np.float64) - z.max(axis=1, keepdims=True))
+    want = (e / e.sum(axis=1, keepdims=True)).sum(axis=0)
+    assert np.allclose(softmax_sum(z, rows=8), want) and np.allclose(softmax_sum(z, rows=1000), want)
+    assert softmax_sum(z).sum() == pytest.approx(70.0)
+
+
+def test_model_prior_is_the_models_own_next_token_distribution(tiny_gguf):
+    """p is a distribution over the vocabulary, fixed by the seed, and starts each document where
+    the model's training documents start: BOS, or EOS for a model that adds no BOS (qwen2)."""
+    from carvq.converter import model_prior
+    from carvq.runtime.model import Model
+
+    for arch in ("llama", "qwen2"):
+        p, how = model_prior.predicted_unigram(tiny_gguf(arch), seed=3, progress=False)
+        again, _ = model_prior.predicted_unigram(tiny_gguf(arch), seed=3, progress=False)
+        assert np.array_equal(p, again) and p.min() >= 0 and p.sum() == pytest.approx(1.0)
+        assert f"{model_prior.DOCUMENTS} documents it wrote" in how
+        with Model(tiny_gguf(arch), vocab_only=True) as m:
+            start, bos = model_prior.document_start(m), m.tokenize("", add_special=True)
+            assert start == (bos or [int(m.metadata()["tokenizer.ggml.eos_token_id"])])
+
+
+def test_prior_choice_and_fallback(tiny_gguf, workdir, monkeypatch):
+    """The default weights come from the model; --prior tokenizer, or a model that cannot write
+    text here, takes the tokenizer's Zipf prior (with a note saying why)."""
+    from carvq.converter import model_prior
+    from carvq.converter.convert import convert
+    from carvq.errors import CarvqError
+
+    out = workdir / "prior.gguf"
+    report = convert(tiny_gguf("llama"), out, tiny_config("llama"), iters=1, progress=False, force=True)
+    assert "own next-token distribution" in report.weights_from
+    report = convert(tiny_gguf("llama"), out, tiny_config("llama"), iters=1, progress=False, force=True,
+                     prior="tokenizer")
+    assert "Zipf prior" in report.weights_from and not any("could not write" in n for n in report.notes)
+    with pytest.raises(CarvqError, match="--prior 'words'"):
+        convert(tiny_gguf("llama"), out, tiny_config("llama"), progress=False, force=True, prior="words")
+
+    def no_text(*args):
+        raise CarvqError("no context")
+
+    monkeypatch.setattr(model_prior, "predicted_unigram", no_text)
+    report = convert(tiny_gguf("llama"), out, tiny_config("llama"), iters=1, progress=False, force=True)
+    assert "Zipf prior" in report.weights_from and any("could not write text" in n for n in report.notes)
+
+
 def test_calibration_text_is_cut_between_paragraphs():
     from carvq.converter.frequency import _paragraph_chunks
 
