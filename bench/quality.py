@@ -227,7 +227,10 @@ def score(path: Path, ref: Path, text: Path, chunks: int, work: Path) -> dict:
     return result
 
 
-def run_model(key: str, chunks: int, carvq_points: list[tuple], ik_types: list[str] = IK) -> tuple[list[Row], list[dict]]:
+def run_model(key: str, chunks: int, carvq_points: list[tuple], ik_types: list[str] = IK,
+              carvq_only: bool = False) -> tuple[list[Row], list[dict]]:
+    """carvq_only: score only the CARVQ points; the other rows and the head trade, which no
+    converter change moves, are the latest saved run's (with its date)."""
     from tqdm import tqdm
 
     name, fetch = MODELS[key]
@@ -236,16 +239,23 @@ def run_model(key: str, chunks: int, carvq_points: list[tuple], ik_types: list[s
     ref = make_reference(src, work)
     embd = gio.tensor_by_name(gio.open_gguf(src), gio.EMBD)
     V, n = int(embd.shape[1]), int(embd.shape[0])
-    plan = [("reference (stock embedding)", "reference", lambda: ref)]
-    plan += [(t, "native", lambda t=t: make_native(ref, t, work)) for t in NATIVE if n % _block(t) == 0]
-    plan += [(t, "simulated", lambda t=t: make_simulated(ref, t, work)) for t in SIMULATED]
-    plan += [(t, "ik", lambda t=t: make_ik(ref, t, work)) for t in ik_types]
+    kept: list[Row] = []
+    if carvq_only:
+        kept = [r for r in _earlier_rows(set()).get(name, []) if r.kind != "carvq"]
+        if not any(r.kind == "reference" for r in kept):
+            raise SystemExit(f"--carvq-only keeps {name}'s other rows from an earlier run, and there is none; run without it")
+        plan = []
+    else:
+        plan = [("reference (stock embedding)", "reference", lambda: ref)]
+        plan += [(t, "native", lambda t=t: make_native(ref, t, work)) for t in NATIVE if n % _block(t) == 0]
+        plan += [(t, "simulated", lambda t=t: make_simulated(ref, t, work)) for t in SIMULATED]
+        plan += [(t, "ik", lambda t=t: make_ik(ref, t, work)) for t in ik_types]
     for label, levels, hot_levels, rank, target, steps in carvq_points:
         args = carvq_args(levels, hot_levels, rank, target, V, n) + (["--tune-steps", str(steps)] if steps else [])
         plan.append((label, "carvq", lambda label=label, a=args: make_carvq(src, label, a, calibration, work,
                                                                            embd.tensor_type.name)))
     plan.append((DEFAULT_POINT, "carvq", lambda: make_carvq(src, DEFAULT_POINT, [], None, work, embd.tensor_type.name)))
-    rows = []
+    rows = list(kept)
     for variant, kind, build in tqdm(plan, desc=name, unit="variant"):
         path = build()
         s = score(path, ref, text, chunks, work)
@@ -257,7 +267,7 @@ def run_model(key: str, chunks: int, carvq_points: list[tuple], ik_types: list[s
                         s["top1"], path.stat().st_size, {"ref_ppl": s["ref_ppl"], "file": path.name, "shape": [V, n],
                                                          "source_embd_bytes": int(embd.n_bytes),
                                                          **({"rel_error": ik["rel_error"]} if ik else {})}))
-    heads = head_trade(src, ref, text, chunks, work)
+    heads = _earlier_heads(name) if carvq_only else head_trade(src, ref, text, chunks, work)
     return rows, heads
 
 
@@ -403,8 +413,12 @@ def markdown(all_rows: dict[str, list[Row]], checks: list[dict], heads: dict[str
         n = ref.extra["shape"][1]
         absent = [t for t in NATIVE if n % _block(t)]
         note = "".join(f"; {t} left out: its {_block(t)}-wide blocks do not divide n = {n}" for t in absent)
-        if ref.extra.get("measured"):
-            note += f"; rows of the run of {ref.extra['measured']}, not measured again this time"
+        kept = sorted({r.extra["measured"] for r in rows if r.extra.get("measured")})
+        if kept and all(r.extra.get("measured") for r in rows):
+            note += f"; rows of the run of {', '.join(kept)}, not measured again this time"
+        elif kept:
+            note += (f"; CARVQ rows measured this time, the others are those of the run of {', '.join(kept)} "
+                     "(no converter change moves them)")
         lines += [f"**{model}** (reference perplexity {ref.extra['ref_ppl']:.3f}{note})", "",
                   "| embedding | kind | bpw | Δ perplexity | mean KLD | 99% KLD | top-1 |", "|---|---|---|---|---|---|---|"]
         for r in sorted(rows, key=lambda r: -r.bpw):
@@ -503,6 +517,9 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="drop cached conversions and scores first")
     ap.add_argument("--no-ik", action="store_true", help="leave out ik_llama.cpp's types (no fetch or build of ik's ggml)")
     ap.add_argument("--no-tune", action="store_true", help="leave out the tuned CARVQ points (--tune-steps)")
+    ap.add_argument("--carvq-only", action="store_true",
+                    help="score only the CARVQ points; keep the llama.cpp and ik rows and the head trade of the latest "
+                         "saved run, which no converter change moves (Gemma-3's full run takes hours on 2 cores)")
     args = ap.parse_args()
     start = time.perf_counter()
     if args.fresh:
@@ -512,7 +529,7 @@ def main() -> None:
     all_rows, heads, checks, ik_check, ik_verdict = {}, {}, [], [], []
     for key in args.models:
         points = [p for p in CARVQ_POINTS if not (args.no_tune and p[5])]
-        rows, hs = run_model(key, args.chunks, points, [] if args.no_ik else IK)
+        rows, hs = run_model(key, args.chunks, points, [] if args.no_ik else IK, args.carvq_only)
         all_rows[rows[0].model] = rows
         heads[rows[0].model] = hs
         checks += target_checks(rows)
