@@ -3,9 +3,10 @@
 Sources:
 - a calibration text, tokenized by llama.cpp with the model's own vocabulary: w_t = count_t + 1,
   plus a prior of the same mass;
-- the prior, scaled as if from PRIOR_TOKENS tokens of text: by default the source model's own
-  next-token distribution (converter/model_prior.py); or (--prior tokenizer, and where the model
-  cannot run) a Zipf prior over a frequency rank read from the tokenizer itself
+- the prior, scaled as if from PRIOR_TOKENS tokens of text: by default half the source model's
+  own next-token distribution (converter/model_prior.py), half the tokenizer's Zipf prior; or
+  (--prior tokenizer, and where the model cannot run) the tokenizer's alone: a Zipf prior over
+  a frequency rank read from the tokenizer itself
   (SentencePiece: higher score = more frequent; BPE: lower id = earlier merge = more frequent).
   The Zipf prior gives tokens that are not ordinary text (control, unused, byte tokens) the floor
   weight 1.
@@ -32,13 +33,20 @@ def from_distribution(p: np.ndarray) -> np.ndarray:
     return 1.0 + PRIOR_TOKENS * p / max(float(p.sum()), 1e-30)
 
 
-def zipf_weights(rank: np.ndarray, ordinary: np.ndarray) -> np.ndarray:
-    """Zipf over the ordinary tokens only, as pseudo-counts."""
-    return from_distribution(np.where(ordinary, 1.0 / (rank + ZIPF_OFFSET), 0.0))
+def zipf_distribution(rank: np.ndarray, ordinary: np.ndarray) -> np.ndarray:
+    """Zipf over the ordinary tokens only; sums to 1."""
+    p = np.where(ordinary, 1.0 / (rank + ZIPF_OFFSET), 0.0)
+    return p / max(float(p.sum()), 1e-30)
 
 
 def prior_from_gguf(reader, n_vocab: int) -> tuple[np.ndarray, str]:
-    """Zipf prior from the GGUF tokenizer metadata; returns (weights, description)."""
+    """Zipf prior from the GGUF tokenizer metadata, as pseudo-counts; returns (weights, description)."""
+    p, how = tokenizer_distribution(reader, n_vocab)
+    return from_distribution(p), how
+
+
+def tokenizer_distribution(reader, n_vocab: int) -> tuple[np.ndarray, str]:
+    """Zipf distribution over a frequency rank read from the GGUF tokenizer metadata."""
     model = field_value(reader, "tokenizer.ggml.model", "")
     types = field_value(reader, "tokenizer.ggml.token_type")
     ordinary = np.ones(n_vocab, bool)
@@ -54,7 +62,7 @@ def prior_from_gguf(reader, n_vocab: int) -> tuple[np.ndarray, str]:
         how = "token id rank (BPE merge order)"
     rank = np.empty(n_vocab, np.float64)
     rank[order] = np.cumsum(ordinary[order]) - 1  # rank among ordinary tokens only
-    return zipf_weights(rank, ordinary), f"Zipf prior over {how}"
+    return zipf_distribution(rank, ordinary), f"Zipf prior over {how}"
 
 
 TOKEN_TYPE_CONTROL = 3

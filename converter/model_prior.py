@@ -9,7 +9,8 @@ Why not the tokenizer: a vocabulary's order is a poor frequency rank where the t
 its single characters after the merges (SentencePiece BPE: Gemma-3's ',', '.', digits and '▁'
 rank about 236 000th of 262 144, '\n' is a user-defined token of no rank at all). The most
 frequent tokens of any text then got the floor weight, and Gemma-3's default conversion reached
-perplexity 57.1 on the Britannica text (stock 23.4); weighted by this prior, 28.7 (docs/RESULTS.md).
+perplexity 57.1 on the Britannica text (stock 23.4); weighted by this prior, 28.7, and by half
+this prior and half the tokenizer's (the default, converter/convert.py), 28.0 (docs/RESULTS.md).
 """
 from __future__ import annotations
 

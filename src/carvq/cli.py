@@ -213,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prior", choices=("model", "tokenizer"), default="model",
                    help="how often each token is expected, without a text: 'model' averages the source model's own "
                         "next-token distribution over 8 short documents it writes (about a minute for Gemma-3-270M on 2 "
-                        "cores), 'tokenizer' ranks tokens by the vocabulary's order (instant, but SentencePiece-BPE "
-                        "vocabularies such as Gemma's rank their single characters last) (default: model)")
+                        "cores) into half the prior, the tokenizer's order the other half; 'tokenizer' that order alone "
+                        "(instant, but SentencePiece-BPE vocabularies such as Gemma's rank their single characters "
+                        "last) (default: model)")
     c.add_argument("--head-type", help="type of the output.weight written for a tied model (default: Q5_0, or a byte "
                                        "copy of the source embedding when that is as small); the source type keeps the head exact")
     c.add_argument("--tune-steps", type=int, default=0,
