@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 
 import numpy as np
 import pytest
@@ -416,7 +418,11 @@ def test_exported_file_runs_on_stock_llama_cpp(tiny_carvq, workdir, stock_perple
     text.write_text("the history of the city begins with a river and a bridge. " * 40)
     proc = subprocess.run([str(stock_perplexity), "-m", str(out), "-f", str(text), "-c", "64", "-b", "64", "-t", "2"],
                           capture_output=True, text=True, errors="replace", timeout=300)
-    assert proc.returncode == 0 and "Final estimate: PPL" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # the chunks' perplexities, not the final line: unpatched llama.cpp's log thread can lose a
+    # tool's last lines at exit (patches/0005 drains it in our build), and here it often does
+    chunks = [float(v) for v in re.findall(r"\[\d+\]([0-9.]+),", proc.stdout + proc.stderr)]
+    assert chunks and all(math.isfinite(v) and v > 1 for v in chunks), proc.stdout[-2000:]
 
 
 def test_without_screen_index_the_file_is_version_2(tiny_carvq):
