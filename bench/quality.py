@@ -72,6 +72,7 @@ CARVQ_POINTS = [
     ("CARVQ L4 +2 tuned", 4, 2, 0, 2.1, TUNE_STEPS),
     ("CARVQ L4 +6", 4, 6, 0, 3.0, 0),
     ("CARVQ L5 +4", 5, 4, 0, 3.0, 0),
+    ("CARVQ L7 +4", 7, 4, 0, 4.0, 0),  # against IQ4_KT (4.01 bpw), Q4_K and IQ4_NL (4.5)
 ]
 # What a new user gets: `carvq convert` without flags or calibration text (the bench's head kept)
 DEFAULT_POINT = "CARVQ default (no flags)"
@@ -228,9 +229,10 @@ def score(path: Path, ref: Path, text: Path, chunks: int, work: Path) -> dict:
 
 
 def run_model(key: str, chunks: int, carvq_points: list[tuple], ik_types: list[str] = IK,
-              carvq_only: bool = False) -> tuple[list[Row], list[dict]]:
-    """carvq_only: score only the CARVQ points; the other rows and the head trade, which no
-    converter change moves, are the latest saved run's (with its date)."""
+              only: frozenset[str] = frozenset(), variants: frozenset[str] = frozenset()) -> tuple[list[Row], list[dict]]:
+    """only / variants: score only the rows of these kinds ("carvq", "ik") / with these names;
+    every other row and the head trade, which neither a converter change nor a new anchor
+    moves, are the latest saved run's (with its date)."""
     from tqdm import tqdm
 
     name, fetch = MODELS[key]
@@ -239,22 +241,25 @@ def run_model(key: str, chunks: int, carvq_points: list[tuple], ik_types: list[s
     ref = make_reference(src, work)
     embd = gio.tensor_by_name(gio.open_gguf(src), gio.EMBD)
     V, n = int(embd.shape[1]), int(embd.shape[0])
-    kept: list[Row] = []
-    if carvq_only:
-        kept = [r for r in _earlier_rows(set()).get(name, []) if r.kind != "carvq"]
-        if not any(r.kind == "reference" for r in kept):
-            raise SystemExit(f"--carvq-only keeps {name}'s other rows from an earlier run, and there is none; run without it")
-        plan = []
-    else:
-        plan = [("reference (stock embedding)", "reference", lambda: ref)]
-        plan += [(t, "native", lambda t=t: make_native(ref, t, work)) for t in NATIVE if n % _block(t) == 0]
-        plan += [(t, "simulated", lambda t=t: make_simulated(ref, t, work)) for t in SIMULATED]
-        plan += [(t, "ik", lambda t=t: make_ik(ref, t, work)) for t in ik_types]
+    plan = [("reference (stock embedding)", "reference", lambda: ref)]
+    plan += [(t, "native", lambda t=t: make_native(ref, t, work)) for t in NATIVE if n % _block(t) == 0]
+    plan += [(t, "simulated", lambda t=t: make_simulated(ref, t, work)) for t in SIMULATED]
+    plan += [(t, "ik", lambda t=t: make_ik(ref, t, work)) for t in ik_types]
     for label, levels, hot_levels, rank, target, steps in carvq_points:
         args = carvq_args(levels, hot_levels, rank, target, V, n) + (["--tune-steps", str(steps)] if steps else [])
         plan.append((label, "carvq", lambda label=label, a=args: make_carvq(src, label, a, calibration, work,
                                                                            embd.tensor_type.name)))
     plan.append((DEFAULT_POINT, "carvq", lambda: make_carvq(src, DEFAULT_POINT, [], None, work, embd.tensor_type.name)))
+    order = {variant: i for i, (variant, _, _) in enumerate(plan)}
+    partial = bool(only or variants)
+    kept: list[Row] = []
+    if partial:
+        plan = [p for p in plan if (not only or p[1] in only) and (not variants or p[0] in variants)]
+        scored = {p[0] for p in plan}
+        kept = [r for r in _earlier_rows(set()).get(name, []) if r.variant not in scored]
+        if not any(r.kind == "reference" for r in kept):
+            raise SystemExit(f"--only/--variants keep {name}'s other rows from an earlier run, and there is none; "
+                             "run without them")
     rows = list(kept)
     for variant, kind, build in tqdm(plan, desc=name, unit="variant"):
         path = build()
@@ -267,7 +272,8 @@ def run_model(key: str, chunks: int, carvq_points: list[tuple], ik_types: list[s
                         s["top1"], path.stat().st_size, {"ref_ppl": s["ref_ppl"], "file": path.name, "shape": [V, n],
                                                          "source_embd_bytes": int(embd.n_bytes),
                                                          **({"rel_error": ik["rel_error"]} if ik else {})}))
-    heads = _earlier_heads(name) if carvq_only else head_trade(src, ref, text, chunks, work)
+    rows.sort(key=lambda r: order.get(r.variant, len(order)))
+    heads = _earlier_heads(name) if partial else head_trade(src, ref, text, chunks, work)
     return rows, heads
 
 
@@ -414,15 +420,15 @@ def markdown(all_rows: dict[str, list[Row]], checks: list[dict], heads: dict[str
         absent = [t for t in NATIVE if n % _block(t)]
         note = "".join(f"; {t} left out: its {_block(t)}-wide blocks do not divide n = {n}" for t in absent)
         kept = sorted({r.extra["measured"] for r in rows if r.extra.get("measured")})
-        if kept and all(r.extra.get("measured") for r in rows):
+        all_kept = all(r.extra.get("measured") for r in rows)
+        if kept and all_kept:
             note += f"; rows of the run of {', '.join(kept)}, not measured again this time"
         elif kept:
-            note += (f"; CARVQ rows measured this time, the others are those of the run of {', '.join(kept)} "
-                     "(no converter change moves them)")
+            note += f"; rows marked † are those of the run of {', '.join(kept)}, the others were measured this time"
         lines += [f"**{model}** (reference perplexity {ref.extra['ref_ppl']:.3f}{note})", "",
                   "| embedding | kind | bpw | Δ perplexity | mean KLD | 99% KLD | top-1 |", "|---|---|---|---|---|---|---|"]
         for r in sorted(rows, key=lambda r: -r.bpw):
-            star = " ★" if id(r) in on_front else ""
+            star = (" ★" if id(r) in on_front else "") + (" †" if r.extra.get("measured") and not all_kept else "")
             bold = "**" if r.kind == "carvq" else ""
             lines.append(f"| {bold}{r.variant}{bold}{star} | {KIND_LABEL.get(r.kind, r.kind)} | {r.bpw:.3f} | {r.delta_ppl:+.3f} | {r.kld:.4f} | "
                          f"{r.kld_p99:.3f} | {100 * r.top1:.1f} % |")
@@ -517,9 +523,11 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="drop cached conversions and scores first")
     ap.add_argument("--no-ik", action="store_true", help="leave out ik_llama.cpp's types (no fetch or build of ik's ggml)")
     ap.add_argument("--no-tune", action="store_true", help="leave out the tuned CARVQ points (--tune-steps)")
-    ap.add_argument("--carvq-only", action="store_true",
-                    help="score only the CARVQ points; keep the llama.cpp and ik rows and the head trade of the latest "
-                         "saved run, which no converter change moves (Gemma-3's full run takes hours on 2 cores)")
+    ap.add_argument("--only", nargs="+", choices=["carvq", "ik"], default=[],
+                    help="score only these kinds of rows; keep the others and the head trade from the latest saved run, "
+                         "which a converter change or a new anchor does not move (Gemma-3's full run takes hours on 2 cores)")
+    ap.add_argument("--variants", nargs="+", default=[], metavar="NAME",
+                    help="score only the rows of these names (e.g. 'CARVQ L7 +4' IQ4_KT); keep the others likewise")
     args = ap.parse_args()
     start = time.perf_counter()
     if args.fresh:
@@ -529,7 +537,8 @@ def main() -> None:
     all_rows, heads, checks, ik_check, ik_verdict = {}, {}, [], [], []
     for key in args.models:
         points = [p for p in CARVQ_POINTS if not (args.no_tune and p[5])]
-        rows, hs = run_model(key, args.chunks, points, [] if args.no_ik else IK, args.carvq_only)
+        rows, hs = run_model(key, args.chunks, points, [] if args.no_ik else IK, frozenset(args.only),
+                             frozenset(args.variants))
         all_rows[rows[0].model] = rows
         heads[rows[0].model] = hs
         checks += target_checks(rows)

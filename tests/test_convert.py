@@ -150,9 +150,9 @@ def test_target_bpw_picks_the_points_the_quality_bench_measured(V, n):
     from carvq.converter.config import Config
     from carvq.converter.search import measured_point
 
-    got = {t: measured_point(Config(), V, n, t) for t in (1.1, 1.6, 2.1, 3.0)}
+    got = {t: measured_point(Config(), V, n, t) for t in (1.1, 1.6, 2.1, 3.0, 4.0)}
     assert {t: (c.group_size, c.levels, c.hot_levels) for t, c in got.items()} == {
-        1.1: (8, 2, 2), 1.6: (8, 3, 2), 2.1: (8, 4, 2), 3.0: (8, 5, 4)}
+        1.1: (8, 2, 2), 1.6: (8, 3, 2), 2.1: (8, 4, 2), 3.0: (8, 5, 4), 4.0: (8, 7, 4)}
     assert all(c.hot_rows > 0 for c in got.values())
     assert measured_point(Config(adaptor_rank=4, adaptor_hidden=64), V, n, 1.6) is None  # the proxy search's
     assert measured_point(Config(), V, 580, 1.6) is None  # 580 is not a multiple of 8
