@@ -76,6 +76,9 @@ CARVQ_POINTS = [
 ]
 # What a new user gets: `carvq convert` without flags or calibration text (the bench's head kept)
 DEFAULT_POINT = "CARVQ default (no flags)"
+# The same without a text, tuned end to end on documents the model writes itself
+SELF_TUNE_STEPS = 30
+SELF_TUNED_POINT = f"CARVQ default, --tune-steps {SELF_TUNE_STEPS} (no text)"
 
 
 def carvq_args(levels: int, hot_levels: int, rank: int, target: float, n_vocab: int, n_embd: int) -> list[str]:
@@ -250,6 +253,8 @@ def run_model(key: str, chunks: int, carvq_points: list[tuple], ik_types: list[s
         plan.append((label, "carvq", lambda label=label, a=args: make_carvq(src, label, a, calibration, work,
                                                                            embd.tensor_type.name)))
     plan.append((DEFAULT_POINT, "carvq", lambda: make_carvq(src, DEFAULT_POINT, [], None, work, embd.tensor_type.name)))
+    plan.append((SELF_TUNED_POINT, "carvq", lambda: make_carvq(src, SELF_TUNED_POINT, ["--tune-steps", str(SELF_TUNE_STEPS)],
+                                                               None, work, embd.tensor_type.name)))
     order = {variant: i for i, (variant, _, _) in enumerate(plan)}
     partial = bool(only or variants)
     kept: list[Row] = []

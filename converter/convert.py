@@ -45,23 +45,40 @@ PRIORS = ("model", "tokenizer")
 # with the Shakespeare counts KLD 0.194-0.204 with the model's alone, 0.187 Zipf's alone, 0.182
 # half and half.
 MODEL_SHARE = 0.5
+# documents the model writes when --tune-steps has no calibration text to tune on: 4 of the
+# sequences are held out, the rest trained on (the prior then averages all of them)
+TUNE_DOCUMENTS = 16
 
 
-def _prior(reader, gguf_path: Path, n_vocab: int, prior: str, seed: int, progress: bool) -> tuple[np.ndarray, str, list[str]]:
-    """(weights, description, notes) of the token prior: half the source model's own next-token
-    distribution (converter/model_prior.py) and half the tokenizer's rank, or the tokenizer's
-    alone (asked for, or where the model cannot write text here)."""
+def _prior(reader, gguf_path: Path, n_vocab: int, prior: str, seed: int, progress: bool,
+           documents: int = model_prior.DOCUMENTS) -> tuple[np.ndarray, str, list[str], model_prior.ModelPrior | None]:
+    """(weights, description, notes, the model's prior) of the token prior: half the source
+    model's own next-token distribution (converter/model_prior.py, over `documents` documents it
+    writes) and half the tokenizer's rank, or the tokenizer's alone (asked for, or where the
+    model cannot write text here; the model's prior is then None)."""
     zipf, zipf_how = frequency.tokenizer_distribution(reader, n_vocab)
     if prior == "model":
         try:
-            p, how = model_prior.predicted_unigram(gguf_path, seed, progress)
+            mp = model_prior.predicted_unigram(gguf_path, seed, progress, documents)
         except CarvqError as exc:
             return frequency.from_distribution(zipf), zipf_how, [
                 f"the model could not write text to weight its tokens by ({exc}); {zipf_how} alone instead, "
-                "which ranks some vocabularies' most frequent tokens last (docs/RESULTS.md)"]
-        return (frequency.from_distribution(MODEL_SHARE * p + (1 - MODEL_SHARE) * zipf),
-                f"half {how}, half a {zipf_how}", [])
-    return frequency.from_distribution(zipf), zipf_how, []
+                "which ranks some vocabularies' most frequent tokens last (docs/RESULTS.md)"], None
+        return (frequency.from_distribution(MODEL_SHARE * mp.p + (1 - MODEL_SHARE) * zipf),
+                f"half {mp.how}, half a {zipf_how}", [], mp)
+    return frequency.from_distribution(zipf), zipf_how, [], None
+
+
+def _tuning_sequences(tokens, mp: model_prior.ModelPrior | None) -> tuple[list, str]:
+    """(sequences, what they are) that --tune-steps trains on: the calibration text, or without
+    one the documents the model wrote for its prior (its own distribution is the target there,
+    as it is the reference of every KL step)."""
+    if tokens is not None:
+        return tune.calibration_sequences(*tokens), "calibration"
+    if mp is None:
+        raise CarvqError("--tune-steps without --calibration tunes on text the source model writes itself, and it "
+                         "wrote none here (or --prior tokenizer was asked for); give it --calibration text")
+    return tune.document_sequences(mp.start, mp.documents), "self-written"
 
 
 def _token_weights(prior: np.ndarray, how: str, reader, n_vocab, calibration, ids: np.ndarray | None):
@@ -97,8 +114,8 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
             seed: int = 0, calibration=None, head_type: str | None = None, hf_outtype: str = "auto",
             body_type: str | None = None, progress: bool = True, force: bool = False,
             screen: Config | bool | None = None, tune_steps: int = 0, prior: str = "model") -> Report:
-    """tune_steps: Adam steps of end-to-end tuning of the codebooks on the calibration text
-    (converter/tune.py; 0 = none). screen: fit the head's own screen index (format v3; kept for a tied model only where it
+    """tune_steps: Adam steps of end-to-end tuning of the codebooks on the calibration text, or
+    without one on documents the model writes itself (converter/tune.py; 0 = none). screen: fit the head's own screen index (format v3; kept for a tied model only where it
     screens better than the lookup's codes): True for config.SCREEN_DEFAULT, a Config of its
     own, or False/None for none (the default: format v2). prior: where the token weights come
     from beside the calibration counts, "model" (the source model's own next-token distribution)
@@ -115,8 +132,9 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
         raise CarvqError(f"--prior {prior!r}: one of {', '.join(PRIORS)}")
     if tune_steps < 0:
         raise CarvqError(f"--tune-steps {tune_steps}: must not be negative")
-    if tune_steps and calibration is None:
-        raise CarvqError("--tune-steps needs --calibration: the codebooks are tuned on the model's behaviour on that text")
+    if tune_steps and calibration is None and prior != "model":
+        raise CarvqError("--tune-steps needs --calibration, or the model's prior (--prior model) whose documents it "
+                         "then tunes on")
     if target_bpw is not None and target_bpw <= 0:
         raise CarvqError(f"--target-bpw {target_bpw}: must be positive")
     with tempfile.TemporaryDirectory(prefix="carvq-") as tmpdir:
@@ -156,7 +174,8 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
         raise CarvqError(f"{src}: {gio.HEAD} has shape {tuple(head_src.shape)}, {gio.EMBD} {tuple(embd.shape)}")
     # the source model writes its documents before the embedding is unpacked: its context and
     # logits then add nothing to the conversion's peak
-    prior_w, prior_how, notes = _prior(reader, gguf_path, int(embd.shape[1]), prior, seed, progress)
+    documents = TUNE_DOCUMENTS if tune_steps and calibration is None else model_prior.DOCUMENTS
+    prior_w, prior_how, notes, mp = _prior(reader, gguf_path, int(embd.shape[1]), prior, seed, progress, documents)
     memory.trim()
     M = gio.dequantize(embd)
     gio.release_pages(reader, embd)  # M holds it now; a byte-copied head maps it again when written
@@ -182,7 +201,8 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
     fit = train.compress(M, w, cfg, iters, seed, progress)
     memory.trim()
     if tune_steps:
-        notes.append(tune.tune(gguf_path, fit.tensors, *tokens, tune_steps, seed, progress).note())
+        seqs, kind = _tuning_sequences(tokens, mp)
+        notes.append(tune.tune(gguf_path, fit.tensors, seqs, tune_steps, seed, progress, kind).note())
         memory.trim()
     errors = ErrorStats.measure(M, fit.tensors, w)
     memory.trim()

@@ -14,6 +14,7 @@ this prior and half the tokenizer's (the default, converter/convert.py), 28.0 (d
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,6 @@ from carvq.errors import CarvqError
 
 DOCUMENTS = 8  # measured on Gemma-3-270M: 8 x 256 tokens cover 85 % of the Britannica text's tokens in the top 19 485
 DOCUMENT_TOKENS = 256
-MAX_TRIES = 4 * DOCUMENTS  # a document that ends at once (an end-of-generation token) is written again
 
 
 def document_start(model) -> list[int]:
@@ -53,18 +53,27 @@ def softmax_sum(logits: np.ndarray, rows: int = 32) -> np.ndarray:
     return total
 
 
-def predicted_unigram(gguf_path: Path, seed: int, progress: bool) -> tuple[np.ndarray, str]:
-    """(p, description): the source model's mean next-token distribution over documents it
-    writes itself; p sums to 1 over the vocabulary."""
+@dataclass
+class ModelPrior:
+    p: np.ndarray  # the mean next-token distribution; sums to 1 over the vocabulary
+    how: str  # what it is, for the report
+    start: list[int]  # the tokens every document opens with (document_start)
+    documents: list[list[int]]  # what the model wrote after `start`, one list a document
+
+
+def predicted_unigram(gguf_path: Path, seed: int, progress: bool, documents: int = DOCUMENTS) -> ModelPrior:
+    """The source model's mean next-token distribution over `documents` documents it writes
+    itself, and those documents (end-to-end tuning without a text trains on them)."""
     from carvq.runtime.model import Model
 
     with Model(gguf_path, n_ctx=DOCUMENT_TOKENS + 8, n_batch=DOCUMENT_TOKENS + 8) as m:
         start = document_start(m)
         total = np.zeros(m.n_vocab, np.float64)
         positions = written = 0
-        bar = tqdm(total=DOCUMENTS, desc="carvq: documents the model writes", unit="doc", disable=not progress, leave=False)
-        for attempt in range(MAX_TRIES):
-            if written == DOCUMENTS:
+        kept: list[list[int]] = []
+        bar = tqdm(total=documents, desc="carvq: documents the model writes", unit="doc", disable=not progress, leave=False)
+        for attempt in range(4 * documents):  # a document that ends at once is written again
+            if written == documents:
                 break
             text = m.generate_tokens(start, DOCUMENT_TOKENS, temperature=1.0, top_p=1.0, seed=seed * 1_000_003 + attempt)
             tokens = start + list(text)
@@ -73,8 +82,11 @@ def predicted_unigram(gguf_path: Path, seed: int, progress: bool) -> tuple[np.nd
             total += softmax_sum(m.logits(tokens)[len(start) - 1 :])
             positions += len(tokens) - len(start) + 1
             written += 1
+            kept.append(tokens[len(start):])
             bar.update()
         bar.close()
     if written == 0 or not np.isfinite(total).all():
         raise CarvqError("the source model wrote no usable text to weight its tokens by")
-    return total / positions, f"the model's own next-token distribution over {positions:,} positions of {written} documents it wrote"
+    return ModelPrior(total / positions,
+                      f"the model's own next-token distribution over {positions:,} positions of {written} documents it wrote",
+                      start, kept)

@@ -46,11 +46,12 @@ class TuneResult:
     train_sequences: int
 
     kept_step: int = 0  # the step whose codebooks were kept (0: the fit's own)
+    text: str = "calibration"  # or "self-written": documents the model wrote itself
 
     def note(self) -> str:
         kept = (f"kept step {self.kept_step}" if self.kept_step else
                 "no step lowered it, the fit's codebooks kept")
-        return (f"tuned {self.steps} steps on {self.train_sequences} calibration sequences of {SEQ_TOKENS} tokens "
+        return (f"tuned {self.steps} steps on {self.train_sequences} {self.text} sequences of {SEQ_TOKENS} tokens "
                 f"in {self.seconds:.0f} s: KL on {HELD_OUT_SEQS} held-out sequences {self.held_out_kl_before:.4f} -> "
                 f"{self.held_out_kl_after:.4f} ({kept})")
 
@@ -86,6 +87,16 @@ def calibration_sequences(ids: np.ndarray, opening: list[int], seq_tokens: int =
                          f"(two sequences of {seq_tokens})")
     seqs = torch.from_numpy(np.ascontiguousarray(ids[: count * body], np.int64)).view(count, body)
     return torch.cat([torch.tensor(opening, dtype=torch.long).expand(count, -1), seqs], dim=1)
+
+
+def document_sequences(start: list[int], documents: list[list[int]], seq_tokens: int = SEQ_TOKENS) -> list[torch.Tensor]:
+    """Documents the model wrote (each after `start`), one sequence each, cut to seq_tokens: a
+    small model's documents often end early, and a step takes one sequence of any length."""
+    seqs = [torch.tensor((start + list(d))[:seq_tokens], dtype=torch.long) for d in documents if d]
+    if len(seqs) < 2:
+        raise CarvqError(f"--tune-steps without --calibration: the model wrote {len(seqs)} usable document(s), "
+                         "at least 2 are needed; give it --calibration text")
+    return seqs
 
 
 class Lookup(torch.nn.Module):
@@ -154,15 +165,15 @@ def _kl(model, lookup: Lookup, scale: float, tokens: torch.Tensor, ref) -> torch
     return ((top.exp() * (top - q_top)).sum(-1) + rest.exp() * (rest - q_rest)).mean()
 
 
-def tune(gguf_path: Path, tensors: CarvqTensors, ids: np.ndarray, opening: list[int], steps: int, seed: int,
-         progress: bool = True) -> TuneResult:
-    """Tune `tensors`' codebooks in place by `steps` Adam steps, one calibration sequence each;
+def tune(gguf_path: Path, tensors: CarvqTensors, seqs, steps: int, seed: int, progress: bool = True,
+         text: str = "calibration") -> TuneResult:
+    """Tune `tensors`' codebooks in place by `steps` Adam steps, one sequence of `seqs` each
+    (calibration_sequences or document_sequences);
     the state with the least KL on the held-out sequences (checked every CHECK_EVERY steps, the
     fit's own included) is kept, so tuning never leaves the held-out KL worse."""
     from tqdm import tqdm
 
     start = time.perf_counter()
-    seqs = calibration_sequences(ids, opening)
     model = load_frozen(gguf_path, progress)
     embed = model.get_input_embeddings()
     # Gemma's embedding layer scales its rows by sqrt(n); inputs_embeds bypass it
@@ -214,4 +225,4 @@ def tune(gguf_path: Path, tensors: CarvqTensors, ids: np.ndarray, opening: list[
         for p, v in zip(lookup.parameters(), best[2]):
             p.copy_(v)
     lookup.store()
-    return TuneResult(steps, time.perf_counter() - start, before, best[0], len(train), best[1])
+    return TuneResult(steps, time.perf_counter() - start, before, best[0], len(train), best[1], text)

@@ -318,13 +318,15 @@ def test_model_prior_is_the_models_own_next_token_distribution(tiny_gguf):
     from carvq.runtime.model import Model
 
     for arch in ("llama", "qwen2"):
-        p, how = model_prior.predicted_unigram(tiny_gguf(arch), seed=3, progress=False)
-        again, _ = model_prior.predicted_unigram(tiny_gguf(arch), seed=3, progress=False)
-        assert np.array_equal(p, again) and p.min() >= 0 and p.sum() == pytest.approx(1.0)
-        assert f"{model_prior.DOCUMENTS} documents it wrote" in how
+        mp = model_prior.predicted_unigram(tiny_gguf(arch), seed=3, progress=False)
+        again = model_prior.predicted_unigram(tiny_gguf(arch), seed=3, progress=False)
+        p = mp.p
+        assert np.array_equal(p, again.p) and p.min() >= 0 and p.sum() == pytest.approx(1.0)
+        assert f"{model_prior.DOCUMENTS} documents it wrote" in mp.how
+        assert len(mp.documents) == model_prior.DOCUMENTS and mp.documents == again.documents
         with Model(tiny_gguf(arch), vocab_only=True) as m:
             start, bos = model_prior.document_start(m), m.tokenize("", add_special=True)
-            assert start == (bos or [int(m.metadata()["tokenizer.ggml.eos_token_id"])])
+            assert start == (bos or [int(m.metadata()["tokenizer.ggml.eos_token_id"])]) == mp.start
 
 
 def test_prior_choice_and_fallback(tiny_gguf, workdir, monkeypatch):

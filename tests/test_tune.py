@@ -69,12 +69,22 @@ def test_tuning_lowers_the_held_out_kl_and_keeps_the_codes(workdir, tiny_gguf, c
     assert "tuned 40 steps" in report.format()
 
 
-def test_tuning_needs_calibration_text(tiny_gguf, tmp_path):
-    from carvq.converter.convert import convert
+def test_tuning_without_text_trains_on_what_the_model_writes(tiny_gguf, workdir, tmp_path):
+    """No calibration text: the codebooks are tuned on the documents the model wrote for its
+    prior; with the tokenizer's prior there are none, and that is a clear error."""
+    from carvq.converter.convert import TUNE_DOCUMENTS, convert
     from carvq.errors import CarvqError
 
+    out = workdir / "tune-self.gguf"
+    report = convert(tiny_gguf("llama"), out, tiny_config("llama"), iters=2, seed=3, progress=False, tune_steps=8,
+                     force=True)
+    note = next(n for n in report.notes if n.startswith("tuned 8 steps"))
+    assert "self-written sequences" in note and f"{TUNE_DOCUMENTS} documents it wrote" in report.weights_from
+    before, after = map(float, re.search(r"held-out sequences ([\d.]+) -> ([\d.]+)", note).groups())
+    assert after <= before
     with pytest.raises(CarvqError, match="--tune-steps needs --calibration"):
-        convert(tiny_gguf("llama"), tmp_path / "out.gguf", tiny_config("llama"), progress=False, tune_steps=5)
+        convert(tiny_gguf("llama"), tmp_path / "out.gguf", tiny_config("llama"), progress=False, tune_steps=5,
+                prior="tokenizer")
     assert not (tmp_path / "out.gguf").exists()
 
 
