@@ -77,7 +77,7 @@ CARVQ_POINTS = [
 # What a new user gets: `carvq convert` without flags or calibration text (the bench's head kept)
 DEFAULT_POINT = "CARVQ default (no flags)"
 # The same without a text, tuned end to end on documents the model writes itself
-SELF_TUNE_STEPS = 30
+SELF_TUNE_STEPS = 20
 SELF_TUNED_POINT = f"CARVQ default, --tune-steps {SELF_TUNE_STEPS} (no text)"
 
 
