@@ -232,7 +232,8 @@ def score(path: Path, ref: Path, text: Path, chunks: int, work: Path) -> dict:
 
 
 def run_model(key: str, chunks: int, carvq_points: list[tuple], ik_types: list[str] = IK,
-              only: frozenset[str] = frozenset(), variants: frozenset[str] = frozenset()) -> tuple[list[Row], list[dict]]:
+              only: frozenset[str] = frozenset(), variants: frozenset[str] = frozenset(),
+              self_tuned: bool = True) -> tuple[list[Row], list[dict]]:
     """only / variants: score only the rows of these kinds ("carvq", "ik") / with these names;
     every other row and the head trade, which neither a converter change nor a new anchor
     moves, are the latest saved run's (with its date)."""
@@ -253,8 +254,9 @@ def run_model(key: str, chunks: int, carvq_points: list[tuple], ik_types: list[s
         plan.append((label, "carvq", lambda label=label, a=args: make_carvq(src, label, a, calibration, work,
                                                                            embd.tensor_type.name)))
     plan.append((DEFAULT_POINT, "carvq", lambda: make_carvq(src, DEFAULT_POINT, [], None, work, embd.tensor_type.name)))
-    plan.append((SELF_TUNED_POINT, "carvq", lambda: make_carvq(src, SELF_TUNED_POINT, ["--tune-steps", str(SELF_TUNE_STEPS)],
-                                                               None, work, embd.tensor_type.name)))
+    if self_tuned:
+        plan.append((SELF_TUNED_POINT, "carvq", lambda: make_carvq(src, SELF_TUNED_POINT, ["--tune-steps", str(SELF_TUNE_STEPS)],
+                                                                   None, work, embd.tensor_type.name)))
     order = {variant: i for i, (variant, _, _) in enumerate(plan)}
     partial = bool(only or variants)
     kept: list[Row] = []
@@ -527,7 +529,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=20, help="512-token chunks of text to score (default 20)")
     ap.add_argument("--fresh", action="store_true", help="drop cached conversions and scores first")
     ap.add_argument("--no-ik", action="store_true", help="leave out ik_llama.cpp's types (no fetch or build of ik's ggml)")
-    ap.add_argument("--no-tune", action="store_true", help="leave out the tuned CARVQ points (--tune-steps)")
+    ap.add_argument("--no-tune", action="store_true", help="leave out the tuned CARVQ points (--tune-steps), the self-tuned default too")
     ap.add_argument("--only", nargs="+", choices=["carvq", "ik"], default=[],
                     help="score only these kinds of rows; keep the others and the head trade from the latest saved run, "
                          "which a converter change or a new anchor does not move (Gemma-3's full run takes hours on 2 cores)")
@@ -543,7 +545,7 @@ def main() -> None:
     for key in args.models:
         points = [p for p in CARVQ_POINTS if not (args.no_tune and p[5])]
         rows, hs = run_model(key, args.chunks, points, [] if args.no_ik else IK, frozenset(args.only),
-                             frozenset(args.variants))
+                             frozenset(args.variants), not args.no_tune)
         all_rows[rows[0].model] = rows
         heads[rows[0].model] = hs
         checks += target_checks(rows)

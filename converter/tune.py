@@ -51,7 +51,8 @@ class TuneResult:
     def note(self) -> str:
         kept = (f"kept step {self.kept_step}" if self.kept_step else
                 "no step lowered it, the fit's codebooks kept")
-        return (f"tuned {self.steps} steps on {self.train_sequences} {self.text} sequences of {SEQ_TOKENS} tokens "
+        return (f"tuned {self.steps} steps on {self.train_sequences} {self.text} sequences of "
+                f"{'up to ' if self.text != 'calibration' else ''}{SEQ_TOKENS} tokens "
                 f"in {self.seconds:.0f} s: KL on {HELD_OUT_SEQS} held-out sequences {self.held_out_kl_before:.4f} -> "
                 f"{self.held_out_kl_after:.4f} ({kept})")
 
@@ -92,7 +93,7 @@ def calibration_sequences(ids: np.ndarray, opening: list[int], seq_tokens: int =
 def document_sequences(start: list[int], documents: list[list[int]], seq_tokens: int = SEQ_TOKENS) -> list[torch.Tensor]:
     """Documents the model wrote (each after `start`), one sequence each, cut to seq_tokens: a
     small model's documents often end early, and a step takes one sequence of any length."""
-    seqs = [torch.tensor((start + list(d))[:seq_tokens], dtype=torch.long) for d in documents if d]
+    seqs = [torch.tensor((start + list(d))[:seq_tokens], dtype=torch.long) for d in documents]
     if len(seqs) < 2:
         raise CarvqError(f"--tune-steps without --calibration: the model wrote {len(seqs)} usable document(s), "
                          "at least 2 are needed; give it --calibration text")

@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tune-steps", type=int, default=0,
                    help="then tune the codebooks end to end: this many Adam steps (256 calibration tokens each) on the KL "
                         "divergence between the source model and the model reading the CARVQ lookup, through the frozen "
-                        "model in PyTorch; on the --calibration text, or without one on 16 documents the model writes itself "
+                        "model in PyTorch; on the --calibration text, or without one on documents the model writes itself "
                         "(default 0: none)")
     c.add_argument("--screen-index", action="store_true",
                    help="also fit an index of the output head of its own (output.carvq.*, format v3) in the metric of "
