@@ -15,7 +15,7 @@ import numpy as np
 from carvq import format as fmt
 from carvq import gguf_io as gio
 from carvq.converter import config as cfgmod
-from carvq.converter import frequency, hf, memory, model_prior, screen_index, train, tune
+from carvq.converter import frequency, hf, memory, model_prior, screen_index, tiers, train, tune
 from carvq.converter.body import quantize_body
 from carvq.converter.config import DEFAULT_ITERS, Config
 from carvq.converter.head import default_head_type, head_tensor
@@ -113,13 +113,16 @@ def _check_paths(src: Path, out: Path, calibration, force: bool) -> None:
 def convert(input_path, output_path, base: Config, *, target_bpw: float | None = None, iters: int = DEFAULT_ITERS,
             seed: int = 0, calibration=None, head_type: str | None = None, hf_outtype: str = "auto",
             body_type: str | None = None, progress: bool = True, force: bool = False,
-            screen: Config | bool | None = None, tune_steps: int = 0, prior: str = "model") -> Report:
+            screen: Config | bool | None = None, tune_steps: int = 0, prior: str = "model",
+            trim_to: float | None = None, tier_floor: int | None = None) -> Report:
     """tune_steps: Adam steps of end-to-end tuning of the codebooks on the calibration text, or
     without one on documents the model writes itself (converter/tune.py; 0 = none). screen: fit the head's own screen index (format v3; kept for a tied model only where it
     screens better than the lookup's codes): True for config.SCREEN_DEFAULT, a Config of its
     own, or False/None for none (the default: format v2). prior: where the token weights come
     from beside the calibration counts, "model" (the source model's own next-token distribution)
-    or "tokenizer" (a Zipf prior over the vocabulary's order; no model run)."""
+    or "tokenizer" (a Zipf prior over the vocabulary's order; no model run). trim_to: cut the fit
+    to this lookup bpw in hot tiers (converter/tiers.py, format v4), every row keeping at least
+    tier_floor levels (default: the fit's levels minus 2, at least 1)."""
     start = time.perf_counter()
     if screen is True:
         screen = cfgmod.SCREEN_DEFAULT
@@ -137,6 +140,10 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
                          "then tunes on")
     if target_bpw is not None and target_bpw <= 0:
         raise CarvqError(f"--target-bpw {target_bpw}: must be positive")
+    if trim_to is not None and trim_to <= 0:
+        raise CarvqError(f"--trim-to {trim_to}: must be positive")
+    if tier_floor is not None and trim_to is None:
+        raise CarvqError("--tier-floor only means something with --trim-to")
     with tempfile.TemporaryDirectory(prefix="carvq-") as tmpdir:
         gguf_path = src
         if src.is_dir():
@@ -147,7 +154,7 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
         reader = gio.open_gguf(gguf_path)
         written = Path(tmpdir) / "carvq.gguf" if body_type else out
         report = _convert_reader(reader, src, written, gguf_path, base, target_bpw, iters, seed,
-                                 calibration, head_type, progress, start, screen, tune_steps, prior)
+                                 calibration, head_type, progress, start, screen, tune_steps, prior, trim_to, tier_floor)
         if body_type:
             quantize_body(written, out, body_type, keep_head=report.head_copied)
             report.output = str(out)
@@ -156,7 +163,7 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
 
 
 def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, calibration,
-                    head_type, progress, start, screen, tune_steps, prior) -> Report:
+                    head_type, progress, start, screen, tune_steps, prior, trim_to=None, tier_floor=None) -> Report:
     arch = gio.field_value(reader, "general.architecture")
     if fmt.is_carvq(reader):
         raise CarvqError(f"{src}: already a CARVQ-GGUF")
@@ -197,9 +204,17 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
         base.check(n)
         cfg = base.resolve_hot(V, n)
     cfg.check(n)
+    if trim_to is not None and cfg.adaptor_rank:
+        raise CarvqError("--trim-to works on fits without an adaptor (--adaptor-rank 0)")
+    if trim_to is not None and not 1 <= (floor := tier_floor if tier_floor is not None else max(1, cfg.levels - 2)) < cfg.levels:
+        raise CarvqError(f"--tier-floor {floor}: must be at least 1 and below the fit's {cfg.levels} levels")
 
     fit = train.compress(M, w, cfg, iters, seed, progress)
     memory.trim()
+    if trim_to is not None:
+        fit.tensors, how = tiers.trim(fit.tensors, M, w, floor, trim_to * V * n / 8)
+        notes.append(how)
+        memory.trim()
     if tune_steps:
         seqs, kind = _tuning_sequences(tokens, mp)
         notes.append(tune.tune(gguf_path, fit.tensors, seqs, tune_steps, seed, progress, kind).note())
@@ -235,13 +250,14 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
     memory.trim()
     head_bytes = int(head[0].nbytes) if head is not None else 0
     screen_bytes = fit.tensors.screen.nbytes if fit.tensors.screen is not None else 0
+    parts = tiers.part_bytes(fit.tensors)  # what is written, trimmed or not (equal to cfgmod.part_bytes untrimmed)
     provenance = fmt.Provenance(source_type=embd.tensor_type.name, head_copy=head is not None,
-                                bpw=cfgmod.bpw(cfg, V, n), head_bpw=8.0 * head_bytes / (V * n),
+                                bpw=8.0 * sum(parts.values()) / (V * n), head_bpw=8.0 * head_bytes / (V * n),
                                 screen_bpw=8.0 * screen_bytes / (V * n))
     fmt.write_model(reader, out, arch, fit.tensors, provenance, head, progress)
     return Report(
         input=str(src), output=str(out), arch=arch, n_vocab=V, n_embd=n, source_type=embd.tensor_type.name,
-        config=cfg, weights_from=weights_from, parts=cfgmod.part_bytes(cfg, V, n), head_bytes=head_bytes,
+        config=cfg, weights_from=weights_from, parts=parts, head_bytes=head_bytes,
         head_type=(head[1].name if head is not None else "untied"), head_copied=head is not None, screen_bytes=screen_bytes,
         errors=errors, seconds=time.perf_counter() - start, rounds=fit.rounds, source_bytes=int(embd.n_bytes),
         notes=notes,

@@ -112,8 +112,11 @@ class Lookup(torch.nn.Module):
         self.codebooks = torch.nn.Parameter(torch.from_numpy(t.codebooks.astype(np.float32)).clone())
         self.hot = lo.hot_rows > 0
         if self.hot:
-            self.hot_pos = torch.full((lo.n_vocab,), -1, dtype=torch.long)
-            self.hot_pos[torch.from_numpy(t.hot_ids.astype(np.int64))] = torch.arange(lo.hot_rows)
+            # one row of positions per tier: where each token sits in hot_ids, -1 outside the tier
+            self.hot_pos = torch.full((len(lo.tier_rows), lo.n_vocab), -1, dtype=torch.long)
+            for tier, (start, rows) in enumerate(zip(lo.tier_starts(), lo.tier_rows)):
+                ids = torch.from_numpy(t.hot_ids[start:start + rows].astype(np.int64))
+                self.hot_pos[tier, ids] = torch.arange(start, start + rows)
             hl = lo.hot_layout()
             self.hot_codes = torch.from_numpy(unpack_codes(t.hot_codes, hl).reshape(lo.hot_rows, G, lo.hot_levels)
                                               .astype(np.int64))
@@ -130,10 +133,13 @@ class Lookup(torch.nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         e = self._sum(self.codebooks, self.codes[tokens])
         if self.hot:
-            pos = self.hot_pos[tokens]
-            rows = (pos >= 0).nonzero().squeeze(1)
-            if rows.numel():
-                e = e.index_add(0, rows, self._sum(self.hot_codebooks, self.hot_codes[pos[rows]]))
+            G = self.t.layout.n_groups
+            for tier in range(self.hot_pos.shape[0]):
+                pos = self.hot_pos[tier, tokens]
+                rows = (pos >= 0).nonzero().squeeze(1)
+                if rows.numel():
+                    cb = self.hot_codebooks[tier * G:(tier + 1) * G]
+                    e = e.index_add(0, rows, self._sum(cb, self.hot_codes[pos[rows]]))
         if self.adaptor:
             lo = self.t.layout
             ids = tokens.numpy()

@@ -41,7 +41,9 @@ def rewrite(src: Path, dst: Path, *, keys: dict | None = None, tensors: dict | N
         for name in [k for k in kv if k.startswith(old_arch + ".")]:
             kv[arch + name[len(old_arch):]] = kv.pop(name)
     for name, spec in keys.items():
-        if spec is not None:
+        if spec is not None and spec[0] == "ARRAY_UINT32":
+            writer.add_key_value(name, list(spec[1]), gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT32)
+        elif spec is not None:
             kind, value = spec
             getattr(writer, {"UINT32": "add_uint32", "STRING": "add_string", "FLOAT32": "add_float32",
                              "BOOL": "add_bool", "INT32": "add_int32"}[kind])(name, value)
@@ -105,6 +107,19 @@ def make(good: Path, out: Path) -> dict[str, str]:
         "hot-ids-duplicate": (dict(tensors={Tensor.HOT_IDS: np.concatenate([hot_ids[:1], hot_ids[:-1]])}), "hot"),
         "hot-ids-negative": (dict(tensors={Tensor.HOT_IDS: np.concatenate([[-1], hot_ids[1:]]).astype(np.int32)}),
                              "hot"),
+        # hot tiers (version 4): the good file's hot rows split in two tiers, wrongly
+        "hot-tiers-in-v3": (dict(keys={Key.HOT_TIERS: ("ARRAY_UINT32", [lo.hot_rows - 1, 1])}), "format_version 4"),
+        "hot-tiers-not-array": (dict(keys={Key.VERSION: ("UINT32", 4), Key.HOT_TIERS: ("UINT32", lo.hot_rows)}),
+                                "not an array"),
+        "hot-tiers-sum-wrong": (dict(keys={Key.VERSION: ("UINT32", 4),
+                                           Key.HOT_TIERS: ("ARRAY_UINT32", [lo.hot_rows, 1])}), "hot_tiers|hot tiers"),
+        "hot-tiers-empty-tier": (dict(keys={Key.VERSION: ("UINT32", 4),
+                                            Key.HOT_TIERS: ("ARRAY_UINT32", [lo.hot_rows, 0])}), "hot_tiers|hot tiers"),
+        "hot-tiers-nine": (dict(keys={Key.VERSION: ("UINT32", 4),
+                                      Key.HOT_TIERS: ("ARRAY_UINT32", [1] * 8 + [lo.hot_rows - 8])}), "hot_tiers|hot tiers"),
+        "hot-tiers-codebooks-of-one": (dict(keys={Key.VERSION: ("UINT32", 4),
+                                                  Key.HOT_TIERS: ("ARRAY_UINT32", [lo.hot_rows - 1, 1])}),
+                                       Tensor.HOT_CODEBOOKS),
         # the model around it
         "architecture-mistral3": (dict(arch="mistral3"), "architecture"),
     }

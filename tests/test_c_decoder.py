@@ -89,12 +89,15 @@ def lib(request, libs) -> Lib:
     return libs[request.param]
 
 
-def make_layout(lib: Lib, V, n, d, L, K, m=0, h=0, version=1, N=0, Lh=0):
+def make_layout(lib: Lib, V, n, d, L, K, m=0, h=0, version=1, N=0, Lh=0, tiers=()):
     lay = lib.ffi.new("struct carvq_layout *")
     lay.n_vocab, lay.n_embd, lay.format_version = V, n, version
     lay.group_size, lay.levels, lay.codebook_size = d, L, K
     lay.adaptor_rank, lay.adaptor_hidden = m, h
     lay.hot_rows, lay.hot_levels = N, Lh
+    lay.hot_tiers = len(tiers)  # may exceed the array, for the check that refuses it
+    for t, rows in enumerate(tiers[:fmt.MAX_HOT_TIERS]):
+        lay.hot_tier_rows[t] = rows
     return lay
 
 
@@ -212,16 +215,23 @@ def test_decode_random_layouts(lib, scalar, f16):
 
 
 def run_hot_decode(lib: Lib, V, n, d, L, K, f16: bool, rng):
-    """carvq_rows_decode then carvq_rows_hot_add against decode_rvq then add_hot, bit for bit."""
+    """carvq_rows_decode then carvq_rows_hot_add against decode_rvq then add_hot, bit for bit;
+    half the cases with hot tiers (version 4), whose id sets may overlap."""
     G = n // d
-    N = int(rng.integers(1, V + 1))
     Lh = int(rng.choice([1, 2, 3, 4, 7, 16]))
-    layout = fmt.Layout(n_vocab=V, n_embd=n, group_size=d, levels=L, codebook_size=K, hot_rows=N, hot_levels=Lh)
+    tiers = ()
+    if rng.random() < 0.5:
+        tiers = tuple(int(x) for x in rng.integers(1, V + 1, size=int(rng.integers(2, fmt.MAX_HOT_TIERS + 1))))
+        hot_ids_np = np.concatenate([np.sort(rng.choice(V, size=r, replace=False)) for r in tiers]).astype(np.int32)
+    else:
+        hot_ids_np = np.sort(rng.choice(V, size=int(rng.integers(1, V + 1)), replace=False)).astype(np.int32)
+    N = hot_ids_np.size
+    layout = fmt.Layout(n_vocab=V, n_embd=n, group_size=d, levels=L, codebook_size=K, hot_rows=N, hot_levels=Lh,
+                        hot_tiers=tiers)
     codes_np = fmt.pack_codes(rng.integers(0, K, size=(V, G, L), dtype=np.uint8))
     cb_np = random_codebooks(rng, (G, L, K, d), f16)
-    hot_ids_np = np.sort(rng.choice(V, size=N, replace=False)).astype(np.int32)
     hot_codes_np = fmt.pack_codes(rng.integers(0, K, size=(N, G, Lh), dtype=np.uint8))
-    hot_cb_np = random_codebooks(rng, (G, Lh, K, d), f16)
+    hot_cb_np = random_codebooks(rng, (max(len(tiers), 1) * G, Lh, K, d), f16)
     arrays = {}
     for name, arr in dict(codes=codes_np, cb=cb_np, hot_ids=hot_ids_np, hot_codes=hot_codes_np, hot_cb=hot_cb_np).items():
         arrays[name] = guarded(arr.shape, arr.dtype)  # reads past any of them fault
@@ -237,7 +247,7 @@ def run_hot_decode(lib: Lib, V, n, d, L, K, f16: bool, rng):
     out = guarded((max(n_ids, 1), stride), np.float32)
     out.view(np.uint32)[...] = sentinel
 
-    lay = make_layout(lib, V, n, d, L, K, version=2, N=N, Lh=Lh)
+    lay = make_layout(lib, V, n, d, L, K, version=4 if tiers else 2, N=N, Lh=Lh, tiers=tiers)
     assert lib.lib.carvq_layout_check(lay, lib.ffi.NULL, 0) == 0
     assert lib.lib.carvq_hot_check(lay, ptr(lib, "int32_t *", arrays["hot_ids"]), ptr(lib, "uint8_t *", arrays["hot_codes"]),
                                    lib.ffi.NULL, 0) == 0
@@ -250,7 +260,7 @@ def run_hot_decode(lib: Lib, V, n, d, L, K, f16: bool, rng):
     with np.errstate(over="ignore", invalid="ignore"):
         want = reference.decode_rvq(layout, codes_np, cb_np, ids_np[first:last])
         reference.add_hot(layout, hot_ids_np, hot_codes_np, hot_cb_np, ids_np[first:last], want)
-    case = f"V={V} n={n} d={d} L={L} K={K} N={N} Lh={Lh} f16={f16} ids={n_ids} [{first},{last}) stride={stride}"
+    case = f"V={V} n={n} d={d} L={L} K={K} N={N} Lh={Lh} tiers={tiers} f16={f16} ids={n_ids} [{first},{last}) stride={stride}"
     assert np.array_equal(out[first:last, :n].view(np.uint32), want.view(np.uint32)), case
     untouched = np.ones(out.shape, bool)
     untouched[first:last, :n] = False
@@ -287,6 +297,13 @@ def test_hot_check(libs):
     rc, msg = check([1, 5, 7, 9], bad)
     assert rc != 0 and "hot_codes row 2" in msg, msg
 
+    # two tiers (version 4): sorted within each, not across; codebooks one set per tier
+    lay = make_layout(lib, V, n, d, L, K, version=4, N=N, Lh=Lh, tiers=(3, 1))
+    assert lib.lib.carvq_layout_hot_codebooks_ne(lay, ne) == 0 and list(ne) == [d, K, Lh, 2 * 2]
+    assert check([1, 5, 7, 2], good_codes) == (0, "")
+    rc, msg = check([5, 1, 7, 2], good_codes)
+    assert rc != 0 and "hot_ids[1] = 1" in msg and "each tier" in msg, msg
+
 
 @pytest.mark.parametrize("f16", [False, True], ids=["f32", "f16"])
 @pytest.mark.parametrize("d", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16, 24])
@@ -302,7 +319,8 @@ def test_decode_every_small_group_size(lib, d, f16):
 def test_limits_are_the_headers(libs):
     """carvq.format's limits are carvq.h's CARVQ_* constants."""
     lib = libs["default"].lib
-    assert lib.CARVQ_FORMAT_VERSION == max(fmt.READABLE_VERSIONS) == fmt.SCREEN_FORMAT_VERSION
+    assert lib.CARVQ_FORMAT_VERSION == max(fmt.READABLE_VERSIONS) == fmt.TIERS_FORMAT_VERSION
+    assert lib.CARVQ_MAX_HOT_TIERS == fmt.MAX_HOT_TIERS
     assert lib.CARVQ_MIN_FORMAT_VERSION == min(fmt.READABLE_VERSIONS)
     assert lib.CARVQ_MAX_LEVELS == fmt.MAX_LEVELS
     assert lib.CARVQ_MIN_CODEBOOK_SIZE == fmt.MIN_CODEBOOK_SIZE
@@ -354,7 +372,11 @@ def test_layout_check_accepts_valid(libs):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (dict(version=4), "format_version 4"),
+    (dict(version=5), "format_version 5"),
+    (dict(version=3, N=5, Lh=1, tiers=(2, 3)), "need carvq.format_version 4"),
+    (dict(version=4, N=5, Lh=1, tiers=(2, 2)), "sum to 4 rows"),
+    (dict(version=4, N=5, Lh=1, tiers=(5, 0)), "hot_tiers[1] = 0"),
+    (dict(version=4, N=9, Lh=1, tiers=(1,) * 9), "9 entries"),
     (dict(N=5, Lh=2), "need carvq.format_version 2"),
     (dict(version=2, N=101, Lh=2), "hot_rows 101"),
     (dict(version=2, N=-1, Lh=2), "hot_rows -1"),
@@ -388,10 +410,10 @@ def test_layout_check_accepts_valid(libs):
 ])
 def test_layout_check_rejects(libs, args, needle):
     lib = libs["default"]
-    full = dict(V=100, n=64, d=8, L=3, K=16, m=0, h=0, version=1, N=0, Lh=0)
+    full = dict(V=100, n=64, d=8, L=3, K=16, m=0, h=0, version=1, N=0, Lh=0, tiers=())
     full.update(args)
     lay = make_layout(lib, full["V"], full["n"], full["d"], full["L"], full["K"], full["m"], full["h"], full["version"],
-                      full["N"], full["Lh"])
+                      full["N"], full["Lh"], full["tiers"])
     rc, msg = check_msg(lib, lib.lib.carvq_layout_check, lay)
     assert rc != 0
     assert needle in msg and "\n" not in msg

@@ -48,11 +48,15 @@
 #endif
 
 static_assert(sizeof(float) == 4, "carvq needs IEEE binary32 float");
-static_assert(sizeof(struct carvq_layout) == 56, "struct carvq_layout ABI changed");
+static_assert(sizeof(struct carvq_layout) == 120, "struct carvq_layout ABI changed");
 static_assert(offsetof(struct carvq_layout, format_version) == 16, "struct carvq_layout ABI changed");
 static_assert(offsetof(struct carvq_layout, adaptor_hidden) == 36, "struct carvq_layout ABI changed");
 static_assert(offsetof(struct carvq_layout, hot_rows) == 40, "struct carvq_layout ABI changed");
 static_assert(offsetof(struct carvq_layout, hot_levels) == 48, "struct carvq_layout ABI changed");
+static_assert(offsetof(struct carvq_layout, hot_tiers) == 52, "struct carvq_layout ABI changed");
+static_assert(offsetof(struct carvq_layout, hot_tier_rows) == 56, "struct carvq_layout ABI changed");
+static_assert(sizeof(((struct carvq_layout *) 0)->hot_tier_rows) == CARVQ_MAX_HOT_TIERS * sizeof(int64_t),
+              "hot_tier_rows holds CARVQ_MAX_HOT_TIERS entries");
 static_assert(CARVQ_MAX_LEVELS <= 16 && CARVQ_MAX_CODEBOOK_SIZE <= 16, "codes are 4-bit nibbles");
 
 // ---- helpers ---------------------------------------------------------------------------
@@ -112,7 +116,8 @@ struct carvq_sizes {
     int64_t cb_nel;       // codebook elements G*L*K*d
     int64_t GLh;          // hot codes per hot row
     int64_t Bh;           // hot code bytes per hot row
-    int64_t hot_cb_nel;   // hot codebook elements G*Lh*K*d
+    int64_t hot_cb_nel;   // hot codebook elements of one tier G*Lh*K*d
+    int64_t T;            // hot tiers (1 when hot_tiers is 0 or 1)
 };
 
 static int carvq_fits_size_t(int64_t x) {
@@ -170,8 +175,11 @@ static int carvq_layout_sizes(const struct carvq_layout * l, struct carvq_sizes 
         carvq_err_set(err, err_size, "hot rows need carvq.format_version 2, the file says %" PRId32, l->format_version);
         return 1;
     }
-    if (l->hot_rows < 0 || l->hot_rows > l->n_vocab) {
-        carvq_err_set(err, err_size, "carvq.hot_rows %" PRId64 " outside 0..%" PRId64, l->hot_rows, l->n_vocab);
+    // a row may be in every tier: N is at most T*V (T = 1 without tiers; T is checked below)
+    const int64_t tiers = l->hot_tiers >= 2 && l->hot_tiers <= CARVQ_MAX_HOT_TIERS ? l->hot_tiers : 1;
+    const int64_t max_hot = l->n_vocab > INT64_MAX / tiers ? INT64_MAX : l->n_vocab * tiers;
+    if (l->hot_rows < 0 || l->hot_rows > max_hot) {
+        carvq_err_set(err, err_size, "carvq.hot_rows %" PRId64 " outside 0..%" PRId64, l->hot_rows, max_hot);
         return 1;
     }
     if (l->hot_levels < 0 || l->hot_levels > CARVQ_MAX_LEVELS) {
@@ -182,6 +190,35 @@ static int carvq_layout_sizes(const struct carvq_layout * l, struct carvq_sizes 
         carvq_err_set(err, err_size, "carvq.hot_rows %" PRId64 " and carvq.hot_levels %" PRId32
                 " must both be zero or both non-zero", l->hot_rows, l->hot_levels);
         return 1;
+    }
+    if (l->hot_tiers < 0 || l->hot_tiers > CARVQ_MAX_HOT_TIERS) {
+        carvq_err_set(err, err_size, "carvq.hot_tiers has %" PRId32 " entries, outside 1..%d", l->hot_tiers,
+                CARVQ_MAX_HOT_TIERS);
+        return 1;
+    }
+    if (l->hot_tiers >= 2 && l->format_version < 4) {
+        carvq_err_set(err, err_size, "hot tiers need carvq.format_version 4, the file says %" PRId32, l->format_version);
+        return 1;
+    }
+    if (l->hot_tiers >= 1) {
+        int64_t left = l->hot_rows; // counted down, so that no sum can overflow
+        for (int32_t t = 0; t < l->hot_tiers; ++t) {
+            if (l->hot_tier_rows[t] < 1 || l->hot_tier_rows[t] > l->n_vocab) {
+                carvq_err_set(err, err_size, "carvq.hot_tiers[%" PRId32 "] = %" PRId64 " outside 1..%" PRId64, t,
+                        l->hot_tier_rows[t], l->n_vocab);
+                return 1;
+            }
+            if (l->hot_tier_rows[t] > left) {
+                carvq_err_set(err, err_size, "carvq.hot_tiers sum to more than carvq.hot_rows %" PRId64, l->hot_rows);
+                return 1;
+            }
+            left -= l->hot_tier_rows[t];
+        }
+        if (left != 0) {
+            carvq_err_set(err, err_size, "carvq.hot_tiers sum to %" PRId64 " rows, carvq.hot_rows is %" PRId64,
+                    l->hot_rows - left, l->hot_rows);
+            return 1;
+        }
     }
 
     const int64_t V = l->n_vocab, n = l->n_embd, m = l->adaptor_rank, h = l->adaptor_hidden;
@@ -206,7 +243,7 @@ static int carvq_layout_sizes(const struct carvq_layout * l, struct carvq_sizes 
                carvq_mul_overflows(l->hot_rows, GLh / 2 + (GLh & 1) + 4, &hot_codes) || !carvq_fits_size_t(hot_codes)) {
         what = "hot rows";
     } else if (carvq_mul_overflows(GLh, (int64_t) l->codebook_size * l->group_size, &hot_cb_nel) ||
-               carvq_mul_overflows(hot_cb_nel, 4, &x) || !carvq_fits_size_t(x)) {
+               carvq_mul_overflows(hot_cb_nel, 4 * (int64_t) CARVQ_MAX_HOT_TIERS, &x) || !carvq_fits_size_t(x)) {
         what = "hot codebooks";
     }
     // up.weight is h*m*4 <= 2^16 * 2^10 * 4: cannot overflow
@@ -225,6 +262,7 @@ static int carvq_layout_sizes(const struct carvq_layout * l, struct carvq_sizes 
         s->GLh = GLh;
         s->Bh = GLh / 2 + (GLh & 1);
         s->hot_cb_nel = hot_cb_nel;
+        s->T = l->hot_tiers >= 2 ? l->hot_tiers : 1;
     }
     return 0;
 }
@@ -305,7 +343,7 @@ int carvq_layout_hot_codebooks_ne(const struct carvq_layout * l, int64_t ne[4]) 
     ne[0] = l->group_size;
     ne[1] = l->codebook_size;
     ne[2] = l->hot_levels;
-    ne[3] = s.G;
+    ne[3] = s.T * s.G;
     return 0;
 }
 
@@ -362,17 +400,24 @@ int carvq_codes_check(const struct carvq_layout * l, const uint8_t * codes, char
     return carvq_codes_scan(codes, l->n_vocab, s.GL, s.B, l->levels, (unsigned) l->codebook_size, "codes", err, err_size);
 }
 
+// rows of hot tier t of a checked layout (the one tier of N rows when hot_tiers < 2)
+static int64_t carvq_tier_rows(const struct carvq_layout * l, int64_t t) {
+    return l->hot_tiers >= 2 ? l->hot_tier_rows[t] : l->hot_rows;
+}
+
 int carvq_hot_check(const struct carvq_layout * l, const int32_t * hot_ids, const uint8_t * hot_codes,
         char * err, size_t err_size) {
     struct carvq_sizes s;
     if (carvq_layout_sizes(l, &s, err, err_size)) {
         return 1;
     }
-    for (int64_t j = 0; j < l->hot_rows; ++j) {
-        if (hot_ids[j] < 0 || hot_ids[j] >= l->n_vocab || (j > 0 && hot_ids[j] <= hot_ids[j - 1])) {
-            carvq_err_set(err, err_size, "hot_ids[%" PRId64 "] = %" PRId32 ": hot ids must increase strictly "
-                    "within 0..%" PRId64, j, hot_ids[j], l->n_vocab - 1);
-            return 1;
+    for (int64_t t = 0, j = 0, start = 0; t < s.T; start += carvq_tier_rows(l, t), ++t) {
+        for (; j < start + carvq_tier_rows(l, t); ++j) {
+            if (hot_ids[j] < 0 || hot_ids[j] >= l->n_vocab || (j > start && hot_ids[j] <= hot_ids[j - 1])) {
+                carvq_err_set(err, err_size, "hot_ids[%" PRId64 "] = %" PRId32 ": hot ids must increase strictly "
+                        "within 0..%" PRId64 " in each tier", j, hot_ids[j], l->n_vocab - 1);
+                return 1;
+            }
         }
     }
     return carvq_codes_scan(hot_codes, l->hot_rows, s.GLh, s.Bh, l->hot_levels, (unsigned) l->codebook_size,
@@ -726,17 +771,20 @@ void carvq_rows_hot_add(const struct carvq_layout * l, const int32_t * hot_ids, 
     if (last > n_ids) last = n_ids;
     struct carvq_geom gm;
     carvq_geom_init(&gm, l, l->hot_levels, 1);
-    for (int64_t r = first; r < last; ++r) {
-        const int64_t j = carvq_hot_find(hot_ids, l->hot_rows, ids[r]);
-        if (j < 0) {
-            continue;
-        }
-        const uint8_t * crow = hot_codes + j * gm.B;
-        float * o = out + r * out_row_stride;
-        if (cb_type == CARVQ_CODEBOOK_F16) {
-            carvq_groups_scalar(&gm, crow, hot_codebooks, o, 0, 1, 1);
-        } else {
-            carvq_groups_scalar(&gm, crow, hot_codebooks, o, 0, 0, 1);
+    const int64_t T = l->hot_tiers >= 2 ? l->hot_tiers : 1;
+    const int64_t tier_cb_bytes = gm.G * l->hot_levels * l->codebook_size * l->group_size *
+            (cb_type == CARVQ_CODEBOOK_F16 ? 2 : 4);
+    for (int64_t t = 0, start = 0; t < T; start += carvq_tier_rows(l, t), ++t) {
+        const int64_t rows = carvq_tier_rows(l, t);
+        const void * cb = (const uint8_t *) hot_codebooks + t * tier_cb_bytes;
+        for (int64_t r = first; r < last; ++r) {
+            const int64_t j = carvq_hot_find(hot_ids + start, rows, ids[r]);
+            if (j < 0) {
+                continue;
+            }
+            const uint8_t * crow = hot_codes + (start + j) * gm.B;
+            float * o = out + r * out_row_stride;
+            carvq_groups_scalar(&gm, crow, cb, o, 0, cb_type == CARVQ_CODEBOOK_F16, 1);
         }
     }
 }

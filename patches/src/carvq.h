@@ -1,4 +1,4 @@
-// carvq.h - decoder for CARVQ-compressed token embeddings (docs/FORMAT.md, versions 1 to 3)
+// carvq.h - decoder for CARVQ-compressed token embeddings (docs/FORMAT.md, versions 1 to 4)
 //
 // Self-contained: C11 + libc only, no ggml / llama.cpp dependency, so it can be unit-tested
 // on its own and called from a ggml custom op (each of nth threads decodes a slice of rows).
@@ -36,8 +36,9 @@
 extern "C" {
 #endif
 
-#define CARVQ_FORMAT_VERSION     3 // newest version; every version from CARVQ_MIN_FORMAT_VERSION is read
-                                   // (3 = 2 + the output head's optional screen index, docs/SCREEN.md)
+#define CARVQ_FORMAT_VERSION     4 // newest version; every version from CARVQ_MIN_FORMAT_VERSION is read
+                                   // (3 = 2 + the output head's optional screen index, docs/SCREEN.md;
+                                   //  4 = 3 + hot rows in tiers)
 #define CARVQ_MIN_FORMAT_VERSION 1 // version 1 = version 2 without hot rows
 
 // general.architecture values a CARVQ file may name (FORMAT.md "Architectures"): the graphs
@@ -51,9 +52,10 @@ extern "C" {
 #define CARVQ_MAX_CODEBOOK_SIZE   16
 #define CARVQ_MAX_ADAPTOR_RANK  1024
 #define CARVQ_MAX_ADAPTOR_HIDDEN 65536
+#define CARVQ_MAX_HOT_TIERS        8
 
-// Shape parameters of one CARVQ embedding. Field order is part of the ABI (56 bytes, 4 of
-// them tail padding; checked with static_assert in carvq.c).
+// Shape parameters of one CARVQ embedding. Field order is part of the ABI (120 bytes; checked
+// with static_assert in carvq.c).
 struct carvq_layout {
     int64_t n_vocab;         // V
     int64_t n_embd;          // n
@@ -65,6 +67,10 @@ struct carvq_layout {
     int32_t adaptor_hidden;  // h, 0..65536, 0 iff m == 0
     int64_t hot_rows;        // N, 0..V: rows with extra levels (version 2; 0 in version 1)
     int32_t hot_levels;      // Lh, 0..16, 0 iff N == 0
+    int32_t hot_tiers;       // T: 0 or 1 = the N hot rows are one tier; 2..8 (version 4): they are
+                             // T consecutive tiers, tier t of hot_tier_rows[t] >= 1 rows (sum N),
+                             // each with Lh levels and codebooks of its own
+    int64_t hot_tier_rows[8]; // CARVQ_MAX_HOT_TIERS entries; only the first T are read
 };
 
 // element type of token_embd.carvq.codebooks (values match nothing in ggml on purpose)
@@ -93,7 +99,7 @@ int64_t carvq_layout_codebooks_nbytes(const struct carvq_layout * l, enum carvq_
 int carvq_layout_codes_ne    (const struct carvq_layout * l, int64_t ne[2]);
 int carvq_layout_codebooks_ne(const struct carvq_layout * l, int64_t ne[4]);
 // hot rows (only meaningful when N > 0): hot_ids ne = { N }, hot_codes ne = { Bh, N } with
-// Bh = ceil(G*Lh / 2), hot_codebooks ne = { d, K, Lh, G }.
+// Bh = ceil(G*Lh / 2), hot_codebooks ne = { d, K, Lh, T*G } (T = 1 unless hot_tiers >= 2).
 int carvq_layout_hot_codes_ne    (const struct carvq_layout * l, int64_t ne[2]);
 int carvq_layout_hot_codebooks_ne(const struct carvq_layout * l, int64_t ne[4]);
 
@@ -103,8 +109,8 @@ int carvq_layout_hot_codebooks_ne(const struct carvq_layout * l, int64_t ne[4]);
 // odd G*L, the padding nibble of a row's last byte is not zero; err names the first bad row.
 int carvq_codes_check(const struct carvq_layout * l, const uint8_t * codes, char * err, size_t err_size);
 
-// With N hot rows: non-zero unless hot_ids are strictly increasing ids in 0..V-1 and every
-// hot code (N * Bh bytes) is < K with zero padding nibbles; err names the first bad entry.
+// With N hot rows: non-zero unless each tier's hot_ids are strictly increasing ids in 0..V-1
+// and every hot code (N * Bh bytes) is < K with zero padding nibbles; err names the first bad entry.
 int carvq_hot_check(const struct carvq_layout * l, const int32_t * hot_ids, const uint8_t * hot_codes,
         char * err, size_t err_size);
 
@@ -151,11 +157,12 @@ void carvq_rows_decode_scalar(
         int64_t          first,
         int64_t          last);
 
-// Hot part of the decode, after carvq_rows_decode on the same rows: each row r in
-// [first, last) whose token is a hot row j (hot_ids[j] == ids[r], found by binary search)
-// continues its sums with the hot levels: out = ((out + h_0) + h_1) + ... + h_{Lh-1}, in
-// float32, bit-exact with src/carvq/reference.py add_hot. Other rows are left alone; a no-op
-// when N == 0. Same preconditions as carvq_rows_decode, plus carvq_hot_check.
+// Hot part of the decode, after carvq_rows_decode on the same rows: for each tier in order,
+// each row r in [first, last) whose token is a row j of the tier (found by binary search in
+// the tier's slice of hot_ids) continues its sums with the tier's levels:
+// out = ((out + h_0) + h_1) + ... + h_{Lh-1}, in float32, bit-exact with
+// src/carvq/reference.py add_hot. Other rows are left alone; a no-op when N == 0. Same
+// preconditions as carvq_rows_decode, plus carvq_hot_check.
 void carvq_rows_hot_add(
         const struct carvq_layout * l,
         const int32_t  * hot_ids,

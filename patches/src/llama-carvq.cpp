@@ -37,7 +37,7 @@
 #define CARVQ_HEAD_ROWS_PREAD 1 // the head's rows read with pread (llama_carvq_head_rows)
 #endif
 
-static_assert(sizeof(carvq_layout) == 56, "carvq_layout is part of the decoder ABI");
+static_assert(sizeof(carvq_layout) == 120, "carvq_layout is part of the decoder ABI");
 
 // The carvq.* metadata keys of docs/FORMAT.md (src/carvq/format.py, class Key), in one place.
 namespace carvq_key {
@@ -50,6 +50,7 @@ namespace carvq_key {
     constexpr const char * ACTIVATION     = "carvq.adaptor_activation";
     constexpr const char * HOT_ROWS       = "carvq.hot_rows";
     constexpr const char * HOT_LEVELS     = "carvq.hot_levels";
+    constexpr const char * HOT_TIERS      = "carvq.hot_tiers";
     constexpr const char * HEAD_COPY      = "carvq.head_copy";
     // the output head's screen index (version 3)
     constexpr const char * SCREEN_GROUP_SIZE    = "carvq.screen.group_size";
@@ -68,6 +69,32 @@ static uint32_t carvq_key_u32(const gguf_context * meta, const char * key) {
         throw std::runtime_error(format("CARVQ: metadata key %s is not a UINT32", key));
     }
     return gguf_get_val_u32(meta, id);
+}
+
+// carvq.hot_tiers (version 4, optional): the hot rows' tier sizes into rows[], their count
+// returned; 0 when the key is absent (one tier). carvq_layout_check checks the values.
+static int32_t carvq_key_tiers(const gguf_context * meta, int32_t version, int64_t rows[CARVQ_MAX_HOT_TIERS]) {
+    const int64_t id = gguf_find_key(meta, carvq_key::HOT_TIERS);
+    if (id < 0) {
+        return 0;
+    }
+    if (version < 4) {
+        throw std::runtime_error(format("CARVQ: metadata key %s needs carvq.format_version 4, the file says %d",
+                                        carvq_key::HOT_TIERS, version));
+    }
+    if (gguf_get_kv_type(meta, id) != GGUF_TYPE_ARRAY || gguf_get_arr_type(meta, id) != GGUF_TYPE_UINT32) {
+        throw std::runtime_error(format("CARVQ: metadata key %s is not an array of UINT32", carvq_key::HOT_TIERS));
+    }
+    const size_t n = gguf_get_arr_n(meta, id);
+    if (n < 1 || n > CARVQ_MAX_HOT_TIERS) {
+        throw std::runtime_error(format("CARVQ: metadata key %s has %zu entries, outside 1..%d", carvq_key::HOT_TIERS, n,
+                                        CARVQ_MAX_HOT_TIERS));
+    }
+    const uint32_t * data = (const uint32_t *) gguf_get_arr_data(meta, id);
+    for (size_t t = 0; t < n; ++t) {
+        rows[t] = data[t];
+    }
+    return (int32_t) n;
 }
 
 static std::string carvq_key_str(const gguf_context * meta, const char * key) {
@@ -448,6 +475,7 @@ void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml,
     if (l.format_version >= 2) {
         l.hot_rows   = carvq_key_u32(meta, carvq_key::HOT_ROWS);
         l.hot_levels = (int32_t) std::min<uint32_t>(carvq_key_u32(meta, carvq_key::HOT_LEVELS), INT32_MAX);
+        l.hot_tiers  = carvq_key_tiers(meta, l.format_version, l.hot_tier_rows);
     }
 
     char err[256];
@@ -512,10 +540,11 @@ void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml,
     }
     carvq_load_screen_index(model, ml, carvq);
     carvq_open_head_rows(ml, carvq);
-    LLAMA_LOG_INFO("%s: CARVQ embedding v%d: d=%d L=%d K=%d, adaptor m=%d h=%d (%s), %lld hot rows +%d levels, "
-                   "decoder path %s\n", __func__,
+    LLAMA_LOG_INFO("%s: CARVQ embedding v%d: d=%d L=%d K=%d, adaptor m=%d h=%d (%s), %lld hot rows +%d levels "
+                   "in %d tier(s), decoder path %s\n", __func__,
                    l.format_version, l.group_size, l.levels, l.codebook_size, l.adaptor_rank, l.adaptor_hidden,
                    l.adaptor_rank ? act.c_str() : "none", (long long) l.hot_rows, l.hot_levels,
+                   l.hot_tiers >= 2 ? l.hot_tiers : 1,
                    carvq_simd_name(carvq.codebooks->type == GGML_TYPE_F16 ? CARVQ_CODEBOOK_F16 : CARVQ_CODEBOOK_F32));
 }
 
@@ -585,6 +614,13 @@ void llama_carvq_check_data(llama_carvq & carvq, const llama_model_loader & ml) 
         sc.hot_ids = carvq.hot_ids;
         sc.hot_codes = carvq.hot_codes;
         sc.hot_codebooks = carvq.hot_codebooks;
+        if (sc.layout.hot_tiers >= 2) {
+            // the scan reads one sorted hot set: tiered hot rows screen with their shared levels only
+            sc.layout.hot_rows = 0;
+            sc.layout.hot_levels = 0;
+            sc.layout.hot_tiers = 0;
+            sc.hot_ids = sc.hot_codes = sc.hot_codebooks = nullptr;
+        }
     } else {
         sc.head_rows.reset();
         return; // an untied source's head is its own matrix: the lookup's codes do not index it

@@ -24,6 +24,7 @@ def _cmd_convert(args) -> int:
     report = convert(args.input, args.output, base, target_bpw=args.target_bpw, iters=args.iters, seed=args.seed,
                      calibration=args.calibration, head_type=args.head_type, hf_outtype=args.hf_outtype,
                      body_type=args.body_type, progress=not args.quiet, force=args.force, tune_steps=args.tune_steps, prior=args.prior,
+                     trim_to=args.trim_to, tier_floor=args.tier_floor,
                      screen=None if not args.screen_index else Config(group_size=args.screen_group_size,
                                                                      levels=args.screen_levels,
                                                                      hot_bpw=args.screen_hot_bpw))
@@ -218,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "last) (default: model)")
     c.add_argument("--head-type", help="type of the output.weight written for a tied model (default: Q5_0, or a byte "
                                        "copy of the source embedding when that is as small); the source type keeps the head exact")
+    c.add_argument("--trim-to", type=float, metavar="BPW",
+                   help="then trim the fit to this lookup bpw in hot tiers (format v4): every row keeps between "
+                        "--tier-floor levels and the fit's own, the levels going where they lower the token-weighted "
+                        "error most (e.g. --levels 4 --trim-to 1.6: frequent rows keep deep levels, rare rows 2)")
+    c.add_argument("--tier-floor", type=int,
+                   help="with --trim-to: levels every row keeps (default: the fit's levels minus 2, at least 1)")
     c.add_argument("--tune-steps", type=int, default=0,
                    help="then tune the codebooks end to end: this many Adam steps (256 calibration tokens each) on the KL "
                         "divergence between the source model and the model reading the CARVQ lookup, through the frozen "

@@ -16,12 +16,13 @@ import numpy as np
 from carvq import gguf_io as gio
 from carvq.errors import CarvqError
 
-FORMAT_VERSION = 2  # what the writer writes for a file without a screen index
-SCREEN_FORMAT_VERSION = 3  # ... and with one (version 3 = version 2 + the optional screen index)
+FORMAT_VERSION = 2  # what the writer writes for a file without a screen index or hot tiers
+SCREEN_FORMAT_VERSION = 3  # ... with a screen index (version 3 = version 2 + the optional screen index)
+TIERS_FORMAT_VERSION = 4  # ... with hot rows in tiers (version 4 = version 3 + carvq.hot_tiers)
 # general.architecture values a CARVQ file may name (FORMAT.md "Architectures"; carvq.h's
 # CARVQ_ARCHITECTURES): graphs that read the input embedding only through build_inp_embd
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
-READABLE_VERSIONS = (1, 2, 3)  # version 1 is version 2 without hot rows
+READABLE_VERSIONS = (1, 2, 3, 4)  # version 1 is version 2 without hot rows
 
 # limits (FORMAT.md "Metadata keys"; carvq.h CARVQ_MAX_*)
 MAX_LEVELS = 16  # L and Lh
@@ -30,6 +31,7 @@ MAX_CODEBOOK_SIZE = 16  # K: codes are 4-bit
 MAX_ADAPTOR_RANK = 1024
 MAX_ADAPTOR_HIDDEN = 65536
 ACTIVATIONS = ("relu", "silu", "gelu")
+MAX_HOT_TIERS = 8
 
 PREFIX = "token_embd.carvq."
 SCREEN_PREFIX = "output.carvq."  # the screen index of the output head (version 3, docs/SCREEN.md)
@@ -51,6 +53,7 @@ class Key:
     HEAD_BPW = "carvq.head_bpw"
     HOT_ROWS = "carvq.hot_rows"
     HOT_LEVELS = "carvq.hot_levels"
+    HOT_TIERS = "carvq.hot_tiers"
 
 
 class ScreenKey:
@@ -105,6 +108,8 @@ class Layout:
     activation: str = "none"
     hot_rows: int = 0  # N: rows with extra residual levels (version 2)
     hot_levels: int = 0  # Lh
+    # rows of each tier when the hot rows are T >= 2 consecutive tiers (version 4), else ()
+    hot_tiers: tuple[int, ...] = ()
 
     @property
     def n_groups(self) -> int:
@@ -121,6 +126,15 @@ class Layout:
     @property
     def hot_code_row_bytes(self) -> int:  # Bh
         return (self.n_groups * self.hot_levels + 1) // 2
+
+    @property
+    def tier_rows(self) -> tuple[int, ...]:
+        """Rows of each hot tier: the one tier of N rows unless hot_tiers says otherwise."""
+        return tuple(self.hot_tiers) if self.hot_tiers else ((self.hot_rows,) if self.hot_rows else ())
+
+    def tier_starts(self) -> list[int]:
+        """Index in hot_ids of each tier's first row."""
+        return [sum(self.tier_rows[:t]) for t in range(len(self.tier_rows))]
 
     def hot_layout(self) -> "Layout":
         """The hot levels seen as an RVQ of their own over the N hot rows (for packing)."""
@@ -142,10 +156,17 @@ class Layout:
             raise CarvqError("adaptor rank and hidden width must both be zero or both non-zero")
         if self.adaptor_rank and self.activation not in ACTIVATIONS:
             raise CarvqError(f"unknown adaptor activation {self.activation!r}")
-        if not 0 <= self.hot_rows <= self.n_vocab or not 0 <= self.hot_levels <= MAX_LEVELS:
+        # a row may be in every tier: N is at most T*V
+        if not 0 <= self.hot_rows <= self.n_vocab * max(1, len(self.hot_tiers)) or not 0 <= self.hot_levels <= MAX_LEVELS:
             raise CarvqError(f"hot rows {self.hot_rows} or hot levels {self.hot_levels} out of range")
         if (self.hot_rows == 0) != (self.hot_levels == 0):
             raise CarvqError("hot rows and hot levels must both be zero or both non-zero")
+        if self.hot_tiers:
+            if not 1 <= len(self.hot_tiers) <= MAX_HOT_TIERS:
+                raise CarvqError(f"{len(self.hot_tiers)} hot tiers, outside 1..{MAX_HOT_TIERS}")
+            if min(self.hot_tiers) < 1 or sum(self.hot_tiers) != self.hot_rows:
+                raise CarvqError(f"hot tiers {list(self.hot_tiers)}: each needs a row, and together the "
+                                 f"{self.hot_rows} hot rows")
 
 
 @dataclass
@@ -161,9 +182,9 @@ class CarvqTensors:
     up_b: np.ndarray | None = None  # (h,) float32
     down_w: np.ndarray | None = None  # (n, h)
     down_b: np.ndarray | None = None  # (n,) float32
-    hot_ids: np.ndarray | None = None  # (N,) int32, strictly increasing
+    hot_ids: np.ndarray | None = None  # (N,) int32, strictly increasing within each tier
     hot_codes: np.ndarray | None = None  # (N, Bh) uint8, packed
-    hot_codebooks: np.ndarray | None = None  # (G, Lh, K, d), the codebooks' type
+    hot_codebooks: np.ndarray | None = None  # (T*G, Lh, K, d), the codebooks' type; tier t's are rows t*G..
 
     screen: "ScreenIndex | None" = None  # the output head's own index (version 3)
 
@@ -270,10 +291,29 @@ def read_layout(reader) -> Layout:
         activation=str(_key(reader, Key.ACTIVATION, "STRING")),
         hot_rows=u32(Key.HOT_ROWS) if version >= 2 else 0,  # required from version 2 on
         hot_levels=u32(Key.HOT_LEVELS) if version >= 2 else 0,
+        hot_tiers=_hot_tiers(reader, version),
     )
     layout.check()
     _check_model_shape(reader, arch, layout)
     return layout
+
+
+def _hot_tiers(reader, version: int) -> tuple[int, ...]:
+    """carvq.hot_tiers (version 4, optional): an array of UINT32 tier sizes; () when absent."""
+    import gguf
+
+    field = reader.get_field(Key.HOT_TIERS)
+    if field is None:
+        return ()
+    if version < TIERS_FORMAT_VERSION:
+        raise CarvqError(f"CARVQ metadata key {Key.HOT_TIERS} needs carvq.format_version {TIERS_FORMAT_VERSION}, "
+                         f"the file says {version}")
+    if field.types[:2] != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32]:
+        raise CarvqError(f"CARVQ metadata key {Key.HOT_TIERS} is not an array of UINT32")
+    rows = tuple(int(x) for x in field.contents())
+    if not 1 <= len(rows) <= MAX_HOT_TIERS:
+        raise CarvqError(f"CARVQ metadata key {Key.HOT_TIERS} has {len(rows)} entries, outside 1..{MAX_HOT_TIERS}")
+    return rows
 
 
 def _check_model_shape(reader, arch: str, layout: Layout) -> None:
@@ -339,17 +379,26 @@ def _read_rvq(reader, lo: Layout, name, hot_key: str) -> CarvqTensors:
     found = CarvqTensors(lo, codes, codebooks)
     if lo.hot_rows:
         hot_ids = _expect(reader, name(Tensor.HOT_IDS), ("I32",), (lo.hot_rows,))
-        if hot_ids.min() < 0 or hot_ids.max() >= lo.n_vocab or (np.diff(hot_ids.astype(np.int64)) <= 0).any():
-            raise CarvqError(f"CARVQ tensor {name(Tensor.HOT_IDS)} must hold strictly increasing token ids in 0..{lo.n_vocab - 1}")
+        check_hot_ids(hot_ids, lo, name(Tensor.HOT_IDS))
         found.hot_ids = hot_ids
         found.hot_codes = _expect(reader, name(Tensor.HOT_CODES), ("I8",), (lo.hot_rows, lo.hot_code_row_bytes)).view(np.uint8)
         check_codes(found.hot_codes, lo.n_groups * lo.hot_levels, lo.codebook_size, name(Tensor.HOT_CODES))
         found.hot_codebooks = _expect(reader, name(Tensor.HOT_CODEBOOKS),
                                       (gio.tensor_by_name(reader, name(Tensor.CODEBOOKS)).tensor_type.name,),
-                                      (lo.n_groups, lo.hot_levels, lo.codebook_size, lo.group_size))
+                                      (len(lo.tier_rows) * lo.n_groups, lo.hot_levels, lo.codebook_size, lo.group_size))
     else:
         _refuse_stray(reader, [name(t) for t in Tensor.HOT], f"{hot_key} is 0")
     return found
+
+
+def check_hot_ids(hot_ids: np.ndarray, lo: Layout, name: str) -> None:
+    """Each tier's slice of hot_ids strictly increasing, every id in 0..V-1 (carvq_hot_check)."""
+    ids = np.asarray(hot_ids, np.int64)
+    for start, rows in zip(lo.tier_starts(), lo.tier_rows):
+        tier = ids[start:start + rows]
+        if tier.min() < 0 or tier.max() >= lo.n_vocab or (np.diff(tier) <= 0).any():
+            raise CarvqError(f"CARVQ tensor {name} must hold strictly increasing token ids in 0..{lo.n_vocab - 1}"
+                             + (" within each tier" if len(lo.tier_rows) > 1 else ""))
 
 
 def read_tensors(source) -> CarvqTensors:
@@ -441,7 +490,11 @@ def check_finite(tensors: CarvqTensors | ScreenIndex) -> None:
 
 def add_metadata(writer, layout: Layout, provenance: Provenance, screen: ScreenIndex | None = None) -> None:
     """The carvq.* keys of FORMAT.md, into a gguf.GGUFWriter."""
-    writer.add_uint32(Key.VERSION, FORMAT_VERSION if screen is None else SCREEN_FORMAT_VERSION)
+    import gguf
+
+    tiered = len(layout.tier_rows) > 1
+    version = TIERS_FORMAT_VERSION if tiered else FORMAT_VERSION if screen is None else SCREEN_FORMAT_VERSION
+    writer.add_uint32(Key.VERSION, version)
     writer.add_uint32(Key.GROUP_SIZE, layout.group_size)
     writer.add_uint32(Key.LEVELS, layout.levels)
     writer.add_uint32(Key.CODEBOOK_SIZE, layout.codebook_size)
@@ -454,6 +507,9 @@ def add_metadata(writer, layout: Layout, provenance: Provenance, screen: ScreenI
     writer.add_float32(Key.HEAD_BPW, provenance.head_bpw)
     writer.add_uint32(Key.HOT_ROWS, layout.hot_rows)
     writer.add_uint32(Key.HOT_LEVELS, layout.hot_levels)
+    if tiered:
+        writer.add_key_value(Key.HOT_TIERS, list(layout.tier_rows), gguf.GGUFValueType.ARRAY,
+                             sub_type=gguf.GGUFValueType.UINT32)
     if screen is not None:
         sl = screen.rvq.layout
         writer.add_uint32(ScreenKey.GROUP_SIZE, sl.group_size)

@@ -55,21 +55,24 @@ def decode_rvq(layout: Layout, codes_packed: np.ndarray, codebooks: np.ndarray, 
 
 
 def add_hot(layout: Layout, hot_ids, hot_codes_packed, hot_codebooks, token_ids, out: np.ndarray) -> None:
-    """Hot part of the decode, in place: for each id that is a hot row, continue the RVQ sum
-    in `out` with its hot levels, level 0 first."""
+    """Hot part of the decode, in place: for each tier in order, each id that is one of the
+    tier's rows continues the RVQ sum in `out` with the tier's levels, level 0 first."""
     if not layout.hot_rows:
         return
     ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-    hot_ids = np.asarray(hot_ids, dtype=np.int64)
-    pos = np.searchsorted(hot_ids, ids)
-    found = (pos < hot_ids.size) & (hot_ids[np.minimum(pos, hot_ids.size - 1)] == ids)
-    if not found.any():
-        return
-    codes = unpack_codes(np.asarray(hot_codes_packed).view(np.uint8)[pos[found]], layout.hot_layout())
-    if codes.max() >= layout.codebook_size:
-        raise CarvqError("hot code outside the codebook")
-    acc = out[found].reshape(-1, layout.n_groups, layout.group_size).astype(np.float32)
-    out[found] = sum_levels(hot_codebooks, codes, acc).reshape(-1, layout.n_embd)
+    all_ids = np.asarray(hot_ids, dtype=np.int64)
+    G = layout.n_groups
+    for t, (start, rows) in enumerate(zip(layout.tier_starts(), layout.tier_rows)):
+        tier = all_ids[start:start + rows]
+        pos = np.searchsorted(tier, ids)
+        found = (pos < tier.size) & (tier[np.minimum(pos, tier.size - 1)] == ids)
+        if not found.any():
+            continue
+        codes = unpack_codes(np.asarray(hot_codes_packed).view(np.uint8)[start + pos[found]], layout.hot_layout())
+        if codes.max() >= layout.codebook_size:
+            raise CarvqError("hot code outside the codebook")
+        acc = out[found].reshape(-1, G, layout.group_size).astype(np.float32)
+        out[found] = sum_levels(np.asarray(hot_codebooks)[t * G:(t + 1) * G], codes, acc).reshape(-1, layout.n_embd)
 
 
 def decode_adaptor(layout: Layout, sigma0, up_w, up_b, down_w, down_b, token_ids) -> np.ndarray:

@@ -1,0 +1,134 @@
+"""Hot rows in tiers (format version 4): each row keeps as many levels of a deeper fit as it earns.
+
+A fit gives every row L levels and its N hottest rows Lh more. Trimming keeps `floor` levels
+for every row and hands out the rest one level at a time, to the rows where the level lowers
+the token-weighted error most, until the byte budget is spent. Level k of the fit becomes hot
+tier k - floor: the rows that kept it, with its codebook. Rows keep a prefix of their levels
+and tiers are decoded in order, so a trimmed row decodes exactly as the fit's first levels.
+
+Measured (docs/RESULTS.md, session 12): at 1.6 bpw on Gemma-3, trimming an L4 +2 fit to
+floor 2 lowered KLD from 0.168 (L3 +2) to 0.124; at 2.1, an L5 +4 fit trimmed to floor 3
+from 0.094 (L4 +2) to 0.058. Frequent rows earn deep levels and rare rows give theirs up.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import replace
+
+import numpy as np
+
+from carvq import format as fmt
+from carvq.errors import CarvqError
+from carvq.format import CarvqTensors, pack_codes, unpack_codes
+from carvq.gguf_io import row_chunks
+from carvq.reference import sum_levels
+
+
+def _all_levels(t: CarvqTensors) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes (V, G, D) with D = L + Lh, codebooks (G, D, K, d) float32, depth (V,)): every
+    row's level sequence, the hot levels after the shared ones; a row has depth levels."""
+    lo = t.layout
+    if len(lo.tier_rows) > 1:
+        raise CarvqError("the fit to trim already has hot tiers")
+    V, G, L, Lh = lo.n_vocab, lo.n_groups, lo.levels, lo.hot_levels
+    codes = np.zeros((V, G, L + Lh), np.uint8)
+    codes[:, :, :L] = unpack_codes(t.codes, lo)
+    depth = np.full(V, L, np.int64)
+    cb = np.asarray(t.codebooks, np.float32)
+    if lo.hot_rows:
+        ids = np.asarray(t.hot_ids, np.int64)
+        codes[ids, :, L:] = unpack_codes(t.hot_codes, lo.hot_layout())
+        depth[ids] += Lh
+        cb = np.concatenate([cb, np.asarray(t.hot_codebooks, np.float32)], axis=1)
+    return codes, cb, depth
+
+
+def _prefix_errors(M: np.ndarray, codes: np.ndarray, cb: np.ndarray, depth: np.ndarray, floor: int) -> np.ndarray:
+    """err[r, j] = ||M_r - (first floor + j levels of row r)||^2, inf past the row's depth."""
+    V, G, D = codes.shape
+    d = cb.shape[3]
+    err = np.full((V, D - floor + 1), np.inf)
+    for a, b in row_chunks(V):
+        target = np.asarray(M[a:b], np.float32).reshape(b - a, G, d)
+        acc = sum_levels(cb[:, :floor], codes[a:b, :, :floor])
+        err[a:b, 0] = ((target - acc) ** 2).sum((1, 2))
+        for k in range(floor, D):
+            acc = sum_levels(cb[:, k:k + 1], codes[a:b, :, k:k + 1], acc)
+            err[a:b, k - floor + 1] = np.where(depth[a:b] > k, ((target - acc) ** 2).sum((1, 2)), np.inf)
+    return err
+
+
+def allocate(err: np.ndarray, w: np.ndarray, increments: int) -> np.ndarray:
+    """Extra levels per row (0..D-floor): `increments` levels in all, each to the row whose next
+    level lowers w * error most (a row's levels stay a prefix). Rows gain only while it helps."""
+    V = err.shape[0]
+    extra = np.zeros(V, np.int64)
+    gain = w * (err[:, 0] - err[:, 1]) if err.shape[1] > 1 else np.zeros(V)
+    heap = [(-g, r) for r, g in enumerate(gain.tolist()) if g > 0]
+    heapq.heapify(heap)
+    while heap and increments > 0:
+        _, r = heapq.heappop(heap)
+        extra[r] += 1
+        increments -= 1
+        k = extra[r]
+        if k + 1 < err.shape[1]:
+            g = w[r] * (err[r, k] - err[r, k + 1])
+            if g > 0:
+                heapq.heappush(heap, (-g, r))
+    return extra
+
+
+def trim(t: CarvqTensors, M: np.ndarray, w: np.ndarray, floor: int, budget_bytes: float) -> tuple[CarvqTensors, str]:
+    """The fit `t` with every row cut to between `floor` levels and its own depth, by measured
+    gain, within `budget_bytes` of lookup tensors; and a line saying what it kept."""
+    lo = t.layout
+    if lo.adaptor_rank:
+        raise CarvqError("--trim-to works on fits without an adaptor")
+    if not 1 <= floor < lo.levels:
+        raise CarvqError(f"--tier-floor {floor}: must be at least 1 and below the fit's {lo.levels} levels")
+    codes, cb, depth = _all_levels(t)
+    V, G, D = codes.shape
+    tiers = D - floor
+    if tiers > fmt.MAX_HOT_TIERS:
+        raise CarvqError(f"trimming {lo.levels} +{lo.hot_levels} levels to a floor of {floor} makes {tiers} hot tiers; "
+                         f"a file holds at most {fmt.MAX_HOT_TIERS} (raise --tier-floor)")
+    K, d = lo.codebook_size, lo.group_size
+    cb_item = np.asarray(t.codebooks).dtype.itemsize
+    fixed = V * ((G * floor + 1) // 2) + (floor + tiers) * G * K * d * cb_item
+    per_level = (G + 1) // 2 + 4  # a tier row: its id and one level of codes
+    increments = int((budget_bytes - fixed) // per_level)
+    if increments < 0:
+        raise CarvqError(f"--trim-to leaves {budget_bytes - fixed:.0f} bytes below the floor's {floor} levels: raise it "
+                         "or lower --tier-floor")
+    err = _prefix_errors(M, codes, cb, depth, floor)
+    levels = floor + allocate(err, np.asarray(w, np.float64), increments)
+
+    sizes, tier_ids, tier_codes, tier_cbs = [], [], [], []
+    for k in range(floor, D):
+        rows = np.nonzero(levels > k)[0]
+        if rows.size == 0:
+            break  # levels are prefixes: every later tier is empty too
+        sizes.append(int(rows.size))
+        tier_ids.append(rows.astype(np.int32))
+        tier_codes.append(pack_codes(codes[rows, :, k:k + 1]))
+        tier_cbs.append(cb[:, k:k + 1])
+    cb_type = np.asarray(t.codebooks).dtype
+    layout = replace(lo, levels=floor, hot_rows=sum(sizes), hot_levels=1 if sizes else 0,
+                     hot_tiers=tuple(sizes) if len(sizes) > 1 else ())
+    out = CarvqTensors(layout, pack_codes(codes[:, :, :floor]), np.ascontiguousarray(cb[:, :floor]).astype(cb_type))
+    if sizes:
+        out.hot_ids = np.concatenate(tier_ids)
+        out.hot_codes = np.concatenate(tier_codes)
+        out.hot_codebooks = np.concatenate(tier_cbs).astype(cb_type)  # (T*G, 1, K, d): tier-major
+    layout.check()
+    hist = np.bincount(levels, minlength=D + 1)[floor:]
+    kept = ", ".join(f"{n:,} with {floor + j}" for j, n in enumerate(hist.tolist()) if n)
+    return out, (f"hot tiers: every row keeps {floor} to {D} of the fit's {lo.levels} +{lo.hot_levels} levels by "
+                 f"measured gain ({kept} levels; {len(sizes)} tiers)")
+
+
+def part_bytes(t: CarvqTensors) -> dict[str, int]:
+    """Bytes of each tensor group as written (the report's parts, from the tensors themselves)."""
+    nb = lambda *arrs: sum(int(np.asarray(a).nbytes) for a in arrs if a is not None)  # noqa: E731
+    return {"codes": nb(t.codes), "codebooks": nb(t.codebooks), "sigma0": nb(t.sigma0),
+            "mlp": nb(t.up_w, t.up_b, t.down_w, t.down_b), "hot": nb(t.hot_ids, t.hot_codes, t.hot_codebooks)}

@@ -1,0 +1,155 @@
+"""Hot rows in tiers (format version 4, converter/tiers.py): trimming a fit, the file, the readers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from carvq import format as fmt
+from carvq import reference
+from carvq.errors import CarvqError
+
+
+@pytest.fixture(scope="module")
+def fit():
+    """A fit with 4 levels and 300 hot rows with 2 more, of a random matrix, and its weights."""
+    from carvq.converter import train
+    from carvq.converter.config import Config
+
+    rng = np.random.default_rng(3)
+    V, n = 4000, 32
+    M = rng.standard_normal((V, n)).astype(np.float32)
+    w = 1.0 / (1.0 + rng.permutation(V)) ** 1.1  # Zipf-like, not in id order
+    cfg = Config(group_size=8, levels=4, hot_rows=300, hot_levels=2, hot_bpw=0.0)
+    return M, w, train.compress(M, w, cfg, 1, 0, progress=False).tensors
+
+
+def _prefix_decode(t: fmt.CarvqTensors, levels: np.ndarray) -> np.ndarray:
+    """Each row r as the sum of the first levels[r] levels of the untrimmed fit t."""
+    from carvq.converter.tiers import _all_levels
+
+    codes, cb, _ = _all_levels(t)
+    V, G, D = codes.shape
+    out = np.zeros((V, G, cb.shape[3]), np.float32)
+    for k in range(D):
+        rows = np.nonzero(levels > k)[0]
+        out[rows] = reference.sum_levels(cb[:, k:k + 1], codes[rows, :, k:k + 1], out[rows])
+    return out.reshape(V, -1)
+
+
+def test_trimmed_rows_decode_as_the_fits_first_levels(fit):
+    from carvq.converter import tiers
+
+    M, w, t = fit
+    V, n = M.shape
+    trimmed, how = tiers.trim(t, M, w, 2, 2.4 * V * n / 8)
+    lo = trimmed.layout
+    assert lo.levels == 2 and lo.hot_levels == 1 and len(lo.tier_rows) == 4, how  # levels 3, 4 and the two hot ones
+    assert "tiers" in how
+    # tiers are nested: the rows of tier k + 1 are rows of tier k
+    starts = lo.tier_starts()
+    sets = [set(trimmed.hot_ids[s:s + r].tolist()) for s, r in zip(starts, lo.tier_rows)]
+    assert all(b <= a for a, b in zip(sets, sets[1:]))
+    levels = np.full(V, 2)
+    for s in sets:
+        levels[list(s)] += 1
+    got = reference.decode(trimmed, np.arange(V))
+    assert np.array_equal(got, _prefix_decode(t, levels)), "a trimmed row must decode bit for bit as its prefix"
+    # within the budget, the bytes counted from the tensors
+    parts = tiers.part_bytes(trimmed)
+    assert 8 * sum(parts.values()) / (V * n) <= 2.4
+    # frequent rows keep more levels than rare ones on average
+    heavy = np.argsort(-w)[:300]
+    assert levels[heavy].mean() > levels.mean() + 0.5
+
+
+def test_more_budget_never_hurts_the_weighted_error(fit):
+    from carvq.converter import tiers
+
+    M, w, t = fit
+    V, n = M.shape
+    errs = []
+    for bpw in (1.5, 2.0, 2.5, 3.0):
+        trimmed, _ = tiers.trim(t, M, w, 2, bpw * V * n / 8)
+        errs.append(float((w * ((M - reference.decode(trimmed, np.arange(V))) ** 2).sum(1)).sum()))
+    assert errs == sorted(errs, reverse=True), errs
+
+
+def test_trim_refuses_what_it_cannot_do(fit):
+    from carvq.converter import tiers
+
+    M, w, t = fit
+    V, n = M.shape
+    with pytest.raises(CarvqError, match="tier-floor 4"):
+        tiers.trim(t, M, w, 4, 2.0 * V * n / 8)
+    with pytest.raises(CarvqError, match="below the floor"):
+        tiers.trim(t, M, w, 3, 1.0 * V * n / 8)
+    # 12 levels trimmed to a floor of 2 would be 10 tiers: more than a file holds
+    lo = fmt.Layout(V, n, 8, 12, 16)
+    deep = fmt.CarvqTensors(lo, fmt.pack_codes(np.zeros((V, n // 8, 12), np.uint8)), np.zeros((n // 8, 12, 16, 8), np.float32))
+    with pytest.raises(CarvqError, match="at most 8"):
+        tiers.trim(deep, M, w, 2, 9.0 * V * n / 8)
+
+
+def test_tiered_file_round_trip_and_version(fit, tmp_path):
+    from carvq import gguf_io as gio
+    from carvq.converter import tiers
+
+    M, w, t = fit
+    V, n = M.shape
+    trimmed, _ = tiers.trim(t, M, w, 2, 2.4 * V * n / 8)
+    path = tmp_path / "tiered.gguf"
+    _write_bare(path, trimmed)
+    reader = gio.open_gguf(path)
+    assert gio.field_value(reader, fmt.Key.VERSION) == fmt.TIERS_FORMAT_VERSION
+    back = fmt.read_tensors(reader)
+    assert back.layout == trimmed.layout
+    assert np.array_equal(reference.decode(back, np.arange(V)), reference.decode(trimmed, np.arange(V)))
+
+
+def _write_bare(path, tensors: fmt.CarvqTensors) -> None:
+    """A minimal llama GGUF around `tensors` (enough for the format's reader)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_uint32("llama.embedding_length", tensors.layout.n_embd)
+    fmt.add_metadata(writer, tensors.layout, fmt.Provenance("F32", False, 0.0, 0.0))
+    for name, arr in tensors.named():
+        writer.add_tensor(name, arr)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_layout_checks_tiers():
+    lo = fmt.Layout(10, 8, 8, 1, 16, hot_rows=15, hot_levels=1, hot_tiers=(10, 5))
+    lo.check()  # a row may be in every tier
+    for tiers_, why in [((10, 4), "together"), ((15, 0), "each needs"), ((1,) * 9 + (6,), "outside 1..8")]:
+        with pytest.raises(CarvqError, match=why):
+            fmt.Layout(10, 8, 8, 1, 16, hot_rows=15, hot_levels=1, hot_tiers=tiers_).check()
+
+
+def test_converted_tiered_model_loads_and_decodes_exactly(tiny_gguf, workdir):
+    """carvq convert --trim-to on the tiny llama: a version-4 file whose rows the patched
+    llama.cpp decodes bit for bit as the NumPy reference (no adaptor)."""
+    from carvq.converter.config import Config
+    from carvq.converter.convert import convert
+    from carvq.reference import decode_rows
+    from carvq.runtime.model import Model
+
+    from carvq import gguf_io as gio
+    from carvq.converter import config as cfgmod
+
+    out = workdir / "llama.tiered.carvq.gguf"
+    cfg = Config(group_size=8, levels=4, codebook_type="F32", hot_rows=24, hot_levels=2, hot_bpw=0.0)
+    n, V = (int(x) for x in gio.tensor_by_name(gio.open_gguf(tiny_gguf("llama")), gio.EMBD).shape[:2])
+    target = cfgmod.bpw(cfg, V, n) - 0.6  # the tiny vocabulary's codebooks cost several bpw: trim a little
+    report = convert(tiny_gguf("llama"), out, cfg, iters=1, seed=0, progress=False, trim_to=target, tier_floor=2)
+    assert any("hot tiers" in note for note in report.notes), report.notes
+    assert report.lookup_bytes * 8 / report.n_weights <= target
+    t = fmt.read_tensors(out)
+    assert len(t.layout.tier_rows) >= 2 and t.layout.levels == 2
+    ids = np.unique(np.concatenate([t.hot_ids[:8], np.arange(0, t.layout.n_vocab, 7)]))
+    with Model(out, n_ctx=64) as model:
+        got = model.embedding_rows(ids.tolist())
+    assert np.array_equal(got, decode_rows(out, ids)), "the tiered decode must be bit-exact"
