@@ -60,9 +60,11 @@ IK = ["IQ4_KT", "IQ3_KS", "IQ3_KT", "IQ2_K", "IQ2_KS", "IQ2_KT", "IQ1_KT"]  # ik
 KIND_LABEL = {"ik": "ik (simulated)"}
 # CARVQ operating points: (label, levels, hot levels, adaptor rank, bpw target, tuning steps).
 # Each is d=8, K=16 RVQ with `levels` levels for every row; the bits left below the target buy
-# hot rows (the most frequent tokens, by the calibration counts) with `hot levels` more levels;
-# "tuned" points then tune the codebooks end to end (carvq convert --tune-steps, on the same
-# calibration text; minutes per point on 2 cores, so --no-tune leaves them out).
+# hot rows (the most frequent tokens, by the calibration counts) with `hot levels` more levels
+# (one hot set: --no-tiers); "tuned" points then tune the codebooks end to end (carvq convert
+# --tune-steps, on the same calibration text; minutes per point on 2 cores, so --no-tune leaves
+# them out). Levels None: `carvq convert --target-bpw TARGET` as it is, hot rows in tiers
+# (converter/tiers.py: the measured point one level deeper, trimmed back to the target).
 TUNE_STEPS = 60
 CARVQ_POINTS = [
     ("CARVQ L2 +2", 2, 2, 0, 1.1, 0),
@@ -73,6 +75,11 @@ CARVQ_POINTS = [
     ("CARVQ L4 +6", 4, 6, 0, 3.0, 0),
     ("CARVQ L5 +4", 5, 4, 0, 3.0, 0),
     ("CARVQ L7 +4", 7, 4, 0, 4.0, 0),  # against IQ4_KT (4.01 bpw), Q4_K and IQ4_NL (4.5)
+    ("CARVQ tiers 1.6", None, 0, 0, 1.6, 0),
+    ("CARVQ tiers 1.6 tuned", None, 0, 0, 1.6, TUNE_STEPS),
+    ("CARVQ tiers 2.1", None, 0, 0, 2.1, 0),
+    ("CARVQ tiers 3.0", None, 0, 0, 3.0, 0),
+    ("CARVQ tiers 4.0", None, 0, 0, 4.0, 0),
 ]
 # What a new user gets: `carvq convert` without flags or calibration text (the bench's head kept)
 DEFAULT_POINT = "CARVQ default (no flags)"
@@ -250,7 +257,9 @@ def run_model(key: str, chunks: int, carvq_points: list[tuple], ik_types: list[s
     plan += [(t, "simulated", lambda t=t: make_simulated(ref, t, work)) for t in SIMULATED]
     plan += [(t, "ik", lambda t=t: make_ik(ref, t, work)) for t in ik_types]
     for label, levels, hot_levels, rank, target, steps in carvq_points:
-        args = carvq_args(levels, hot_levels, rank, target, V, n) + (["--tune-steps", str(steps)] if steps else [])
+        args = (["--target-bpw", str(target)] if levels is None else
+                [*carvq_args(levels, hot_levels, rank, target, V, n), "--no-tiers"])
+        args += ["--tune-steps", str(steps)] if steps else []
         plan.append((label, "carvq", lambda label=label, a=args: make_carvq(src, label, a, calibration, work,
                                                                            embd.tensor_type.name)))
     plan.append((DEFAULT_POINT, "carvq", lambda: make_carvq(src, DEFAULT_POINT, [], None, work, embd.tensor_type.name)))

@@ -114,7 +114,7 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
             seed: int = 0, calibration=None, head_type: str | None = None, hf_outtype: str = "auto",
             body_type: str | None = None, progress: bool = True, force: bool = False,
             screen: Config | bool | None = None, tune_steps: int = 0, prior: str = "model",
-            trim_to: float | None = None, tier_floor: int | None = None) -> Report:
+            trim_to: float | None = None, tier_floor: int | None = None, tiered: bool = False) -> Report:
     """tune_steps: Adam steps of end-to-end tuning of the codebooks on the calibration text, or
     without one on documents the model writes itself (converter/tune.py; 0 = none). screen: fit the head's own screen index (format v3; kept for a tied model only where it
     screens better than the lookup's codes): True for config.SCREEN_DEFAULT, a Config of its
@@ -122,7 +122,9 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
     from beside the calibration counts, "model" (the source model's own next-token distribution)
     or "tokenizer" (a Zipf prior over the vocabulary's order; no model run). trim_to: cut the fit
     to this lookup bpw in hot tiers (converter/tiers.py, format v4), every row keeping at least
-    tier_floor levels (default: the fit's levels minus 2, at least 1)."""
+    tier_floor levels (default: the fit's levels minus 2, at least 1). tiered: without trim_to,
+    fit the configuration one level deeper and trim it to the configuration's own size in hot
+    tiers, every row keeping at least one level fewer (tiers.deeper_fit; the CLI's default)."""
     start = time.perf_counter()
     if screen is True:
         screen = cfgmod.SCREEN_DEFAULT
@@ -154,7 +156,8 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
         reader = gio.open_gguf(gguf_path)
         written = Path(tmpdir) / "carvq.gguf" if body_type else out
         report = _convert_reader(reader, src, written, gguf_path, base, target_bpw, iters, seed,
-                                 calibration, head_type, progress, start, screen, tune_steps, prior, trim_to, tier_floor)
+                                 calibration, head_type, progress, start, screen, tune_steps, prior, trim_to, tier_floor,
+                                 tiered)
         if body_type:
             quantize_body(written, out, body_type, keep_head=report.head_copied)
             report.output = str(out)
@@ -163,7 +166,8 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
 
 
 def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, calibration,
-                    head_type, progress, start, screen, tune_steps, prior, trim_to=None, tier_floor=None) -> Report:
+                    head_type, progress, start, screen, tune_steps, prior, trim_to=None, tier_floor=None,
+                    tiered=False) -> Report:
     arch = gio.field_value(reader, "general.architecture")
     if fmt.is_carvq(reader):
         raise CarvqError(f"{src}: already a CARVQ-GGUF")
@@ -204,6 +208,13 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
         base.check(n)
         cfg = base.resolve_hot(V, n)
     cfg.check(n)
+    if tiered and trim_to is None:
+        plan = tiers.deeper_fit(cfg, V, n)
+        if plan is None:
+            notes.append("no hot tiers: they trim a fit without an adaptor, of at most 15 levels, whose codebooks "
+                         "leave room for tier rows")
+        else:
+            cfg, tier_floor, trim_to = plan
     if trim_to is not None and cfg.adaptor_rank:
         raise CarvqError("--trim-to works on fits without an adaptor (--adaptor-rank 0)")
     if trim_to is not None and not 1 <= (floor := tier_floor if tier_floor is not None else max(1, cfg.levels - 2)) < cfg.levels:
@@ -260,5 +271,5 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
         config=cfg, weights_from=weights_from, parts=parts, head_bytes=head_bytes,
         head_type=(head[1].name if head is not None else "untied"), head_copied=head is not None, screen_bytes=screen_bytes,
         errors=errors, seconds=time.perf_counter() - start, rounds=fit.rounds, source_bytes=int(embd.n_bytes),
-        notes=notes,
+        notes=notes, trimmed_to=trim_to,
     )

@@ -58,6 +58,7 @@ class Report:
     rounds: int
     source_bytes: int = 0
     screen_bytes: int = 0  # the output head's screen index (output.carvq.*), 0 without one
+    trimmed_to: float | None = None  # the lookup bpw the fit (config) was trimmed to in hot tiers, if it was
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -87,7 +88,8 @@ class Report:
             f"carvq convert: {self.input} -> {self.output}",
             f"  model: {self.arch}, embedding {self.n_vocab} x {self.n_embd}, source type {self.source_type} "
             f"({self.source_bytes / 2**20:.2f} MiB, {self.bpw(self.source_bytes):.3f} bpw)",
-            f"  config: group size {c.group_size}, levels {c.levels}, codebook {c.codebook_size} ({c.codebook_type}), "
+            ("  config: " if self.trimmed_to is None else f"  fit (then trimmed to {self.trimmed_to:.3f} bpw in hot tiers): ")
+            + f"group size {c.group_size}, levels {c.levels}, codebook {c.codebook_size} ({c.codebook_type}), "
             f"adaptor rank {c.adaptor_rank}, hidden {c.adaptor_hidden}, {c.activation if c.adaptor_rank else 'no adaptor'}, "
             + (f"{c.hot_rows} hot rows with {c.hot_levels} more levels" if c.hot_rows else "no hot rows"),
             f"  token weights: {self.weights_from}",

@@ -18,10 +18,18 @@ from dataclasses import replace
 import numpy as np
 
 from carvq import format as fmt
+from carvq.converter import config as cfgmod
+from carvq.converter.config import Config
 from carvq.errors import CarvqError
 from carvq.format import CarvqTensors, pack_codes, unpack_codes
 from carvq.gguf_io import row_chunks
 from carvq.reference import sum_levels
+
+
+def _fixed_bytes(V: int, G: int, floor: int, depth: int, K: int, d: int, cb_item: int) -> int:
+    """What a trim to `floor` of a fit `depth` levels deep costs before any tier row: every
+    row's floor levels of codes, and the codebooks of every level."""
+    return V * ((G * floor + 1) // 2) + depth * G * K * d * cb_item
 
 
 def _all_levels(t: CarvqTensors) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -92,9 +100,7 @@ def trim(t: CarvqTensors, M: np.ndarray, w: np.ndarray, floor: int, budget_bytes
     if tiers > fmt.MAX_HOT_TIERS:
         raise CarvqError(f"trimming {lo.levels} +{lo.hot_levels} levels to a floor of {floor} makes {tiers} hot tiers; "
                          f"a file holds at most {fmt.MAX_HOT_TIERS} (raise --tier-floor)")
-    K, d = lo.codebook_size, lo.group_size
-    cb_item = np.asarray(t.codebooks).dtype.itemsize
-    fixed = V * ((G * floor + 1) // 2) + (floor + tiers) * G * K * d * cb_item
+    fixed = _fixed_bytes(V, G, floor, D, lo.codebook_size, lo.group_size, np.asarray(t.codebooks).dtype.itemsize)
     per_level = (G + 1) // 2 + 4  # a tier row: its id and one level of codes
     increments = int((budget_bytes - fixed) // per_level)
     if increments < 0:
@@ -125,6 +131,25 @@ def trim(t: CarvqTensors, M: np.ndarray, w: np.ndarray, floor: int, budget_bytes
     kept = ", ".join(f"{n:,} with {floor + j}" for j, n in enumerate(hist.tolist()) if n)
     return out, (f"hot tiers: every row keeps {floor} to {D} of the fit's {lo.levels} +{lo.hot_levels} levels by "
                  f"measured gain ({kept} levels; {len(sizes)} tiers)")
+
+
+def deeper_fit(cfg: Config, n_vocab: int, n_embd: int) -> tuple[Config, int, float] | None:
+    """The tiered form of configuration `cfg` (what carvq convert does by default): (the fit:
+    cfg with one level more and the same hot rows, the floor: one level fewer than cfg, the
+    bpw to trim to: cfg's own), or None where tiers do not apply (an adaptor, 16 levels, or
+    codebooks that leave no bytes for tier rows).
+    At 1.6 and 2.1 bpw this is the trim measured best on SmolLM2 and Gemma-3 (docs/RESULTS.md)."""
+    if cfg.adaptor_rank or cfg.levels >= fmt.MAX_LEVELS:
+        return None
+    fit = replace(cfg, levels=cfg.levels + 1)
+    depth = fit.levels + (fit.hot_levels if fit.hot_rows else 0)
+    floor = max(1, cfg.levels - 1, depth - fmt.MAX_HOT_TIERS)
+    target = cfgmod.bpw(cfg, n_vocab, n_embd)
+    fixed = _fixed_bytes(n_vocab, n_embd // cfg.group_size, floor, depth, cfg.codebook_size, cfg.group_size,
+                         cfgmod.TYPE_BYTES[cfg.codebook_type])
+    if floor >= fit.levels or fixed >= target * n_vocab * n_embd / 8:
+        return None  # (a tiny vocabulary: the deeper fit's codebooks alone outweigh the configuration)
+    return fit, floor, target
 
 
 def part_bytes(t: CarvqTensors) -> dict[str, int]:

@@ -86,7 +86,9 @@ def carvq_summary(reader) -> list[str]:
         f"(source type {gio.field_value(reader, Key.SOURCE_TYPE)})",
         f"  group size {lo.group_size} ({lo.n_groups} groups), levels {lo.levels}, codebook size {lo.codebook_size}",
         "  adaptor: " + (f"rank {lo.adaptor_rank}, hidden {lo.adaptor_hidden}, {lo.activation}" if lo.adaptor_rank else "none"),
-        "  hot rows: " + (f"{lo.hot_rows} tokens with {lo.hot_levels} more levels" if lo.hot_rows else "none"),
+        "  hot rows: " + (f"{lo.hot_rows} tokens with {lo.hot_levels} more levels" if len(lo.tier_rows) == 1 else
+                          f"{len(lo.tier_rows)} tiers of {', '.join(map(str, lo.tier_rows))} tokens, {lo.hot_levels} more "
+                          "level(s) each (a row in k tiers has L + k levels)" if lo.hot_rows else "none"),
         f"  lookup: {carvq_bytes:,} bytes = {8 * carvq_bytes / n_w:.4f} bpw (metadata says {gio.field_value(reader, Key.BPW):.4f})",
     ]
     if head_copy and head is not None:
