@@ -36,7 +36,7 @@ def main() -> None:
     label, fetch, _ = MODELS[args.model]
     path = _converted(args.model, fetch())
     reader = gio.open_gguf(path)
-    t = fmt.read_tensors(reader)
+    t = screen.lookup_as_index(fmt.read_tensors(reader))  # what the scan reads of a tiered lookup
     lo = t.layout
     head = gio.dequantize(gio.tensor_by_name(reader, gio.HEAD))  # (V, n)
     text = models.britannica_text().read_text(encoding="utf-8")[:20000]

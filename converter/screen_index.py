@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from carvq import format as fmt
+from carvq import screen
 from carvq.errors import CarvqError
 from carvq.gguf_io import row_chunks
 
@@ -150,7 +151,7 @@ def choose(index: fmt.ScreenIndex, lookup: fmt.CarvqTensors, exact_top: np.ndarr
 
     k_index, k_codes = default_k(V, True), default_k(V, False)
     r_index = recall(exact_top, top_rows(H_held @ index.projection, rows(index.rvq), V, k_index))
-    r_codes = recall(exact_top, top_rows(H_held, rows(lookup), V, k_codes))
+    r_codes = recall(exact_top, top_rows(H_held, rows(screen.lookup_as_index(lookup)), V, k_codes))
     keep = r_index >= r_codes
     how = (f"screen index {'kept' if keep else 'dropped'}: on {len(H_held)} held-out positions its k = {k_index} "
            f"candidates hold the exact top-{TOP} at {100 * r_index:.1f} %, the lookup's codes' k = {k_codes} at "

@@ -71,7 +71,7 @@ def _check_candidates(path, own_index: bool, k: int) -> None:
         hidden = m.hidden_states(TEXT_IDS)
     t = fmt.read_tensors(path)
     assert (t.screen is not None) == own_index
-    index = t.screen.rvq if own_index else t
+    index = t.screen.rvq if own_index else screen.lookup_as_index(t)
     for p in range(len(TEXT_IDS)):
         h = screen.project(t.screen.projection, hidden[p]) if own_index else hidden[p]
         tables = screen.tables(index.layout, index.codebooks, index.hot_codebooks, h)

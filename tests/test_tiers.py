@@ -129,22 +129,29 @@ def test_layout_checks_tiers():
             fmt.Layout(10, 8, 8, 1, 16, hot_rows=15, hot_levels=1, hot_tiers=tiers_).check()
 
 
-def test_converted_tiered_model_loads_and_decodes_exactly(tiny_gguf, workdir):
-    """carvq convert --trim-to on the tiny llama: a version-4 file whose rows the patched
-    llama.cpp decodes bit for bit as the NumPy reference (no adaptor)."""
-    from carvq.converter.config import Config
-    from carvq.converter.convert import convert
-    from carvq.reference import decode_rows
-    from carvq.runtime.model import Model
-
+@pytest.fixture(scope="module")
+def tiered_tiny(tiny_gguf, workdir):
+    """carvq convert --trim-to on the tiny llama (tied, no adaptor): (path, report, target bpw)."""
     from carvq import gguf_io as gio
     from carvq.converter import config as cfgmod
+    from carvq.converter.config import Config
+    from carvq.converter.convert import convert
 
     out = workdir / "llama.tiered.carvq.gguf"
     cfg = Config(group_size=8, levels=4, codebook_type="F32", hot_rows=24, hot_levels=2, hot_bpw=0.0)
     n, V = (int(x) for x in gio.tensor_by_name(gio.open_gguf(tiny_gguf("llama")), gio.EMBD).shape[:2])
     target = cfgmod.bpw(cfg, V, n) - 0.6  # the tiny vocabulary's codebooks cost several bpw: trim a little
     report = convert(tiny_gguf("llama"), out, cfg, iters=1, seed=0, progress=False, trim_to=target, tier_floor=2)
+    return out, report, target
+
+
+def test_converted_tiered_model_loads_and_decodes_exactly(tiered_tiny):
+    """A version-4 file whose rows the patched llama.cpp decodes bit for bit as the NumPy
+    reference (no adaptor)."""
+    from carvq.reference import decode_rows
+    from carvq.runtime.model import Model
+
+    out, report, target = tiered_tiny
     assert any("hot tiers" in note for note in report.notes), report.notes
     assert report.lookup_bytes * 8 / report.n_weights <= target
     t = fmt.read_tensors(out)
@@ -153,3 +160,14 @@ def test_converted_tiered_model_loads_and_decodes_exactly(tiny_gguf, workdir):
     with Model(out, n_ctx=64) as model:
         got = model.embedding_rows(ids.tolist())
     assert np.array_equal(got, decode_rows(out, ids)), "the tiered decode must be bit-exact"
+
+
+def test_a_tiered_lookup_screens_with_its_first_tier(tiered_tiny):
+    """The screened head on a tied model without an index of its own scans the lookup's codes:
+    of a tiered lookup, the shared levels and the first tier (screen.lookup_as_index); its
+    candidates are exactly that reference's top-k, and exact."""
+    from test_screened_head import _check_candidates
+
+    out, _, _ = tiered_tiny
+    assert len(fmt.read_tensors(out).layout.tier_rows) >= 2
+    _check_candidates(out, False, k=24)

@@ -615,11 +615,11 @@ void llama_carvq_check_data(llama_carvq & carvq, const llama_model_loader & ml) 
         sc.hot_codes = carvq.hot_codes;
         sc.hot_codebooks = carvq.hot_codebooks;
         if (sc.layout.hot_tiers >= 2) {
-            // the scan reads one sorted hot set: tiered hot rows screen with their shared levels only
-            sc.layout.hot_rows = 0;
-            sc.layout.hot_levels = 0;
+            // the scan reads one sorted hot set: the first tier (first in hot_ids, hot_codes and
+            // hot_codebooks), whose rows the converter's nesting makes the largest; deeper tiers
+            // refine rows the exact candidates then score anyway
+            sc.layout.hot_rows = sc.layout.hot_tier_rows[0];
             sc.layout.hot_tiers = 0;
-            sc.hot_ids = sc.hot_codes = sc.hot_codebooks = nullptr;
         }
     } else {
         sc.head_rows.reset();

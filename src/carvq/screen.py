@@ -10,9 +10,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from carvq.format import Layout, unpack_codes
+from carvq.format import CarvqTensors, Layout, unpack_codes
 
 BLOCK = 32  # rows per interleaved block (CARVQ_SCREEN_BLOCK)
+
+
+def lookup_as_index(t: CarvqTensors) -> CarvqTensors:
+    """What the screened head scans where it reads the lookup's own codes (a tied head without
+    an index of its own): the lookup itself, but of hot tiers (format v4) only the first, since
+    the scan reads one sorted hot set (FORMAT.md, Versioning; llama-carvq.cpp does the same)."""
+    from dataclasses import replace
+
+    lo = t.layout
+    if len(lo.tier_rows) <= 1:
+        return t
+    first = lo.tier_rows[0]
+    return CarvqTensors(replace(lo, hot_rows=first, hot_tiers=()), t.codes, t.codebooks, hot_ids=t.hot_ids[:first],
+                        hot_codes=t.hot_codes[:first], hot_codebooks=t.hot_codebooks[:lo.n_groups])
 
 
 @dataclass(frozen=True)
