@@ -5,7 +5,9 @@ d = 8, L levels for every row, and the bits L leaves to hot rows with 2 more lev
 that is a large budget). A budget gets the most levels that still leave hot rows for at least
 1 % of the vocabulary; at the bench's budgets (1.1, 1.6, 2.1, 3.0, 4.0 bpw) that gives exactly
 the points scored there (L2+2, L3+2, L4+2, L5+4, L7+4); up to 3.0 they measured best, on
-SmolLM2 and Gemma-3 alike.
+SmolLM2 and Gemma-3 alike, of one hot set each. With hot tiers (the default) the converter then
+fits that point one level deeper and trims it back to the budget (converter/tiers.py,
+deeper_fit); the bench's "CARVQ tiers" rows are exactly `--target-bpw X` as it is.
 
 The older search ranked every (d, L) by a reconstruction proxy, and for Gemma-3 at 1.6 bpw it
 chose d=16 L=6, which measured worse by KLD (docs/RESULTS.md, session 8): a matrix error does
