@@ -14,7 +14,11 @@ from conftest import llama_server, until_answered
 from test_real_model import smollm2_carvq  # noqa: F401  (session fixture)
 
 PROMPT = "The capital of France is"
-MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+# a system message of our own: without one, a Jinja template (llama-cpp-python, the server) adds
+# SmolLM2's default system prompt and llama.cpp's built-in chatml does not, so the clients would
+# answer different prompts
+MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
