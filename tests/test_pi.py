@@ -94,13 +94,21 @@ def test_lookup_matches_reference_on_arm(pi_venv, tiny_carvq, profile):
 
 
 @pytest.mark.parametrize("profile", list(pi.PROFILES))
+NEAR_TIE = 0.01  # nats between the two best logits: within the float noise of two SIMD paths
+
+
 def test_greedy_tokens_equal_x86(pi_venv, tiny_model, smollm2_carvq, profile):  # noqa: F811
     for model, n in ((tiny_model, 16), (smollm2_carvq, 24)):
         host = _probe(sys.executable, "greedy", model, n, PROMPT)
         arm = _probe(pi_venv(profile) / "bin" / "python", "greedy", model, n, PROMPT)
         assert arm["machine"] == "aarch64"
-        assert arm["tokens"] == host["tokens"], (model.name, profile)
-        print(f"{profile} {model.name}: {n} tokens in {arm['seconds']:.1f} s emulated, {host['seconds']:.2f} s native")
+        # equal up to the first near-tie on the host's path: there NEON's and AVX's rounding of the
+        # blocks' matmuls may pick the other token (SmolLM2's tiered default: 0.0002 nats at token 9)
+        tie = next((i for i, m in enumerate(host["margins"]) if m < NEAR_TIE), len(host["tokens"]))
+        assert arm["tokens"][:tie] == host["tokens"][:tie], (model.name, profile, tie)
+        assert tie >= min(8, n), f"{model.name}: a near-tie at token {tie} leaves too little to compare"
+        print(f"{profile} {model.name}: {n} tokens in {arm['seconds']:.1f} s emulated, {host['seconds']:.2f} s native; "
+              f"equal up to token {tie}{' (a near-tie there)' if tie < len(host['tokens']) else ''}")
 
 
 @pytest.mark.parametrize("profile", list(pi.PROFILES))

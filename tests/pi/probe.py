@@ -26,10 +26,17 @@ def decode(model: str) -> dict:
 
 
 def greedy(model: str, n: int, prompt: str) -> dict:
+    """The tokens, and at each the margin of the winner over the runner-up (dense head): where
+    it is within float noise, another machine's SIMD rounding may pick the other token."""
     with carvq.Model(model, n_ctx=256) as m:
         t0 = time.perf_counter()
-        tokens = list(m.generate_tokens(m.tokenize(prompt), n, temperature=0))
-        return {"tokens": tokens, "seconds": time.perf_counter() - t0}
+        start = m.tokenize(prompt)
+        tokens = list(m.generate_tokens(start, n, temperature=0))
+        seconds = time.perf_counter() - t0
+    with carvq.Model(model, n_ctx=256, head="dense") as m:
+        logits = m.logits(start + tokens)[len(start) - 1:-1] if tokens else np.zeros((0, 2), np.float32)
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    return {"tokens": tokens, "seconds": seconds, "margins": (top2[:, 1] - top2[:, 0]).tolist()}
 
 
 if __name__ == "__main__":
