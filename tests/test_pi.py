@@ -93,10 +93,10 @@ def test_lookup_matches_reference_on_arm(pi_venv, tiny_carvq, profile):
             assert out["max_abs_diff"] <= 1e-5 * out["max_abs"], (arch, out)
 
 
-@pytest.mark.parametrize("profile", list(pi.PROFILES))
 NEAR_TIE = 0.01  # nats between the two best logits: within the float noise of two SIMD paths
 
 
+@pytest.mark.parametrize("profile", list(pi.PROFILES))
 def test_greedy_tokens_equal_x86(pi_venv, tiny_model, smollm2_carvq, profile):  # noqa: F811
     for model, n in ((tiny_model, 16), (smollm2_carvq, 24)):
         host = _probe(sys.executable, "greedy", model, n, PROMPT)
