@@ -215,10 +215,9 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
                          "leave room for tier rows")
         else:
             cfg, tier_floor, trim_to = plan
-    if trim_to is not None and cfg.adaptor_rank:
-        raise CarvqError("--trim-to works on fits without an adaptor (--adaptor-rank 0)")
-    if trim_to is not None and not 1 <= (floor := tier_floor if tier_floor is not None else max(1, cfg.levels - 2)) < cfg.levels:
-        raise CarvqError(f"--tier-floor {floor}: must be at least 1 and below the fit's {cfg.levels} levels")
+    if trim_to is not None:
+        floor = tier_floor if tier_floor is not None else max(1, cfg.levels - 2)
+        tiers.check(cfg.levels, cfg.adaptor_rank, floor)  # before the fit, not minutes after it
 
     fit = train.compress(M, w, cfg, iters, seed, progress)
     memory.trim()

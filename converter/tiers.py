@@ -26,6 +26,15 @@ from carvq.gguf_io import row_chunks
 from carvq.reference import sum_levels
 
 
+def check(levels: int, adaptor_rank: int, floor: int) -> None:
+    """A fit of `levels` levels (and adaptor rank) can be trimmed to `floor`: the converter asks
+    before fitting, trim() again on the fit it is given."""
+    if adaptor_rank:
+        raise CarvqError("--trim-to works on fits without an adaptor (--adaptor-rank 0)")
+    if not 1 <= floor < levels:
+        raise CarvqError(f"--tier-floor {floor}: must be at least 1 and below the fit's {levels} levels")
+
+
 def _fixed_bytes(V: int, G: int, floor: int, depth: int, K: int, d: int, cb_item: int) -> int:
     """What a trim to `floor` of a fit `depth` levels deep costs before any tier row: every
     row's floor levels of codes, and the codebooks of every level."""
@@ -90,10 +99,7 @@ def trim(t: CarvqTensors, M: np.ndarray, w: np.ndarray, floor: int, budget_bytes
     """The fit `t` with every row cut to between `floor` levels and its own depth, by measured
     gain, within `budget_bytes` of lookup tensors; and a line saying what it kept."""
     lo = t.layout
-    if lo.adaptor_rank:
-        raise CarvqError("--trim-to works on fits without an adaptor")
-    if not 1 <= floor < lo.levels:
-        raise CarvqError(f"--tier-floor {floor}: must be at least 1 and below the fit's {lo.levels} levels")
+    check(lo.levels, lo.adaptor_rank, floor)
     codes, cb, depth = _all_levels(t)
     V, G, D = codes.shape
     tiers = D - floor

@@ -129,6 +129,11 @@ static int carvq_fits_size_t(int64_t x) {
 #endif
 }
 
+// hot tiers of a layout whose hot_tiers is in 0..CARVQ_MAX_HOT_TIERS: 0 and 1 both mean one tier
+static int64_t carvq_tier_count(const struct carvq_layout * l) {
+    return l->hot_tiers >= 2 ? l->hot_tiers : 1;
+}
+
 static int carvq_layout_sizes(const struct carvq_layout * l, struct carvq_sizes * s, char * err, size_t err_size) {
     if (l == NULL) {
         carvq_err_set(err, err_size, "no carvq layout");
@@ -175,8 +180,13 @@ static int carvq_layout_sizes(const struct carvq_layout * l, struct carvq_sizes 
         carvq_err_set(err, err_size, "hot rows need carvq.format_version 2, the file says %" PRId32, l->format_version);
         return 1;
     }
-    // a row may be in every tier: N is at most T*V (T = 1 without tiers; T is checked below)
-    const int64_t tiers = l->hot_tiers >= 2 && l->hot_tiers <= CARVQ_MAX_HOT_TIERS ? l->hot_tiers : 1;
+    if (l->hot_tiers < 0 || l->hot_tiers > CARVQ_MAX_HOT_TIERS) {
+        carvq_err_set(err, err_size, "carvq.hot_tiers has %" PRId32 " entries, outside 1..%d", l->hot_tiers,
+                CARVQ_MAX_HOT_TIERS);
+        return 1;
+    }
+    // a row may be in every tier: N is at most T*V
+    const int64_t tiers = carvq_tier_count(l);
     const int64_t max_hot = l->n_vocab > INT64_MAX / tiers ? INT64_MAX : l->n_vocab * tiers;
     if (l->hot_rows < 0 || l->hot_rows > max_hot) {
         carvq_err_set(err, err_size, "carvq.hot_rows %" PRId64 " outside 0..%" PRId64, l->hot_rows, max_hot);
@@ -189,11 +199,6 @@ static int carvq_layout_sizes(const struct carvq_layout * l, struct carvq_sizes 
     if ((l->hot_rows == 0) != (l->hot_levels == 0)) {
         carvq_err_set(err, err_size, "carvq.hot_rows %" PRId64 " and carvq.hot_levels %" PRId32
                 " must both be zero or both non-zero", l->hot_rows, l->hot_levels);
-        return 1;
-    }
-    if (l->hot_tiers < 0 || l->hot_tiers > CARVQ_MAX_HOT_TIERS) {
-        carvq_err_set(err, err_size, "carvq.hot_tiers has %" PRId32 " entries, outside 1..%d", l->hot_tiers,
-                CARVQ_MAX_HOT_TIERS);
         return 1;
     }
     if (l->hot_tiers >= 2 && l->format_version < 4) {
@@ -262,7 +267,7 @@ static int carvq_layout_sizes(const struct carvq_layout * l, struct carvq_sizes 
         s->GLh = GLh;
         s->Bh = GLh / 2 + (GLh & 1);
         s->hot_cb_nel = hot_cb_nel;
-        s->T = l->hot_tiers >= 2 ? l->hot_tiers : 1;
+        s->T = carvq_tier_count(l);
     }
     return 0;
 }
@@ -771,10 +776,8 @@ void carvq_rows_hot_add(const struct carvq_layout * l, const int32_t * hot_ids, 
     if (last > n_ids) last = n_ids;
     struct carvq_geom gm;
     carvq_geom_init(&gm, l, l->hot_levels, 1);
-    const int64_t T = l->hot_tiers >= 2 ? l->hot_tiers : 1;
-    const int64_t tier_cb_bytes = gm.G * l->hot_levels * l->codebook_size * l->group_size *
-            (cb_type == CARVQ_CODEBOOK_F16 ? 2 : 4);
-    for (int64_t t = 0, start = 0; t < T; start += carvq_tier_rows(l, t), ++t) {
+    const int64_t tier_cb_bytes = gm.G * gm.LKD * (cb_type == CARVQ_CODEBOOK_F16 ? 2 : 4); // one tier's (G, Lh, K, d)
+    for (int64_t t = 0, start = 0; t < carvq_tier_count(l); start += carvq_tier_rows(l, t), ++t) {
         const int64_t rows = carvq_tier_rows(l, t);
         const void * cb = (const uint8_t *) hot_codebooks + t * tier_cb_bytes;
         for (int64_t r = first; r < last; ++r) {
