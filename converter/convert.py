@@ -11,11 +11,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from carvq import format as fmt
 from carvq import gguf_io as gio
 from carvq.converter import config as cfgmod
-from carvq.converter import frequency, hf, memory, model_prior, screen_index, tiers, train, tune
+from carvq.converter import frequency, hf, memory, metric, model_prior, screen_index, tiers, train, tune
 from carvq.converter.body import quantize_body
 from carvq.converter.config import DEFAULT_ITERS, Config
 from carvq.converter.head import default_head_type, head_tensor
@@ -37,6 +38,7 @@ def _calibration_tokens(gguf_path: Path, calibration: Path, n_vocab: int) -> tup
 
 
 PRIORS = ("model", "tokenizer")
+METRICS = ("fisher", "uniform")
 
 
 # The default prior's share of the model's own distribution; the rest is the tokenizer's Zipf
@@ -81,6 +83,28 @@ def _tuning_sequences(tokens, mp: model_prior.ModelPrior | None) -> tuple[list, 
     return tune.document_sequences(mp.start, mp.documents), "self-written"
 
 
+def _fit_metric(gguf_path: Path, tokens, mp: model_prior.ModelPrior | None, seed: int, progress: bool,
+                n_embd: int) -> tuple[metric.Metric | None, str]:
+    """The model's Fisher diagonal on the calibration text, or without one on the documents it
+    wrote for its prior; (None, why) where there is no text or transformers cannot run the model."""
+    if tokens is not None:
+        ids, opening = tokens
+        body = tune.SEQ_TOKENS - len(opening)
+        count = max(1, len(ids) // body)
+        seqs = [torch.tensor(opening + [int(x) for x in ids[i * body:(i + 1) * body]]) for i in range(count)]
+        what = "calibration"
+    elif mp is not None:
+        seqs = tune.document_sequences(mp.start, mp.documents) if len(mp.documents) >= 2 else \
+            [torch.tensor(mp.start + list(d)) for d in mp.documents]
+        what = "self-written"
+    else:
+        return None, "no text to measure the model's sensitivity on (--prior tokenizer, no --calibration)"
+    try:
+        return metric.from_model(gguf_path, seqs, what, seed, progress, n_embd), ""
+    except CarvqError as exc:
+        return None, str(exc)
+
+
 def _token_weights(prior: np.ndarray, how: str, reader, n_vocab, calibration, ids: np.ndarray | None):
     if ids is None:
         w, desc = prior, how
@@ -114,7 +138,8 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
             seed: int = 0, calibration=None, head_type: str | None = None, hf_outtype: str = "auto",
             body_type: str | None = None, progress: bool = True, force: bool = False,
             screen: Config | bool | None = None, tune_steps: int = 0, prior: str = "model",
-            trim_to: float | None = None, tier_floor: int | None = None, tiered: bool = False) -> Report:
+            trim_to: float | None = None, tier_floor: int | None = None, tiered: bool = False,
+            fit_metric: str = "uniform") -> Report:
     """tune_steps: Adam steps of end-to-end tuning of the codebooks on the calibration text, or
     without one on documents the model writes itself (converter/tune.py; 0 = none). screen: fit the head's own screen index (format v3; kept for a tied model only where it
     screens better than the lookup's codes): True for config.SCREEN_DEFAULT, a Config of its
@@ -124,7 +149,9 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
     to this lookup bpw in hot tiers (converter/tiers.py, format v4), every row keeping at least
     tier_floor levels (default: the fit's levels minus 2, at least 1). tiered: without trim_to,
     fit the configuration one level deeper and trim it to the configuration's own size in hot
-    tiers, every row keeping at least one level fewer (tiers.deeper_fit; the CLI's default)."""
+    tiers, every row keeping at least one level fewer (tiers.deeper_fit; the CLI's default).
+    fit_metric: "fisher" weights each embedding dimension by the model's Fisher information
+    (converter/metric.py; the CLI's default), "uniform" counts every dimension alike."""
     start = time.perf_counter()
     if screen is True:
         screen = cfgmod.SCREEN_DEFAULT
@@ -146,6 +173,8 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
         raise CarvqError(f"--trim-to {trim_to}: must be positive")
     if tier_floor is not None and trim_to is None:
         raise CarvqError("--tier-floor only means something with --trim-to")
+    if fit_metric not in METRICS:
+        raise CarvqError(f"--metric {fit_metric!r}: one of {', '.join(METRICS)}")
     with tempfile.TemporaryDirectory(prefix="carvq-") as tmpdir:
         gguf_path = src
         if src.is_dir():
@@ -157,7 +186,7 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
         written = Path(tmpdir) / "carvq.gguf" if body_type else out
         report = _convert_reader(reader, src, written, gguf_path, base, target_bpw, iters, seed,
                                  calibration, head_type, progress, start, screen, tune_steps, prior, trim_to, tier_floor,
-                                 tiered)
+                                 tiered, fit_metric)
         if body_type:
             quantize_body(written, out, body_type, keep_head=report.head_copied)
             report.output = str(out)
@@ -167,7 +196,7 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
 
 def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, calibration,
                     head_type, progress, start, screen, tune_steps, prior, trim_to=None, tier_floor=None,
-                    tiered=False) -> Report:
+                    tiered=False, fit_metric="uniform") -> Report:
     arch = gio.field_value(reader, "general.architecture")
     if fmt.is_carvq(reader):
         raise CarvqError(f"{src}: already a CARVQ-GGUF")
@@ -187,6 +216,11 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
     # logits then add nothing to the conversion's peak
     documents = TUNE_DOCUMENTS if tune_steps and calibration is None else model_prior.DOCUMENTS
     prior_w, prior_how, notes, mp = _prior(reader, gguf_path, int(embd.shape[1]), prior, seed, progress, documents)
+    tokens = _calibration_tokens(gguf_path, Path(calibration), int(embd.shape[1])) if calibration is not None else None
+    sens = None
+    if fit_metric == "fisher":
+        sens, why = _fit_metric(gguf_path, tokens, mp, seed, progress, int(embd.shape[0]))
+        notes.append(sens.how if sens is not None else f"every dimension weighted alike: {why}")
     memory.trim()
     M = gio.dequantize(embd)
     gio.release_pages(reader, embd)  # M holds it now; a byte-copied head maps it again when written
@@ -198,7 +232,6 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
     states = screen_index.hidden_states(gguf_path, calibration, progress) if screen else None
     memory.trim()
     V, n = M.shape
-    tokens = _calibration_tokens(gguf_path, Path(calibration), V) if calibration is not None else None
     w, weights_from = _token_weights(prior_w, prior_how, reader, V, calibration, None if tokens is None else tokens[0])
     if target_bpw is not None:
         cfg, search_notes = choose_config(M, w, base, target_bpw, seed, progress)
@@ -219,12 +252,20 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
         floor = tier_floor if tier_floor is not None else max(1, cfg.levels - 2)
         tiers.check(cfg.levels, cfg.adaptor_rank, floor)  # before the fit, not minutes after it
 
+    if sens is not None:
+        metric.scale_rows(M, sens.scale)  # the fit and the trim work in the metric (converter/metric.py)
     fit = train.compress(M, w, cfg, iters, seed, progress)
     memory.trim()
     if trim_to is not None:
         fit.tensors, how = tiers.trim(fit.tensors, M, w, floor, trim_to * V * n / 8)
         notes.append(how)
         memory.trim()
+    if sens is not None:
+        metric.unscale(fit.tensors, 1.0 / sens.scale)
+        del M  # the scaled rows; the source's, exactly, for what follows
+        memory.trim()
+        M = gio.dequantize(embd)
+        gio.release_pages(reader, embd)
     if tune_steps:
         seqs, kind = _tuning_sequences(tokens, mp)
         notes.append(tune.tune(gguf_path, fit.tensors, seqs, tune_steps, seed, progress, kind).note())

@@ -24,7 +24,7 @@ def _cmd_convert(args) -> int:
     report = convert(args.input, args.output, base, target_bpw=args.target_bpw, iters=args.iters, seed=args.seed,
                      calibration=args.calibration, head_type=args.head_type, hf_outtype=args.hf_outtype,
                      body_type=args.body_type, progress=not args.quiet, force=args.force, tune_steps=args.tune_steps, prior=args.prior,
-                     trim_to=args.trim_to, tier_floor=args.tier_floor, tiered=args.tiers,
+                     trim_to=args.trim_to, tier_floor=args.tier_floor, tiered=args.tiers, fit_metric=args.metric,
                      screen=None if not args.screen_index else Config(group_size=args.screen_group_size,
                                                                      levels=args.screen_levels,
                                                                      hot_bpw=args.screen_hot_bpw))
@@ -225,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "most, at least one level fewer than the configuration (default; at 1.6 bpw KLD -18 %% on "
                         "SmolLM2, -26 %% on Gemma-3, docs/RESULTS.md). --no-tiers: one hot set (format v2); without an "
                         "adaptor only")
+    c.add_argument("--metric", choices=("fisher", "uniform"), default="fisher",
+                   help="how the fit counts an error in each embedding dimension: 'fisher' by the source model's "
+                        "sensitivity to it (its Fisher information, from gradients through the model in PyTorch on 8 "
+                        "sequences of the calibration text or of the documents it writes for the prior; SmolLM2 at 1.6 "
+                        "bpw KLD -16 %%, docs/RESULTS.md), 'uniform' all alike (default: fisher)")
     c.add_argument("--trim-to", type=float, metavar="BPW",
                    help="then trim the fit to this lookup bpw in hot tiers (format v4): every row keeps between "
                         "--tier-floor levels and the fit's own, the levels going where they lower the token-weighted "
