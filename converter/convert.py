@@ -83,7 +83,7 @@ def _tuning_sequences(tokens, mp: model_prior.ModelPrior | None) -> tuple[list, 
     return tune.document_sequences(mp.start, mp.documents), "self-written"
 
 
-def _fit_metric(gguf_path: Path, tokens, mp: model_prior.ModelPrior | None, seed: int, progress: bool,
+def _fit_metric(reader, gguf_path: Path, tokens, mp: model_prior.ModelPrior | None, seed: int, progress: bool,
                 n_embd: int) -> tuple[metric.Metric | None, str]:
     """The model's Fisher diagonal on the calibration text, or without one on the documents it
     wrote for its prior; (None, why) where there is no text or transformers cannot run the model."""
@@ -100,9 +100,14 @@ def _fit_metric(gguf_path: Path, tokens, mp: model_prior.ModelPrior | None, seed
     else:
         return None, "no text to measure the model's sensitivity on (--prior tokenizer, no --calibration)"
     try:
+        metric.check_memory(reader)
         return metric.from_model(gguf_path, seqs, what, seed, progress, n_embd), ""
     except CarvqError as exc:
         return None, str(exc)
+    except (RuntimeError, ValueError, KeyError, IndexError, TypeError, OSError) as exc:
+        # transformers' GGUF reader and model code are not ours: a model it cannot run is
+        # converted in the uniform metric, saying why, rather than not at all
+        return None, f"transformers could not run the model ({type(exc).__name__}: {str(exc)[:200]})"
 
 
 def _token_weights(prior: np.ndarray, how: str, reader, n_vocab, calibration, ids: np.ndarray | None):
@@ -219,7 +224,7 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
     tokens = _calibration_tokens(gguf_path, Path(calibration), int(embd.shape[1])) if calibration is not None else None
     sens = None
     if fit_metric == "fisher":
-        sens, why = _fit_metric(gguf_path, tokens, mp, seed, progress, int(embd.shape[0]))
+        sens, why = _fit_metric(reader, gguf_path, tokens, mp, seed, progress, int(embd.shape[0]))
         notes.append(sens.how if sens is not None else f"every dimension weighted alike: {why}")
     memory.trim()
     M = gio.dequantize(embd)

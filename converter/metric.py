@@ -32,6 +32,9 @@ from carvq.errors import CarvqError
 # Sequences the Fisher diagonal averages. SmolLM2, 32 sequences of 256 tokens: 48 s on 2 cores;
 # L3 +2 at 1.6 bpw: KLD 0.1585 with 8 sequences, 0.1544 with 32 (docs/RESULTS.md, session 13).
 SEQUENCES = 16
+# transformers' GGUF loader holds about two float32 copies of the model while it loads (Gemma-3-
+# 270M: 2.5 GB peak, 1.5 GB after): the Fisher is skipped where that would not fit in memory
+LOAD_COPIES = 2.5
 # Floor of a dimension's weight, relative to the mean: a dimension no sequence moved still counts
 FLOOR = 0.05
 
@@ -71,6 +74,18 @@ def fisher_diagonal(gguf_path, seqs, seed: int, progress: bool) -> tuple[np.ndar
     if total is None or not torch.isfinite(total).all() or float(total.sum()) <= 0:
         raise CarvqError("the model's gradients gave no usable sensitivity")
     return (total / positions).numpy(), positions
+
+
+def check_memory(reader) -> None:
+    """Refuse (CarvqError, the conversion then goes on in the uniform metric) a model whose float32
+    copies in PyTorch would not fit in the memory available now."""
+    from carvq.converter.memory import available_bytes
+
+    need = LOAD_COPIES * 4 * sum(int(t.n_elements) for t in reader.tensors)
+    have = available_bytes()
+    if have is not None and need > have:
+        raise CarvqError(f"running the model in PyTorch would take about {need / 2**30:.1f} GiB, "
+                         f"{have / 2**30:.1f} GiB are available")
 
 
 def from_model(gguf_path, seqs, what: str, seed: int, progress: bool, n_embd: int) -> Metric:
