@@ -90,12 +90,12 @@ def _fit_metric(reader, gguf_path: Path, tokens, mp: model_prior.ModelPrior | No
     if tokens is not None:
         ids, opening = tokens
         body = tune.SEQ_TOKENS - len(opening)
-        count = max(1, len(ids) // body)
-        seqs = [torch.tensor(opening + [int(x) for x in ids[i * body:(i + 1) * body]]) for i in range(count)]
+        count = max(1, len(ids) // body)  # a text too short for one sequence gives one shorter one
+        picks = np.unique(np.linspace(0, count - 1, min(count, metric.SEQUENCES)).round().astype(int))
+        seqs = [torch.tensor(opening + ids[i * body:(i + 1) * body].tolist()) for i in picks]
         what = "calibration"
     elif mp is not None:
-        seqs = tune.document_sequences(mp.start, mp.documents) if len(mp.documents) >= 2 else \
-            [torch.tensor(mp.start + list(d)) for d in mp.documents]
+        seqs = [torch.tensor((mp.start + list(d))[:tune.SEQ_TOKENS]) for d in mp.documents]
         what = "self-written"
     else:
         return None, "no text to measure the model's sensitivity on (--prior tokenizer, no --calibration)"

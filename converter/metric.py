@@ -89,8 +89,9 @@ def check_memory(reader) -> None:
 
 
 def from_model(gguf_path, seqs, what: str, seed: int, progress: bool, n_embd: int) -> Metric:
+    """The metric of the Fisher diagonal over `seqs` (1-D token tensors; SEQUENCES of a text
+    spread over it are enough, see above)."""
     start = time.perf_counter()
-    seqs = _spread(seqs, SEQUENCES)
     diag, positions = fisher_diagonal(gguf_path, seqs, seed, progress)
     if diag.shape != (n_embd,):
         raise CarvqError(f"the model's input has {diag.shape[0]} dimensions, the embedding {n_embd}")
@@ -100,14 +101,6 @@ def from_model(gguf_path, seqs, what: str, seed: int, progress: bool, n_embd: in
                   f"each dimension weighted by the model's Fisher information ({positions:,} positions of {len(seqs)} "
                   f"{what} sequences, weights {weight.min():.2f}..{weight.max():.2f} x the mean, "
                   f"{time.perf_counter() - start:.0f} s)")
-
-
-def _spread(seqs, count: int) -> list:
-    """`count` of `seqs` spread evenly over them (a calibration text's sequences run in order)."""
-    seqs = list(seqs)
-    if len(seqs) <= count:
-        return seqs
-    return [seqs[int(i)] for i in np.linspace(0, len(seqs) - 1, count).round()]
 
 
 def scale_rows(M: np.ndarray, scale: np.ndarray) -> None:

@@ -140,3 +140,15 @@ def test_without_memory_for_the_model_the_fit_is_uniform(tiny_gguf, workdir, cal
                      progress=False, force=True, calibration=calibration, fit_metric="fisher")
     note = next(n for n in report.notes if "alike" in n)
     assert "GiB are available" in note, note
+
+
+def test_the_metric_is_the_same_for_the_same_seed(tiny_gguf):
+    """--seed's promise (the same file for the same input and seed) holds through the model run."""
+    import torch
+
+    from carvq.converter import metric
+
+    seqs = [torch.arange(2, 60), torch.arange(7, 90)]
+    n = metric.fisher_diagonal(tiny_gguf("llama"), seqs[:1], 0, False)[0].shape[0]
+    a, b, c = (metric.from_model(tiny_gguf("llama"), seqs, "test", seed, False, n).scale for seed in (1, 1, 2))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
