@@ -139,18 +139,34 @@ def trim(t: CarvqTensors, M: np.ndarray, w: np.ndarray, floor: int, budget_bytes
                  f"measured gain ({kept} levels; {len(sizes)} tiers)")
 
 
+# The fit a tiered configuration trims is the bench's family at its bpw plus this much (where the
+# family applies): deeper hot levels (4) on more rows give the trim more to choose from. Measured
+# (docs/RESULTS.md, session 13): Gemma-3 1.6 bpw KLD 0.0956 -> 0.0773 (an L4 +4 fit instead of
+# L4 +2), 2.1 bpw 0.0596 -> 0.0475 (L5 +4 instead of L5 +2); SmolLM2 the same within noise
+# (0.1217 / 0.1246, 0.0559 / 0.0558; 3.0 bpw from L7 +4 0.0264 / 0.0262).
+PARENT_EXTRA_BPW = 0.9
+
+
 def deeper_fit(cfg: Config, n_vocab: int, n_embd: int) -> tuple[Config, int, float] | None:
-    """The tiered form of configuration `cfg` (what carvq convert does by default): (the fit:
-    cfg with one level more and the same hot rows, the floor: one level fewer than cfg, the
-    bpw to trim to: cfg's own), or None where tiers do not apply (an adaptor, 16 levels, or
-    codebooks that leave no bytes for tier rows).
-    At 1.6 and 2.1 bpw this is the trim measured best on SmolLM2 and Gemma-3 (docs/RESULTS.md)."""
+    """The tiered form of configuration `cfg` (what carvq convert does by default): (the fit,
+    the floor: one level fewer than cfg, the bpw to trim to: cfg's own), or None where tiers do
+    not apply (an adaptor, 16 levels, or codebooks that leave no bytes for tier rows). The fit
+    is the bench's family at cfg's bpw + PARENT_EXTRA_BPW where cfg has its group size (d = 8)
+    and that family has one level more than cfg, else cfg with one level more and its hot rows."""
+    from carvq.converter.search import GROUP_SIZE, measured_point
+
     if cfg.adaptor_rank or cfg.levels >= fmt.MAX_LEVELS:
         return None
-    fit = replace(cfg, levels=cfg.levels + 1)
+    target = cfgmod.bpw(cfg, n_vocab, n_embd)
+    fit = None
+    if cfg.group_size == GROUP_SIZE:
+        fit = measured_point(replace(cfg, hot_rows=0, hot_bpw=1.0), n_vocab, n_embd, target + PARENT_EXTRA_BPW)
+        if fit is not None:
+            fit = fit.resolve_hot(n_vocab, n_embd)
+    if fit is None or fit.levels != cfg.levels + 1:  # (3.0 and 4.0 bpw: the family is 2 levels deeper there, not measured better)
+        fit = replace(cfg, levels=cfg.levels + 1)
     depth = fit.levels + (fit.hot_levels if fit.hot_rows else 0)
     floor = max(1, cfg.levels - 1, depth - fmt.MAX_HOT_TIERS)
-    target = cfgmod.bpw(cfg, n_vocab, n_embd)
     fixed = _fixed_bytes(n_vocab, n_embd // cfg.group_size, floor, depth, cfg.codebook_size, cfg.group_size,
                          cfgmod.TYPE_BYTES[cfg.codebook_type])
     if floor >= fit.levels or fixed >= target * n_vocab * n_embd / 8:

@@ -171,3 +171,26 @@ def test_a_tiered_lookup_screens_with_its_first_tier(tiered_tiny):
     out, _, _ = tiered_tiny
     assert len(fmt.read_tensors(out).layout.tier_rows) >= 2
     _check_candidates(out, False, k=24)
+
+
+@pytest.mark.parametrize("V, n", [(49152, 576), (262144, 640)])  # SmolLM2's and Gemma-3's shapes
+def test_the_tiered_default_trims_the_wider_fit_measured_best(V, n):
+    """deeper_fit: at 1.6 and 2.1 bpw the bench's family at 2.5 and 3.0 bpw (4 hot levels on more
+    rows; Gemma-3 KLD -19 % and -20 %), at 3.0 the point one level deeper; an explicit group
+    size keeps its own, one level deeper; an adaptor has no tiers."""
+    from dataclasses import replace
+
+    from carvq.converter import config as cfgmod
+    from carvq.converter import search, tiers
+    from carvq.converter.config import Config
+
+    for target, (levels, hot_levels, floor) in {1.6: (4, 4, 2), 2.1: (5, 4, 3), 3.0: (6, 4, 4)}.items():
+        cfg = search.measured_point(Config(), V, n, target)
+        fit, got_floor, trim_to = tiers.deeper_fit(cfg, V, n)
+        assert (fit.levels, fit.hot_levels, got_floor) == (levels, hot_levels, floor), target
+        assert trim_to == pytest.approx(cfgmod.bpw(cfg, V, n)) and trim_to <= target
+        assert cfgmod.bpw(fit, V, n) > target  # the fit is wider than the budget; the trim brings it back
+    own = Config(group_size=4, levels=2, hot_bpw=0.1).resolve_hot(V, n)
+    fit, got_floor, _ = tiers.deeper_fit(own, V, n)
+    assert (fit.group_size, fit.levels, fit.hot_rows, got_floor) == (4, 3, own.hot_rows, 1)
+    assert tiers.deeper_fit(replace(own, adaptor_rank=4, adaptor_hidden=64), V, n) is None
