@@ -153,8 +153,9 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
     or "tokenizer" (a Zipf prior over the vocabulary's order; no model run). trim_to: cut the fit
     to this lookup bpw in hot tiers (converter/tiers.py, format v4), every row keeping at least
     tier_floor levels (default: the fit's levels minus 2, at least 1). tiered: without trim_to,
-    fit the configuration one level deeper and trim it to the configuration's own size in hot
-    tiers, every row keeping at least one level fewer (tiers.deeper_fit; the CLI's default).
+    fit one level deeper than the configuration (tiers.deeper_fit: up to 2.1 bpw the family's
+    point at its bpw + 0.9) and trim it to the configuration's own size in hot tiers, every row
+    keeping at least one level fewer (the CLI's default).
     fit_metric: "fisher" weights each embedding dimension by the model's Fisher information
     (converter/metric.py; the CLI's default), "uniform" counts every dimension alike."""
     start = time.perf_counter()

@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--head-type", help="type of the output.weight written for a tied model (default: Q5_0, or a byte "
                                        "copy of the source embedding when that is as small); the source type keeps the head exact")
     c.add_argument("--tiers", action=argparse.BooleanOptionalAction, default=True,
-                   help="hot rows in tiers (format v4): fit one level deeper than the configuration and trim it back to "
+                   help="hot rows in tiers (format v4): fit one level deeper than the configuration (up to 2.1 bpw the "
+                        "--target-bpw family's point at its bpw + 0.9, wider hot rows) and trim it back to "
                         "the configuration's size, every row keeping the levels that lower its token-weighted error "
                         "most, at least one level fewer than the configuration (default; at 1.6 bpw KLD -18 %% on "
                         "SmolLM2, -26 %% on Gemma-3, docs/RESULTS.md). --no-tiers: one hot set (format v2); without an "
