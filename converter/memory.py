@@ -27,14 +27,3 @@ def trim() -> None:
     if fn is not None:
         fn(0)
 
-
-def available_bytes() -> int | None:
-    """MemAvailable of /proc/meminfo (Linux), or None where there is no such file."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None

@@ -81,10 +81,10 @@ def fisher_diagonal(gguf_path, seqs, seed: int, progress: bool) -> tuple[np.ndar
 def check_memory(reader) -> None:
     """Refuse (CarvqError, the conversion then goes on in the uniform metric) a model whose float32
     copies in PyTorch would not fit in the memory available now."""
-    from carvq.converter.memory import available_bytes
+    from carvq.runtime import model as runtime_model  # the runtime's own check before it loads a model
 
     need = LOAD_COPIES * 4 * sum(int(t.n_elements) for t in reader.tensors)
-    have = available_bytes()
+    have = runtime_model._available_memory()
     if have is not None and need > have:
         raise CarvqError(f"running the model in PyTorch would take about {need / 2**30:.1f} GiB, "
                          f"{have / 2**30:.1f} GiB are available")

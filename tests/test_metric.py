@@ -132,10 +132,10 @@ def test_the_cli_fits_in_the_fisher_metric_by_default():
 def test_without_memory_for_the_model_the_fit_is_uniform(tiny_gguf, workdir, calibration, monkeypatch):
     """Where the float32 model would not fit in the memory available, the conversion goes on in
     the uniform metric and says why."""
-    from carvq.converter import memory
     from carvq.converter.convert import convert
+    from carvq.runtime import model as model_mod
 
-    monkeypatch.setattr(memory, "available_bytes", lambda: 1024)  # the tiny model needs about a MB
+    monkeypatch.setattr(model_mod, "_available_memory", lambda: 1024)  # the tiny model needs about a MB
     report = convert(tiny_gguf("llama"), workdir / "metric-nomem.gguf", tiny_config("llama"), iters=1, seed=0,
                      progress=False, force=True, calibration=calibration, fit_metric="fisher")
     note = next(n for n in report.notes if "alike" in n)
