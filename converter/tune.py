@@ -15,6 +15,8 @@ where the mass is, and it keeps no V-wide reference in memory.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +59,26 @@ class TuneResult:
                 f"{self.held_out_kl_after:.4f} ({kept})")
 
 
+@contextlib.contextmanager
+def _gguf_loader_bar(progress: bool):
+    """transformers' GGUF loader draws a tqdm bar of its own, which its progress switch does not
+    reach: without progress (`carvq convert -q`) it is turned off here, so that stderr holds
+    only what carvq says."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as loader
+    except ImportError:
+        loader = None
+    bar = getattr(loader, "tqdm", None)
+    if progress or bar is None:
+        yield
+        return
+    loader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        loader.tqdm = bar
+
+
 def load_frozen(gguf_path: Path, progress: bool):
     """The source model in float32 PyTorch, every parameter frozen."""
     try:
@@ -69,7 +91,9 @@ def load_frozen(gguf_path: Path, progress: bool):
     transformers.utils.logging.set_verbosity_error()
     gguf_path = Path(gguf_path).resolve()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+        with _gguf_loader_bar(progress):
+            model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                         dtype=torch.float32)
     except (ValueError, KeyError, NotImplementedError) as exc:
         raise CarvqError(f"--tune-steps: transformers cannot run this GGUF in PyTorch ({exc})") from None
     model.eval()
