@@ -26,4 +26,3 @@ def trim() -> None:
     fn = _malloc_trim()
     if fn is not None:
         fn(0)
-

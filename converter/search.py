@@ -7,7 +7,8 @@ that is a large budget). A budget gets the most levels that still leave hot rows
 the points scored there (L2+2, L3+2, L4+2, L5+4, L7+4); up to 3.0 they measured best, on
 SmolLM2 and Gemma-3 alike, of one hot set each. With hot tiers (the default) the converter then
 fits one level deeper (up to 2.1 bpw the family's point at the budget + 0.9 bpw, wider hot
-rows) and trims it back to the budget (converter/tiers.py, deeper_fit); the bench's "CARVQ tiers" rows are exactly `--target-bpw X` as it is.
+rows) and trims it back to the budget (converter/tiers.py, deeper_fit); the bench's "CARVQ
+tiers" rows are exactly `--target-bpw X` as it is.
 
 The older search ranked every (d, L) by a reconstruction proxy, and for Gemma-3 at 1.6 bpw it
 chose d=16 L=6, which measured worse by KLD (docs/RESULTS.md, session 8): a matrix error does

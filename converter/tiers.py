@@ -160,10 +160,10 @@ def deeper_fit(cfg: Config, n_vocab: int, n_embd: int) -> tuple[Config, int, flo
     target = cfgmod.bpw(cfg, n_vocab, n_embd)
     fit = None
     if cfg.group_size == GROUP_SIZE:
+        # hot rows from a budget (any positive hot_bpw: measured_point sets the budget and the rows)
         fit = measured_point(replace(cfg, hot_rows=0, hot_bpw=1.0), n_vocab, n_embd, target + PARENT_EXTRA_BPW)
-        if fit is not None:
-            fit = fit.resolve_hot(n_vocab, n_embd)
-    if fit is None or fit.levels != cfg.levels + 1:  # (3.0 and 4.0 bpw: the family is 2 levels deeper there, not measured better)
+    if fit is None or fit.levels != cfg.levels + 1:
+        # (3.0 and 4.0 bpw: the family is two levels deeper there, not measured better)
         fit = replace(cfg, levels=cfg.levels + 1)
     depth = fit.levels + (fit.hot_levels if fit.hot_rows else 0)
     floor = max(1, cfg.levels - 1, depth - fmt.MAX_HOT_TIERS)
