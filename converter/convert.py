@@ -100,8 +100,8 @@ def _fit_metric(reader, gguf_path: Path, tokens, mp: model_prior.ModelPrior | No
     else:
         return None, "no text to measure the model's sensitivity on (--prior tokenizer, no --calibration)"
     try:
-        metric.check_memory(reader)
-        return metric.from_model(gguf_path, seqs, what, seed, progress, n_embd), ""
+        dtype = metric.pass_dtype(reader, max(int(s.numel()) for s in seqs))
+        return metric.from_model(gguf_path, seqs, what, seed, progress, n_embd, reader, dtype), ""
     except CarvqError as exc:
         return None, str(exc)
     except (RuntimeError, ValueError, KeyError, IndexError, TypeError, OSError) as exc:
@@ -224,6 +224,7 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
     prior_w, prior_how, notes, mp = _prior(reader, gguf_path, int(embd.shape[1]), prior, seed, progress, documents)
     tokens = _calibration_tokens(gguf_path, Path(calibration), int(embd.shape[1])) if calibration is not None else None
     sens = None
+    memory.trim()
     if fit_metric == "fisher":
         sens, why = _fit_metric(reader, gguf_path, tokens, mp, seed, progress, int(embd.shape[0]))
         notes.append(sens.how if sens is not None else f"every dimension weighted alike: {why}")
@@ -274,7 +275,7 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
         gio.release_pages(reader, embd)
     if tune_steps:
         seqs, kind = _tuning_sequences(tokens, mp)
-        notes.append(tune.tune(gguf_path, fit.tensors, seqs, tune_steps, seed, progress, kind).note())
+        notes.append(tune.tune(gguf_path, fit.tensors, seqs, tune_steps, seed, progress, kind, reader).note())
         memory.trim()
     errors = ErrorStats.measure(M, fit.tensors, w)
     memory.trim()

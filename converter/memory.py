@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
 
 
 @functools.lru_cache(maxsize=1)
@@ -23,6 +24,9 @@ def _malloc_trim():
 
 
 def trim() -> None:
+    # reference cycles first: the source model that wrote the prior's documents (its llama.cpp
+    # context, about 0.6 GB on Gemma-3) waited in one for the collector until the Fisher pass
+    gc.collect()
     fn = _malloc_trim()
     if fn is not None:
         fn(0)

@@ -34,9 +34,25 @@ from carvq.errors import CarvqError
 # 2 s on SmolLM2, 6 s on Gemma-3, on 2 cores). SmolLM2 L3 +2 at 1.6 bpw: KLD 0.1585 with 8
 # sequences, 0.1544 with 32 (docs/RESULTS.md, session 13).
 SEQUENCES = 16
-# transformers' GGUF loader holds about two float32 copies of the model while it loads (Gemma-3-
-# 270M: 2.5 GB peak, 1.5 GB after): the Fisher is skipped where that would not fit in memory
-LOAD_COPIES = 2.5
+# The Fisher pass's memory (converter/torch_model.py loads one copy of the model). Issue 14 bounds a
+# conversion's peak at 3x the float32 embedding; a small model's fixed costs (Python, PyTorch,
+# llama.cpp: about 0.4 GB) exceed that whatever it does, so the bound is at least FIXED_BUDGET.
+# Where float32 would pass the bound the model runs in bfloat16 (SmolLM2: the diagonal's log
+# correlates 0.999 with float32's, the same 2 % spread as another seed; Gemma-3's float32 pass
+# would have peaked at 2.0 GB, over its 1.9 GB bound), and where that would too, in the uniform metric.
+BOUND_X_EMBEDDING = 3.0
+FIXED_BUDGET = 1.5 * 2**30
+FIXED_COSTS = 0.45e9  # the converter's RSS before the pass: Gemma-3 0.35 GB, SmolLM2 0.28 GB
+# transformers parses the file's metadata itself while it loads (gguf-py keeps a NumPy view per
+# vocabulary entry: Gemma-3's 262144 tokens took 0.7 GB), beside the blocks' tensors
+PARSE_BYTES_PER_TOKEN = 2800
+# activations: per position and layer ACTIVATION_VALUES x (12 n + 4 ffn) values of the pass's
+# dtype, the decoder's saved tensors with a margin, and HEAD_COPIES float32 copies of a chunk's logits
+# (Gemma-3 measured 0.63 GB over its float32 parameters, SmolLM2 about 0.5 GB)
+ACTIVATION_VALUES = 1.3
+HEAD_COPIES = 6
+# positions whose logits the Fisher pass holds at once (see _label_gradient)
+HEAD_CHUNK = 32
 # Floor of a dimension's weight, relative to the mean: a dimension no sequence moved still counts
 FLOOR = 0.05
 
@@ -47,14 +63,16 @@ class Metric:
     how: str  # for the report
 
 
-def fisher_diagonal(gguf_path, seqs, seed: int, progress: bool) -> tuple[np.ndarray, int]:
+def fisher_diagonal(gguf_path, seqs, seed: int, progress: bool, reader=None,
+                    dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, int]:
     """(E[g_j^2] over the positions of `seqs` (a list of 1-D token tensors), positions used)."""
     from tqdm import tqdm
 
-    from carvq.converter.tune import load_frozen
+    from carvq.converter import torch_model
 
-    model = load_frozen(gguf_path, progress)
-    embed = model.get_input_embeddings()
+    model = torch_model.load_frozen(gguf_path, progress, dtype=dtype, reader=reader)
+    torch_model.check_head_logits(model, seqs[0])
+    embed, decoder = model.get_input_embeddings(), model.get_decoder()
     gen = torch.Generator().manual_seed(seed)
     total = None
     positions = 0
@@ -64,12 +82,10 @@ def fisher_diagonal(gguf_path, seqs, seed: int, progress: bool) -> tuple[np.ndar
         with torch.no_grad():
             x = embed(tokens.unsqueeze(0))  # Gemma's layer scales by sqrt(n): a constant factor of g
         x.requires_grad_(True)
-        logits = model(inputs_embeds=x).logits[0, :-1].float()
-        with torch.no_grad():
-            labels = torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
-        torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
+        hidden = decoder(inputs_embeds=x).last_hidden_state[0]
+        hidden.backward(_label_gradient(model, hidden.detach(), gen))
         # position 0 (BOS): see the module's docstring; the last one has no label, no gradient
-        g = x.grad[0, 1:-1].double()
+        g = x.grad[0, 1:-1].double()  # bfloat16 too: its squares summed in float64
         total = (g * g).sum(0) if total is None else total + (g * g).sum(0)
         positions += g.shape[0]
     del model
@@ -78,23 +94,66 @@ def fisher_diagonal(gguf_path, seqs, seed: int, progress: bool) -> tuple[np.ndar
     return (total / positions).numpy(), positions
 
 
-def check_memory(reader) -> None:
-    """Refuse (CarvqError, the conversion then goes on in the uniform metric) a model whose float32
-    copies in PyTorch would not fit in the memory available now."""
+def _label_gradient(model, hidden: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """d/d hidden of the sum over positions (all but the last) of -log p(label), each label drawn
+    from the model's own distribution there; HEAD_CHUNK positions at a time, so that no more than
+    HEAD_CHUNK x V logits exist at once (Gemma-3: 255 positions of 262144 logits were 0.27 GB a
+    copy, and the loss's backward makes several)."""
+    from carvq.converter.torch_model import head_logits
+
+    grad = torch.zeros_like(hidden)
+    for a in range(0, hidden.shape[0] - 1, HEAD_CHUNK):
+        b = min(hidden.shape[0] - 1, a + HEAD_CHUNK)
+        h = hidden[a:b].clone().requires_grad_(True)
+        with torch.enable_grad():
+            logits = head_logits(model, h).float()
+            with torch.no_grad():
+                labels = torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
+            torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
+        grad[a:b] = h.grad
+    return grad
+
+
+def pass_dtype(reader, seq_tokens: int, available: int | None = None) -> torch.dtype:
+    """The dtype the Fisher pass runs the model in (float32, else bfloat16) within the
+    conversion's memory bound and the memory available now; CarvqError (the conversion then goes
+    on in the uniform metric) where neither fits."""
+    import gguf
+
+    from carvq import gguf_io as gio
+    from carvq.converter.torch_model import OWN_TENSORS
     from carvq.runtime import model as runtime_model  # the runtime's own check before it loads a model
 
-    need = LOAD_COPIES * 4 * sum(int(t.n_elements) for t in reader.tensors)
-    have = runtime_model._available_memory()
-    if have is not None and need > have:
-        raise CarvqError(f"running the model in PyTorch would take about {need / 2**30:.1f} GiB, "
-                         f"{have / 2**30:.1f} GiB are available")
+    embd = gio.tensor_by_name(reader, gio.EMBD)
+    n, V = (int(x) for x in embd.shape[:2])
+    arch = gio.field_value(reader, gguf.Keys.General.ARCHITECTURE)
+    layers = int(gio.field_value(reader, f"{arch}.block_count", 1))
+    ffn = gio.field_value(reader, f"{arch}.feed_forward_length", 4 * n)
+    ffn = int(max(ffn)) if isinstance(ffn, list) else int(ffn)
+    elements = sum(int(t.n_elements) for t in reader.tensors)
+    block_elements = elements - sum(int(t.n_elements) for t in reader.tensors if t.name in OWN_TENSORS)
+    rss = FIXED_COSTS  # not this process's RSS: the same input must give the same file (--seed)
+    available = runtime_model._available_memory() if available is None else available
+    bound = max(BOUND_X_EMBEDDING * 4 * V * n, FIXED_BUDGET)
+    for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
+        loading = PARSE_BYTES_PER_TOKEN * V + size * block_elements
+        running = size * (elements + ACTIVATION_VALUES * seq_tokens * layers * (12 * n + 4 * ffn)) + \
+            4 * HEAD_COPIES * HEAD_CHUNK * V  # the logits are float32 in either dtype
+        extra = max(loading, running)
+        if rss + extra <= bound and (available is None or extra <= available):
+            return dtype
+    why = (f"{(rss + extra) / 2**30:.1f} GiB in all, above the conversion's bound of {bound / 2**30:.1f} GiB "
+           f"(3x the float32 embedding, at least {FIXED_BUDGET / 2**30:.1f})" if rss + extra > bound
+           else f"{available / 2**30:.1f} GiB are available")
+    raise CarvqError(f"running the model in PyTorch would take about {extra / 2**30:.1f} GiB more even in bfloat16: {why}")
 
 
-def from_model(gguf_path, seqs, what: str, seed: int, progress: bool, n_embd: int) -> Metric:
+def from_model(gguf_path, seqs, what: str, seed: int, progress: bool, n_embd: int, reader=None,
+               dtype: torch.dtype = torch.float32) -> Metric:
     """The metric of the Fisher diagonal over `seqs` (1-D token tensors; SEQUENCES of a text
     spread over it are enough, see above)."""
     start = time.perf_counter()
-    diag, positions = fisher_diagonal(gguf_path, seqs, seed, progress)
+    diag, positions = fisher_diagonal(gguf_path, seqs, seed, progress, reader, dtype)
     if diag.shape != (n_embd,):
         raise CarvqError(f"the model's input has {diag.shape[0]} dimensions, the embedding {n_embd}")
     weight = np.maximum(diag / diag.mean(), FLOOR)
@@ -102,6 +161,7 @@ def from_model(gguf_path, seqs, what: str, seed: int, progress: bool, n_embd: in
     return Metric(np.sqrt(weight).astype(np.float32),
                   f"each dimension weighted by the model's Fisher information ({positions:,} positions of {len(seqs)} "
                   f"{what} sequences, weights {weight.min():.2f}..{weight.max():.2f} x the mean, "
+                  f"{'the model in bfloat16 for memory, ' if dtype == torch.bfloat16 else ''}"
                   f"{time.perf_counter() - start:.0f} s)")
 
 

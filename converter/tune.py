@@ -15,8 +15,6 @@ where the mass is, and it keeps no V-wide reference in memory.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 
 from carvq import reference
 from carvq.errors import CarvqError
+from carvq.converter.torch_model import load_frozen
 from carvq.format import CarvqTensors, unpack_codes
 
 SEQ_TOKENS = 256
@@ -57,49 +56,6 @@ class TuneResult:
                 f"{'up to ' if self.text != 'calibration' else ''}{SEQ_TOKENS} tokens "
                 f"in {self.seconds:.0f} s: KL on {HELD_OUT_SEQS} held-out sequences {self.held_out_kl_before:.4f} -> "
                 f"{self.held_out_kl_after:.4f} ({kept})")
-
-
-@contextlib.contextmanager
-def _gguf_loader_bar(progress: bool):
-    """transformers' GGUF loader draws a tqdm bar of its own, which its progress switch does not
-    reach: without progress (`carvq convert -q`) it is turned off here, so that stderr holds
-    only what carvq says."""
-    try:
-        import transformers.modeling_gguf_pytorch_utils as loader
-    except ImportError:
-        loader = None
-    bar = getattr(loader, "tqdm", None)
-    if progress or bar is None:
-        yield
-        return
-    loader.tqdm = functools.partial(bar, disable=True)
-    try:
-        yield
-    finally:
-        loader.tqdm = bar
-
-
-def load_frozen(gguf_path: Path, progress: bool):
-    """The source model in float32 PyTorch, every parameter frozen."""
-    try:
-        import transformers
-        from transformers import AutoModelForCausalLM
-    except ImportError as exc:  # the converter's extra brings it
-        raise CarvqError(f"--tune-steps needs transformers ({exc}); pip install 'carvq[convert]'") from None
-    if not progress:
-        transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    gguf_path = Path(gguf_path).resolve()
-    try:
-        with _gguf_loader_bar(progress):
-            model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                         dtype=torch.float32)
-    except (ValueError, KeyError, NotImplementedError) as exc:
-        raise CarvqError(f"--tune-steps: transformers cannot run this GGUF in PyTorch ({exc})") from None
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 def calibration_sequences(ids: np.ndarray, opening: list[int], seq_tokens: int = SEQ_TOKENS) -> torch.Tensor:
@@ -197,7 +153,7 @@ def _kl(model, lookup: Lookup, scale: float, tokens: torch.Tensor, ref) -> torch
 
 
 def tune(gguf_path: Path, tensors: CarvqTensors, seqs, steps: int, seed: int, progress: bool = True,
-         text: str = "calibration") -> TuneResult:
+         text: str = "calibration", reader=None) -> TuneResult:
     """Tune `tensors`' codebooks in place by `steps` Adam steps, one sequence of `seqs` each
     (calibration_sequences or document_sequences);
     the state with the least KL on the held-out sequences (checked every CHECK_EVERY steps, the
@@ -205,7 +161,7 @@ def tune(gguf_path: Path, tensors: CarvqTensors, seqs, steps: int, seed: int, pr
     from tqdm import tqdm
 
     start = time.perf_counter()
-    model = load_frozen(gguf_path, progress)
+    model = load_frozen(gguf_path, progress, reader=reader)
     embed = model.get_input_embeddings()
     # Gemma's embedding layer scales its rows by sqrt(n); inputs_embeds bypass it
     scale = float(getattr(embed, "embed_scale", 1.0))

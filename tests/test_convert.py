@@ -478,3 +478,20 @@ def test_screen_index_needs_calibration_text(tiny_gguf, tmp_path):
     with pytest.raises(CarvqError, match="--screen-index needs --calibration"):
         convert(tiny_gguf("llama"), out, tiny_config("llama"), iters=1, progress=False, screen=True)
     assert not out.exists()
+
+
+def test_open_gguf_reads_every_field_as_gguf_py_does(tiny_gguf):
+    """gguf_io keeps each field's value, not gguf-py's per-element arrays (0.7 GB for Gemma-3's
+    vocabulary): names, types and contents stay gguf-py's."""
+    import gguf
+
+    from carvq import gguf_io as gio
+
+    path = tiny_gguf("gemma3")
+    ours, theirs = gio.open_gguf(path), gguf.GGUFReader(path)
+    assert list(ours.fields) == list(theirs.fields)
+    for name, field in theirs.fields.items():
+        mine = ours.get_field(name)
+        assert (mine.name, mine.types, mine.contents()) == (field.name, field.types, field.contents()), name
+    tokens = theirs.fields["tokenizer.ggml.tokens"]
+    assert ours.get_field("tokenizer.ggml.tokens").contents(5) == tokens.contents(5)

@@ -38,7 +38,7 @@ def test_the_frozen_model_reads_inputs_as_its_embedding_layer_does(arch, tiny_gg
     computes from token ids, or the tuning would fit another model than llama.cpp runs."""
     import torch
 
-    from carvq.converter.tune import load_frozen
+    from carvq.converter.torch_model import load_frozen
 
     model = load_frozen(tiny_gguf(arch), progress=False)
     embed = model.get_input_embeddings()

@@ -319,9 +319,9 @@ def _hot_tiers(reader, version: int) -> tuple[int, ...]:
 def _check_model_shape(reader, arch: str, layout: Layout) -> None:
     """V and n must be the model's: its vocabulary size and its embedding width."""
     tokens = reader.get_field("tokenizer.ggml.tokens")
-    if tokens is not None and len(tokens.data) != layout.n_vocab:
+    if tokens is not None and len(tokens.contents()) != layout.n_vocab:
         raise CarvqError(f"CARVQ tensor {Tensor.CODES} has {layout.n_vocab} rows, but the vocabulary has "
-                         f"{len(tokens.data)} tokens")
+                         f"{len(tokens.contents())} tokens")
     width = gio.field_value(reader, f"{arch}.embedding_length")
     if width is not None and int(width) != layout.n_embd:
         raise CarvqError(f"CARVQ tensor {Tensor.CODEBOOKS} decodes rows of width {layout.n_embd}, but the model's "

@@ -43,6 +43,24 @@ def _plain_view_reader():
     return PlainViewReader
 
 
+class _Field:
+    """A metadata field as carvq reads it (name, types, contents()), without gguf-py's arrays:
+    its reader keeps one NumPy view per element of an array of strings, 0.7 GB for Gemma-3's
+    262144-token vocabulary, which then sat under every phase of a conversion (issue 14's bound
+    is 3x the float32 embedding, 1.9 GB there). The values are read once, as Python objects."""
+
+    __slots__ = ("name", "offset", "types", "_value")
+
+    def __init__(self, field):
+        self.name, self.offset, self.types = field.name, field.offset, list(field.types)
+        self._value = field.contents()
+
+    def contents(self, index_or_slice: int | slice = slice(None)):
+        if isinstance(self._value, list):
+            return self._value[index_or_slice]
+        return self._value
+
+
 def open_gguf(path: str | os.PathLike):
     """gguf.GGUFReader of `path`, read-only, or CarvqError with one readable line."""
     path = Path(path)
@@ -56,6 +74,7 @@ def open_gguf(path: str | os.PathLike):
         raise CarvqError(f"{path}: not a GGUF file (magic {magic!r})")
     try:
         reader = _plain_view_reader()(path, "r")
+        reader.fields = type(reader.fields)((name, _Field(f)) for name, f in reader.fields.items())
     except Exception as exc:  # gguf-py raises many kinds on damaged input
         raise CarvqError(f"{path}: damaged or truncated GGUF ({type(exc).__name__}: {exc})") from None
     size = path.stat().st_size
