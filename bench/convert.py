@@ -1,4 +1,5 @@
-"""Convert SmolLM2-135M-Instruct and Gemma-3-270M (both from PyPI) at --target-bpw 1.6.
+"""Convert SmolLM2-135M-Instruct and Gemma-3-270M (both from PyPI) as a new user does (`carvq
+convert` with no flags), or at --target-bpw X.
 
 Records wall time (and rows/s), peak memory (and its ratio to the F32 embedding), bpw and both reconstruction errors; writes
 bench/results/convert.json and a Markdown table (bench/results/convert.md) for the README.
@@ -29,12 +30,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {"smollm2": ("SmolLM2-135M-Instruct", models.smollm2), "gemma3": ("Gemma-3-270M", models.gemma3_270m)}
 
 
-def convert_one(name: str, src: Path, target: float) -> dict:
-    out = cache_dir() / "bench" / f"{name}.target{target}.carvq.gguf"
+def convert_one(name: str, src: Path, target: float | None) -> dict:
+    out = cache_dir() / "bench" / f"{name}.{'default' if target is None else f'target{target}'}.carvq.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    flags = [] if target is None else ["--target-bpw", str(target)]
     proc = subprocess.Popen([sys.executable, "-m", "carvq.cli", "convert", str(src), "-o", str(out), "--force", "-q",
-                             "--target-bpw", str(target)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             errors="replace", cwd=RESULTS)
     stdout, stderr = proc.stdout.read(), proc.stderr.read()  # -q: the report and a few lines
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS, not the max of all children
@@ -55,9 +57,18 @@ def convert_one(name: str, src: Path, target: float) -> dict:
         "head_bpw": grab(r"head copy \(\w+\)\s+[\d,]+\s+([\d.]+)") if "head copy (" in report else 0.0,
         "rel_error": grab(r"relative error \(Frobenius\)\s+([\d.]+)"),
         "weighted_rel_error": grab(r"relative error \(token-weighted\)\s+([\d.]+)"),
-        "config": re.search(r"config: (.*)", report).group(1).strip(),
+        "config": re.search(r"^\s*(?:config|fit[^:]*): (.*)", report, re.M).group(1).strip(),
+        "metric": _metric(report),
         "report": report,
     }
+
+
+def _metric(report: str) -> str:
+    """The fit's metric as the report's note gives it: Fisher (its dtype and time) or uniform."""
+    note = re.search(r"note: each dimension weighted by the model's Fisher information.*?(\d+) s\)", report)
+    if note is None:
+        return "uniform"
+    return f"Fisher ({'bfloat16' if 'bfloat16' in note.group(0) else 'float32'}, {note.group(1)} s)"
 
 
 def machine() -> str:
@@ -76,7 +87,7 @@ def machine() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--target-bpw", type=float, default=1.6)
+    ap.add_argument("--target-bpw", type=float, default=None, help="default: none (the default conversion)")
     args = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
     rows = []
@@ -87,11 +98,12 @@ def main() -> None:
         print(rows[-1]["report"], flush=True)
     meta = {"date": date.today().isoformat(), "machine": machine(), "python": platform.python_version()}
     (RESULTS / "convert.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = [f"Measured {meta['date']} on {meta['machine']}.", "",
-             "| model | config chosen | lookup bpw | head copy bpw | rel. error | weighted rel. error | wall time | rows/s | peak RSS (x F32 embedding) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    how = "`carvq convert` with no flags" if args.target_bpw is None else f"`carvq convert --target-bpw {args.target_bpw}`"
+    lines = [f"Measured {meta['date']} on {meta['machine']}; {how}.", "",
+             "| model | config chosen | fit's metric (Fisher pass) | lookup bpw | head copy bpw | rel. error | weighted rel. error | wall time | rows/s | peak RSS (x F32 embedding) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['config']} | {r['lookup_bpw']:.4f} | {r['head_bpw']:.3f} | {r['rel_error']:.4f} | "
+        lines.append(f"| {r['model']} | {r['config']} | {r['metric']} | {r['lookup_bpw']:.4f} | {r['head_bpw']:.3f} | {r['rel_error']:.4f} | "
                      f"{r['weighted_rel_error']:.4f} | {r['wall_s']:.0f} s | {r['rows_per_s']:,} | "
                      f"{r['peak_rss_mib']:.0f} MiB ({r['peak_over_f32']:.2f}x) |")
     (RESULTS / "convert.md").write_text("\n".join(lines) + "\n")
