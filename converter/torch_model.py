@@ -1,14 +1,15 @@
-"""The source model in PyTorch, read from its GGUF by transformers, in one float32 copy.
+"""The source model in PyTorch, read from its GGUF by transformers, in one copy.
 
-transformers' own `from_pretrained(gguf_file=)` dequantizes every tensor whole (gguf-py's
-vectorised dequantize holds several float32 temporaries of the tensor's size), copies each into
-a state dict, and then copies the state dict into a model: Gemma-3-270M (a 0.67 GB float32
-embedding) peaked at 2.5 GB while loading, above issue 14's bound of 3x the float32 embedding
-for the whole conversion. Here transformers still reads the configuration and every tensor but
-the V x n ones (its tensor-name mapping and per-architecture processing are what it is for), the
-model is built without memory (accelerate's empty weights) and takes those tensors as they are
-(`assign`), and the embedding (and an untied head) come from carvq's own chunked dequantize,
-shared with PyTorch without a copy.
+transformers' own `from_pretrained(gguf_file=)` dequantizes every tensor into a float32 state
+dict, copying each (its largest, the embedding, is then held twice for a moment), while its
+parse of the file's metadata is alive (gguf-py keeps a NumPy view per vocabulary entry: 0.7 GB
+for Gemma-3's 262144 tokens): Gemma-3-270M (a 0.67 GB float32 embedding) peaked at 2.5 GB
+while loading, above issue 14's bound of 3x the float32 embedding for the whole conversion.
+Here transformers still reads the configuration and every tensor but the V x n ones (its
+tensor-name mapping and per-architecture processing are what it is for), the model is built
+without memory (accelerate's empty weights) and takes those tensors as they are (`assign`), and
+the embedding (and an untied head) come from carvq's own chunked dequantize, shared with
+PyTorch without a copy.
 """
 from __future__ import annotations
 

@@ -230,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the fit counts an error in each embedding dimension: 'fisher' by the source model's "
                         "sensitivity to it (its Fisher information, from gradients through the model in PyTorch on 16 "
                         "sequences of the calibration text or on the 8 documents it writes for the prior; at 1.6 bpw "
-                        "KLD -27 %% on SmolLM2, -28 %% on Gemma-3, docs/RESULTS.md), 'uniform' all alike (default: "
-                        "fisher)")
+                        "KLD -27 %% on SmolLM2, -28 %% on Gemma-3, docs/RESULTS.md; the model runs in float32, or in "
+                        "bfloat16 where float32 would take the conversion above 3x the float32 embedding, and not at "
+                        "all, with a note, where bfloat16 would too), 'uniform' all alike (default: fisher)")
     c.add_argument("--trim-to", type=float, metavar="BPW",
                    help="then trim the fit to this lookup bpw in hot tiers (format v4): every row keeps between "
                         "--tier-floor levels and the fit's own, the levels going where they lower the token-weighted "
