@@ -21,7 +21,7 @@ from carvq.converter.body import quantize_body
 from carvq.converter.config import DEFAULT_ITERS, Config
 from carvq.converter.head import default_head_type, head_tensor
 from carvq.converter.report import ErrorStats, Report
-from carvq.converter.search import choose_config
+from carvq.converter.search import check_target, choose_config
 from carvq.errors import CarvqError
 
 
@@ -218,6 +218,8 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
     head_src = gio.tensor_by_name(reader, gio.HEAD)
     if head_src is not None and tuple(int(x) for x in head_src.shape[:2]) != tuple(int(x) for x in embd.shape[:2]):
         raise CarvqError(f"{src}: {gio.HEAD} has shape {tuple(head_src.shape)}, {gio.EMBD} {tuple(embd.shape)}")
+    if target_bpw is not None:
+        check_target(base, int(embd.shape[1]), int(embd.shape[0]), target_bpw)
     # the source model writes its documents before the embedding is unpacked: its context and
     # logits then add nothing to the conversion's peak
     documents = TUNE_DOCUMENTS if tune_steps and calibration is None else model_prior.DOCUMENTS

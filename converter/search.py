@@ -44,6 +44,23 @@ def measured_point(base: Config, V: int, n: int, target_bpw: float) -> Config | 
     return None
 
 
+def _candidates(base: Config, V: int, n: int, target_bpw: float) -> list[Config]:
+    options = cfgmod.candidates(base, V, n, target_bpw)
+    if not options and base.adaptor_rank:
+        options = cfgmod.candidates(base.without_adaptor(), V, n, target_bpw)
+    if not options:
+        floor = cfgmod.bpw(replace(base.without_adaptor(), group_size=max(d for d in range(1, 17) if n % d == 0), levels=1), V, n)
+        raise CarvqError(f"--target-bpw {target_bpw}: impossible for a {V}x{n} embedding (the smallest CARVQ is {floor:.3f} bpw)")
+    return options
+
+
+def check_target(base: Config, V: int, n: int, target_bpw: float) -> None:
+    """CarvqError where no configuration fits `target_bpw`: checked before any model runs (the
+    prior's documents and the Fisher pass take half a minute on SmolLM2)."""
+    if measured_point(base, V, n, target_bpw) is None:
+        _candidates(base, V, n, target_bpw)
+
+
 def choose_config(M, w, base: Config, target_bpw: float, seed: int, progress: bool) -> tuple[Config, list[str]]:
     """measured_point where it applies; otherwise the best candidate of config.candidates by train.proxy_error, and notes on the choice.
     What the chosen levels leave of the budget goes to hot rows (when they come from a budget)."""
@@ -53,12 +70,7 @@ def choose_config(M, w, base: Config, target_bpw: float, seed: int, progress: bo
         return point, [f"--target-bpw {target_bpw}: the bench's measured family, d={point.group_size} L={point.levels}; "
                        f"the {point.hot_bpw:.3f} bpw the levels leave pay for {point.hot_rows} hot rows with "
                        f"{point.hot_levels} more levels"]
-    options = cfgmod.candidates(base, V, n, target_bpw)
-    if not options and base.adaptor_rank:
-        options = cfgmod.candidates(base.without_adaptor(), V, n, target_bpw)
-    if not options:
-        floor = cfgmod.bpw(replace(base.without_adaptor(), group_size=max(d for d in range(1, 17) if n % d == 0), levels=1), V, n)
-        raise CarvqError(f"--target-bpw {target_bpw}: impossible for a {V}x{n} embedding (the smallest CARVQ is {floor:.3f} bpw)")
+    options = _candidates(base, V, n, target_bpw)
     from tqdm import tqdm
 
     scored = []

@@ -81,6 +81,23 @@ def test_impossible_target_bpw(tmp_path, tiny_gguf):
     assert_clean_failure(proc, out, "impossible")
 
 
+def test_impossible_target_bpw_is_refused_before_the_model_runs(tmp_path, tiny_gguf, monkeypatch):
+    """The prior's documents and the Fisher pass take half a minute on a real model: a budget no
+    configuration meets is refused before them."""
+    from carvq.converter import convert as convert_mod
+    from carvq.errors import CarvqError
+
+    def no_model_run(*args, **kwargs):
+        raise AssertionError("the model ran before the budget was checked")
+
+    monkeypatch.setattr(convert_mod, "_prior", no_model_run)
+    out = tmp_path / "out.gguf"
+    with pytest.raises(CarvqError, match="impossible"):
+        convert_mod.convert(tiny_gguf("llama"), out, tiny_config("llama"), target_bpw=0.05, progress=False,
+                            fit_metric="fisher")
+    assert not out.exists()
+
+
 def test_output_equals_input(tmp_path, tiny_gguf):
     src = tmp_path / "same.gguf"
     src.write_bytes(tiny_gguf("llama").read_bytes())
