@@ -39,7 +39,7 @@ SEQUENCES = 16
 # llama.cpp: about 0.4 GB) exceed that whatever it does, so the bound is at least FIXED_BUDGET.
 # Where float32 would pass the bound the model runs in bfloat16 (SmolLM2: the diagonal's log
 # correlates 0.999 with float32's, the same 2 % spread as another seed; Gemma-3's float32 pass
-# would have peaked at 2.0 GB, over its 1.9 GB bound), and where that would too, in the uniform metric.
+# measured 2.0 GB, right at its bound of 3 x 0.67 GB), and where that would too, in the uniform metric.
 BOUND_X_EMBEDDING = 3.0
 FIXED_BUDGET = 1.5 * 2**30
 FIXED_COSTS = 0.45e9  # the converter's RSS before the pass: Gemma-3 0.35 GB, SmolLM2 0.28 GB
@@ -116,8 +116,8 @@ def _label_gradient(model, hidden: torch.Tensor, gen: torch.Generator) -> torch.
 
 def pass_dtype(reader, seq_tokens: int, available: int | None = None) -> torch.dtype:
     """The dtype the Fisher pass runs the model in (float32, else bfloat16) within the
-    conversion's memory bound and the memory available now; CarvqError (the conversion then goes
-    on in the uniform metric) where neither fits."""
+    conversion's memory bound and `available` bytes (default: MemAvailable now); CarvqError (the
+    conversion then goes on in the uniform metric) where neither fits."""
     import gguf
 
     from carvq import gguf_io as gio
