@@ -23,7 +23,7 @@ from carvq.converter import memory
 from carvq.errors import CarvqError
 
 # the V x n tensors carvq dequantizes itself (GGUF names)
-OWN_TENSORS = ("token_embd.weight", "output.weight")
+OWN_TENSORS = (gio.EMBD, gio.HEAD)
 
 
 @contextlib.contextmanager
@@ -53,7 +53,7 @@ def _gguf_tensor_loop(progress: bool, skip: tuple[str, ...]):
 
 
 def _own_tensor(reader, name: str, dtype: torch.dtype) -> torch.Tensor | None:
-    tensor = next((t for t in reader.tensors if t.name == name), None)
+    tensor = gio.tensor_by_name(reader, name)
     if tensor is None:
         return None
     array = gio.dequantize(tensor)  # chunks of rows into one float32 array
@@ -91,10 +91,10 @@ def load_frozen(gguf_path: Path, progress: bool, dtype: torch.dtype = torch.floa
     except (ValueError, KeyError, NotImplementedError, TypeError, AttributeError) as exc:
         raise CarvqError(f"transformers cannot run this GGUF in PyTorch ({type(exc).__name__}: {exc})") from None
     reader = reader if reader is not None else gio.open_gguf(gguf_path)
-    embedding = _own_tensor(reader, "token_embd.weight", dtype)
-    head = _own_tensor(reader, "output.weight", dtype)
+    embedding = _own_tensor(reader, gio.EMBD, dtype)
+    head = _own_tensor(reader, gio.HEAD, dtype)
     if embedding is None:
-        raise CarvqError(f"{gguf_path.name} has no token_embd.weight")
+        raise CarvqError(f"{gguf_path.name} has no {gio.EMBD}")
     _set_weight(model.get_input_embeddings(), embedding, "the embedding")
     if head is not None:
         _set_weight(model.get_output_embeddings(), head, "the output head")
