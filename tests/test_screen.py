@@ -258,6 +258,29 @@ def test_select_wide_score_ranges(libs):
             assert got == k and np.array_equal(ids, screen.topk(s, k)), (spread, n, k)
 
 
+def test_select_on_vocabulary_sized_scores(lib):
+    """Vocabulary-sized inputs take the fast path (a sampled cut, then the exact threshold among
+    the rows above it); ties, an all-equal vector and a cut the sample misjudges fall back to the
+    full histogram. Either way: exactly the reference's rows, in id order."""
+    ffi, clib = lib
+    rng = np.random.default_rng(5)
+    n_cases = 0
+    for n in (49152, 262144):
+        normal = (20000 + rng.normal(0, 3000, n)).astype(np.int32)
+        frequent_first = normal.copy()
+        frequent_first[: n // 16] += 4000  # low ids score high, as frequent tokens do
+        coarse = rng.integers(0, 40, n).astype(np.int32)  # every score shared by thousands of rows
+        for s in (normal, frequent_first, coarse, np.full(n, 7, np.int32)):
+            for k in (1, 40, 1024, 8192, 16384, 30000):
+                sel = np.full(k, -1, np.int32)
+                hist = np.empty(65536, np.uint32)
+                m = clib.carvq_screen_select(_ptr(ffi, "int32_t *", s), n, k, _ptr(ffi, "int32_t *", sel),
+                                             _ptr(ffi, "uint32_t *", hist))
+                assert m == k and np.array_equal(sel, np.sort(screen.topk(s, k))), (n, k, s[:4])
+                n_cases += 1
+    assert n_cases == 48
+
+
 def test_scores_approximate_the_logits(libs):
     """score * scale + bias is the codes' logit h . row, up to the table rounding."""
     rng = np.random.default_rng(3)

@@ -340,6 +340,28 @@ const uint8_t * llama_carvq_head_rows::row(int64_t id, uint8_t * scratch) {
 #endif
 }
 
+static void carvq_prefetch_bytes(const void * p, size_t n) {
+#if defined(__GNUC__)
+    for (size_t i = 0; i < n; i += 64) {
+        __builtin_prefetch((const char *) p + i);
+    }
+#else
+    (void) p;
+    (void) n;
+#endif
+}
+
+void llama_carvq_head_rows::prefetch_slot(int64_t id) const {
+    carvq_prefetch_bytes(&slot_of[id], 1);
+}
+
+void llama_carvq_head_rows::prefetch_row(int64_t id) const {
+    const int32_t slot = slot_of[id].load(std::memory_order_relaxed);
+    if (slot >= 0) {
+        carvq_prefetch_bytes(slab.get() + (size_t) slot * row_bytes, row_bytes);
+    }
+}
+
 void llama_carvq_head_rows::evict_if_full() {
     if (next_free.load(std::memory_order_relaxed) < n_free) {
         return;
@@ -809,7 +831,7 @@ static char * carvq_candidate_ids(const ggml_tensor * exact_t, int64_t p) {
 // through ggml-cpu's vec_dot of the head's own type (as its dense mul_mat does); plane 1 the
 // candidates' ids (int32 bits, increasing), for the logits op. src[0] the scores, src[1] the
 // hidden states, src[2] the head. Every thread selects the same k rows (the selection is exact
-// and deterministic, and cheaper than a barrier) and computes every nth of them; thread 0
+// and deterministic, and cheaper than a barrier) and computes a contiguous nth of them; thread 0
 // stores the ids.
 static void carvq_screen_exact_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const llama_carvq_screen & screen = *(const llama_carvq_screen *) userdata;
@@ -844,10 +866,23 @@ static void carvq_screen_exact_op(ggml_tensor * dst, int ith, int nth, void * us
             hv = sc.hq.data();
         }
         float * out = (float *) ((char *) dst->data + p * dst->nb[1]);
-        for (int64_t i = ith; i < m; i += nth) {
-            const int32_t id = sc.ids[(size_t) i];
-            const uint8_t * cached = rows != nullptr ? rows->row(id, sc.row.data()) : nullptr;
-            const char * row = cached != nullptr ? (const char *) cached : (const char *) w->data + id * w->nb[1];
+        // a contiguous share of the candidates per thread (neighbouring logits are one thread's
+        // writes), their rows hinted ahead: slot entries 16 rows ahead, the rows' bytes 8 ahead
+        const int64_t i0 = m * ith / nth, i1 = m * (ith + 1) / nth;
+        const int32_t * ids = sc.ids.data();
+        for (int64_t i = i0; i < i1; ++i) {
+            if (rows != nullptr) {
+                if (i + 16 < i1) {
+                    rows->prefetch_slot(ids[i + 16]);
+                }
+                if (i + 8 < i1) {
+                    rows->prefetch_row(ids[i + 8]);
+                }
+            } else if (i + 8 < i1) {
+                carvq_prefetch_bytes((const char *) w->data + ids[i + 8] * w->nb[1], w->nb[1]);
+            }
+            const uint8_t * cached = rows != nullptr ? rows->row(ids[i], sc.row.data()) : nullptr;
+            const char * row = cached != nullptr ? (const char *) cached : (const char *) w->data + ids[i] * w->nb[1];
             tr->vec_dot((int) n, out + i, 0, row, 0, hv, 0, 1);
         }
     }

@@ -53,6 +53,10 @@ struct llama_carvq_head_rows {
     // Row `id`'s bytes, from the cache or read into it (into `scratch`, row_bytes long, when no slot
     // is free); nullptr when the read fails. The caller holds `mutex` shared.
     const uint8_t * row(int64_t id, uint8_t * scratch);
+    // Hints for a row about to be read: its slot entry, then (once that is in cache) its bytes.
+    // A cached row's bytes sit at a random slot, so reading rows one after another waits on memory.
+    void prefetch_slot(int64_t id) const;
+    void prefetch_row(int64_t id) const;
     void evict_if_full(); // takes `mutex` exclusively when no slot is free
 };
 
