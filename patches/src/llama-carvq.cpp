@@ -263,15 +263,17 @@ static void carvq_load_screen_index(llama_model_base & model, llama_model_loader
 
 llama_carvq_head_rows::~llama_carvq_head_rows() {
 #if defined(CARVQ_HEAD_ROWS_PREAD)
-    if (fd >= 0) {
-        close(fd);
+    for (int f : fd) {
+        if (f >= 0) {
+            close(f);
+        }
     }
 #endif
 }
 
 bool llama_carvq_head_rows::allocate(int64_t rows) {
     capacity = std::min(rows, n_rows);
-    if (fd < 0 || capacity < 1 || row_bytes == 0) {
+    if (fd[0] < 0 || capacity < 1 || row_bytes == 0) {
         capacity = 0;
         return false;
     }
@@ -312,7 +314,7 @@ static bool carvq_pread_all(int fd, uint8_t * dst, size_t n, size_t offset) {
 }
 #endif
 
-const uint8_t * llama_carvq_head_rows::row(int64_t id, uint8_t * scratch) {
+const uint8_t * llama_carvq_head_rows::row(int64_t id, uint8_t * scratch, int lane) {
 #if defined(CARVQ_HEAD_ROWS_PREAD)
     const int32_t slot = slot_of[id].load(std::memory_order_acquire);
     if (slot >= 0) {
@@ -324,7 +326,8 @@ const uint8_t * llama_carvq_head_rows::row(int64_t id, uint8_t * scratch) {
     const int64_t i = next_free.fetch_add(1, std::memory_order_relaxed);
     const int32_t mine = i < n_free ? free_slots[i] : -1;
     uint8_t * dst = mine >= 0 ? slab.get() + (size_t) mine * row_bytes : scratch;
-    if (!carvq_pread_all(fd, dst, row_bytes, offset + (size_t) id * row_bytes)) {
+    const int f = fd[lane % LLAMA_CARVQ_HEAD_FDS] >= 0 ? fd[lane % LLAMA_CARVQ_HEAD_FDS] : fd[0];
+    if (!carvq_pread_all(f, dst, row_bytes, offset + (size_t) id * row_bytes)) {
         return nullptr; // the slot stays free (row_of -1): the next eviction hands it out again
     }
     if (mine >= 0) {
@@ -336,6 +339,7 @@ const uint8_t * llama_carvq_head_rows::row(int64_t id, uint8_t * scratch) {
 #else
     (void) id;
     (void) scratch;
+    (void) lane;
     return nullptr;
 #endif
 }
@@ -387,8 +391,9 @@ void llama_carvq_head_rows::evict_if_full() {
 }
 
 // A lazily mapped output.weight (llama_carvq_tensor_flags) gets a file descriptor of its own for
-// the screened head's pread: a new open file description where /proc allows it, so that its
-// random-access advice does not change the loader's sequential one.
+// the screened head's pread: new open file descriptions where /proc allows it (else a dup), so
+// that their random-access advice does not change the loader's sequential one, and so that the
+// graph's threads do not share one (LLAMA_CARVQ_HEAD_FDS).
 static void carvq_open_head_rows(llama_model_loader & ml, llama_carvq & carvq) {
 #if defined(CARVQ_HEAD_ROWS_PREAD)
     const ggml_tensor * meta = ml.get_tensor_meta("output.weight");
@@ -407,12 +412,19 @@ static void carvq_open_head_rows(llama_model_loader & ml, llama_carvq & carvq) {
         return; // the mapping serves the rows
     }
     auto rows = std::make_unique<llama_carvq_head_rows>();
-    rows->fd = fd;
+    rows->fd[0] = fd;
+    for (int i = 1; i < LLAMA_CARVQ_HEAD_FDS; ++i) {
+        rows->fd[i] = open(path, O_RDONLY | O_CLOEXEC); // -1 where /proc is not there: fd[0] serves
+    }
     rows->offset = w->offs;
     rows->row_bytes = ggml_row_size(meta->type, meta->ne[0]);
     rows->n_rows = meta->ne[1];
 #if defined(POSIX_FADV_RANDOM)
-    posix_fadvise(fd, (off_t) w->offs, (off_t) ggml_nbytes(meta), POSIX_FADV_RANDOM);
+    for (int f : rows->fd) {
+        if (f >= 0) {
+            posix_fadvise(f, (off_t) w->offs, (off_t) ggml_nbytes(meta), POSIX_FADV_RANDOM);
+        }
+    }
 #endif
     carvq.screen.head_rows = std::move(rows);
 #else
@@ -446,6 +458,25 @@ static void carvq_drop_mapped_codes(const llama_carvq & carvq, const llama_model
     (void) carvq;
     (void) ml;
 #endif
+}
+
+// llama_carvq_screen::scan_work: a block costs its code bytes (G*L rounded up to even, 16 bytes
+// each); a hot row costs its share of a hot block's bytes and its scattered add to the scores
+static void carvq_screen_work_index(llama_carvq_screen & sc) {
+    const carvq_layout & l = sc.layout;
+    const int64_t G = l.n_embd / l.group_size, GL = G * l.levels, GLh = G * l.hot_levels;
+    const int64_t block_work = (GL + (GL & 1)) * 16, hot_row_work = (GLh + (GLh & 1)) * 16 / CARVQ_SCREEN_BLOCK + 8;
+    const int64_t n_blocks = (l.n_vocab + CARVQ_SCREEN_BLOCK - 1) / CARVQ_SCREEN_BLOCK;
+    const int32_t * hot_ids = l.hot_rows > 0 ? (const int32_t *) sc.hot_ids->data : nullptr;
+    sc.scan_work.assign((size_t) n_blocks + 1, 0);
+    int64_t j = 0;
+    for (int64_t b = 0; b < n_blocks; ++b) {
+        int64_t hot = 0;
+        for (; hot_ids && j < l.hot_rows && hot_ids[j] < (b + 1) * CARVQ_SCREEN_BLOCK; ++j) {
+            ++hot;
+        }
+        sc.scan_work[(size_t) b + 1] = sc.scan_work[(size_t) b] + block_work + hot * hot_row_work;
+    }
 }
 
 static const char * carvq_env(const char * name, const char * fallback) {
@@ -653,6 +684,7 @@ void llama_carvq_check_data(llama_carvq & carvq, const llama_model_loader & ml) 
         sc.hot_blocks.resize((size_t) carvq_screen_hot_blocks_nbytes(&sc.layout));
         carvq_screen_hot_relayout(&sc.layout, (const uint8_t *) sc.hot_codes->data, sc.hot_blocks.data());
     }
+    carvq_screen_work_index(sc);
     carvq_drop_mapped_codes(carvq, ml);
     if (sc.head_rows && !sc.head_rows->allocate(carvq_head_cache_rows(*sc.head_rows, carvq_screen_k(sc, false)))) {
         sc.head_rows.reset();
@@ -751,14 +783,18 @@ static const float * carvq_column(const ggml_tensor * t, int64_t p) {
 }
 
 // dst (I32 [V, n_out]) = every row's screen score; src[0] the hidden states. Thread ith scans
-// a contiguous range of blocks and adds the hot levels of the hot rows inside it.
+// a contiguous range of blocks, an nth of the work, and adds the hot levels of the hot rows inside it.
 static void carvq_screen_scan_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const llama_carvq_screen & c = *(const llama_carvq_screen *) userdata;
     const carvq_layout & l = c.layout;
     const ggml_tensor * cur = dst->src[0];
     const int64_t n_blocks = (l.n_vocab + CARVQ_SCREEN_BLOCK - 1) / CARVQ_SCREEN_BLOCK;
-    const int64_t per = (n_blocks + nth - 1) / nth;
-    const int64_t b0 = per * ith, b1 = std::min(n_blocks, b0 + per);
+    // equal shares of the work (llama_carvq_screen::scan_work), in whole blocks
+    const int64_t * work = c.scan_work.data();
+    const auto share_start = [&](int64_t t) {
+        return t >= nth ? n_blocks : (int64_t) (std::lower_bound(work, work + n_blocks, work[n_blocks] * t / nth) - work);
+    };
+    const int64_t b0 = share_start(ith), b1 = share_start(ith + 1);
     if (ith == 0 && c.head_rows) {
         c.head_rows->evict_if_full(); // before the exact op, which reads the cache with this graph's threads
     }
@@ -831,8 +867,10 @@ static char * carvq_candidate_ids(const ggml_tensor * exact_t, int64_t p) {
 // through ggml-cpu's vec_dot of the head's own type (as its dense mul_mat does); plane 1 the
 // candidates' ids (int32 bits, increasing), for the logits op. src[0] the scores, src[1] the
 // hidden states, src[2] the head. Every thread selects the same k rows (the selection is exact
-// and deterministic, and cheaper than a barrier) and computes a contiguous nth of them; thread 0
-// stores the ids.
+// and deterministic, and cheaper than a barrier) and computes an nth of them; thread 0 stores
+// the ids.
+#define CARVQ_EXACT_RUN 64 // candidates a thread takes at a time
+
 static void carvq_screen_exact_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const llama_carvq_screen & screen = *(const llama_carvq_screen *) userdata;
     llama_carvq_head_rows * rows = screen.head_rows.get();
@@ -866,22 +904,31 @@ static void carvq_screen_exact_op(ggml_tensor * dst, int ith, int nth, void * us
             hv = sc.hq.data();
         }
         float * out = (float *) ((char *) dst->data + p * dst->nb[1]);
-        // a contiguous share of the candidates per thread (neighbouring logits are one thread's
-        // writes), their rows hinted ahead: slot entries 16 rows ahead, the rows' bytes 8 ahead
-        const int64_t i0 = m * ith / nth, i1 = m * (ith + 1) / nth;
+        // the candidates in runs of CARVQ_EXACT_RUN dealt out in turn: a thread writes whole
+        // cache lines of logits, and each gets its share of the rare rows, which the row cache
+        // misses more often (read with pread). The rows are hinted ahead in the thread's own
+        // order: slot entries 16 candidates ahead, the rows' bytes 8 ahead.
         const int32_t * ids = sc.ids.data();
-        for (int64_t i = i0; i < i1; ++i) {
-            if (rows != nullptr) {
-                if (i + 16 < i1) {
-                    rows->prefetch_slot(ids[i + 16]);
-                }
-                if (i + 8 < i1) {
-                    rows->prefetch_row(ids[i + 8]);
-                }
-            } else if (i + 8 < i1) {
-                carvq_prefetch_bytes((const char *) w->data + ids[i + 8] * w->nb[1], w->nb[1]);
+        const auto nth_own = [&](int64_t j) { // the thread's j-th candidate
+            return (ith + (j / CARVQ_EXACT_RUN) * nth) * CARVQ_EXACT_RUN + j % CARVQ_EXACT_RUN;
+        };
+        for (int64_t j = 0;; ++j) {
+            const int64_t i = nth_own(j);
+            if (i >= m) {
+                break;
             }
-            const uint8_t * cached = rows != nullptr ? rows->row(ids[i], sc.row.data()) : nullptr;
+            const int64_t i8 = nth_own(j + 8), i16 = nth_own(j + 16);
+            if (rows != nullptr) {
+                if (i16 < m) {
+                    rows->prefetch_slot(ids[i16]);
+                }
+                if (i8 < m) {
+                    rows->prefetch_row(ids[i8]);
+                }
+            } else if (i8 < m) {
+                carvq_prefetch_bytes((const char *) w->data + ids[i8] * w->nb[1], w->nb[1]);
+            }
+            const uint8_t * cached = rows != nullptr ? rows->row(ids[i], sc.row.data(), ith) : nullptr;
             const char * row = cached != nullptr ? (const char *) cached : (const char *) w->data + ids[i] * w->nb[1];
             tr->vec_dot((int) n, out + i, 0, row, 0, hv, 0, 1);
         }

@@ -29,8 +29,13 @@ struct llama_model;
 // The cache holds whole rows. When it has no free slot left, the next scan evicts the rows no
 // exact op has read since the previous eviction (a clock with one reference bit); until then a
 // row that finds no slot is read into the caller's scratch. POSIX only (elsewhere: the mapping).
+// File descriptions the row cache reads through: the graph's threads take them in turn. Threads
+// reading through one share its reference count, which every pread takes and drops: with two
+// threads reading misses at once, that cache line went back and forth between the cores.
+#define LLAMA_CARVQ_HEAD_FDS 4
+
 struct llama_carvq_head_rows {
-    int     fd        = -1;
+    int     fd[LLAMA_CARVQ_HEAD_FDS] = { -1, -1, -1, -1 }; // fd[0] always open, the others where /proc allows
     size_t  offset    = 0; // of output.weight in the file
     size_t  row_bytes = 0;
     int64_t n_rows    = 0;
@@ -52,7 +57,8 @@ struct llama_carvq_head_rows {
     bool allocate(int64_t rows); // false (and no cache) when rows < 1
     // Row `id`'s bytes, from the cache or read into it (into `scratch`, row_bytes long, when no slot
     // is free); nullptr when the read fails. The caller holds `mutex` shared.
-    const uint8_t * row(int64_t id, uint8_t * scratch);
+    // `lane` (the thread's index) picks the file description.
+    const uint8_t * row(int64_t id, uint8_t * scratch, int lane);
     // Hints for a row about to be read: its slot entry, then (once that is in cache) its bytes.
     // A cached row's bytes sit at a random slot, so reading rows one after another waits on memory.
     void prefetch_slot(int64_t id) const;
@@ -72,6 +78,9 @@ struct llama_carvq_screen {
     const ggml_tensor * hot_codebooks = nullptr;
     const ggml_tensor * projection    = nullptr; // F32 {n, n}: tables from h @ P
     std::vector<uint8_t> blocks, hot_blocks;
+    // scan_work[b]: the scan's work for blocks [0, b) (code bytes, the hot rows' included), so
+    // that threads split the scan by work, not by blocks: frequent tokens, the hot rows, have low ids
+    std::vector<int64_t> scan_work;
     std::unique_ptr<llama_carvq_head_rows> head_rows; // null: the head's rows are read through its mapping
 
     bool enabled() const { return !blocks.empty(); }
