@@ -118,6 +118,15 @@ def test_head_rows_read_through_the_cache_are_the_mapped_rows(tiny_carvq, workdi
         assert np.array_equal(cached, mapped), f"CARVQ_HEAD_CACHE_MIB={mib}"
 
 
+def test_screened_logits_do_not_depend_on_the_thread_count(tiny_carvq):
+    """The threads split the scan by work and deal the candidates out in runs (docs/SCREEN.md):
+    any number of threads, more than the work has blocks or runs included, gives the same bits."""
+    path, _ = tiny_carvq("gemma3")
+    one = _logits(path, "screened", 40, n_threads=1)
+    for n_threads in (2, 3, 7):
+        assert np.array_equal(_logits(path, "screened", 40, n_threads=n_threads), one), n_threads
+
+
 def test_every_row_a_candidate_is_the_dense_head(tiny_carvq):
     path, report = tiny_carvq("phi3")
     dense = _logits(path, "dense")
