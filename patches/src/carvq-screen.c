@@ -397,22 +397,30 @@ void carvq_screen_hot_scan(const struct carvq_layout * l, const uint8_t * hot_bl
 
 // ---- top-k ------------------------------------------------------------------------------
 
-// Histogram threshold: the score S of the k-th best row and how many rows score above it.
-// Two histograms of at most CARVQ_SCREEN_HIST bins: a coarse one over the whole range (scores
-// shifted right until they fit), then an exact one inside the bin that holds the k-th row.
-static void carvq_screen_threshold(const int32_t * scores, int64_t n, int64_t k, uint32_t * hist,
-        int32_t * s_out, int64_t * above_out) {
+// The lowest and highest score, and the shift that fits their span into `bins` bins
+static int carvq_screen_span(const int32_t * scores, int64_t n, int64_t bins, int32_t * mn_out, int32_t * mx_out) {
     int32_t mn = scores[0], mx = scores[0];
     for (int64_t r = 1; r < n; ++r) {
         mn = scores[r] < mn ? scores[r] : mn;
         mx = scores[r] > mx ? scores[r] : mx;
     }
-    const uint32_t range = (uint32_t) ((int64_t) mx - mn);
     int shift = 0;
-    while ((range >> shift) >= CARVQ_SCREEN_HIST) {
+    while ((((int64_t) mx - mn) >> shift) >= bins) {
         ++shift;
     }
-    const int64_t bins = (int64_t) (range >> shift) + 1;
+    *mn_out = mn;
+    *mx_out = mx;
+    return shift;
+}
+
+// Histogram threshold: the score S of the k-th best row and how many rows score above it.
+// Two histograms of at most CARVQ_SCREEN_HIST bins: a coarse one over the whole range (scores
+// shifted right until they fit), then an exact one inside the bin that holds the k-th row.
+static void carvq_screen_threshold(const int32_t * scores, int64_t n, int64_t k, uint32_t * hist,
+        int32_t * s_out, int64_t * above_out) {
+    int32_t mn, mx;
+    const int shift = carvq_screen_span(scores, n, CARVQ_SCREEN_HIST, &mn, &mx);
+    const int64_t bins = (((int64_t) mx - mn) >> shift) + 1;
     memset(hist, 0, (size_t) bins * sizeof(uint32_t));
     for (int64_t r = 0; r < n; ++r) {
         hist[(uint32_t) ((int64_t) scores[r] - mn) >> shift]++;
@@ -448,15 +456,8 @@ static void carvq_screen_threshold(const int32_t * scores, int64_t n, int64_t k,
 // For the short lists of the fast path below, whose room in hist starts after those bins.
 static void carvq_screen_threshold_rounds(const int32_t * scores, int64_t n, int64_t k, uint32_t * hist,
         int32_t * s_out, int64_t * above_out) {
-    int32_t mn = scores[0], mx = scores[0];
-    for (int64_t r = 1; r < n; ++r) {
-        mn = scores[r] < mn ? scores[r] : mn;
-        mx = scores[r] > mx ? scores[r] : mx;
-    }
-    int shift = 0;
-    while ((((int64_t) mx - mn) >> shift) >= CARVQ_SCREEN_COARSE_BINS) {
-        ++shift;
-    }
+    int32_t mn, mx;
+    int shift = carvq_screen_span(scores, n, CARVQ_SCREEN_COARSE_BINS, &mn, &mx);
     // the k-th best row scores in [lo, lo + width)
     int64_t lo = mn, width = ((int64_t) mx - mn) + 1, above = 0;
     for (;;) {
@@ -547,15 +548,8 @@ static int32_t carvq_screen_cut_estimate(const int32_t * scores, int64_t n, int6
     if (n < 64 * STRIDE || k * 2 > cap) {
         return INT32_MIN;
     }
-    int32_t mn = scores[0], mx = scores[0];
-    for (int64_t r = 1; r < n; ++r) {
-        mn = scores[r] < mn ? scores[r] : mn;
-        mx = scores[r] > mx ? scores[r] : mx;
-    }
-    int shift = 0;
-    while ((((int64_t) mx - mn) >> shift) >= BINS) {
-        ++shift;
-    }
+    int32_t mn, mx;
+    const int shift = carvq_screen_span(scores, n, BINS, &mn, &mx);
     memset(hist, 0, BINS * sizeof(uint32_t));
     for (int64_t r = 0; r < n; r += STRIDE) {
         hist[(uint32_t) ((int64_t) scores[r] - mn) >> shift]++;
