@@ -3,6 +3,7 @@
 
 #include "carvq-screen.h"
 
+#include <assert.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -414,50 +415,15 @@ static int carvq_screen_span(const int32_t * scores, int64_t n, int64_t bins, in
 }
 
 // Histogram threshold: the score S of the k-th best row and how many rows score above it.
-// Two histograms of at most CARVQ_SCREEN_HIST bins: a coarse one over the whole range (scores
-// shifted right until they fit), then an exact one inside the bin that holds the k-th row.
-static void carvq_screen_threshold(const int32_t * scores, int64_t n, int64_t k, uint32_t * hist,
+// Rounds of a histogram of at most 2^bits bins (hist): the first over the whole range of scores
+// (shifted right until it fits), each next one inside the bin of the round before that holds the
+// k-th row, until a bin is one score wide. Two rounds at most with 16 bits (int32 scores).
+// inline: each of its two callers has its own constant `bits` (not inlined, the fast path took
+// 109 us instead of 93)
+static inline void carvq_screen_threshold(const int32_t * scores, int64_t n, int64_t k, uint32_t * hist, int bits,
         int32_t * s_out, int64_t * above_out) {
     int32_t mn, mx;
-    const int shift = carvq_screen_span(scores, n, CARVQ_SCREEN_HIST, &mn, &mx);
-    const int64_t bins = (((int64_t) mx - mn) >> shift) + 1;
-    memset(hist, 0, (size_t) bins * sizeof(uint32_t));
-    for (int64_t r = 0; r < n; ++r) {
-        hist[(uint32_t) ((int64_t) scores[r] - mn) >> shift]++;
-    }
-    int64_t above = 0, b = bins - 1;
-    while (above + hist[b] < k) { // the bin that holds the k-th best row
-        above += hist[b--];
-    }
-    int64_t lo = (int64_t) mn + ((int64_t) b << shift); // scores of bin b: [lo, lo + 2^shift)
-    if (shift > 0) {
-        const int64_t fine = (int64_t) 1 << shift;
-        memset(hist, 0, (size_t) fine * sizeof(uint32_t));
-        for (int64_t r = 0; r < n; ++r) {
-            const int64_t x = (int64_t) scores[r] - lo;
-            if (x >= 0 && x < fine) {
-                hist[x]++;
-            }
-        }
-        int64_t f = fine - 1;
-        while (above + hist[f] < k) {
-            above += hist[f--];
-        }
-        lo += f;
-    }
-    *s_out = (int32_t) lo;
-    *above_out = above;
-}
-
-#define CARVQ_SCREEN_COARSE_BINS 2048
-
-// The same threshold with a histogram of CARVQ_SCREEN_COARSE_BINS bins at most: rounds, each
-// inside the bin of the round before that holds the k-th row, until a bin is one score wide.
-// For the short lists of the fast path below, whose room in hist starts after those bins.
-static void carvq_screen_threshold_rounds(const int32_t * scores, int64_t n, int64_t k, uint32_t * hist,
-        int32_t * s_out, int64_t * above_out) {
-    int32_t mn, mx;
-    int shift = carvq_screen_span(scores, n, CARVQ_SCREEN_COARSE_BINS, &mn, &mx);
+    int shift = carvq_screen_span(scores, n, (int64_t) 1 << bits, &mn, &mx);
     // the k-th best row scores in [lo, lo + width)
     int64_t lo = mn, width = ((int64_t) mx - mn) + 1, above = 0;
     for (;;) {
@@ -478,11 +444,32 @@ static void carvq_screen_threshold_rounds(const int32_t * scores, int64_t n, int
         if (shift == 0) {
             break;
         }
-        shift = shift > 11 ? shift - 11 : 0; // 2^11 = CARVQ_SCREEN_COARSE_BINS
+        shift = shift > bits ? shift - bits : 0;
     }
     *s_out = (int32_t) lo;
     *above_out = above;
 }
+
+// The k rows scoring above S, or at S up to k (ties: the lower id first, as the ids come in
+// increasing order); above: how many score above S. row_ids[i] is the id of scores[i], or i
+// where row_ids is NULL. Returns their count.
+static int64_t carvq_screen_keep(const int32_t * scores, const uint32_t * row_ids, int64_t n, int64_t k,
+        int32_t S, int64_t above, int32_t * ids) {
+    int64_t m = 0, ties = k - above;
+    for (int64_t i = 0; i < n && m < k; ++i) {
+        if (scores[i] > S || (scores[i] == S && ties-- > 0)) {
+            ids[m++] = row_ids ? (int32_t) row_ids[i] : (int32_t) i;
+        }
+    }
+    return m;
+}
+
+// bins of the full path's histogram (all of hist) and of the fast path's (hist's room for its
+// lists starts after them)
+#define CARVQ_SCREEN_HIST_BITS 16
+static_assert((1 << CARVQ_SCREEN_HIST_BITS) == CARVQ_SCREEN_HIST, "CARVQ_SCREEN_HIST is 2^CARVQ_SCREEN_HIST_BITS bins");
+#define CARVQ_SCREEN_COARSE_BITS 11
+#define CARVQ_SCREEN_COARSE_BINS (1 << CARVQ_SCREEN_COARSE_BITS)
 
 // Rows with score >= t (a loop the compiler vectorizes)
 static int64_t carvq_screen_count_ge(const int32_t * scores, int64_t n, int32_t t) {
@@ -595,23 +582,11 @@ int64_t carvq_screen_select(const int32_t * scores, int64_t n, int64_t k, int32_
         for (int64_t i = 0; i < c; ++i) {
             sub[i] = scores[rows[i]];
         }
-        carvq_screen_threshold_rounds(sub, c, k, hist, &S, &above);
-        int64_t m = 0, ties = k - above;
-        for (int64_t i = 0; i < c && m < k; ++i) {
-            if (sub[i] > S || (sub[i] == S && ties-- > 0)) {
-                ids[m++] = (int32_t) rows[i];
-            }
-        }
-        return m;
+        carvq_screen_threshold(sub, c, k, hist, CARVQ_SCREEN_COARSE_BITS, &S, &above);
+        return carvq_screen_keep(sub, rows, c, k, S, above, ids);
     }
-    carvq_screen_threshold(scores, n, k, hist, &S, &above);
-    int64_t m = 0, ties = k - above; // rows scoring S that make the cut: the lowest ids
-    for (int64_t r = 0; r < n && m < k; ++r) {
-        if (scores[r] > S || (scores[r] == S && ties-- > 0)) {
-            ids[m++] = (int32_t) r;
-        }
-    }
-    return m;
+    carvq_screen_threshold(scores, n, k, hist, CARVQ_SCREEN_HIST_BITS, &S, &above);
+    return carvq_screen_keep(scores, NULL, n, k, S, above, ids);
 }
 
 // (score, id) as one sortable key: higher score first, then lower id

@@ -85,7 +85,7 @@ void carvq_screen_hot_add(const struct carvq_layout * l, const int32_t * hot_ids
 #define CARVQ_SCREEN_HIST 65536 // bins of the work histogram carvq_screen_select needs
 
 // The min(k, n) rows of highest score, ties broken by lower id, into ids in increasing id
-// order; returns their count. O(n): two or three passes and a histogram of CARVQ_SCREEN_HIST
+// order; returns their count. O(n): a few passes over the scores and a histogram of CARVQ_SCREEN_HIST
 // uint32 (hist, scratch).
 int64_t carvq_screen_select(const int32_t * scores, int64_t n, int64_t k, int32_t * ids, uint32_t * hist);
 
