@@ -33,6 +33,7 @@ struct llama_model;
 // reading through one share its reference count, which every pread takes and drops: with two
 // threads reading misses at once, that cache line went back and forth between the cores.
 #define LLAMA_CARVQ_HEAD_FDS 4
+static_assert(LLAMA_CARVQ_HEAD_FDS == 4, "llama_carvq_head_rows::fd's initializer lists one -1 per description");
 
 struct llama_carvq_head_rows {
     int     fd[LLAMA_CARVQ_HEAD_FDS] = { -1, -1, -1, -1 }; // fd[0] always open, the others where /proc allows
