@@ -16,7 +16,7 @@ import torch
 from carvq import format as fmt
 from carvq import gguf_io as gio
 from carvq.converter import config as cfgmod
-from carvq.converter import frequency, hf, memory, metric, model_prior, screen_index, tiers, train, tune
+from carvq.converter import frequency, hf, memory, metric, model_prior, polish, screen_index, tiers, train, tune
 from carvq.converter.body import quantize_body
 from carvq.converter.config import DEFAULT_ITERS, Config
 from carvq.converter.head import default_head_type, head_tensor
@@ -267,6 +267,8 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
     memory.trim()
     if trim_to is not None:
         fit.tensors, how = tiers.trim(fit.tensors, M, w, floor, trim_to * V * n / 8)
+        notes.append(how)
+        fit.tensors, how = polish.polish(fit.tensors, M, w, progress=progress)
         notes.append(how)
         memory.trim()
     if sens is not None:

@@ -194,3 +194,59 @@ def test_the_tiered_default_trims_the_wider_fit_measured_best(V, n):
     fit, got_floor, _ = tiers.deeper_fit(own, V, n)
     assert (fit.group_size, fit.levels, fit.hot_rows, got_floor) == (4, 3, own.hot_rows, 1)
     assert tiers.deeper_fit(replace(own, adaptor_rank=4, adaptor_hidden=64), V, n) is None
+
+
+def _weighted_error(M, w, t: fmt.CarvqTensors) -> float:
+    return float((w * ((M - reference.decode(t, np.arange(M.shape[0]))) ** 2).sum(1)).sum())
+
+
+@pytest.mark.parametrize("codebook_type", [np.float32, np.float16])
+def test_polish_lowers_the_error_and_keeps_the_layout(fit, tmp_path, codebook_type):
+    from carvq.converter import polish, tiers
+
+    M, w, t = fit
+    V, n = M.shape
+    t = fmt.CarvqTensors(t.layout, t.codes, t.codebooks.astype(codebook_type), hot_ids=t.hot_ids,
+                         hot_codes=t.hot_codes, hot_codebooks=t.hot_codebooks.astype(codebook_type))
+    trimmed, _ = tiers.trim(t, M, w, 2, 2.4 * V * n / 8)
+    polished, how = polish.polish(trimmed, M, w)
+    assert polished.layout == trimmed.layout and np.array_equal(polished.hot_ids, trimmed.hot_ids)
+    assert tiers.part_bytes(polished) == tiers.part_bytes(trimmed)  # same bytes: the bpw does not move
+    assert polished.codebooks.dtype == codebook_type and polished.hot_codebooks.dtype == codebook_type
+    before, after = _weighted_error(M, w, trimmed), _weighted_error(M, w, polished)
+    assert after < 0.97 * before, how  # random data: about -10 %
+    assert "polished" in how
+    # the note's figures are the decoded file's (the stored codebook type included)
+    assert f"{after:.4g}" in how
+    path = tmp_path / "polished.gguf"
+    _write_bare(path, polished)
+    back = fmt.read_tensors(path)
+    assert np.array_equal(reference.decode(back, np.arange(V)), reference.decode(polished, np.arange(V)))
+
+
+def test_polish_rounds_never_raise_the_error(fit):
+    from carvq.converter import polish, tiers
+
+    M, w, t = fit
+    V, n = M.shape
+    trimmed, _ = tiers.trim(t, M, w, 2, 2.0 * V * n / 8)
+    errs = [_weighted_error(M, w, polish.polish(trimmed, M, w, rounds=r)[0]) for r in range(4)]
+    assert errs[0] == pytest.approx(_weighted_error(M, w, trimmed), rel=1e-12)
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(errs, errs[1:])), errs
+
+
+def test_polish_refuses_tiers_that_are_not_nested(fit):
+    from carvq.converter import polish, tiers
+
+    M, w, t = fit
+    V, n = M.shape
+    trimmed, _ = tiers.trim(t, M, w, 2, 2.4 * V * n / 8)
+    lo = trimmed.layout
+    first, second = lo.tier_rows[0], lo.tier_rows[1]
+    ids = trimmed.hot_ids.copy()
+    outside = np.setdiff1d(np.arange(V), ids[:first])[:second].astype(np.int32)  # rows not in tier 0
+    ids[first:first + second] = outside
+    bad = fmt.CarvqTensors(lo, trimmed.codes, trimmed.codebooks, hot_ids=ids, hot_codes=trimmed.hot_codes,
+                           hot_codebooks=trimmed.hot_codebooks)
+    with pytest.raises(CarvqError, match="nested"):
+        polish.polish(bad, M, w)

@@ -1,0 +1,173 @@
+"""Polishing a trimmed fit: each level's codebooks refitted on the rows that keep it, each row
+re-encoded for the depth it keeps.
+
+The trim (converter/tiers.py) cuts every row of a deeper fit to a prefix of its levels. The fit
+made those levels for other rows and other depths: level k's codebooks are the centroids of
+the residuals of every row that had level k in the fit (the hot rows' levels those of the fit's
+hot set), and a row's codes are the beam search's best path through all of the fit's levels,
+of which the row now keeps only the first few. After the trim both can be made for what is
+kept, with the file's layout, byte count and decoder unchanged:
+
+- codebooks: level k's vector c of group g becomes the token-weighted mean, over the rows that
+  keep level k and chose c there, of what the row's other levels leave of it. With the codes
+  fixed that is the least-squares optimum of that one vector, so the weighted error cannot rise
+  (levels in order, each with the others' newest values, in the codebooks' stored type);
+- codes: every row beam-searched through exactly its own levels, kept only where it lowers
+  that row's error (the beam is not exhaustive).
+
+Measured (docs/RESULTS.md, session 16): SmolLM2 at 1.6 bpw KLD 0.1246 -> 0.106.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import numpy as np
+
+from carvq.errors import CarvqError
+from carvq.format import CarvqTensors, pack_codes, unpack_codes
+from carvq.gguf_io import row_chunks
+
+# Rounds of (codebooks, then codes). Two measured (session 16); each round costs about one beam
+# encoding of every row.
+ROUNDS = 2
+
+
+def expand(t: CarvqTensors) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes (V, G, D), codebooks (G, D, K, d) float32, depth (V,)) of a trimmed fit, D = L + T:
+    the shared levels, then one level per tier. Tiers must be nested (a row in tier t + 1 is in
+    tier t) with one level each, as tiers.trim writes them, so that a row's levels are a prefix."""
+    lo = t.layout
+    V, G, L = lo.n_vocab, lo.n_groups, lo.levels
+    sizes = lo.tier_rows if lo.hot_rows else ()
+    if sizes and lo.hot_levels != 1:
+        raise CarvqError("polishing works on trimmed fits (tiers of one level each)")
+    D = L + len(sizes)
+    codes = np.zeros((V, G, D), np.uint8)
+    codes[:, :, :L] = unpack_codes(t.codes, lo)
+    depth = np.full(V, L, np.int64)
+    cb = [np.asarray(t.codebooks, np.float32)]
+    if sizes:
+        hot = unpack_codes(t.hot_codes, lo.hot_layout())
+        hot_cb = np.asarray(t.hot_codebooks, np.float32).reshape(len(sizes), G, 1, lo.codebook_size, lo.group_size)
+        for tier, (start, rows) in enumerate(zip(lo.tier_starts(), sizes)):
+            ids = np.asarray(t.hot_ids[start:start + rows], np.int64)
+            if not np.all(depth[ids] == L + tier):
+                raise CarvqError("polishing needs nested tiers (each tier's rows in the tier before it)")
+            codes[ids, :, L + tier] = hot[start:start + rows, :, 0]
+            depth[ids] += 1
+            cb.append(hot_cb[tier])
+    return codes, np.concatenate(cb, axis=1), depth
+
+
+def _pack(t: CarvqTensors, codes: np.ndarray, cb: np.ndarray) -> CarvqTensors:
+    """t with codes and codebooks replaced (ids, layout and sizes unchanged)."""
+    lo = t.layout
+    L, dtype = lo.levels, np.asarray(t.codebooks).dtype
+    out = replace(t, codes=pack_codes(codes[:, :, :L]), codebooks=np.ascontiguousarray(cb[:, :L]).astype(dtype))
+    if lo.hot_rows:
+        ids = np.asarray(t.hot_ids, np.int64)
+        tier_of = np.repeat(np.arange(len(lo.tier_rows)), lo.tier_rows)
+        out.hot_codes = pack_codes(codes[ids, :, L + tier_of][:, :, None])
+        out.hot_codebooks = np.ascontiguousarray(cb[:, L:].transpose(1, 0, 2, 3)).reshape(-1, 1, *cb.shape[2:]).astype(dtype)
+    return out
+
+
+def _decode(cb: np.ndarray, codes: np.ndarray, depth: np.ndarray, skip: int = -1) -> np.ndarray:
+    """Rows (T, G, d): the sum of each row's first depth levels, level `skip` left out."""
+    T, G, D = codes.shape
+    acc = np.zeros((T, G, cb.shape[3]), np.float32)
+    g = np.arange(G)[None, :]
+    for k in range(D):
+        if k == skip:
+            continue
+        rows = np.nonzero(depth > k)[0]
+        if rows.size == T:
+            acc += cb[g, k, codes[:, :, k]]
+        elif rows.size:
+            acc[rows] += cb[g, k, codes[rows, :, k]]
+    return acc
+
+
+def weighted_error(M: np.ndarray, w: np.ndarray, codes: np.ndarray, cb: np.ndarray, depth: np.ndarray) -> float:
+    """sum_r w_r ||M_r - decode_r||^2."""
+    G, d = cb.shape[0], cb.shape[3]
+    total = 0.0
+    for a, b in row_chunks(M.shape[0]):
+        diff = np.asarray(M[a:b], np.float32).reshape(b - a, G, d) - _decode(cb, codes[a:b], depth[a:b])
+        total += float(np.dot(w[a:b], (diff * diff).sum((1, 2), dtype=np.float64)))
+    return total
+
+
+def _refit_level(M, w, codes, cb, depth, k: int, dtype) -> None:
+    """Level k's codebooks: each vector the weighted mean of what the other levels leave, over
+    the rows keeping level k that chose it; a vector no such row chose keeps its value."""
+    G, K, d = cb.shape[0], cb.shape[2], cb.shape[3]
+    num = np.zeros((G * K, d))
+    mass = np.zeros(G * K)
+    offset = (np.arange(G) * K)[None, :]
+    for a, b in row_chunks(M.shape[0]):
+        rows = a + np.nonzero(depth[a:b] > k)[0]
+        if rows.size == 0:
+            continue
+        left = np.asarray(M[rows], np.float32).reshape(-1, G, d) - _decode(cb, codes[rows], depth[rows], skip=k)
+        slot = (offset + codes[rows, :, k]).reshape(-1)
+        weight = np.repeat(w[rows], G)
+        mass += np.bincount(slot, weights=weight, minlength=G * K)
+        left = left.reshape(-1, d)
+        for i in range(d):
+            num[:, i] += np.bincount(slot, weights=weight * left[:, i], minlength=G * K)
+    chosen = mass > 0
+    level = cb[:, k].reshape(G * K, d)  # a copy (cb[:, k] is not contiguous): written back below
+    level[chosen] = (num[chosen] / mass[chosen, None]).astype(dtype).astype(np.float32)
+    cb[:, k] = level.reshape(G, K, d)
+
+
+def _reencode(M, codes, cb, depth, beam: int) -> None:
+    """Each row beam-searched through its own levels; kept where its error drops."""
+    import torch
+
+    from carvq.converter import rvq
+
+    G, d = cb.shape[0], cb.shape[3]
+    for D in np.unique(depth).tolist():
+        rows = np.nonzero(depth == D)[0]
+        for a, b in row_chunks(rows.size):
+            r = rows[a:b]
+            x = np.ascontiguousarray(M[r], np.float32)
+            new = rvq.encode(torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(cb[:, :D])), beam=beam).numpy()
+            x = x.reshape(-1, G, d)
+            full = np.full(r.size, D)
+            old_err = ((x - _decode(cb[:, :D], codes[r, :, :D], full)) ** 2).sum((1, 2))
+            new_err = ((x - _decode(cb[:, :D], new, full)) ** 2).sum((1, 2))
+            better = r[new_err < old_err]
+            codes[better, :, :D] = new[new_err < old_err]
+
+
+def polish(t: CarvqTensors, M: np.ndarray, w: np.ndarray, rounds: int = ROUNDS, progress: bool = False
+           ) -> tuple[CarvqTensors, str]:
+    """The trimmed fit `t` of M (in the fit's metric) with its codebooks and codes made for the
+    levels each row keeps (see the module's docstring); and a line saying what it gained."""
+    from tqdm import tqdm
+
+    from carvq.converter.train import ENCODE_BEAM
+
+    start = time.perf_counter()
+    codes, cb, depth = expand(t)
+    w = np.asarray(w, np.float64)
+    dtype = np.asarray(t.codebooks).dtype
+    cb = cb.astype(dtype).astype(np.float32)  # already the stored values; kept so from here on
+    before = weighted_error(M, w, codes, cb, depth)
+    D = codes.shape[2]
+    with tqdm(total=rounds * (D + 1), desc="carvq: polishing the trimmed fit", unit="step", disable=not progress,
+              leave=False) as bar:
+        for _ in range(rounds):
+            for k in range(D):
+                _refit_level(M, w, codes, cb, depth, k, dtype)
+                bar.update()
+            _reencode(M, codes, cb, depth, ENCODE_BEAM)
+            bar.update()
+    after = weighted_error(M, w, codes, cb, depth)
+    return _pack(t, codes, cb), (f"polished: codebooks refitted on the rows keeping each level, rows re-encoded for "
+                                 f"their depth ({rounds} rounds): weighted error {before:.4g} -> {after:.4g} "
+                                 f"({100 * (after / before - 1):+.1f} %), {time.perf_counter() - start:.0f} s")
