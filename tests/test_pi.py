@@ -93,22 +93,30 @@ def test_lookup_matches_reference_on_arm(pi_venv, tiny_carvq, profile):
             assert out["max_abs_diff"] <= 1e-5 * out["max_abs"], (arch, out)
 
 
-NEAR_TIE = 0.01  # nats between the two best logits: within the float noise of two SIMD paths
+# nats between the two best logits within which NEON's and AVX's rounding may pick the other
+# token: the blocks' quantized matmuls round their 8-bit activations on different paths.
+# Seen: 0.0002 nats at token 9 (SmolLM2's tiered default), 0.028 at token 5 (the polished one).
+NEAR_TIE = 0.05
 
 
 @pytest.mark.parametrize("profile", list(pi.PROFILES))
 def test_greedy_tokens_equal_x86(pi_venv, tiny_model, smollm2_carvq, profile):  # noqa: F811
     for model, n in ((tiny_model, 16), (smollm2_carvq, 24)):
         host = _probe(sys.executable, "greedy", model, n, PROMPT)
-        arm = _probe(pi_venv(profile) / "bin" / "python", "greedy", model, n, PROMPT)
+        arm_python = pi_venv(profile) / "bin" / "python"
+        arm = _probe(arm_python, "greedy", model, n, PROMPT)
         assert arm["machine"] == "aarch64"
-        # equal up to the first near-tie on the host's path: there NEON's and AVX's rounding of the
-        # blocks' matmuls may pick the other token (SmolLM2's tiered default: 0.0002 nats at token 9)
+        # generation (the default head) equal up to the first near-tie on the host's path
         tie = next((i for i, m in enumerate(host["margins"]) if m < NEAR_TIE), len(host["tokens"]))
         assert arm["tokens"][:tie] == host["tokens"][:tie], (model.name, profile, tie)
-        assert tie >= min(8, n), f"{model.name}: a near-tie at token {tie} leaves too little to compare"
+        # and past it, teacher-forced on the host's tokens: the Pi's best token at every position
+        # that is not a near-tie
+        forced = _probe(arm_python, "forced", model, PROMPT, json.dumps(host["tokens"]))["best"]
+        clear = [i for i, m in enumerate(host["margins"]) if m >= NEAR_TIE]
+        assert [forced[i] for i in clear] == [host["tokens"][i] for i in clear], (model.name, profile)
+        assert len(clear) >= n - 4, f"{model.name}: {n - len(clear)} near-ties of {n} leave too little to compare"
         print(f"{profile} {model.name}: {n} tokens in {arm['seconds']:.1f} s emulated, {host['seconds']:.2f} s native; "
-              f"equal up to token {tie}{' (a near-tie there)' if tie < len(host['tokens']) else ''}")
+              f"generated equal up to token {tie}, teacher-forced equal at {len(clear)} of {n}")
 
 
 @pytest.mark.parametrize("profile", list(pi.PROFILES))

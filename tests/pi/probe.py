@@ -3,6 +3,7 @@ Prints one JSON object; the test compares the two.
 
     python probe.py decode MODEL            the C lookup against the NumPy reference, every row
     python probe.py greedy MODEL N PROMPT   N greedy tokens after PROMPT (the default head)
+    python probe.py forced MODEL PROMPT IDS the dense head's argmax after PROMPT + each prefix of IDS (JSON list)
 """
 import json
 import platform
@@ -39,8 +40,18 @@ def greedy(model: str, n: int, prompt: str) -> dict:
     return {"tokens": tokens, "seconds": seconds, "margins": (top2[:, 1] - top2[:, 0]).tolist()}
 
 
+def forced(model: str, prompt: str, ids: list[int]) -> dict:
+    """Teacher-forced: the dense head's best token at each position of PROMPT + ids (another
+    machine's tokens), so that one near-tie does not end the comparison as it ends greedy decoding."""
+    with carvq.Model(model, n_ctx=256, head="dense") as m:
+        start = m.tokenize(prompt)
+        logits = m.logits(start + ids)[len(start) - 1:-1]
+    return {"best": logits.argmax(axis=1).tolist()}
+
+
 if __name__ == "__main__":
     what, model, *rest = sys.argv[1:]
-    out = decode(model) if what == "decode" else greedy(model, int(rest[0]), rest[1])
+    out = (decode(model) if what == "decode" else greedy(model, int(rest[0]), rest[1]) if what == "greedy"
+           else forced(model, rest[0], json.loads(rest[1])))
     out["machine"] = platform.machine()
     print(json.dumps(out))
