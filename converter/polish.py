@@ -17,64 +17,25 @@ kept, with the file's layout, byte count and decoder unchanged:
 
 No step can raise the token-weighted error (in the fit's metric). Measured (docs/RESULTS.md,
 session 16): SmolLM2 at 1.6 bpw KLD 0.1246 -> 0.104, the default conversion 0.152 -> 0.130;
-Gemma-3 at 1.6 bpw 0.0768 -> 0.0729, its default 0.085 -> 0.077.
+Gemma-3 at 1.6 bpw 0.0768 -> 0.0718 (its default 0.085 -> 0.077 with the first form, see there).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import numpy as np
+import torch
 
+from carvq.converter import rvq, tiers
 from carvq.errors import CarvqError
-from carvq.format import CarvqTensors, pack_codes, unpack_codes
+from carvq.format import CarvqTensors
 from carvq.gguf_io import row_chunks
 
 # k-means steps on every level before the one beam search (session 16). On random data (tests'
 # fixture): two rounds of refit + beam -10.8 % weighted error; two k-means rounds, one beam and a
-# refit -11.2 % for half the time (the beam search of every row is the dear part: Gemma-3 about
-# 60 s of the polish's 80, LLaMA-3.2-1B's shape minutes).
+# refit -11.2 % for half the beam work (the beam search of every row is the dear part: at
+# SmolLM2's shape with 8 levels, 23 s against 1.8 s for refitting every level, on a busy machine).
 ROUNDS = 2
-
-
-def expand(t: CarvqTensors) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(codes (V, G, D), codebooks (G, D, K, d) float32, depth (V,)) of a trimmed fit, D = L + T:
-    the shared levels, then one level per tier. Tiers must be nested (a row in tier t + 1 is in
-    tier t) with one level each, as tiers.trim writes them, so that a row's levels are a prefix."""
-    lo = t.layout
-    V, G, L = lo.n_vocab, lo.n_groups, lo.levels
-    sizes = lo.tier_rows if lo.hot_rows else ()
-    if sizes and lo.hot_levels != 1:
-        raise CarvqError("polishing works on trimmed fits (tiers of one level each)")
-    D = L + len(sizes)
-    codes = np.zeros((V, G, D), np.uint8)
-    codes[:, :, :L] = unpack_codes(t.codes, lo)
-    depth = np.full(V, L, np.int64)
-    cb = [np.asarray(t.codebooks, np.float32)]
-    if sizes:
-        hot = unpack_codes(t.hot_codes, lo.hot_layout())
-        hot_cb = np.asarray(t.hot_codebooks, np.float32).reshape(len(sizes), G, 1, lo.codebook_size, lo.group_size)
-        for tier, (start, rows) in enumerate(zip(lo.tier_starts(), sizes)):
-            ids = np.asarray(t.hot_ids[start:start + rows], np.int64)
-            if not np.all(depth[ids] == L + tier):
-                raise CarvqError("polishing needs nested tiers (each tier's rows in the tier before it)")
-            codes[ids, :, L + tier] = hot[start:start + rows, :, 0]
-            depth[ids] += 1
-            cb.append(hot_cb[tier])
-    return codes, np.concatenate(cb, axis=1), depth
-
-
-def _pack(t: CarvqTensors, codes: np.ndarray, cb: np.ndarray) -> CarvqTensors:
-    """t with codes and codebooks replaced (ids, layout and sizes unchanged)."""
-    lo = t.layout
-    L, dtype = lo.levels, np.asarray(t.codebooks).dtype
-    out = replace(t, codes=pack_codes(codes[:, :, :L]), codebooks=np.ascontiguousarray(cb[:, :L]).astype(dtype))
-    if lo.hot_rows:
-        ids = np.asarray(t.hot_ids, np.int64)
-        tier_of = np.repeat(np.arange(len(lo.tier_rows)), lo.tier_rows)
-        out.hot_codes = pack_codes(codes[ids, :, L + tier_of][:, :, None])
-        out.hot_codebooks = np.ascontiguousarray(cb[:, L:].transpose(1, 0, 2, 3)).reshape(-1, 1, *cb.shape[2:]).astype(dtype)
-    return out
 
 
 def _decode(cb: np.ndarray, codes: np.ndarray, depth: np.ndarray, skip: int = -1) -> np.ndarray:
@@ -110,10 +71,6 @@ def _refit_level(M, w, codes, cb, depth, k: int, dtype, reassign: bool = False) 
     the rows keeping level k that chose it; a vector no such row chose keeps its value.
     reassign: first each such row's level-k code becomes the vector nearest to what the other
     levels leave (a k-means step on that level: neither half raises the error)."""
-    import torch
-
-    from carvq.converter import rvq
-
     G, K, d = cb.shape[0], cb.shape[2], cb.shape[3]
     num = np.zeros((G * K, d))
     mass = np.zeros(G * K)
@@ -141,10 +98,6 @@ def _refit_level(M, w, codes, cb, depth, k: int, dtype, reassign: bool = False) 
 
 def _reencode(M, codes, cb, depth, beam: int) -> None:
     """Each row beam-searched through its own levels; kept where its error drops."""
-    import torch
-
-    from carvq.converter import rvq
-
     G, d = cb.shape[0], cb.shape[3]
     for D in np.unique(depth).tolist():
         rows = np.nonzero(depth == D)[0]
@@ -169,10 +122,12 @@ def polish(t: CarvqTensors, M: np.ndarray, w: np.ndarray, rounds: int = ROUNDS, 
     from carvq.converter.train import ENCODE_BEAM
 
     start = time.perf_counter()
-    codes, cb, depth = expand(t)
+    lo = t.layout
+    if lo.hot_rows and lo.hot_levels != 1:
+        raise CarvqError("polishing works on trimmed fits (tiers of one level each)")
+    codes, cb, depth = tiers.all_levels(t)  # the stored values, as float32
     w = np.asarray(w, np.float64)
     dtype = np.asarray(t.codebooks).dtype
-    cb = cb.astype(dtype).astype(np.float32)  # already the stored values; kept so from here on
     before = weighted_error(M, w, codes, cb, depth)
     D = codes.shape[2]
     with tqdm(total=(rounds + 1) * D + 1, desc="carvq: polishing the trimmed fit", unit="step", disable=not progress,
@@ -187,6 +142,7 @@ def polish(t: CarvqTensors, M: np.ndarray, w: np.ndarray, rounds: int = ROUNDS, 
             _refit_level(M, w, codes, cb, depth, k, dtype)
             bar.update()
     after = weighted_error(M, w, codes, cb, depth)
-    return _pack(t, codes, cb), (f"polished for the levels each row keeps ({rounds} k-means rounds per level, a beam "
+    out = tiers.pack(lo, codes, cb, depth, lo.levels, dtype)  # the same tiers: the rows with each level, sorted
+    return out, (f"polished for the levels each row keeps ({rounds} k-means rounds per level, a beam "
                                  f"search of every row through its own levels): weighted error {before:.4g} -> {after:.4g} "
                                  f"({100 * (after / before - 1):+.1f} %), {time.perf_counter() - start:.0f} s")

@@ -41,23 +41,30 @@ def _fixed_bytes(V: int, G: int, floor: int, depth: int, K: int, d: int, cb_item
     return V * ((G * floor + 1) // 2) + depth * G * K * d * cb_item
 
 
-def _all_levels(t: CarvqTensors) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(codes (V, G, D) with D = L + Lh, codebooks (G, D, K, d) float32, depth (V,)): every
-    row's level sequence, the hot levels after the shared ones; a row has depth levels."""
+def all_levels(t: CarvqTensors) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes (V, G, D) with D = L + T*Lh, codebooks (G, D, K, d) float32, depth (V,)): every
+    row's level sequence, each tier's hot levels after the shared ones; a row has depth levels.
+    Tiers must be nested (each tier's rows in the tier before it, as trim() writes them), so
+    that a row's levels are a prefix of the D."""
     lo = t.layout
-    if len(lo.tier_rows) > 1:
-        raise CarvqError("the fit to trim already has hot tiers")
     V, G, L, Lh = lo.n_vocab, lo.n_groups, lo.levels, lo.hot_levels
-    codes = np.zeros((V, G, L + Lh), np.uint8)
+    sizes = lo.tier_rows if lo.hot_rows else ()
+    codes = np.zeros((V, G, L + len(sizes) * Lh), np.uint8)
     codes[:, :, :L] = unpack_codes(t.codes, lo)
     depth = np.full(V, L, np.int64)
-    cb = np.asarray(t.codebooks, np.float32)
-    if lo.hot_rows:
-        ids = np.asarray(t.hot_ids, np.int64)
-        codes[ids, :, L:] = unpack_codes(t.hot_codes, lo.hot_layout())
-        depth[ids] += Lh
-        cb = np.concatenate([cb, np.asarray(t.hot_codebooks, np.float32)], axis=1)
-    return codes, cb, depth
+    cb = [np.asarray(t.codebooks, np.float32)]
+    if sizes:
+        hot = unpack_codes(t.hot_codes, lo.hot_layout())
+        hot_cb = np.asarray(t.hot_codebooks, np.float32).reshape(len(sizes), G, Lh, lo.codebook_size, lo.group_size)
+        for tier, (start, rows) in enumerate(zip(lo.tier_starts(), sizes)):
+            ids = np.asarray(t.hot_ids[start:start + rows], np.int64)
+            first = L + tier * Lh
+            if not np.all(depth[ids] == first):
+                raise CarvqError("hot tiers that are not nested (each tier's rows in the tier before it)")
+            codes[ids, :, first:first + Lh] = hot[start:start + rows]
+            depth[ids] += Lh
+            cb.append(hot_cb[tier])
+    return codes, np.concatenate(cb, axis=1), depth
 
 
 def _prefix_errors(M: np.ndarray, codes: np.ndarray, cb: np.ndarray, depth: np.ndarray, floor: int) -> np.ndarray:
@@ -100,7 +107,9 @@ def trim(t: CarvqTensors, M: np.ndarray, w: np.ndarray, floor: int, budget_bytes
     gain, within `budget_bytes` of lookup tensors; and a line saying what it kept."""
     lo = t.layout
     check(lo.levels, lo.adaptor_rank, floor)
-    codes, cb, depth = _all_levels(t)
+    if len(lo.tier_rows) > 1:
+        raise CarvqError("the fit to trim already has hot tiers")
+    codes, cb, depth = all_levels(t)
     V, G, D = codes.shape
     tiers = D - floor
     if tiers > fmt.MAX_HOT_TIERS:
@@ -115,8 +124,19 @@ def trim(t: CarvqTensors, M: np.ndarray, w: np.ndarray, floor: int, budget_bytes
     err = _prefix_errors(M, codes, cb, depth, floor)
     levels = floor + allocate(err, np.asarray(w, np.float64), increments)
 
+    out = pack(lo, codes, cb, levels, floor, np.asarray(t.codebooks).dtype)
+    hist = np.bincount(levels, minlength=D + 1)[floor:]
+    kept = ", ".join(f"{n:,} with {floor + j}" for j, n in enumerate(hist.tolist()) if n)
+    return out, (f"hot tiers: every row keeps {floor} to {D} of the fit's {lo.levels} +{lo.hot_levels} levels by "
+                 f"measured gain ({kept} levels; {len(out.layout.tier_rows) if out.layout.hot_rows else 0} tiers)")
+
+
+def pack(lo, codes: np.ndarray, cb: np.ndarray, levels: np.ndarray, floor: int, cb_type) -> CarvqTensors:
+    """The tensors of rows with levels[r] levels of codes (V, G, D) and codebooks (G, D, K, d):
+    `floor` shared levels, and level k > floor as hot tier k - floor (the rows that keep it, one
+    level); `lo` the fit's layout (V, n, d, K)."""
     sizes, tier_ids, tier_codes, tier_cbs = [], [], [], []
-    for k in range(floor, D):
+    for k in range(floor, codes.shape[2]):
         rows = np.nonzero(levels > k)[0]
         if rows.size == 0:
             break  # levels are prefixes: every later tier is empty too
@@ -124,7 +144,6 @@ def trim(t: CarvqTensors, M: np.ndarray, w: np.ndarray, floor: int, budget_bytes
         tier_ids.append(rows.astype(np.int32))
         tier_codes.append(pack_codes(codes[rows, :, k:k + 1]))
         tier_cbs.append(cb[:, k:k + 1])
-    cb_type = np.asarray(t.codebooks).dtype
     layout = replace(lo, levels=floor, hot_rows=sum(sizes), hot_levels=1 if sizes else 0,
                      hot_tiers=tuple(sizes) if len(sizes) > 1 else ())
     out = CarvqTensors(layout, pack_codes(codes[:, :, :floor]), np.ascontiguousarray(cb[:, :floor]).astype(cb_type))
@@ -133,10 +152,7 @@ def trim(t: CarvqTensors, M: np.ndarray, w: np.ndarray, floor: int, budget_bytes
         out.hot_codes = np.concatenate(tier_codes)
         out.hot_codebooks = np.concatenate(tier_cbs).astype(cb_type)  # (T*G, 1, K, d): tier-major
     layout.check()
-    hist = np.bincount(levels, minlength=D + 1)[floor:]
-    kept = ", ".join(f"{n:,} with {floor + j}" for j, n in enumerate(hist.tolist()) if n)
-    return out, (f"hot tiers: every row keeps {floor} to {D} of the fit's {lo.levels} +{lo.hot_levels} levels by "
-                 f"measured gain ({kept} levels; {len(sizes)} tiers)")
+    return out
 
 
 # The fit a tiered configuration trims is the bench's family at its bpw plus this much (where the

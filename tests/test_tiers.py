@@ -25,9 +25,9 @@ def fit():
 
 def _prefix_decode(t: fmt.CarvqTensors, levels: np.ndarray) -> np.ndarray:
     """Each row r as the sum of the first levels[r] levels of the untrimmed fit t."""
-    from carvq.converter.tiers import _all_levels
+    from carvq.converter.tiers import all_levels
 
-    codes, cb, _ = _all_levels(t)
+    codes, cb, _ = all_levels(t)
     V, G, D = codes.shape
     out = np.zeros((V, G, cb.shape[3]), np.float32)
     for k in range(D):
