@@ -30,13 +30,18 @@ def main() -> None:
     ap.add_argument("--model", default="gemma3", choices=sorted(MODELS))
     ap.add_argument("--positions", type=int, default=256)
     ap.add_argument("--ks", type=int, nargs="+", default=[4096, 8192, 16384])
+    ap.add_argument("--file", type=Path, help="a CARVQ file of the model instead of the bench's default conversion")
+    ap.add_argument("--fix", action=argparse.BooleanOptionalAction, default=True,
+                    help="apply the file's screen correction (format v5), as the C scan does (default: yes)")
     args = ap.parse_args()
     from carvq.runtime.model import Model
 
     label, fetch, _ = MODELS[args.model]
-    path = _converted(args.model, fetch())
+    path = args.file or _converted(args.model, fetch())
     reader = gio.open_gguf(path)
-    t = screen.lookup_as_index(fmt.read_tensors(reader))  # what the scan reads of a tiered lookup
+    tensors = fmt.read_tensors(reader)
+    t = screen.lookup_as_index(tensors)  # what the scan reads of a tiered lookup
+    fix = tensors.screen_fix if args.fix else None  # the screen correction (format v5), if the file has one
     lo = t.layout
     head = gio.dequantize(gio.tensor_by_name(reader, gio.HEAD))  # (V, n)
     text = models.britannica_text().read_text(encoding="utf-8")[:20000]
@@ -50,13 +55,15 @@ def main() -> None:
         top1 = int(np.argmax(exact))
         tb = screen.tables(lo, t.codebooks, t.hot_codebooks, h[p])
         s = screen.scores(lo, t.codes, tb, t.hot_ids, t.hot_codes)
+        if fix is not None:
+            s = screen.fix_add(s, fix.fix, screen.fix_weights(fix.dirs, h[p], tb.scale))
         order = np.argsort(-s.astype(np.int64), kind="stable")
         for k in args.ks:
             cand = set(order[:k].tolist())
             hits[k]["top1"] += top1 in cand
             hits[k]["top40"] += top40 <= cand
     n = len(toks)
-    res = {"model": label, "positions": n,
+    res = {"model": label, "file": path.name, "screen_fix": fix is not None, "positions": n,
            "k": {k: {"top1_inside": v["top1"] / n, "top40_inside": v["top40"] / n} for k, v in hits.items()}}
     print(json.dumps(res, indent=1))
 

@@ -16,7 +16,7 @@ import torch
 from carvq import format as fmt
 from carvq import gguf_io as gio
 from carvq.converter import config as cfgmod
-from carvq.converter import frequency, hf, memory, metric, model_prior, polish, screen_index, tiers, train, tune
+from carvq.converter import frequency, hf, memory, metric, model_prior, polish, screen_fix, screen_index, tiers, train, tune
 from carvq.converter.body import quantize_body
 from carvq.converter.config import DEFAULT_ITERS, Config
 from carvq.converter.head import default_head_type, head_tensor
@@ -127,6 +127,16 @@ def _first_non_finite_row(M: np.ndarray) -> int | None:
     return None
 
 
+def _head_rows(head, M: np.ndarray):
+    """head_rows(a, b) of the head copy as written, dequantized: what the screened head's exact op reads."""
+    import gguf
+
+    data, qtype = head
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return lambda a, b: M[a:b]
+    return lambda a, b: gguf.quants.dequantize(np.asarray(data[a:b]), qtype).reshape(b - a, M.shape[1])
+
+
 def _check_paths(src: Path, out: Path, calibration, force: bool) -> None:
     """Never destroy input: the output may not be the input, a file inside an input
     checkpoint folder, or the calibration text; an existing output needs force."""
@@ -144,7 +154,7 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
             body_type: str | None = None, progress: bool = True, force: bool = False,
             screen: Config | bool | None = None, tune_steps: int = 0, prior: str = "model",
             trim_to: float | None = None, tier_floor: int | None = None, tiered: bool = False,
-            fit_metric: str = "uniform") -> Report:
+            fit_metric: str = "uniform", fix_screen: bool = True) -> Report:
     """tune_steps: Adam steps of end-to-end tuning of the codebooks on the calibration text, or
     without one on documents the model writes itself (converter/tune.py; 0 = none). screen: fit the head's own screen index (format v3; kept for a tied model only where it
     screens better than the lookup's codes): True for config.SCREEN_DEFAULT, a Config of its
@@ -157,7 +167,10 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
     point at its bpw + 0.9) and trim it to the configuration's own size in hot tiers, every row
     keeping at least one level fewer (the CLI's default).
     fit_metric: "fisher" weights each embedding dimension by the model's Fisher information
-    (converter/metric.py; the CLI's default), "uniform" counts every dimension alike."""
+    (converter/metric.py; the CLI's default), "uniform" counts every dimension alike.
+    fix_screen: for a tied model screened by the lookup's codes, add the screen correction
+    (converter/screen_fix.py, format v5) when the model ran on a text (the calibration text or its
+    own documents)."""
     start = time.perf_counter()
     if screen is True:
         screen = cfgmod.SCREEN_DEFAULT
@@ -192,7 +205,7 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
         written = Path(tmpdir) / "carvq.gguf" if body_type else out
         report = _convert_reader(reader, src, written, gguf_path, base, target_bpw, iters, seed,
                                  calibration, head_type, progress, start, screen, tune_steps, prior, trim_to, tier_floor,
-                                 tiered, fit_metric)
+                                 tiered, fit_metric, fix_screen)
         if body_type:
             quantize_body(written, out, body_type, keep_head=report.head_copied)
             report.output = str(out)
@@ -202,7 +215,7 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
 
 def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, calibration,
                     head_type, progress, start, screen, tune_steps, prior, trim_to=None, tier_floor=None,
-                    tiered=False, fit_metric="uniform") -> Report:
+                    tiered=False, fit_metric="uniform", fix_screen=False) -> Report:
     arch = gio.field_value(reader, "general.architecture")
     if fmt.is_carvq(reader):
         raise CarvqError(f"{src}: already a CARVQ-GGUF")
@@ -239,6 +252,13 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
         raise CarvqError(f"{src}: {gio.EMBD} holds non-finite values (row {bad}); nothing to compress")
     # the source model runs here (mapped, a small context): less than the fit's own peak
     states = screen_index.hidden_states(gguf_path, calibration, progress) if screen else None
+    fix_states = None
+    if fix_screen and head_src is None and not screen:  # the scan reads the lookup's codes
+        seqs = (screen_fix.calibration_sequences(*tokens) if tokens is not None else
+                [mp.start + list(d) for d in mp.documents] if mp is not None else [])
+        fix_states = screen_fix.hidden_states(gguf_path, seqs) if seqs else None
+        if fix_states is None:
+            notes.append("no screen correction: no text to take the hidden states from (--prior tokenizer, no --calibration)")
     memory.trim()
     V, n = M.shape
     w, weights_from = _token_weights(prior_w, prior_how, reader, V, calibration, None if tokens is None else tokens[0])
@@ -308,10 +328,14 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
         else:
             keep = True  # an untied head has no other screen
         fit.tensors.screen = index if keep else None
+    if fix_states is not None and head is not None and fit.tensors.screen is None:
+        fit.tensors.screen_fix, how = screen_fix.fit(fit.tensors, _head_rows(head, M), fix_states)
+        notes.append(how)
     del M  # the write reads the output back to validate it: not beside a float32 copy of the embedding
     memory.trim()
     head_bytes = int(head[0].nbytes) if head is not None else 0
     screen_bytes = fit.tensors.screen.nbytes if fit.tensors.screen is not None else 0
+    screen_bytes += fit.tensors.screen_fix.nbytes if fit.tensors.screen_fix is not None else 0
     parts = tiers.part_bytes(fit.tensors)  # what is written, trimmed or not (equal to cfgmod.part_bytes untrimmed)
     provenance = fmt.Provenance(source_type=embd.tensor_type.name, head_copy=head is not None,
                                 bpw=8.0 * sum(parts.values()) / (V * n), head_bpw=8.0 * head_bytes / (V * n),

@@ -57,7 +57,7 @@ class Report:
     seconds: float
     rounds: int
     source_bytes: int = 0
-    screen_bytes: int = 0  # the output head's screen index (output.carvq.*), 0 without one
+    screen_bytes: int = 0  # the output head's screen index and correction (output.carvq.*), 0 without either
     trimmed_to: float | None = None  # the lookup bpw the fit (config) was trimmed to in hot tiers, if it was
     notes: list[str] = field(default_factory=list)
 
@@ -81,7 +81,7 @@ class Report:
             total = self.lookup_bytes + self.head_bytes
             rows.append(("lookup + head copy", total, self.bpw(total)))
         if self.screen_bytes:
-            rows.append(("head screen index", self.screen_bytes, self.bpw(self.screen_bytes)))
+            rows.append(("head screen (index, correction)", self.screen_bytes, self.bpw(self.screen_bytes)))
             total = self.lookup_bytes + self.head_bytes + self.screen_bytes
             rows.append(("everything CARVQ adds", total, self.bpw(total)))
         lines = [

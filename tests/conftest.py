@@ -92,22 +92,23 @@ SCREEN_TEXT = ("the river runs past the old mill and the bridge. a cat sat on th
 
 @pytest.fixture(scope="session")
 def tiny_carvq(workdir, tiny_gguf):
-    """(arch, screen index or not) -> (CARVQ-GGUF path, conversion report), converted from the GGUF."""
+    """(arch, screen index or not, screen correction or not) -> (CARVQ-GGUF path, conversion report),
+    converted from the GGUF (the default conversion: a tied head gets the screen correction)."""
     from carvq.converter.convert import convert
 
     cache = {}
 
-    def get(arch: str, screen: bool = False):
-        if (arch, screen) not in cache:
-            out = workdir / f"{arch}{'' if screen else '.noscreen'}.carvq.gguf"
+    def get(arch: str, screen: bool = False, fix: bool = True):
+        if (arch, screen, fix) not in cache:
+            out = workdir / f"{arch}{'' if screen else '.noscreen'}{'' if fix else '.nofix'}.carvq.gguf"
             text = None
             if screen:  # a screen index is fitted to the hidden states of a calibration text
                 text = workdir / "screen-calibration.txt"
                 text.write_text(SCREEN_TEXT)
             report = convert(tiny_gguf(arch), out, tiny_config(arch), iters=2, seed=0, progress=False, screen=screen,
-                             calibration=text)
-            cache[arch, screen] = (out, report)
-        return cache[arch, screen]
+                             calibration=text, fix_screen=fix)
+            cache[arch, screen, fix] = (out, report)
+        return cache[arch, screen, fix]
 
     return get
 

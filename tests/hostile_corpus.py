@@ -108,7 +108,8 @@ def make(good: Path, out: Path) -> dict[str, str]:
         "hot-ids-negative": (dict(tensors={Tensor.HOT_IDS: np.concatenate([[-1], hot_ids[1:]]).astype(np.int32)}),
                              "hot"),
         # hot tiers (version 4): the good file's hot rows split in two tiers, wrongly
-        "hot-tiers-in-v3": (dict(keys={Key.HOT_TIERS: ("ARRAY_UINT32", [lo.hot_rows - 1, 1])}), "format_version 4"),
+        "hot-tiers-in-v3": (dict(keys={Key.VERSION: ("UINT32", 3), Key.HOT_TIERS: ("ARRAY_UINT32", [lo.hot_rows - 1, 1])}),
+                            "format_version 4"),
         "hot-tiers-not-array": (dict(keys={Key.VERSION: ("UINT32", 4), Key.HOT_TIERS: ("UINT32", lo.hot_rows)}),
                                 "not an array"),
         "hot-tiers-sum-wrong": (dict(keys={Key.VERSION: ("UINT32", 4),
@@ -139,6 +140,16 @@ def make(good: Path, out: Path) -> dict[str, str]:
             s_ids = _array(reader, fmt.screen_name(Tensor.HOT_IDS))
             cases["screen-hot-ids-unsorted"] = (dict(tensors={fmt.screen_name(Tensor.HOT_IDS): s_ids[[1, 0, *range(2, len(s_ids))]]}),
                                                 "hot")
+    if reader.get_field(fmt.FIX_RANK) is not None:  # the screen correction (version 5)
+        fix, dirs = _array(reader, fmt.SCREEN_FIX), _array(reader, fmt.SCREEN_FIX_DIRS)
+        cases.update({
+            "screen-fix-in-v4": (dict(keys={Key.VERSION: ("UINT32", 4)}), "format_version 5"),
+            "screen-fix-tensors-without-key": (dict(keys={fmt.FIX_RANK: None}), fmt.FIX_RANK),
+            "screen-fix-rank-9": (dict(keys={fmt.FIX_RANK: ("UINT32", 9)}), fmt.FIX_RANK),
+            "screen-fix-rows-short": (dict(tensors={fmt.SCREEN_FIX: fix[:-3]}), fmt.SCREEN_FIX),
+            "screen-fix-dirs-nan": (dict(tensors={fmt.SCREEN_FIX_DIRS: np.full_like(dirs, np.nan)}), "non-finite"),
+            "screen-fix-without-screen": (dict(keys={Key.HEAD_COPY: ("BOOL", False)}), "corrects a screen"),
+        })
     manifest = {}
     for name, (change, fragment) in cases.items():
         path = out / f"{name}.gguf"

@@ -50,8 +50,10 @@ def test_convert_roundtrip(arch, source, workdir, tiny_hf, tiny_gguf, tiny_carvq
     n_weights = V * report.n_embd
     assert reader.get_field("carvq.bpw").contents() == pytest.approx(8 * carvq_bytes / n_weights, rel=1e-6)
     assert reader.get_field("carvq.head_bpw").contents() == pytest.approx(8 * int(head.n_bytes) / n_weights, rel=1e-6)
-    # no screen index unless asked for (--screen-index): format version 2
-    assert reader.get_field("carvq.format_version").contents() == 2 and report.screen_bytes == 0
+    # no screen index unless asked for (--screen-index); a tied head's screen correction (format v5),
+    # its bytes counted with the screen
+    fix_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith("output.carvq."))
+    assert reader.get_field("carvq.format_version").contents() == 5 and report.screen_bytes == fix_bytes > 0
 
     # every other tensor is the source's, byte for byte
     src = gio.open_gguf(tiny_gguf(arch))
@@ -165,7 +167,8 @@ def test_inspect_lists_tensors_and_totals(tiny_carvq, capsys):
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "token_embd.carvq.codes" in text and "I8" in text
-    assert "CARVQ format 2" in text and "head copy" in text and "hot rows: 24 tokens with 2 more levels" in text
+    assert "CARVQ format 5" in text and "head copy" in text and "hot rows: 24 tokens with 2 more levels" in text
+    assert "screen correction (output.carvq.fix*, format v5): rank 1" in text
     assert f"{report.n_vocab} x {report.n_embd}" in text
 
 
@@ -427,12 +430,13 @@ def test_exported_file_runs_on_stock_llama_cpp(tiny_carvq, workdir, stock_perple
     assert chunks and all(math.isfinite(v) and v > 1 for v in chunks), proc.stdout[-2000:]
 
 
-def test_without_screen_index_the_file_is_version_2(tiny_carvq):
-    """The default: no output.carvq.* tensor, no carvq.screen.* key, format version 2 (what
-    readers of version 2 load), and the screened head screens with the lookup's codes."""
+def test_without_screen_index_and_correction_the_file_is_version_2(tiny_carvq):
+    """Without --screen-index and --screen-fix: no output.carvq.* tensor, no carvq.screen.* key,
+    format version 2 (what readers of version 2 load), and the screened head screens with the
+    lookup's codes."""
     import gguf
 
-    out, report = tiny_carvq("llama")
+    out, report = tiny_carvq("llama", fix=False)
     reader = gguf.GGUFReader(out)
     assert reader.get_field("carvq.format_version").contents() == 2
     assert not [t.name for t in reader.tensors if t.name.startswith("output.carvq.")]
@@ -453,7 +457,7 @@ def test_screen_index_file_is_version_3_and_counts_every_byte(tiny_carvq):
     n_weights = report.n_vocab * report.n_embd
     assert reader.get_field("carvq.screen.bpw").contents() == pytest.approx(8 * screen_bytes / n_weights, rel=1e-6)
     assert any(note.startswith("screen index kept") for note in report.notes)
-    assert "head screen index" in report.format()
+    assert "head screen (index, correction)" in report.format()
 
 
 def test_screen_index_metric():

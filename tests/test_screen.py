@@ -223,6 +223,40 @@ def test_projection_matches_reference(lib, n):
     assert np.array_equal(out.view(np.uint32), screen.project(P, h).view(np.uint32))
 
 
+@pytest.mark.parametrize("rank", [1, 2, 3, 8])
+def test_screen_fix_matches_reference(lib, rank):
+    """The screen correction (format v5): its integer weights and the per-row add are the NumPy
+    reference's bit for bit, in two row ranges as two threads take them; weights clamp at
+    +-FIX_MAX, a zero scale or a NaN dot product gives weight 0, negative sums floor."""
+    ffi, clib = lib
+    rng = np.random.default_rng(40 + rank)
+    assert clib.CARVQ_SCREEN_FIX_MAX == screen.FIX_MAX
+    for case in range(30):
+        n, V = int(rng.integers(1, 700)), int(rng.integers(1, 300))
+        dirs = (rng.standard_normal((rank, n)) * rng.choice([1e-4, 1.0, 1e3])).astype(np.float32)
+        h = rng.standard_normal(n).astype(np.float32)
+        if case == 1:
+            dirs[0, 0] = np.nan
+        scale = float(np.float32(rng.choice([0.0, 1e-6, 0.004, 0.3]) if case > 1 else 0.01))
+        fix = rng.integers(-127, 128, (V, rank)).astype(np.int8)
+        m = np.full(rank, 12345, np.int32)
+        clib.carvq_screen_fix_weights(rank, n, _ptr(ffi, "float *", dirs), _ptr(ffi, "float *", h), scale,
+                                      _ptr(ffi, "int32_t *", m))
+        want_m = screen.fix_weights(dirs, h, scale)
+        assert np.array_equal(m, want_m), (case, m, want_m)
+        assert (np.abs(m) <= screen.FIX_MAX).all()
+        if case == 1:
+            assert m[0] == 0
+        base = rng.integers(-50000, 50000, V + 4).astype(np.int32)
+        got = base.copy()
+        cut = V // 3
+        for v0, v1 in ((0, cut), (cut, V)):
+            clib.carvq_screen_fix_add(rank, _ptr(ffi, "int8_t *", fix), _ptr(ffi, "int32_t *", m), v0, v1,
+                                      _ptr(ffi, "int32_t *", got))
+        assert np.array_equal(got[:V], screen.fix_add(base[:V], fix, m)), case
+        assert np.array_equal(got[V:], base[V:]), "the add wrote past v1"
+
+
 def test_ties_zeros_and_k_at_least_v(lib):
     rng = np.random.default_rng(5)
     for _ in range(30):

@@ -76,6 +76,8 @@ def _check_candidates(path, own_index: bool, k: int) -> None:
         h = screen.project(t.screen.projection, hidden[p]) if own_index else hidden[p]
         tables = screen.tables(index.layout, index.codebooks, index.hot_codebooks, h)
         scores = screen.scores(index.layout, index.codes, tables, index.hot_ids, index.hot_codes)
+        if t.screen_fix is not None:  # the screen correction (format v5), as the C scan adds it
+            scores = screen.fix_add(scores, t.screen_fix.fix, screen.fix_weights(t.screen_fix.dirs, h, tables.scale))
         want = set(screen.topk(scores, k).tolist())
         close = np.isclose(screened[p], dense[p], rtol=1e-5, atol=1e-5 * np.abs(dense[p]).max())
         exact = set(np.nonzero(close)[0].tolist())

@@ -354,6 +354,35 @@ void carvq_screen_project(int64_t n, const float * projection, const float * h, 
     }
 }
 
+void carvq_screen_fix_weights(int64_t rank, int64_t n, const float * dirs, const float * h, float scale, int32_t * m) {
+    for (int64_t j = 0; j < rank; ++j) {
+        float a = 0.0f;
+        for (int64_t i = 0; i < n; ++i) {
+            a = a + dirs[j * n + i] * h[i];
+        }
+        const float v = scale > 0.0f ? nearbyintf(a / scale * 256.0f) : 0.0f;
+        const float lim = (float) CARVQ_SCREEN_FIX_MAX;
+        m[j] = v != v ? 0 : v > lim ? CARVQ_SCREEN_FIX_MAX : v < -lim ? -CARVQ_SCREEN_FIX_MAX : (int32_t) v;
+    }
+}
+
+void carvq_screen_fix_add(int64_t rank, const int8_t * fix, const int32_t * m, int64_t v0, int64_t v1, int32_t * scores) {
+    if (rank == 1) { // the default: one multiply a row, vectorized by the compiler
+        const int32_t m0 = m[0];
+        for (int64_t v = v0; v < v1; ++v) {
+            scores[v] += (fix[v] * m0) >> 8;
+        }
+        return;
+    }
+    for (int64_t v = v0; v < v1; ++v) {
+        int32_t acc = 0;
+        for (int64_t j = 0; j < rank; ++j) {
+            acc += fix[v * rank + j] * m[j];
+        }
+        scores[v] += acc >> 8;
+    }
+}
+
 const char * carvq_screen_simd_name(void) {
     return CARVQ_SCREEN_SIMD_NAME;
 }

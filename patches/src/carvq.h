@@ -36,9 +36,9 @@
 extern "C" {
 #endif
 
-#define CARVQ_FORMAT_VERSION     4 // newest version; every version from CARVQ_MIN_FORMAT_VERSION is read
+#define CARVQ_FORMAT_VERSION     5 // newest version; every version from CARVQ_MIN_FORMAT_VERSION is read
                                    // (3 = 2 + the output head's optional screen index, docs/SCREEN.md;
-                                   //  4 = 3 + hot rows in tiers)
+                                   //  4 = 3 + hot rows in tiers; 5 = 4 + the screen correction)
 #define CARVQ_MIN_FORMAT_VERSION 1 // version 1 = version 2 without hot rows
 
 // general.architecture values a CARVQ file may name (FORMAT.md "Architectures"): the graphs

@@ -58,6 +58,8 @@ namespace carvq_key {
     constexpr const char * SCREEN_CODEBOOK_SIZE = "carvq.screen.codebook_size";
     constexpr const char * SCREEN_HOT_ROWS      = "carvq.screen.hot_rows";
     constexpr const char * SCREEN_HOT_LEVELS    = "carvq.screen.hot_levels";
+    // the screen correction (version 5)
+    constexpr const char * SCREEN_FIX_RANK      = "carvq.screen_fix.rank";
 }
 
 static uint32_t carvq_key_u32(const gguf_context * meta, const char * key) {
@@ -257,6 +259,38 @@ static void carvq_load_screen_index(llama_model_base & model, llama_model_loader
                      carvq.screen_hot_codebooks);
     LLAMA_LOG_INFO("%s: CARVQ screen index: d=%d L=%d K=%d, %lld hot rows +%d levels\n", __func__, l.group_size,
                    l.levels, l.codebook_size, (long long) l.hot_rows, l.hot_levels);
+}
+
+// The screen correction (docs/FORMAT.md "Screen correction", version 5): per-row int8
+// coefficients of r directions of the hidden state, added to what the scan scores. Absent
+// without carvq.screen_fix.rank; then neither tensor may be present.
+static void carvq_load_screen_fix(llama_model_base & model, llama_model_loader & ml, llama_carvq & carvq) {
+    const gguf_context * meta = ml.metadata;
+    const LLM_TN & tn = model.tn;
+    if (gguf_find_key(meta, carvq_key::SCREEN_FIX_RANK) < 0) {
+        for (const llm_tensor t : { LLM_TENSOR_CARVQ_SCREEN_FIX, LLM_TENSOR_CARVQ_SCREEN_FIX_DIRS }) {
+            if (ml.get_tensor_meta(tn(t).str().c_str()) != nullptr) {
+                throw std::runtime_error(format("CARVQ: tensor %s present but the file has no %s key",
+                                                tn(t).str().c_str(), carvq_key::SCREEN_FIX_RANK));
+            }
+        }
+        return;
+    }
+    const carvq_layout & l = carvq.layout;
+    if (l.format_version < 5) {
+        throw std::runtime_error(format("CARVQ: a screen correction (%s) needs carvq.format_version 5, the file says %d",
+                                        carvq_key::SCREEN_FIX_RANK, l.format_version));
+    }
+    const uint32_t rank = carvq_key_u32(meta, carvq_key::SCREEN_FIX_RANK);
+    if (rank < 1 || rank > CARVQ_SCREEN_FIX_MAX_RANK) {
+        throw std::runtime_error(format("CARVQ: %s is %u, expected 1..%d", carvq_key::SCREEN_FIX_RANK, rank,
+                                        CARVQ_SCREEN_FIX_MAX_RANK));
+    }
+    carvq.screen_fix_rank = (int32_t) rank;
+    carvq.screen_fix      = model.create_tensor(tn(LLM_TENSOR_CARVQ_SCREEN_FIX),      {(int64_t) rank, l.n_vocab}, 0);
+    carvq.screen_fix_dirs = model.create_tensor(tn(LLM_TENSOR_CARVQ_SCREEN_FIX_DIRS), {l.n_embd, (int64_t) rank}, 0);
+    carvq_expect_type(carvq.screen_fix, false, true);
+    carvq_expect_type(carvq.screen_fix_dirs, false);
 }
 
 // ---- the head's exact rows, read with pread (llama_carvq_head_rows) ------------------------
@@ -592,6 +626,7 @@ void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml,
         }
     }
     carvq_load_screen_index(model, ml, carvq);
+    carvq_load_screen_fix(model, ml, carvq);
     carvq_open_head_rows(ml, carvq);
     LLAMA_LOG_INFO("%s: CARVQ embedding v%d: d=%d L=%d K=%d, adaptor m=%d h=%d (%s), %lld hot rows +%d levels "
                    "in %d tier(s), decoder path %s\n", __func__,
@@ -624,7 +659,8 @@ void llama_carvq_check_data(llama_carvq & carvq, const llama_model_loader & ml) 
     const ggml_tensor * all[] = { carvq.codes, carvq.codebooks, carvq.sigma0, carvq.up_w, carvq.up_b, carvq.down_w,
                                   carvq.down_b, carvq.hot_ids, carvq.hot_codes, carvq.hot_codebooks,
                                   carvq.screen_codes, carvq.screen_codebooks, carvq.screen_hot_ids,
-                                  carvq.screen_hot_codes, carvq.screen_hot_codebooks, carvq.screen_projection };
+                                  carvq.screen_hot_codes, carvq.screen_hot_codebooks, carvq.screen_projection,
+                                  carvq.screen_fix, carvq.screen_fix_dirs };
     for (const ggml_tensor * t : all) {
         if (t != nullptr && (t->buffer == nullptr || !ggml_backend_buffer_is_host(t->buffer))) {
             throw std::runtime_error(format("CARVQ: tensor %s was placed in buffer %s, which is not host memory; "
@@ -676,7 +712,17 @@ void llama_carvq_check_data(llama_carvq & carvq, const llama_model_loader & ml) 
         }
     } else {
         sc.head_rows.reset();
+        if (carvq.screen_fix != nullptr) {
+            throw std::runtime_error(format("CARVQ: tensor %s corrects a screen, but the file has none (no head copy, "
+                                            "no screen index)", carvq.screen_fix->name));
+        }
         return; // an untied source's head is its own matrix: the lookup's codes do not index it
+    }
+    if (carvq.screen_fix != nullptr && std::string(carvq_env("CARVQ_SCREEN_FIX", "1")) != "0") {
+        // CARVQ_SCREEN_FIX=0 leaves the correction out (bench/screen.py measures what it buys)
+        sc.fix = carvq.screen_fix;
+        sc.fix_dirs = carvq.screen_fix_dirs;
+        sc.fix_rank = carvq.screen_fix_rank;
     }
     sc.blocks.resize((size_t) carvq_screen_blocks_nbytes(&sc.layout));
     carvq_screen_relayout(&sc.layout, (const uint8_t *) sc.codes->data, sc.blocks.data());
@@ -812,6 +858,13 @@ static void carvq_screen_scan_op(ggml_tensor * dst, int ith, int nth, void * use
         if (j1 > j0) {
             carvq_screen_hot_scan(&l, c.hot_blocks.data(), carvq_scratch.qh.data(), t.hot_offset, hot_ids,
                                   j0, j1, scores);
+        }
+        if (c.fix != nullptr) {
+            int32_t m[CARVQ_SCREEN_FIX_MAX_RANK];
+            carvq_screen_fix_weights(c.fix_rank, l.n_embd, (const float *) c.fix_dirs->data, carvq_column(cur, p),
+                                     t.scale, m);
+            carvq_screen_fix_add(c.fix_rank, (const int8_t *) c.fix->data, m, b0 * CARVQ_SCREEN_BLOCK,
+                                 std::min<int64_t>(l.n_vocab, b1 * CARVQ_SCREEN_BLOCK), scores);
         }
     }
 }

@@ -78,6 +78,10 @@ struct llama_carvq_screen {
     const ggml_tensor * hot_codes     = nullptr;
     const ggml_tensor * hot_codebooks = nullptr;
     const ggml_tensor * projection    = nullptr; // F32 {n, n}: tables from h @ P
+    // the screen correction (format v5): I8 {r, V} per-row coefficients, F32 {n, r} directions
+    const ggml_tensor * fix           = nullptr;
+    const ggml_tensor * fix_dirs      = nullptr;
+    int32_t fix_rank = 0;
     std::vector<uint8_t> blocks, hot_blocks;
     // scan_work[b]: the scan's work for blocks [0, b) (code bytes, the hot rows' included), so
     // that threads split the scan by work, not by blocks: frequent tokens, the hot rows, have low ids
@@ -109,6 +113,9 @@ struct llama_carvq {
     ggml_tensor * screen_codes = nullptr, * screen_codebooks = nullptr, * screen_hot_ids = nullptr,
                 * screen_hot_codes = nullptr, * screen_hot_codebooks = nullptr, * screen_projection = nullptr;
     carvq_layout screen_layout = {};
+    // the screen correction (format v5, output.carvq.fix*; null without one)
+    ggml_tensor * screen_fix = nullptr, * screen_fix_dirs = nullptr;
+    int32_t screen_fix_rank = 0;
     llama_carvq_screen screen; // what the screened head reads (empty: no screened head)
     // lookup decodes from screen.blocks (the same codes, re-laid) instead of `codes`
     bool lookup_from_blocks() const { return screen.enabled() && screen.codes == codes; }

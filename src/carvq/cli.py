@@ -24,7 +24,7 @@ def _cmd_convert(args) -> int:
     report = convert(args.input, args.output, base, target_bpw=args.target_bpw, iters=args.iters, seed=args.seed,
                      calibration=args.calibration, head_type=args.head_type, hf_outtype=args.hf_outtype,
                      body_type=args.body_type, progress=not args.quiet, force=args.force, tune_steps=args.tune_steps, prior=args.prior,
-                     trim_to=args.trim_to, tier_floor=args.tier_floor, tiered=args.tiers, fit_metric=args.metric,
+                     trim_to=args.trim_to, tier_floor=args.tier_floor, tiered=args.tiers, fit_metric=args.metric, fix_screen=args.screen_fix,
                      screen=None if not args.screen_index else Config(group_size=args.screen_group_size,
                                                                      levels=args.screen_levels,
                                                                      hot_bpw=args.screen_hot_bpw))
@@ -226,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "most, at least one level fewer than the configuration (default; at 1.6 bpw KLD -18 %% on "
                         "SmolLM2, -26 %% on Gemma-3, docs/RESULTS.md). --no-tiers: one hot set (format v2); without an "
                         "adaptor only")
+    c.add_argument("--screen-fix", action=argparse.BooleanOptionalAction, default=True,
+                   help="for a tied model, store the screened head's correction (format v5): one int8 a row of what the "
+                        "scan misses along the hidden states' top direction (0.013 bpw; at k = 4096 Gemma-3's KLD of "
+                        "screening -30 %%, docs/RESULTS.md); needs a text the model runs on: the calibration text or "
+                        "the documents it writes for its prior (default: on)")
     c.add_argument("--metric", choices=("fisher", "uniform"), default="fisher",
                    help="how the fit counts an error in each embedding dimension: 'fisher' by the source model's "
                         "sensitivity to it (its Fisher information, from gradients through the model in PyTorch on 16 "

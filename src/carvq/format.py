@@ -19,10 +19,11 @@ from carvq.errors import CarvqError
 FORMAT_VERSION = 2  # what the writer writes for a file without a screen index or hot tiers
 SCREEN_FORMAT_VERSION = 3  # ... with a screen index (version 3 = version 2 + the optional screen index)
 TIERS_FORMAT_VERSION = 4  # ... with hot rows in tiers (version 4 = version 3 + carvq.hot_tiers)
+FIX_FORMAT_VERSION = 5  # ... with a screen correction (version 5 = version 4 + carvq.screen_fix.*)
 # general.architecture values a CARVQ file may name (FORMAT.md "Architectures"; carvq.h's
 # CARVQ_ARCHITECTURES): graphs that read the input embedding only through build_inp_embd
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
-READABLE_VERSIONS = (1, 2, 3, 4)  # version 1 is version 2 without hot rows
+READABLE_VERSIONS = (1, 2, 3, 4, 5)  # version 1 is version 2 without hot rows
 
 # limits (FORMAT.md "Metadata keys"; carvq.h CARVQ_MAX_*)
 MAX_LEVELS = 16  # L and Lh
@@ -32,6 +33,7 @@ MAX_ADAPTOR_RANK = 1024
 MAX_ADAPTOR_HIDDEN = 65536
 ACTIVATIONS = ("relu", "silu", "gelu")
 MAX_HOT_TIERS = 8
+MAX_FIX_RANK = 8  # CARVQ_SCREEN_FIX_MAX_RANK
 
 PREFIX = "token_embd.carvq."
 SCREEN_PREFIX = "output.carvq."  # the screen index of the output head (version 3, docs/SCREEN.md)
@@ -91,6 +93,10 @@ def screen_name(name: str) -> str:
 
 
 SCREEN_PROJECTION = SCREEN_PREFIX + "projection"
+# the screen correction (version 5): per-row int8 coefficients of a few hidden-state directions
+FIX_RANK = "carvq.screen_fix.rank"
+SCREEN_FIX = SCREEN_PREFIX + "fix"
+SCREEN_FIX_DIRS = SCREEN_PREFIX + "fix_dirs"
 SCREEN_TENSORS = (*(screen_name(n) for n in (Tensor.CODES, Tensor.CODEBOOKS, *Tensor.HOT)), SCREEN_PROJECTION)
 
 
@@ -187,6 +193,7 @@ class CarvqTensors:
     hot_codebooks: np.ndarray | None = None  # (T*G, Lh, K, d), the codebooks' type; tier t's are rows t*G..
 
     screen: "ScreenIndex | None" = None  # the output head's own index (version 3)
+    screen_fix: "ScreenFix | None" = None  # the screen correction (version 5)
 
     def named(self) -> list[tuple[str, np.ndarray]]:
         """(tensor name, array) in file order, packed codes as I8 as stored; the screen
@@ -215,6 +222,23 @@ class ScreenIndex:
     @property
     def nbytes(self) -> int:
         return sum(int(arr.nbytes) for _, arr in self.named())
+
+
+@dataclass
+class ScreenFix:
+    """The screen correction (FORMAT.md "Screen correction", version 5): what the screen scans
+    (the lookup's codes or the head's own index) misses of each head row along a few directions
+    of the hidden states; approximate logit_v += sum_j fix[v, j] * (dirs[j] . h)."""
+
+    fix: np.ndarray  # (V, r) int8
+    dirs: np.ndarray  # (r, n) float32, each direction times its coefficients' scale
+
+    def named(self) -> list[tuple[str, np.ndarray]]:
+        return [(SCREEN_FIX, self.fix), (SCREEN_FIX_DIRS, self.dirs)]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.fix.nbytes + self.dirs.nbytes)
 
 
 # ---------------------------------------------------------------------------------------
@@ -421,7 +445,35 @@ def read_tensors(source) -> CarvqTensors:
     if bad is not None:
         raise CarvqError(f"CARVQ tensor {bad} holds non-finite values")
     found.screen = read_screen_index(reader, lo)
+    found.screen_fix = read_screen_fix(reader, lo, found.screen is not None)
     return found
+
+
+def read_screen_fix(reader, lo: Layout, has_index: bool) -> ScreenFix | None:
+    """The screen correction (FORMAT.md "Screen correction", version 5), or None without one. It
+    corrects a screen: the file must have a head copy or a screen index, and output.weight."""
+    if reader.get_field(FIX_RANK) is None:
+        _refuse_stray(reader, (SCREEN_FIX, SCREEN_FIX_DIRS), f"the file has no {FIX_RANK} key")
+        return None
+    version = int(_key(reader, Key.VERSION, "UINT32"))
+    if version < FIX_FORMAT_VERSION:
+        raise CarvqError(f"CARVQ key {FIX_RANK} needs carvq.format_version {FIX_FORMAT_VERSION}, the file says {version}")
+    rank = int(_key(reader, FIX_RANK, "UINT32"))
+    if not 1 <= rank <= MAX_FIX_RANK:
+        raise CarvqError(f"CARVQ metadata key {FIX_RANK} is {rank}, expected 1..{MAX_FIX_RANK}")
+    head = gio.tensor_by_name(reader, gio.HEAD)
+    head_copy = bool(gio.field_value(reader, Key.HEAD_COPY)) if reader.get_field(Key.HEAD_COPY) is not None else False
+    if head is None or tuple(int(x) for x in head.shape[:2]) != (lo.n_embd, lo.n_vocab) or not (head_copy or has_index):
+        raise CarvqError(f"CARVQ tensor {SCREEN_FIX} corrects a screen, but the file has none "
+                         f"(a {lo.n_vocab} x {lo.n_embd} {gio.HEAD} with a head copy or a screen index)")
+    # rank 1: llama-quantize writes the (1, n) directions as (n,) (ggml drops trailing dimensions of 1)
+    dirs_t = gio.tensor_by_name(reader, SCREEN_FIX_DIRS)
+    flat = rank == 1 and dirs_t is not None and len(dirs_t.shape) == 1
+    fix = ScreenFix(_expect(reader, SCREEN_FIX, ("I8",), (lo.n_vocab, rank)),
+                    _expect(reader, SCREEN_FIX_DIRS, ("F32",), (lo.n_embd,) if flat else (rank, lo.n_embd)).reshape(rank, -1))
+    if not np.isfinite(fix.dirs).all():
+        raise CarvqError(f"CARVQ tensor {SCREEN_FIX_DIRS} holds non-finite values")
+    return fix
 
 
 def read_screen_index(reader, lo: Layout) -> ScreenIndex | None:
@@ -488,12 +540,14 @@ def check_finite(tensors: CarvqTensors | ScreenIndex) -> None:
         raise CarvqError(f"{name}: non-finite values (an F16 overflow or a diverged fit); nothing was written")
 
 
-def add_metadata(writer, layout: Layout, provenance: Provenance, screen: ScreenIndex | None = None) -> None:
+def add_metadata(writer, layout: Layout, provenance: Provenance, screen: ScreenIndex | None = None,
+                 fix: ScreenFix | None = None) -> None:
     """The carvq.* keys of FORMAT.md, into a gguf.GGUFWriter."""
     import gguf
 
     tiered = len(layout.tier_rows) > 1
-    version = TIERS_FORMAT_VERSION if tiered else FORMAT_VERSION if screen is None else SCREEN_FORMAT_VERSION
+    version = (FIX_FORMAT_VERSION if fix is not None else TIERS_FORMAT_VERSION if tiered else
+               FORMAT_VERSION if screen is None else SCREEN_FORMAT_VERSION)
     writer.add_uint32(Key.VERSION, version)
     writer.add_uint32(Key.GROUP_SIZE, layout.group_size)
     writer.add_uint32(Key.LEVELS, layout.levels)
@@ -518,6 +572,8 @@ def add_metadata(writer, layout: Layout, provenance: Provenance, screen: ScreenI
         writer.add_uint32(ScreenKey.HOT_ROWS, sl.hot_rows)
         writer.add_uint32(ScreenKey.HOT_LEVELS, sl.hot_levels)
         writer.add_float32(ScreenKey.BPW, provenance.screen_bpw)
+    if fix is not None:
+        writer.add_uint32(FIX_RANK, int(fix.fix.shape[1]))
 
 
 def write_model(source_reader, out, arch: str, tensors: CarvqTensors, provenance: Provenance,
@@ -534,7 +590,10 @@ def write_model(source_reader, out, arch: str, tensors: CarvqTensors, provenance
         check_finite(screen)
     writer = gguf.GGUFWriter(None, arch)
     gio.copy_fields(source_reader, writer, skip=set())
-    add_metadata(writer, tensors.layout, provenance, screen)
+    fix = tensors.screen_fix
+    if fix is not None and not np.isfinite(fix.dirs).all():
+        raise CarvqError(f"{SCREEN_FIX_DIRS}: non-finite values; nothing was written")
+    add_metadata(writer, tensors.layout, provenance, screen, fix)
     for tensor in source_reader.tensors:
         if tensor.name != gio.EMBD:
             gio.add_source_tensor(writer, tensor)
@@ -545,6 +604,8 @@ def write_model(source_reader, out, arch: str, tensors: CarvqTensors, provenance
             data, qtype = head
             writer.add_tensor(gio.HEAD, data, raw_dtype=qtype)
         for name, arr in screen.named() if screen is not None else ():
+            writer.add_tensor(name, arr)
+        for name, arr in fix.named() if fix is not None else ():
             writer.add_tensor(name, arr)
     with gio.atomic_output(out, check=_check_written) as tmp:
         gio.write_gguf(writer, tmp, progress)

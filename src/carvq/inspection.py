@@ -95,7 +95,12 @@ def carvq_summary(reader) -> list[str]:
         hb = int(head.n_bytes)
         lines.append(f"  head copy added for a tied source: {head.tensor_type.name}, {hb:,} bytes = {8 * hb / n_w:.4f} bpw; "
                      f"lookup + head = {8 * (carvq_bytes + hb) / n_w:.4f} bpw")
-    screen = fmt.read_tensors(reader).screen
+    tensors = fmt.read_tensors(reader)
+    screen = tensors.screen
+    if tensors.screen_fix is not None:
+        fb = tensors.screen_fix.nbytes
+        lines.append(f"  screen correction (output.carvq.fix*, format v5): rank {tensors.screen_fix.fix.shape[1]}; "
+                     f"{fb:,} bytes = {8 * fb / n_w:.4f} bpw")
     if screen is not None:
         sl, sb = screen.rvq.layout, screen.nbytes
         hot = f"{sl.hot_rows} hot rows with {sl.hot_levels} more levels" if sl.hot_rows else "no hot rows"

@@ -107,6 +107,32 @@ def scores(layout: Layout, codes_packed, t: Tables, hot_ids=None, hot_codes_pack
     return s.astype(np.int32)
 
 
+FIX_MAX = 1 << 20  # CARVQ_SCREEN_FIX_MAX: a weight's clamp, so that 8 * 127 * FIX_MAX fits int32
+
+
+def fix_weights(dirs, h, scale: float) -> np.ndarray:
+    """The screen correction's integer weights (carvq_screen_fix_weights): a_j = dirs[j] . h summed
+    in order of i (float32, one rounding per multiply and per add), m_j = rint(a_j / scale * 256)
+    clamped to +-FIX_MAX; 0 where scale is 0 or a_j is not finite."""
+    D = np.asarray(dirs, np.float32)
+    h = np.asarray(h, np.float32)
+    a = np.zeros(D.shape[0], np.float32)
+    for i in range(D.shape[1]):
+        a = a + D[:, i] * h[i]
+    if not np.float32(scale) > 0:
+        return np.zeros(D.shape[0], np.int32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        v = np.rint(a / np.float32(scale) * np.float32(256))
+    v = np.where(np.isnan(v), 0, np.clip(v, -FIX_MAX, FIX_MAX))
+    return v.astype(np.int32)
+
+
+def fix_add(s: np.ndarray, fix, m: np.ndarray) -> np.ndarray:
+    """scores + (fix @ m) >> 8 (carvq_screen_fix_add; the shift floors), int32."""
+    corr = (np.asarray(fix, np.int64) @ np.asarray(m, np.int64)) >> 8
+    return (np.asarray(s, np.int64) + corr).astype(np.int32)
+
+
 def topk(s: np.ndarray, k: int) -> np.ndarray:
     """The min(k, n) best rows: highest score first, ties by lower id (a stable sort)."""
     order = np.argsort(-np.asarray(s, np.int64), kind="stable")
