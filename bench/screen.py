@@ -47,9 +47,9 @@ MODELS = {"smollm2": ("SmolLM2-135M-Instruct", models.smollm2, 20), "gemma3": ("
 
 
 def _converted(name: str, stock: Path, own_index: bool = False) -> Path:
-    """The default conversion (format v2: the screen reads the lookup's codes), or with
+    """The default conversion (format v5: the screen reads the lookup's codes and its correction), or with
     --screen-index (format v3 where the held-out check keeps the head's own index)."""
-    kind = "v3" if own_index else "v2"
+    kind = "v3" if own_index else "v5"
     out = cache_dir() / "bench" / f"{name}.default.{kind}.{converter_digest()}.carvq.gguf"
     if not out.exists():  # made again whenever the converter's code changes
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -70,10 +70,10 @@ def _screen_calibration() -> Path:
     return out
 
 
-def _default_k(n_vocab: int, own_index: bool = False) -> int:
+def _default_k(n_vocab: int, own_index: bool = False, corrected: bool = False) -> int:
     from carvq.converter.screen_index import default_k
 
-    return default_k(n_vocab, own_index)
+    return default_k(n_vocab, own_index, corrected)
 
 
 INDEX_LABEL = " (--screen-index)"  # result rows of files with the head's own screen index
@@ -181,7 +181,8 @@ def main() -> None:
         carvq = _converted(key, stock, own_index)
         name += INDEX_LABEL if own_index else ""
         V = fmt.read_layout(gio.open_gguf(carvq)).n_vocab
-        k0 = _default_k(V, fmt.read_tensors(carvq).screen is not None)
+        tensors = fmt.read_tensors(carvq)
+        k0 = _default_k(V, tensors.screen is not None, tensors.screen_fix is not None)
         print(f"{name}: quality and speed against k ...", flush=True)
         ks = sorted({1024, 2048, 4096, k0, min(V, 2 * k0)})
         r = {"default_k": k0, "n_vocab": V, "screen_index": fmt.read_tensors(carvq).screen is not None,

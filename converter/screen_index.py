@@ -106,11 +106,12 @@ def fit(E: np.ndarray, w: np.ndarray, H: np.ndarray, cfg: Config, seed: int, pro
 TOP = 40  # llama.cpp's default sampler draws from the 40 best tokens
 
 
-def default_k(n_vocab: int, own_index: bool) -> int:
-    """llama_carvq_screen_default_k (patches/src/llama-carvq.cpp)."""
+def default_k(n_vocab: int, own_index: bool, corrected: bool = False) -> int:
+    """llama_carvq_screen_default_k (patches/src/llama-carvq.cpp); corrected: with a screen
+    correction (format v5)."""
     if own_index:
         return min(n_vocab, max(2048, min(4096, n_vocab // 16)))
-    return min(n_vocab, max(4096, min(8192, n_vocab // 4)))
+    return min(n_vocab, max(4096, min(6144 if corrected else 8192, n_vocab // 4)))
 
 
 def _running_top(vals: np.ndarray | None, ids: np.ndarray | None, chunk: np.ndarray, a: int, k: int):

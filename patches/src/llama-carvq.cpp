@@ -521,7 +521,7 @@ static const char * carvq_env(const char * name, const char * fallback) {
 // Candidates per output: CARVQ_SCREEN_K (read whenever a graph is built) or the default, at most V
 static long long carvq_screen_k(const llama_carvq_screen & screen, bool warn) {
     const carvq_layout & l = screen.layout;
-    const long long k_default = llama_carvq_screen_default_k(l.n_vocab, screen.projection != nullptr);
+    const long long k_default = llama_carvq_screen_default_k(l.n_vocab, screen.projection != nullptr, screen.fix != nullptr);
     char * end = nullptr;
     const char * k_env = carvq_env("CARVQ_SCREEN_K", "");
     long long k = *k_env ? strtoll(k_env, &end, 10) : k_default;
@@ -724,6 +724,16 @@ void llama_carvq_check_data(llama_carvq & carvq, const llama_model_loader & ml) 
         sc.fix_dirs = carvq.screen_fix_dirs;
         sc.fix_rank = carvq.screen_fix_rank;
     }
+    if (sc.codebooks->type == GGML_TYPE_F16) {
+        const auto to_f32 = [](const ggml_tensor * t, std::vector<float> & out) {
+            out.resize((size_t) ggml_nelements(t));
+            ggml_fp16_to_fp32_row((const ggml_fp16_t *) t->data, out.data(), ggml_nelements(t));
+        };
+        to_f32(sc.codebooks, sc.codebooks_f32);
+        if (sc.hot_codebooks != nullptr) {
+            to_f32(sc.hot_codebooks, sc.hot_codebooks_f32);
+        }
+    }
     sc.blocks.resize((size_t) carvq_screen_blocks_nbytes(&sc.layout));
     carvq_screen_relayout(&sc.layout, (const uint8_t *) sc.codes->data, sc.blocks.data());
     if (sc.layout.hot_rows > 0) {
@@ -815,8 +825,12 @@ struct carvq_screen_scratch {
             h = hp.data();
         }
         carvq_screen_tables t;
-        carvq_screen_tables_build(&l, s.codebooks->data, s.hot_codebooks ? s.hot_codebooks->data : nullptr,
-                                  s.codebooks->type == GGML_TYPE_F16 ? CARVQ_CODEBOOK_F16 : CARVQ_CODEBOOK_F32,
+        const bool f32 = !s.codebooks_f32.empty(); // F16 codebooks converted at load (exactly)
+        const void * cb = f32 ? (const void *) s.codebooks_f32.data() : s.codebooks->data;
+        const void * hot_cb = f32 ? (const void *) s.hot_codebooks_f32.data()
+                                  : (s.hot_codebooks ? s.hot_codebooks->data : nullptr);
+        carvq_screen_tables_build(&l, cb, hot_cb,
+                                  f32 || s.codebooks->type != GGML_TYPE_F16 ? CARVQ_CODEBOOK_F32 : CARVQ_CODEBOOK_F16,
                                   h, work.data(), q.data(), qh.data(), &t);
         return t;
     }
@@ -828,8 +842,24 @@ static const float * carvq_column(const ggml_tensor * t, int64_t p) {
     return (const float *) ((const char *) t->data + p * t->nb[1]);
 }
 
-// dst (I32 [V, n_out]) = every row's screen score; src[0] the hidden states. Thread ith scans
+// dst (I32 [V + CARVQ_SCORES_TRAILER, n_out]) = every row's screen score, then the tables' scale
+// and bias; src[0] the hidden states. Thread ith scans
 // a contiguous range of blocks, an nth of the work, and adds the hot levels of the hot rows inside it.
+// The scores tensor holds V scores, then CARVQ_SCORES_TRAILER int32 with the bits of the tables'
+// scale and bias (approximate logit = score * scale + bias), so that the logits op does not
+// build the tables again.
+#define CARVQ_SCORES_TRAILER 2
+
+static void carvq_scores_trailer_put(int32_t * trailer, const carvq_screen_tables & t) {
+    memcpy(trailer, &t.scale, sizeof(float));
+    memcpy(trailer + 1, &t.bias, sizeof(float));
+}
+
+static void carvq_scores_trailer_get(const int32_t * trailer, float * scale, float * bias) {
+    memcpy(scale, trailer, sizeof(float));
+    memcpy(bias, trailer + 1, sizeof(float));
+}
+
 static void carvq_screen_scan_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const llama_carvq_screen & c = *(const llama_carvq_screen *) userdata;
     const carvq_layout & l = c.layout;
@@ -844,8 +874,8 @@ static void carvq_screen_scan_op(ggml_tensor * dst, int ith, int nth, void * use
     if (ith == 0 && c.head_rows) {
         c.head_rows->evict_if_full(); // before the exact op, which reads the cache with this graph's threads
     }
-    if (b0 >= b1) {
-        return;
+    if (b0 >= b1 && ith != 0) {
+        return; // thread 0 always builds the tables: it writes their scale and bias after the scores
     }
     const int32_t * hot_ids = l.hot_rows > 0 ? (const int32_t *) c.hot_ids->data : nullptr;
     const int64_t j0 = hot_ids ? std::lower_bound(hot_ids, hot_ids + l.hot_rows, (int32_t) (b0 * CARVQ_SCREEN_BLOCK)) - hot_ids : 0;
@@ -854,6 +884,12 @@ static void carvq_screen_scan_op(ggml_tensor * dst, int ith, int nth, void * use
     for (int64_t p = 0; p < dst->ne[1]; ++p) {
         const carvq_screen_tables t = carvq_scratch.build(c, carvq_column(cur, p));
         int32_t * scores = (int32_t *) ((char *) dst->data + p * dst->nb[1]);
+        if (ith == 0) {
+            carvq_scores_trailer_put(scores + l.n_vocab, t);
+        }
+        if (b0 >= b1) {
+            continue;
+        }
         carvq_screen_scan(&l, c.blocks.data(), carvq_scratch.q.data(), b0, b1, scores);
         if (j1 > j0) {
             carvq_screen_hot_scan(&l, c.hot_blocks.data(), carvq_scratch.qh.data(), t.hot_offset, hot_ids,
@@ -933,7 +969,7 @@ static void carvq_screen_exact_op(ggml_tensor * dst, int ith, int nth, void * us
     const int64_t n = cur->ne[0], k = dst->ne[0];
     const ggml_type_traits_cpu * tr = ggml_get_type_traits_cpu(w->type);
     carvq_screen_scratch & sc = carvq_scratch;
-    const int64_t V = scores_t->ne[0];
+    const int64_t V = scores_t->ne[0] - CARVQ_SCORES_TRAILER;
     sc.ids.resize((size_t) k); // k <= V (llama_carvq_build_head), so the selection has k rows
     if (rows != nullptr && (rows->row_bytes != w->nb[1] || rows->n_rows != w->ne[1])) {
         rows = nullptr; // not the tensor the cache was opened for
@@ -993,9 +1029,8 @@ static void carvq_screen_exact_op(ggml_tensor * dst, int ith, int nth, void * us
 // states, src[2] the exact op's output (the candidates' logits and ids). Thread ith fills a
 // contiguous slice of rows.
 static void carvq_screen_logits_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    const llama_carvq_screen & c = *(const llama_carvq_screen *) userdata;
+    (void) userdata;
     const ggml_tensor * scores_t = dst->src[0];
-    const ggml_tensor * cur = dst->src[1];
     const ggml_tensor * exact_t = dst->src[2];
     const int64_t V = dst->ne[0], k = exact_t->ne[0];
     const int64_t per = (V + nth - 1) / nth, v0 = per * ith, v1 = std::min(V, v0 + per);
@@ -1004,11 +1039,12 @@ static void carvq_screen_logits_op(ggml_tensor * dst, int ith, int nth, void * u
     }
     carvq_screen_scratch & sc = carvq_scratch;
     for (int64_t p = 0; p < dst->ne[1]; ++p) {
-        const carvq_screen_tables t = sc.build(c, carvq_column(cur, p));
         const int64_t m = k;
         sc.ids.resize((size_t) m);
         memcpy(sc.ids.data(), carvq_candidate_ids(exact_t, p), (size_t) m * sizeof(int32_t));
         const int32_t * scores = (const int32_t *) ((const char *) scores_t->data + p * scores_t->nb[1]);
+        carvq_screen_tables t = {};
+        carvq_scores_trailer_get(scores + V, &t.scale, &t.bias);
         const float * exact = (const float *) ((const char *) exact_t->data + p * exact_t->nb[1]);
         sc.approx.resize((size_t) m);
         for (int64_t i = 0; i < m; ++i) {
@@ -1028,12 +1064,18 @@ static void carvq_screen_logits_op(ggml_tensor * dst, int ith, int nth, void * u
     }
 }
 
-int64_t llama_carvq_screen_default_k(int64_t n_vocab, bool own_index) {
+int64_t llama_carvq_screen_default_k(int64_t n_vocab, bool own_index, bool corrected) {
     if (own_index) {
         // the head's own index ranks about 4x better than the lookup's codes: SmolLM2 at k = 2048
         // keeps the dense top-40 set inside the candidates at 99.6 % of positions, KLD 0.015
         return std::min<int64_t>(n_vocab, std::max<int64_t>(LLAMA_CARVQ_SCREEN_INDEX_K_MIN,
                                                             std::min<int64_t>(LLAMA_CARVQ_SCREEN_INDEX_K_MAX, n_vocab / 16)));
+    }
+    if (corrected) {
+        // the screen correction (format v5) ranks better: at k = 6144 KLD of screening 0.0065 on
+        // Gemma-3 (0.0054 uncorrected at 8192), the dense top-40 set inside the candidates at 100 %
+        // of 512 SmolLM2 positions (99.4 % uncorrected; docs/RESULTS.md, session 17)
+        return std::min<int64_t>(n_vocab, std::max<int64_t>(4096, std::min<int64_t>(6144, n_vocab / 4)));
     }
     // a quarter of the rows, within [4096, 8192]: the plausible next tokens do not grow with V.
     // Gemma-3 (V = 262144), k = 8192: every top-1 and every dense top-40 set inside the
@@ -1068,7 +1110,7 @@ ggml_tensor * llama_carvq_build_head(ggml_context * ctx, const llama_carvq & car
     // three ops, because each needs all of the previous one: the scan (threads over blocks of
     // rows), the candidates' exact logits (threads over candidates), the logits (threads over rows)
     ggml_tensor * scan_args[1] = { cur };
-    ggml_tensor * scores = ggml_custom_4d(ctx, GGML_TYPE_I32, l.n_vocab, cur->ne[1], 1, 1, scan_args, 1,
+    ggml_tensor * scores = ggml_custom_4d(ctx, GGML_TYPE_I32, l.n_vocab + CARVQ_SCORES_TRAILER, cur->ne[1], 1, 1, scan_args, 1,
                                           carvq_screen_scan_op, GGML_N_TASKS_MAX, (void *) &screen);
     ggml_set_name(scores, "carvq_screen_scores");
     ggml_tensor * exact_args[3] = { scores, cur, w };

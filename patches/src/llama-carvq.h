@@ -83,6 +83,8 @@ struct llama_carvq_screen {
     const ggml_tensor * fix_dirs      = nullptr;
     int32_t fix_rank = 0;
     std::vector<uint8_t> blocks, hot_blocks;
+    // the codebooks as F32 when stored as F16: converted once at load, not at every token's tables
+    std::vector<float> codebooks_f32, hot_codebooks_f32;
     // scan_work[b]: the scan's work for blocks [0, b) (code bytes, the hot rows' included), so
     // that threads split the scan by work, not by blocks: frequent tokens, the hot rows, have low ids
     std::vector<int64_t> scan_work;
@@ -166,11 +168,12 @@ void llama_carvq_check_data(llama_carvq & carvq, const llama_model_loader & ml);
 // its dense head; SmolLM2-135M, k = V/6, 1.04x (3 rounds of 3 x 128 tokens; 0.97x at V/4 before
 // the hot rows' SIMD scan). Auto screens from k <= V/5.
 #define LLAMA_CARVQ_SCREEN_MIN_SHARE 5
-// The default k: with the lookup's codes a quarter of the rows within 4096..8192; with the
-// head's own index (format v3) V/16 within LLAMA_CARVQ_SCREEN_INDEX_K_MIN..MAX.
+// The default k: with the lookup's codes a quarter of the rows within 4096..8192 (within
+// 4096..6144 with a screen correction, format v5); with the head's own index (format v3) V/16
+// within LLAMA_CARVQ_SCREEN_INDEX_K_MIN..MAX.
 #define LLAMA_CARVQ_SCREEN_INDEX_K_MIN 2048
 #define LLAMA_CARVQ_SCREEN_INDEX_K_MAX 4096
-int64_t llama_carvq_screen_default_k(int64_t n_vocab, bool own_index);
+int64_t llama_carvq_screen_default_k(int64_t n_vocab, bool own_index, bool corrected);
 ggml_tensor * llama_carvq_build_head(ggml_context * ctx, const llama_carvq & carvq, ggml_tensor * w, ggml_tensor * cur);
 
 // The input embeddings of `tokens` (I32 [n_tokens]) as an F32 [n_embd, n_tokens] tensor:
