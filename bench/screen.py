@@ -221,7 +221,8 @@ def _write(results: dict) -> None:
 def table(results: dict) -> str:
     mib = lambda n: f"{n / 2**20:.1f}"  # noqa: E731
     lines = [f"Latest run {date.today().isoformat()} on {machine()}; default `carvq convert` (tied head copy Q5_0, "
-             "rows marked --screen-index: converted with it, the head's own index screening, format v3); "
+             "the lookup's codes screening with the screen correction, format v5; rows marked --screen-index: converted "
+             "with it, the head's own index screening, format v3); "
              "KLD / top-1 / Δ perplexity of the screened head against the dense head of the same file on the "
              "Britannica text; speeds are generation (64 tokens) tokens/s; A/B ratios over alternating llama-bench "
              "rounds (mean ± std) with the default `--head auto` (auto screens only where k <= V/5).", "",

@@ -65,7 +65,7 @@ def fit(t: CarvqTensors, head_rows, states: np.ndarray, rank: int = RANK) -> tup
         coef[a:b] = residual.astype(np.float64) @ U
     scale = np.abs(coef).max(axis=0) / 127.0
     scale = np.where(scale > 0, scale, 1.0)
-    fix = np.clip(np.rint(coef / scale), -127, 127).astype(np.int8)
+    fix = np.ascontiguousarray(np.clip(np.rint(coef / scale), -127, 127).astype(np.int8).T)  # (rank, V)
     dirs = (U * scale).T.astype(np.float32)
     out = ScreenFix(fix, dirs)
     return out, (f"screen correction: the scan's error along the top {rank} direction(s) of {len(states):,} hidden "

@@ -146,7 +146,8 @@ def make(good: Path, out: Path) -> dict[str, str]:
             "screen-fix-in-v4": (dict(keys={Key.VERSION: ("UINT32", 4)}), "format_version 5"),
             "screen-fix-tensors-without-key": (dict(keys={fmt.FIX_RANK: None}), fmt.FIX_RANK),
             "screen-fix-rank-9": (dict(keys={fmt.FIX_RANK: ("UINT32", 9)}), fmt.FIX_RANK),
-            "screen-fix-rows-short": (dict(tensors={fmt.SCREEN_FIX: fix[:-3]}), fmt.SCREEN_FIX),
+            "screen-fix-rows-short": (dict(tensors={fmt.SCREEN_FIX: np.ascontiguousarray(fix.reshape(-1)[:-3])}),
+                                      fmt.SCREEN_FIX),
             "screen-fix-dirs-nan": (dict(tensors={fmt.SCREEN_FIX_DIRS: np.full_like(dirs, np.nan)}), "non-finite"),
             "screen-fix-without-screen": (dict(keys={Key.HEAD_COPY: ("BOOL", False)}), "corrects a screen"),
         })

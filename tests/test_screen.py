@@ -238,7 +238,7 @@ def test_screen_fix_matches_reference(lib, rank):
         if case == 1:
             dirs[0, 0] = np.nan
         scale = float(np.float32(rng.choice([0.0, 1e-6, 0.004, 0.3]) if case > 1 else 0.01))
-        fix = rng.integers(-127, 128, (V, rank)).astype(np.int8)
+        fix = rng.integers(-128, 128, (rank, V)).astype(np.int8)
         m = np.full(rank, 12345, np.int32)
         clib.carvq_screen_fix_weights(rank, n, _ptr(ffi, "float *", dirs), _ptr(ffi, "float *", h), scale,
                                       _ptr(ffi, "int32_t *", m))
@@ -251,7 +251,7 @@ def test_screen_fix_matches_reference(lib, rank):
         got = base.copy()
         cut = V // 3
         for v0, v1 in ((0, cut), (cut, V)):
-            clib.carvq_screen_fix_add(rank, _ptr(ffi, "int8_t *", fix), _ptr(ffi, "int32_t *", m), v0, v1,
+            clib.carvq_screen_fix_add(rank, V, _ptr(ffi, "int8_t *", fix), _ptr(ffi, "int32_t *", m), v0, v1,
                                       _ptr(ffi, "int32_t *", got))
         assert np.array_equal(got[:V], screen.fix_add(base[:V], fix, m)), case
         assert np.array_equal(got[V:], base[V:]), "the add wrote past v1"

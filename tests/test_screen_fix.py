@@ -31,13 +31,13 @@ def test_the_correction_lowers_the_scan_error(tiny_carvq, rank):
     mean /= np.linalg.norm(mean)
     fit_states, test_states = _anisotropic_states(rng, mean, 400), _anisotropic_states(rng, mean, 200)
     fix, note = screen_fix.fit(t, lambda a, b: head[a:b], fit_states, rank=rank)
-    assert fix.fix.shape == (V, rank) and fix.fix.dtype == np.int8 and fix.dirs.shape == (rank, n)
+    assert fix.fix.shape == (rank, V) and fix.fix.dtype == np.int8 and fix.dirs.shape == (rank, n)
     assert np.abs(fix.fix).max() == 127  # the scale puts the largest coefficient at the int8 edge
     assert f"{fix.nbytes:,} bytes" in note
     approx_rows = reference.decode_codes(screen.lookup_as_index(t), np.arange(V))
     exact = test_states @ head.T
     plain = test_states @ approx_rows.T
-    corrected = plain + (test_states @ fix.dirs.T) @ fix.fix.astype(np.float32).T
+    corrected = plain + (test_states @ fix.dirs.T) @ fix.fix.astype(np.float32)
     U = screen_fix.directions(fit_states, rank)
     unrounded = plain + (test_states @ U) @ ((head - approx_rows) @ U).T
     err = lambda z: float(((z - exact) ** 2).mean())  # noqa: E731
@@ -54,7 +54,7 @@ def test_the_file_keeps_the_correction_it_was_written_with(tiny_carvq):
     t = fmt.read_tensors(path)
     assert t.screen_fix is not None and t.screen is None
     reader = gio.open_gguf(path)
-    assert gio.field_value(reader, fmt.FIX_RANK) == t.screen_fix.fix.shape[1] == 1
+    assert gio.field_value(reader, fmt.FIX_RANK) == t.screen_fix.fix.shape[0] == fmt.read_tensors(path).screen_fix.dirs.shape[0]
     assert report.screen_bytes == t.screen_fix.nbytes
     assert any("screen correction" in line and f"{t.screen_fix.nbytes:,} bytes" in line for line in carvq_summary(reader))
     assert any("screen correction" in note for note in report.notes)

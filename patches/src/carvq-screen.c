@@ -366,20 +366,27 @@ void carvq_screen_fix_weights(int64_t rank, int64_t n, const float * dirs, const
     }
 }
 
-void carvq_screen_fix_add(int64_t rank, const int8_t * fix, const int32_t * m, int64_t v0, int64_t v1, int32_t * scores) {
-    if (rank == 1) { // the default: one multiply a row, vectorized by the compiler
-        const int32_t m0 = m[0];
-        for (int64_t v = v0; v < v1; ++v) {
-            scores[v] += (fix[v] * m0) >> 8;
+void carvq_screen_fix_add(int64_t rank, int64_t n_vocab, const int8_t * fix, const int32_t * m, int64_t v0, int64_t v1,
+        int32_t * scores) {
+    // planes of n_vocab coefficients, one per direction: each pass is a contiguous
+    // multiply-add the compiler vectorizes; the shift applies to the whole sum
+    enum { CHUNK = 256 };
+    int32_t acc[CHUNK];
+    for (int64_t a = v0; a < v1; a += CHUNK) {
+        const int64_t len = v1 - a < CHUNK ? v1 - a : CHUNK;
+        for (int64_t i = 0; i < len; ++i) {
+            acc[i] = 0;
         }
-        return;
-    }
-    for (int64_t v = v0; v < v1; ++v) {
-        int32_t acc = 0;
         for (int64_t j = 0; j < rank; ++j) {
-            acc += fix[v * rank + j] * m[j];
+            const int8_t * f = fix + j * n_vocab + a;
+            const int32_t mj = m[j];
+            for (int64_t i = 0; i < len; ++i) {
+                acc[i] += f[i] * mj;
+            }
         }
-        scores[v] += acc >> 8;
+        for (int64_t i = 0; i < len; ++i) {
+            scores[a + i] += acc[i] >> 8;
+        }
     }
 }
 

@@ -99,17 +99,18 @@ int64_t carvq_screen_topk(const int32_t * scores, int64_t n, int64_t k, int32_t 
 void carvq_screen_project(int64_t n, const float * projection, const float * h, float * out);
 
 // The screen correction (version 5, FORMAT.md "Screen correction"): rank r directions D (r x n,
-// row-major) and per-row int8 coefficients F (V x r); row v's approximate logit gains
-// sum over j of F[v][j] * (D[j] . h). In the scan's integer units:
+// row-major) and int8 coefficients F (r x V, row-major: one plane of V per direction); row v's
+// approximate logit gains sum over j of F[j][v] * (D[j] . h). In the scan's integer units:
 //   a_j = sum over i = 0..n-1, in that order, of D[j * n + i] * h[i]   (float32, no FMA)
 //   m_j = rint(a_j / scale * 256) (float32, round half to even), clamped to +-CARVQ_SCREEN_FIX_MAX
 //         (0 when scale is 0 or a_j is not finite)
 // carvq_screen_fix_weights writes m (r int32); carvq_screen_fix_add adds, for rows v in
-// [v0, v1), (sum over j of F[v][j] * m_j) >> 8 (arithmetic shift: floor) to scores[v].
+// [v0, v1), (sum over j of F[j][v] * m_j) >> 8 (arithmetic shift: floor) to scores[v].
 #define CARVQ_SCREEN_FIX_MAX_RANK 8
 #define CARVQ_SCREEN_FIX_MAX 1048576 // 2^20: 8 * 127 * 2^20 < 2^31, the sum fits int32
 void carvq_screen_fix_weights(int64_t rank, int64_t n, const float * dirs, const float * h, float scale, int32_t * m);
-void carvq_screen_fix_add(int64_t rank, const int8_t * fix, const int32_t * m, int64_t v0, int64_t v1, int32_t * scores);
+void carvq_screen_fix_add(int64_t rank, int64_t n_vocab, const int8_t * fix, const int32_t * m, int64_t v0, int64_t v1,
+        int32_t * scores);
 // "avx2", "neon" or "scalar": the path carvq_screen_scan takes in this build.
 const char * carvq_screen_simd_name(void);
 

@@ -287,7 +287,7 @@ static void carvq_load_screen_fix(llama_model_base & model, llama_model_loader &
                                         CARVQ_SCREEN_FIX_MAX_RANK));
     }
     carvq.screen_fix_rank = (int32_t) rank;
-    carvq.screen_fix      = model.create_tensor(tn(LLM_TENSOR_CARVQ_SCREEN_FIX),      {(int64_t) rank, l.n_vocab}, 0);
+    carvq.screen_fix      = model.create_tensor(tn(LLM_TENSOR_CARVQ_SCREEN_FIX),      {l.n_vocab, (int64_t) rank}, 0);
     carvq.screen_fix_dirs = model.create_tensor(tn(LLM_TENSOR_CARVQ_SCREEN_FIX_DIRS), {l.n_embd, (int64_t) rank}, 0);
     carvq_expect_type(carvq.screen_fix, false, true);
     carvq_expect_type(carvq.screen_fix_dirs, false);
@@ -899,7 +899,7 @@ static void carvq_screen_scan_op(ggml_tensor * dst, int ith, int nth, void * use
             int32_t m[CARVQ_SCREEN_FIX_MAX_RANK];
             carvq_screen_fix_weights(c.fix_rank, l.n_embd, (const float *) c.fix_dirs->data, carvq_column(cur, p),
                                      t.scale, m);
-            carvq_screen_fix_add(c.fix_rank, (const int8_t *) c.fix->data, m, b0 * CARVQ_SCREEN_BLOCK,
+            carvq_screen_fix_add(c.fix_rank, l.n_vocab, (const int8_t *) c.fix->data, m, b0 * CARVQ_SCREEN_BLOCK,
                                  std::min<int64_t>(l.n_vocab, b1 * CARVQ_SCREEN_BLOCK), scores);
         }
     }

@@ -78,7 +78,7 @@ struct llama_carvq_screen {
     const ggml_tensor * hot_codes     = nullptr;
     const ggml_tensor * hot_codebooks = nullptr;
     const ggml_tensor * projection    = nullptr; // F32 {n, n}: tables from h @ P
-    // the screen correction (format v5): I8 {r, V} per-row coefficients, F32 {n, r} directions
+    // the screen correction (format v5): I8 {V, r} coefficients (a plane per direction), F32 {n, r} directions
     const ggml_tensor * fix           = nullptr;
     const ggml_tensor * fix_dirs      = nullptr;
     int32_t fix_rank = 0;

@@ -228,9 +228,9 @@ class ScreenIndex:
 class ScreenFix:
     """The screen correction (FORMAT.md "Screen correction", version 5): what the screen scans
     (the lookup's codes or the head's own index) misses of each head row along a few directions
-    of the hidden states; approximate logit_v += sum_j fix[v, j] * (dirs[j] . h)."""
+    of the hidden states; approximate logit_v += sum_j fix[j, v] * (dirs[j] . h)."""
 
-    fix: np.ndarray  # (V, r) int8
+    fix: np.ndarray  # (r, V) int8: a plane of coefficients per direction
     dirs: np.ndarray  # (r, n) float32, each direction times its coefficients' scale
 
     def named(self) -> list[tuple[str, np.ndarray]]:
@@ -466,11 +466,13 @@ def read_screen_fix(reader, lo: Layout, has_index: bool) -> ScreenFix | None:
     if head is None or tuple(int(x) for x in head.shape[:2]) != (lo.n_embd, lo.n_vocab) or not (head_copy or has_index):
         raise CarvqError(f"CARVQ tensor {SCREEN_FIX} corrects a screen, but the file has none "
                          f"(a {lo.n_vocab} x {lo.n_embd} {gio.HEAD} with a head copy or a screen index)")
-    # rank 1: llama-quantize writes the (1, n) directions as (n,) (ggml drops trailing dimensions of 1)
-    dirs_t = gio.tensor_by_name(reader, SCREEN_FIX_DIRS)
-    flat = rank == 1 and dirs_t is not None and len(dirs_t.shape) == 1
-    fix = ScreenFix(_expect(reader, SCREEN_FIX, ("I8",), (lo.n_vocab, rank)),
-                    _expect(reader, SCREEN_FIX_DIRS, ("F32",), (lo.n_embd,) if flat else (rank, lo.n_embd)).reshape(rank, -1))
+    def planes(name: str, types: tuple[str, ...], width: int) -> np.ndarray:
+        # rank 1: llama-quantize writes a (1, width) tensor as (width,) (ggml drops trailing dimensions of 1)
+        t = gio.tensor_by_name(reader, name)
+        flat = rank == 1 and t is not None and len(t.shape) == 1
+        return _expect(reader, name, types, (width,) if flat else (rank, width)).reshape(rank, width)
+
+    fix = ScreenFix(planes(SCREEN_FIX, ("I8",), lo.n_vocab), planes(SCREEN_FIX_DIRS, ("F32",), lo.n_embd))
     if not np.isfinite(fix.dirs).all():
         raise CarvqError(f"CARVQ tensor {SCREEN_FIX_DIRS} holds non-finite values")
     return fix
@@ -573,7 +575,7 @@ def add_metadata(writer, layout: Layout, provenance: Provenance, screen: ScreenI
         writer.add_uint32(ScreenKey.HOT_LEVELS, sl.hot_levels)
         writer.add_float32(ScreenKey.BPW, provenance.screen_bpw)
     if fix is not None:
-        writer.add_uint32(FIX_RANK, int(fix.fix.shape[1]))
+        writer.add_uint32(FIX_RANK, int(fix.fix.shape[0]))
 
 
 def write_model(source_reader, out, arch: str, tensors: CarvqTensors, provenance: Provenance,

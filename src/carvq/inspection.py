@@ -99,7 +99,7 @@ def carvq_summary(reader) -> list[str]:
     screen = tensors.screen
     if tensors.screen_fix is not None:
         fb = tensors.screen_fix.nbytes
-        lines.append(f"  screen correction (output.carvq.fix*, format v5): rank {tensors.screen_fix.fix.shape[1]}; "
+        lines.append(f"  screen correction (output.carvq.fix*, format v5): rank {tensors.screen_fix.fix.shape[0]}; "
                      f"{fb:,} bytes = {8 * fb / n_w:.4f} bpw")
     if screen is not None:
         sl, sb = screen.rvq.layout, screen.nbytes

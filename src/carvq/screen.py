@@ -128,8 +128,8 @@ def fix_weights(dirs, h, scale: float) -> np.ndarray:
 
 
 def fix_add(s: np.ndarray, fix, m: np.ndarray) -> np.ndarray:
-    """scores + (fix @ m) >> 8 (carvq_screen_fix_add; the shift floors), int32."""
-    corr = (np.asarray(fix, np.int64) @ np.asarray(m, np.int64)) >> 8
+    """scores + (m @ fix) >> 8 for fix (r, V) (carvq_screen_fix_add; the shift floors), int32."""
+    corr = (np.asarray(m, np.int64) @ np.asarray(fix, np.int64)) >> 8
     return (np.asarray(s, np.int64) + corr).astype(np.int32)
 
 
