@@ -26,6 +26,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -207,22 +208,28 @@ static void carvq_create_hot(llama_model_base & model, llama_model_loader & ml, 
     }
 }
 
+// Optional tensors whose key is absent: none of them may be present (refused, not ignored).
+static void carvq_refuse_without_key(const llama_model_base & model, const llama_model_loader & ml,
+                                     std::initializer_list<llm_tensor> tensors, const char * key) {
+    for (const llm_tensor t : tensors) {
+        if (ml.get_tensor_meta(model.tn(t).str().c_str()) != nullptr) {
+            throw std::runtime_error(format("CARVQ: tensor %s present but the file has no %s key",
+                                            model.tn(t).str().c_str(), key));
+        }
+    }
+}
+
 // The output head's screen index (docs/SCREEN.md, version 3): an RVQ of the head's rows with
 // hot rows and no adaptor, and the projection of the hidden states into its metric. Absent
 // when the file has no carvq.screen.levels key; then none of its tensors may be present.
 static void carvq_load_screen_index(llama_model_base & model, llama_model_loader & ml, llama_carvq & carvq) {
     const gguf_context * meta = ml.metadata;
     const LLM_TN & tn = model.tn;
-    const llm_tensor all[] = { LLM_TENSOR_CARVQ_SCREEN_CODES, LLM_TENSOR_CARVQ_SCREEN_CODEBOOKS,
-                               LLM_TENSOR_CARVQ_SCREEN_HOT_IDS, LLM_TENSOR_CARVQ_SCREEN_HOT_CODES,
-                               LLM_TENSOR_CARVQ_SCREEN_HOT_CODEBOOKS, LLM_TENSOR_CARVQ_SCREEN_PROJECTION };
     if (!carvq_has_screen_index(meta)) {
-        for (const llm_tensor t : all) {
-            if (ml.get_tensor_meta(tn(t).str().c_str()) != nullptr) {
-                throw std::runtime_error(format("CARVQ: tensor %s present but the file has no %s key",
-                                                tn(t).str().c_str(), carvq_key::SCREEN_LEVELS));
-            }
-        }
+        carvq_refuse_without_key(model, ml, { LLM_TENSOR_CARVQ_SCREEN_CODES, LLM_TENSOR_CARVQ_SCREEN_CODEBOOKS,
+                                              LLM_TENSOR_CARVQ_SCREEN_HOT_IDS, LLM_TENSOR_CARVQ_SCREEN_HOT_CODES,
+                                              LLM_TENSOR_CARVQ_SCREEN_HOT_CODEBOOKS, LLM_TENSOR_CARVQ_SCREEN_PROJECTION },
+                                 carvq_key::SCREEN_LEVELS);
         return;
     }
     const carvq_layout & lk = carvq.layout;
@@ -268,12 +275,8 @@ static void carvq_load_screen_fix(llama_model_base & model, llama_model_loader &
     const gguf_context * meta = ml.metadata;
     const LLM_TN & tn = model.tn;
     if (gguf_find_key(meta, carvq_key::SCREEN_FIX_RANK) < 0) {
-        for (const llm_tensor t : { LLM_TENSOR_CARVQ_SCREEN_FIX, LLM_TENSOR_CARVQ_SCREEN_FIX_DIRS }) {
-            if (ml.get_tensor_meta(tn(t).str().c_str()) != nullptr) {
-                throw std::runtime_error(format("CARVQ: tensor %s present but the file has no %s key",
-                                                tn(t).str().c_str(), carvq_key::SCREEN_FIX_RANK));
-            }
-        }
+        carvq_refuse_without_key(model, ml, { LLM_TENSOR_CARVQ_SCREEN_FIX, LLM_TENSOR_CARVQ_SCREEN_FIX_DIRS },
+                                 carvq_key::SCREEN_FIX_RANK);
         return;
     }
     const carvq_layout & l = carvq.layout;
