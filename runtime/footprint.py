@@ -50,8 +50,8 @@ class Footprint:
 def _category(name: str) -> str:
     if name == gio.EMBD or name.startswith(fmt.PREFIX):
         return "embedding"
-    if name == gio.HEAD:
-        return "output_head"
+    if name == gio.HEAD or name.startswith(fmt.SCREEN_PREFIX):
+        return "output_head"  # with what screens it (the screen index and correction, output.carvq.*)
     if name.startswith("blk."):
         return "blocks"
     return "other_tensors"
