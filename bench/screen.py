@@ -185,7 +185,7 @@ def main() -> None:
         k0 = _default_k(V, tensors.screen is not None, tensors.screen_fix is not None)
         print(f"{name}: quality and speed against k ...", flush=True)
         ks = sorted({1024, 2048, 4096, k0, min(V, 2 * k0)})
-        r = {"default_k": k0, "n_vocab": V, "screen_index": fmt.read_tensors(carvq).screen is not None,
+        r = {"default_k": k0, "n_vocab": V, "screen_index": tensors.screen is not None,
              "quality": quality_vs_k(carvq, text, chunks, ks)}
         r["stock_tg_tps"] = _tg_speed(stock, {})
         print(f"{name}: A/B speed ...", flush=True)

@@ -134,7 +134,7 @@ def _head_rows(head, M: np.ndarray):
     data, qtype = head
     if qtype == gguf.GGMLQuantizationType.F32:
         return lambda a, b: M[a:b]
-    return lambda a, b: gguf.quants.dequantize(np.asarray(data[a:b]), qtype).reshape(b - a, M.shape[1])
+    return lambda a, b: gio.dequantize_rows(data[a:b], qtype, M.shape[1])
 
 
 def _check_paths(src: Path, out: Path, calibration, force: bool) -> None:
@@ -328,7 +328,7 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
         else:
             keep = True  # an untied head has no other screen
         fit.tensors.screen = index if keep else None
-    if fix_states is not None and head is not None and fit.tensors.screen is None:
+    if fix_states is not None:  # taken only for a head copy (tied) without a screen index
         fit.tensors.screen_fix, how = screen_fix.fit(fit.tensors, _head_rows(head, M), fix_states)
         notes.append(how)
     del M  # the write reads the output back to validate it: not beside a float32 copy of the embedding

@@ -20,11 +20,11 @@ import numpy as np
 
 from carvq import reference, screen
 from carvq.format import CarvqTensors, ScreenFix
+from carvq.gguf_io import row_chunks
 
 RANK = 1
 SEQUENCE_TOKENS = 512  # of the calibration text, per sequence
 SEQUENCES = 4  # ... and how many (2048 positions, about what the model's own 8 documents give)
-CHUNK_ROWS = 16384  # rows decoded at a time: the fit holds no V x n float copy beside the caller's
 
 
 def hidden_states(gguf_path, sequences: list[list[int]]) -> np.ndarray:
@@ -60,8 +60,7 @@ def fit(t: CarvqTensors, head_rows, states: np.ndarray, rank: int = RANK) -> tup
     V = scanned.layout.n_vocab
     U = directions(states, rank)
     coef = np.empty((V, rank), np.float64)
-    for a in range(0, V, CHUNK_ROWS):
-        b = min(V, a + CHUNK_ROWS)
+    for a, b in row_chunks(V):  # no V x n float copy beside the caller's
         residual = head_rows(a, b).astype(np.float32) - reference.decode_codes(scanned, np.arange(a, b))
         coef[a:b] = residual.astype(np.float64) @ U
     scale = np.abs(coef).max(axis=0) / 127.0

@@ -828,13 +828,12 @@ struct carvq_screen_scratch {
             h = hp.data();
         }
         carvq_screen_tables t;
-        const bool f32 = !s.codebooks_f32.empty(); // F16 codebooks converted at load (exactly)
-        const void * cb = f32 ? (const void *) s.codebooks_f32.data() : s.codebooks->data;
-        const void * hot_cb = f32 ? (const void *) s.hot_codebooks_f32.data()
-                                  : (s.hot_codebooks ? s.hot_codebooks->data : nullptr);
-        carvq_screen_tables_build(&l, cb, hot_cb,
-                                  f32 || s.codebooks->type != GGML_TYPE_F16 ? CARVQ_CODEBOOK_F32 : CARVQ_CODEBOOK_F16,
-                                  h, work.data(), q.data(), qh.data(), &t);
+        // F32 either way: F16 codebooks were converted at load (exactly; llama_carvq_check_data)
+        const bool converted = !s.codebooks_f32.empty();
+        const void * cb = converted ? (const void *) s.codebooks_f32.data() : s.codebooks->data;
+        const void * hot_cb = converted ? (const void *) s.hot_codebooks_f32.data()
+                                        : (s.hot_codebooks ? s.hot_codebooks->data : nullptr);
+        carvq_screen_tables_build(&l, cb, hot_cb, CARVQ_CODEBOOK_F32, h, work.data(), q.data(), qh.data(), &t);
         return t;
     }
 };

@@ -466,6 +466,7 @@ def read_screen_fix(reader, lo: Layout, has_index: bool) -> ScreenFix | None:
     if head is None or tuple(int(x) for x in head.shape[:2]) != (lo.n_embd, lo.n_vocab) or not (head_copy or has_index):
         raise CarvqError(f"CARVQ tensor {SCREEN_FIX} corrects a screen, but the file has none "
                          f"(a {lo.n_vocab} x {lo.n_embd} {gio.HEAD} with a head copy or a screen index)")
+
     def planes(name: str, types: tuple[str, ...], width: int) -> np.ndarray:
         # rank 1: llama-quantize writes a (1, width) tensor as (width,) (ggml drops trailing dimensions of 1)
         t = gio.tensor_by_name(reader, name)
@@ -473,8 +474,9 @@ def read_screen_fix(reader, lo: Layout, has_index: bool) -> ScreenFix | None:
         return _expect(reader, name, types, (width,) if flat else (rank, width)).reshape(rank, width)
 
     fix = ScreenFix(planes(SCREEN_FIX, ("I8",), lo.n_vocab), planes(SCREEN_FIX_DIRS, ("F32",), lo.n_embd))
-    if not np.isfinite(fix.dirs).all():
-        raise CarvqError(f"CARVQ tensor {SCREEN_FIX_DIRS} holds non-finite values")
+    bad = first_non_finite(fix)
+    if bad is not None:
+        raise CarvqError(f"CARVQ tensor {bad} holds non-finite values")
     return fix
 
 
@@ -529,12 +531,12 @@ class Provenance:
     screen_bpw: float = 0.0  # carvq.screen.bpw: the screen index, every output.carvq.* tensor
 
 
-def first_non_finite(tensors: CarvqTensors | ScreenIndex) -> str | None:
+def first_non_finite(tensors: CarvqTensors | ScreenIndex | ScreenFix) -> str | None:
     """The name of the first float tensor holding inf or NaN, else None."""
     return next((name for name, arr in tensors.named() if arr.dtype.kind == "f" and not np.isfinite(arr).all()), None)
 
 
-def check_finite(tensors: CarvqTensors | ScreenIndex) -> None:
+def check_finite(tensors: CarvqTensors | ScreenIndex | ScreenFix) -> None:
     """Writers never store non-finite values (FORMAT.md): a codebook that overflowed F16, or
     a diverged adaptor, would decode to inf/NaN rows."""
     name = first_non_finite(tensors)
@@ -593,8 +595,8 @@ def write_model(source_reader, out, arch: str, tensors: CarvqTensors, provenance
     writer = gguf.GGUFWriter(None, arch)
     gio.copy_fields(source_reader, writer, skip=set())
     fix = tensors.screen_fix
-    if fix is not None and not np.isfinite(fix.dirs).all():
-        raise CarvqError(f"{SCREEN_FIX_DIRS}: non-finite values; nothing was written")
+    if fix is not None:
+        check_finite(fix)
     add_metadata(writer, tensors.layout, provenance, screen, fix)
     for tensor in source_reader.tensors:
         if tensor.name != gio.EMBD:

@@ -131,18 +131,23 @@ def row_chunks(n_rows: int):
         yield a, min(n_rows, a + CHUNK_ROWS)
 
 
+def dequantize_rows(data: np.ndarray, qtype, n_cols: int) -> np.ndarray:
+    """Rows of ggml type `qtype` (data: one row of bytes per row) as float32 (rows, n_cols)."""
+    import gguf
+
+    return gguf.quants.dequantize(np.asarray(data), qtype).reshape(len(data), n_cols)
+
+
 def dequantize(tensor) -> np.ndarray:
     """A tensor of any ggml type as float32, in NumPy shape (rows, cols), dequantized in
     chunks of rows into one preallocated array (peak: the result plus one chunk)."""
-    import gguf
-
     n_cols = int(tensor.shape[0])
     n_rows = int(np.prod(tensor.shape[1:], dtype=np.int64)) if len(tensor.shape) > 1 else 1
     data = np.asarray(tensor.data).reshape(n_rows, -1)  # a view of the mapped file: one row per row
     out = np.empty((n_rows, n_cols), np.float32)
     for a, b in row_chunks(n_rows):
         try:
-            out[a:b] = gguf.quants.dequantize(data[a:b], tensor.tensor_type).reshape(b - a, n_cols)
+            out[a:b] = dequantize_rows(data[a:b], tensor.tensor_type, n_cols)
         except NotImplementedError:
             raise CarvqError(f"{tensor.name}: gguf-py cannot dequantize type {tensor.tensor_type.name}") from None
     return out
