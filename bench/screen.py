@@ -70,10 +70,10 @@ def _screen_calibration() -> Path:
     return out
 
 
-def _default_k(n_vocab: int, own_index: bool = False, corrected: bool = False) -> int:
+def _default_k(n_vocab: int, own_index: bool = False, fix_rank: int = 0) -> int:
     from carvq.converter.screen_index import default_k
 
-    return default_k(n_vocab, own_index, corrected)
+    return default_k(n_vocab, own_index, fix_rank)
 
 
 INDEX_LABEL = " (--screen-index)"  # result rows of files with the head's own screen index
@@ -182,7 +182,7 @@ def main() -> None:
         name += INDEX_LABEL if own_index else ""
         V = fmt.read_layout(gio.open_gguf(carvq)).n_vocab
         tensors = fmt.read_tensors(carvq)
-        k0 = _default_k(V, tensors.screen is not None, tensors.screen_fix is not None)
+        k0 = _default_k(V, tensors.screen is not None, tensors.screen_fix.rank if tensors.screen_fix is not None else 0)
         print(f"{name}: quality and speed against k ...", flush=True)
         ks = sorted({1024, 2048, 4096, k0, min(V, 2 * k0)})
         r = {"default_k": k0, "n_vocab": V, "screen_index": tensors.screen is not None,

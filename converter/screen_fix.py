@@ -9,8 +9,10 @@ eigenvector u. One int8 coefficient a row stores u . (E_v - Ê_v); the scan adds
 Measured in NumPy (512 positions of the Britannica text, directions from 4096 positions of the
 calibration text, float scores): at k = 4096 the dense top-40 set inside the candidates 98.0 ->
 99.8 % and KLD 0.0119 -> 0.0083 on Gemma-3, 94.9 -> 98.4 % and 0.0150 -> 0.0105 on SmolLM2, for
-one byte a row (0.0125 / 0.0139 bpw). Rank 2, 4, 8 add little more (docs/RESULTS.md, session 17:
-through llama.cpp, Gemma-3 at k = 4096, rank 4 0.0096 against rank 1's 0.0107, for 0.038 bpw more).
+one byte a row (0.0125 / 0.0139 bpw). The default is rank 4, four bytes a row (0.05 / 0.056 bpw):
+on SmolLM2 at k = 2048 the top-40 set is inside at 97.4 % (rank 1: 92.2 %), at 4096 at 99.6 %
+(rank 1: 99.0 %, and 99.7 % at 6144), so its files screen 4096 rows instead of 6144 (docs/RESULTS.md,
+session 19); rank 8 adds little more.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from carvq import reference, screen
 from carvq.format import CarvqTensors, ScreenFix
 from carvq.gguf_io import row_chunks
 
-RANK = 1
+RANK = 4  # with it the default k comes down to V/12 (screen_index.default_k)
 SEQUENCE_TOKENS = 512  # of the calibration text, per sequence
 SEQUENCES = 4  # ... and how many (2048 positions, about what the model's own 8 documents give)
 

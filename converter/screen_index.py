@@ -103,15 +103,18 @@ def fit(E: np.ndarray, w: np.ndarray, H: np.ndarray, cfg: Config, seed: int, pro
     return fmt.ScreenIndex(result.tensors, np.ascontiguousarray(inv_sqrt_s.astype(np.float32)))
 
 
+FIX_RANK_SMALL_K = 4  # LLAMA_CARVQ_SCREEN_FIX_RANK_K
 TOP = 40  # llama.cpp's default sampler draws from the 40 best tokens
 
 
-def default_k(n_vocab: int, own_index: bool, corrected: bool = False) -> int:
-    """llama_carvq_screen_default_k (patches/src/llama-carvq.cpp); corrected: with a screen
-    correction (format v5)."""
+def default_k(n_vocab: int, own_index: bool, fix_rank: int = 0) -> int:
+    """llama_carvq_screen_default_k (patches/src/llama-carvq.cpp); fix_rank: the rank of the
+    file's screen correction (format v5), 0 without one."""
     if own_index:
         return min(n_vocab, max(2048, min(4096, n_vocab // 16)))
-    return min(n_vocab, max(4096, min(6144 if corrected else 8192, n_vocab // 4)))
+    if fix_rank >= FIX_RANK_SMALL_K:
+        return min(n_vocab, max(4096, min(6144, n_vocab // 12)))
+    return min(n_vocab, max(4096, min(6144 if fix_rank > 0 else 8192, n_vocab // 4)))
 
 
 def _running_top(vals: np.ndarray | None, ids: np.ndarray | None, chunk: np.ndarray, a: int, k: int):

@@ -524,7 +524,7 @@ static const char * carvq_env(const char * name, const char * fallback) {
 // Candidates per output: CARVQ_SCREEN_K (read whenever a graph is built) or the default, at most V
 static long long carvq_screen_k(const llama_carvq_screen & screen, bool warn) {
     const carvq_layout & l = screen.layout;
-    const long long k_default = llama_carvq_screen_default_k(l.n_vocab, screen.projection != nullptr, screen.fix != nullptr);
+    const long long k_default = llama_carvq_screen_default_k(l.n_vocab, screen.projection != nullptr, screen.fix != nullptr ? screen.fix_rank : 0);
     char * end = nullptr;
     const char * k_env = carvq_env("CARVQ_SCREEN_K", "");
     long long k = *k_env ? strtoll(k_env, &end, 10) : k_default;
@@ -1066,14 +1066,19 @@ static void carvq_screen_logits_op(ggml_tensor * dst, int ith, int nth, void * u
     }
 }
 
-int64_t llama_carvq_screen_default_k(int64_t n_vocab, bool own_index, bool corrected) {
+int64_t llama_carvq_screen_default_k(int64_t n_vocab, bool own_index, int32_t fix_rank) {
     if (own_index) {
         // the head's own index ranks about 4x better than the lookup's codes: SmolLM2 at k = 2048
         // keeps the dense top-40 set inside the candidates at 99.6 % of positions, KLD 0.015
         return std::min<int64_t>(n_vocab, std::max<int64_t>(LLAMA_CARVQ_SCREEN_INDEX_K_MIN,
                                                             std::min<int64_t>(LLAMA_CARVQ_SCREEN_INDEX_K_MAX, n_vocab / 16)));
     }
-    if (corrected) {
+    if (fix_rank >= LLAMA_CARVQ_SCREEN_FIX_RANK_K) {
+        // a correction of rank 4 ranks as well at 4096 as rank 1 at 6144: SmolLM2's dense top-40
+        // set inside the candidates at 99.6 % against 99.7 % (docs/RESULTS.md, session 19)
+        return std::min<int64_t>(n_vocab, std::max<int64_t>(4096, std::min<int64_t>(6144, n_vocab / 12)));
+    }
+    if (fix_rank > 0) {
         // the screen correction (format v5) ranks better: at k = 6144 KLD of screening 0.0065 on
         // Gemma-3 (0.0054 uncorrected at 8192), the dense top-40 set inside the candidates at 100 %
         // of 512 SmolLM2 positions (99.4 % uncorrected; docs/RESULTS.md, session 17)

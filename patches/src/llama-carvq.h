@@ -169,11 +169,13 @@ void llama_carvq_check_data(llama_carvq & carvq, const llama_model_loader & ml);
 // the hot rows' SIMD scan). Auto screens from k <= V/5.
 #define LLAMA_CARVQ_SCREEN_MIN_SHARE 5
 // The default k: with the lookup's codes a quarter of the rows within 4096..8192 (within
-// 4096..6144 with a screen correction, format v5); with the head's own index (format v3) V/16
+// 4096..6144 with a screen correction, format v5, and V/12 within 4096..6144 with a correction
+// of rank at least LLAMA_CARVQ_SCREEN_FIX_RANK_K); with the head's own index (format v3) V/16
 // within LLAMA_CARVQ_SCREEN_INDEX_K_MIN..MAX.
+#define LLAMA_CARVQ_SCREEN_FIX_RANK_K 4
 #define LLAMA_CARVQ_SCREEN_INDEX_K_MIN 2048
 #define LLAMA_CARVQ_SCREEN_INDEX_K_MAX 4096
-int64_t llama_carvq_screen_default_k(int64_t n_vocab, bool own_index, bool corrected);
+int64_t llama_carvq_screen_default_k(int64_t n_vocab, bool own_index, int32_t fix_rank);
 ggml_tensor * llama_carvq_build_head(ggml_context * ctx, const llama_carvq & carvq, ggml_tensor * w, ggml_tensor * cur);
 
 // The input embeddings of `tokens` (I32 [n_tokens]) as an F32 [n_embd, n_tokens] tensor:

@@ -240,6 +240,10 @@ class ScreenFix:
     def nbytes(self) -> int:
         return int(self.fix.nbytes + self.dirs.nbytes)
 
+    @property
+    def rank(self) -> int:
+        return int(self.fix.shape[0])
+
 
 # ---------------------------------------------------------------------------------------
 # code packing (FORMAT.md "Code packing")
