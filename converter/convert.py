@@ -262,6 +262,9 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
     memory.trim()
     V, n = M.shape
     w, weights_from = _token_weights(prior_w, prior_how, reader, V, calibration, None if tokens is None else tokens[0])
+    if sens is not None and sens.token_factor is not None and sens.token_factor.shape == (V,):
+        w = w * sens.token_factor
+        weights_from += f"; times each token's sensitivity ** {metric.TOKEN_POWER:g}"
     if target_bpw is not None:
         cfg, search_notes = choose_config(M, w, base, target_bpw, seed, progress)
         notes += search_notes

@@ -55,17 +55,32 @@ HEAD_COPIES = 6
 HEAD_CHUNK = 32
 # Floor of a dimension's weight, relative to the mean: a dimension no sequence moved still counts
 FLOOR = 0.05
+# Per-token sensitivity: a token's weight in the fit times (its positions' mean ||g||^2 / all
+# positions' mean) ** TOKEN_POWER, each token's mean shrunk toward the overall one by TOKEN_PRIOR
+# pseudo-positions (most tokens occur a few times or never in the pass's few thousand positions).
+# 0 turns it off.
+TOKEN_POWER = 0.0
+TOKEN_PRIOR = 8.0
 
 
 @dataclass
 class Metric:
     scale: np.ndarray  # (n,) float32: sqrt of each dimension's weight (mean weight 1)
     how: str  # for the report
+    token_factor: np.ndarray | None = None  # (V,) float64: what each token's fit weight is multiplied by
+
+
+@dataclass
+class Sensitivity:
+    diagonal: np.ndarray  # (n,) E[g_j^2] over every position used
+    positions: int
+    token_energy: np.ndarray  # (V,) sum of ||g||^2 over the positions of each input token
+    token_count: np.ndarray  # (V,) those positions
 
 
 def fisher_diagonal(gguf_path, seqs, seed: int, progress: bool, reader=None,
-                    dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, int]:
-    """(E[g_j^2] over the positions of `seqs` (a list of 1-D token tensors), positions used)."""
+                    dtype: torch.dtype = torch.float32) -> Sensitivity:
+    """E[g_j^2] over the positions of `seqs` (a list of 1-D token tensors), and ||g||^2 by token."""
     from tqdm import tqdm
 
     from carvq.converter import torch_model
@@ -76,6 +91,8 @@ def fisher_diagonal(gguf_path, seqs, seed: int, progress: bool, reader=None,
     gen = torch.Generator().manual_seed(seed)
     total = None
     positions = 0
+    V = embed.num_embeddings
+    token_energy, token_count = np.zeros(V), np.zeros(V)
     for tokens in tqdm(seqs, desc="carvq: the model's sensitivity", unit="seq", disable=not progress, leave=False):
         if tokens.numel() < 3:
             continue
@@ -88,10 +105,24 @@ def fisher_diagonal(gguf_path, seqs, seed: int, progress: bool, reader=None,
         g = x.grad[0, 1:-1].double()  # bfloat16 too: its squares summed in float64
         total = (g * g).sum(0) if total is None else total + (g * g).sum(0)
         positions += g.shape[0]
+        ids = tokens[1:-1].numpy()
+        np.add.at(token_energy, ids, (g * g).sum(1).numpy())
+        np.add.at(token_count, ids, 1.0)
     del model
     if total is None or not torch.isfinite(total).all() or float(total.sum()) <= 0:
         raise CarvqError("the model's gradients gave no usable sensitivity")
-    return (total / positions).numpy(), positions
+    return Sensitivity((total / positions).numpy(), positions, token_energy, token_count)
+
+
+def token_factor(s: Sensitivity, power: float = None, prior: float = None) -> np.ndarray | None:
+    """(V,) each token's relative sensitivity, shrunk toward 1, to the power `power`; None at power 0."""
+    power = TOKEN_POWER if power is None else power
+    prior = TOKEN_PRIOR if prior is None else prior
+    if power == 0:
+        return None
+    mean = float(s.token_energy.sum() / max(s.token_count.sum(), 1.0))
+    rel = (s.token_energy / mean + prior) / (s.token_count + prior)
+    return rel ** power
 
 
 def _label_gradient(model, hidden: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -153,16 +184,18 @@ def from_model(gguf_path, seqs, what: str, seed: int, progress: bool, n_embd: in
     """The metric of the Fisher diagonal over `seqs` (1-D token tensors; SEQUENCES of a text
     spread over it are enough, see above)."""
     start = time.perf_counter()
-    diag, positions = fisher_diagonal(gguf_path, seqs, seed, progress, reader, dtype)
+    sens = fisher_diagonal(gguf_path, seqs, seed, progress, reader, dtype)
+    diag, positions = sens.diagonal, sens.positions
     if diag.shape != (n_embd,):
         raise CarvqError(f"the model's input has {diag.shape[0]} dimensions, the embedding {n_embd}")
     weight = np.maximum(diag / diag.mean(), FLOOR)
     weight /= weight.mean()
+    factor = token_factor(sens)
     return Metric(np.sqrt(weight).astype(np.float32),
                   f"each dimension weighted by the model's Fisher information ({positions:,} positions of {len(seqs)} "
                   f"{what} sequences, weights {weight.min():.2f}..{weight.max():.2f} x the mean, "
                   f"{'the model in bfloat16 for memory, ' if dtype == torch.bfloat16 else ''}"
-                  f"{time.perf_counter() - start:.0f} s)")
+                  f"{time.perf_counter() - start:.0f} s)", factor)
 
 
 def scale_rows(M: np.ndarray, scale: np.ndarray) -> None:

@@ -73,9 +73,15 @@ def test_fisher_diagonal_of_the_tiny_model(arch, tiny_gguf):
     from carvq.converter import metric
 
     seqs = [torch.arange(2, 40), torch.arange(5, 60), torch.tensor([1, 2])]  # a too-short one is skipped
-    diag, positions = metric.fisher_diagonal(tiny_gguf(arch), seqs, seed=0, progress=False)
+    sens = metric.fisher_diagonal(tiny_gguf(arch), seqs, seed=0, progress=False)
+    diag, positions = sens.diagonal, sens.positions
     assert positions == (38 - 2) + (55 - 2)  # neither the last position (no label) nor the first (BOS)
     assert diag.ndim == 1 and np.isfinite(diag).all() and (diag > 0).all()
+    # by token: the positions of each input token, and their ||g||^2, sum to the whole
+    assert sens.token_count.sum() == positions and sens.token_count[3] == 1 and sens.token_count[10] == 2 and sens.token_count[1] == 0
+    assert np.isclose(sens.token_energy.sum(), diag.sum() * positions)
+    factor = metric.token_factor(sens, power=1.0, prior=8.0)
+    assert factor[1] == 1.0 and (factor > 0).all() and metric.token_factor(sens, power=0.0) is None
     m = metric.from_model(tiny_gguf(arch), seqs, "test", 0, False, diag.shape[0])
     assert m.scale.dtype == np.float32 and np.isclose((m.scale ** 2).mean(), 1.0, rtol=1e-5)
     assert "Fisher information" in m.how
@@ -149,6 +155,6 @@ def test_the_metric_is_the_same_for_the_same_seed(tiny_gguf):
     from carvq.converter import metric
 
     seqs = [torch.arange(2, 60), torch.arange(7, 90)]
-    n = metric.fisher_diagonal(tiny_gguf("llama"), seqs[:1], 0, False)[0].shape[0]
+    n = metric.fisher_diagonal(tiny_gguf("llama"), seqs[:1], 0, False).diagonal.shape[0]
     a, b, c = (metric.from_model(tiny_gguf("llama"), seqs, "test", seed, False, n).scale for seed in (1, 1, 2))
     assert np.array_equal(a, b) and not np.array_equal(a, c)

@@ -85,9 +85,12 @@ def _check_candidates(path, own_index: bool, k: int) -> None:
         assert len(exact - want) <= 3, f"position {p}: rows outside the top-k came out exact: {sorted(exact - want)}"
 
 
+# the whole text, then windows of 4 tokens: one scan each, enough for the cache to age its rows'
+# histories (LLAMA_CARVQ_HEAD_CACHE_AGE_SCANS) and evict by them
 _CACHE_PROBE = ("import sys, numpy as np; from carvq.runtime.model import Model\n"
+                "ids = [int(t) for t in sys.argv[4:]]\n"
                 "with Model(sys.argv[1], n_ctx=64, head='screened', screen_k=int(sys.argv[2]), verbose=True) as m:\n"
-                "    np.save(sys.argv[3], m.logits([int(t) for t in sys.argv[4:]]))")
+                "    np.save(sys.argv[3], np.concatenate([m.logits(ids)] + [m.logits(ids[i:i + 4]) for i in range(len(ids) - 3)]))")
 
 
 def _logits_with_cache(path, k, out, cache_mib: str | None):
@@ -106,7 +109,8 @@ def _logits_with_cache(path, k, out, cache_mib: str | None):
 def test_head_rows_read_through_the_cache_are_the_mapped_rows(tiny_carvq, workdir):
     """The screened head reads its exact rows with pread into a bounded cache (docs/SCREEN.md):
     the logits equal those read through the mapping, with a cache that holds every row and with
-    one of 3 rows, where candidates are evicted and read into the thread's scratch."""
+    one of 3 rows, where candidates are evicted and read into the thread's scratch, and one of 2 x k
+    rows, where rows stay and leave by how often they were candidates."""
     from carvq import gguf_io as gio
 
     path, report = tiny_carvq("llama")
@@ -114,7 +118,7 @@ def test_head_rows_read_through_the_cache_are_the_mapped_rows(tiny_carvq, workdi
     k = 24
     mapped, log = _logits_with_cache(path, k, workdir / "mapped.npy", "0")
     assert "read with pread" not in log
-    for mib in (None, repr(3.5 * row_bytes / 2**20)):
+    for mib in (None, repr(3.5 * row_bytes / 2**20), repr((2 * k + 0.5) * row_bytes / 2**20)):
         cached, log = _logits_with_cache(path, k, workdir / "cached.npy", mib)
         assert "exact rows read with pread" in log, log[-2000:]
         assert np.array_equal(cached, mapped), f"CARVQ_HEAD_CACHE_MIB={mib}"

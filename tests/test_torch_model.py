@@ -57,8 +57,8 @@ def test_the_bfloat16_pass_measures_the_same_sensitivity(tiny_gguf):
     from carvq.converter import metric
 
     seqs = [torch.arange(2, 60), torch.arange(7, 90), torch.arange(30, 120)]
-    f32, _ = metric.fisher_diagonal(tiny_gguf("llama"), seqs, 0, False)
-    bf16, _ = metric.fisher_diagonal(tiny_gguf("llama"), seqs, 0, False, dtype=torch.bfloat16)
+    f32 = metric.fisher_diagonal(tiny_gguf("llama"), seqs, 0, False).diagonal
+    bf16 = metric.fisher_diagonal(tiny_gguf("llama"), seqs, 0, False, dtype=torch.bfloat16).diagonal
     assert np.corrcoef(np.log(f32), np.log(bf16))[0, 1] > 0.95
 
 

@@ -322,6 +322,7 @@ bool llama_carvq_head_rows::allocate(int64_t rows) {
     }
     row_of.reset(new int32_t[(size_t) capacity]);
     used.reset(new std::atomic<uint8_t>[(size_t) capacity]);
+    history.reset(new uint8_t[(size_t) capacity]());
     free_slots.reset(new int32_t[(size_t) capacity]);
     for (int64_t s = 0; s < capacity; ++s) {
         row_of[s] = -1;
@@ -403,23 +404,61 @@ void llama_carvq_head_rows::prefetch_row(int64_t id) const {
     }
 }
 
+// A cached row's claim to stay: the aging periods it was read in, twice, and one more when this one
+// is among them (0..17)
+static int carvq_head_row_claim(uint8_t history, bool used) {
+    int n = 0;
+    for (uint8_t x = history; x != 0; x &= (uint8_t) (x - 1)) {
+        ++n;
+    }
+    return 2 * n + (used ? 1 : 0);
+}
+
 void llama_carvq_head_rows::evict_if_full() {
-    if (next_free.load(std::memory_order_relaxed) < n_free) {
+    const bool age = scans.fetch_add(1, std::memory_order_relaxed) + 1 >= LLAMA_CARVQ_HEAD_CACHE_AGE_SCANS;
+    if (!age && next_free.load(std::memory_order_relaxed) < n_free) {
         return;
     }
     std::unique_lock<std::shared_mutex> lock(mutex); // no exact op of any context is reading now
+    if (age && scans.load(std::memory_order_relaxed) >= LLAMA_CARVQ_HEAD_CACHE_AGE_SCANS) {
+        scans.store(0, std::memory_order_relaxed);
+        for (int64_t s = 0; s < capacity; ++s) {
+            history[s] = (uint8_t) ((history[s] >> 1) | (used[s].load(std::memory_order_relaxed) ? 0x80 : 0));
+            used[s].store(0, std::memory_order_relaxed);
+        }
+    }
     if (next_free.load(std::memory_order_relaxed) < n_free) {
         return;
     }
+    constexpr int n_claims = 18;
+    int64_t by_claim[n_claims] = {0};
+    int64_t empty = 0;
+    for (int64_t s = 0; s < capacity; ++s) {
+        if (row_of[s] < 0) {
+            ++empty;
+        } else {
+            ++by_claim[carvq_head_row_claim(history[s], used[s].load(std::memory_order_relaxed))];
+        }
+    }
+    // free the rows of a claim below `claim`, and `at_claim` of those with exactly that claim
+    int64_t need = std::max<int64_t>(1, capacity / LLAMA_CARVQ_HEAD_CACHE_FREE_SHARE) - empty;
+    int claim = 0;
+    while (claim < n_claims - 1 && need > by_claim[claim]) {
+        need -= by_claim[claim++];
+    }
+    int64_t at_claim = std::max<int64_t>(need, 0);
     int64_t n = 0;
     for (int64_t s = 0; s < capacity; ++s) {
-        if (row_of[s] >= 0 && used[s].load(std::memory_order_relaxed)) {
-            used[s].store(0, std::memory_order_relaxed); // a second chance
-            continue;
-        }
         if (row_of[s] >= 0) {
+            const int c = carvq_head_row_claim(history[s], used[s].load(std::memory_order_relaxed));
+            if (c > claim || (c == claim && at_claim <= 0)) {
+                continue;
+            }
+            at_claim -= c == claim;
             slot_of[row_of[s]].store(-1, std::memory_order_relaxed);
             row_of[s] = -1;
+            history[s] = 0;
+            used[s].store(0, std::memory_order_relaxed);
         }
         free_slots[n++] = (int32_t) s;
     }

@@ -26,9 +26,15 @@ struct llama_model;
 // "Resident memory"). Read through the mapping, each candidate faults in its page and, by the
 // kernel's fault-around, up to 64 KiB beside it: after 256 tokens of Gemma-3-270M 90 of the
 // head copy's 110 MiB were resident, though the candidates had touched a quarter of its rows.
-// The cache holds whole rows. When it has no free slot left, the next scan evicts the rows no
-// exact op has read since the previous eviction (a clock with one reference bit); until then a
-// row that finds no slot is read into the caller's scratch. POSIX only (elsewhere: the mapping).
+// The cache holds whole rows. Each row keeps which of the last 8 aging periods (of
+// LLAMA_CARVQ_HEAD_CACHE_AGE_SCANS screened tokens each) read it; when no slot is left, the next
+// scan frees 1/LLAMA_CARVQ_HEAD_CACHE_FREE_SHARE of them, the rows read in the fewest periods first
+// (the rows that many tokens' candidates share stay, a topic's one-off rows leave). SmolLM2, 256
+// greedy tokens, cache of 5 x k rows: 62.8k rows read, 2.2x fewer than a clock with one reference
+// bit (138.7k); 32.7k distinct rows (docs/SCREEN.md, "Resident memory"). Until a slot is free, a
+// row that finds none is read into the caller's scratch. POSIX only (elsewhere: the mapping).
+#define LLAMA_CARVQ_HEAD_CACHE_FREE_SHARE 16
+#define LLAMA_CARVQ_HEAD_CACHE_AGE_SCANS 4
 // File descriptions the row cache reads through: the graph's threads take them in turn. Threads
 // reading through one share its reference count, which every pread takes and drops: with two
 // threads reading misses at once, that cache line went back and forth between the cores.
@@ -45,9 +51,11 @@ struct llama_carvq_head_rows {
     std::unique_ptr<std::atomic<int32_t>[]> slot_of;  // row -> slot, -1 when not cached
     std::unique_ptr<int32_t[]> row_of;                // slot -> row, -1 when free
     std::unique_ptr<std::atomic<uint8_t>[]> used;     // slot read since the last eviction
+    std::unique_ptr<uint8_t[]> history;               // slot read in each of the last 8 periods (bit 7 the latest)
     std::unique_ptr<int32_t[]> free_slots;            // [0, n_free): slots to fill, in order
     int64_t n_free = 0;
     std::atomic<int64_t> next_free {0};               // free slots handed out
+    std::atomic<int64_t> scans {0};                   // screened scans since the last aging of `history`
     std::shared_mutex mutex;                          // shared: reading and filling; exclusive: eviction
 
     llama_carvq_head_rows() = default;
@@ -151,10 +159,10 @@ void llama_carvq_check_data(llama_carvq & carvq, const llama_model_loader & ml);
 // Rows of the head the screened head's cache holds: 1/LLAMA_CARVQ_HEAD_CACHE_SHARE of them but
 // at least LLAMA_CARVQ_HEAD_CACHE_ROUNDS x k (k as at load), or CARVQ_HEAD_CACHE_MIB (read at load;
 // 0 reads every row through the mapping). Gemma-3-270M at k = 8192: 62k distinct candidate rows
-// in 256 generated tokens, 98k in 512 tokens of Britannica; a cache of 4 x k rows cost 12 % of its
-// generation speed at k = 16384 (rows read again and again), one of 8 x k rows 3 % at k = 8192.
+// in 256 generated tokens, 98k in 512 tokens of Britannica. 5 x k rows: SmolLM2 at k = 4096 (7.7
+// MiB) peaks at 0.91x the stock file's RSS (8 x k: 0.93x) for about 120 rows read again a token.
 #define LLAMA_CARVQ_HEAD_CACHE_SHARE 4
-#define LLAMA_CARVQ_HEAD_CACHE_ROUNDS 8
+#define LLAMA_CARVQ_HEAD_CACHE_ROUNDS 5
 
 // The output head w (output.weight) times the hidden states cur (F32 [n_embd, n_outputs]),
 // screened: every logit approximated from the codes, the k best computed exactly from w's
