@@ -9,7 +9,7 @@ eigenvector u. One int8 coefficient a row stores u . (E_v - Ê_v); the scan adds
 Measured in NumPy (512 positions of the Britannica text, directions from 4096 positions of the
 calibration text, float scores): at k = 4096 the dense top-40 set inside the candidates 98.0 ->
 99.8 % and KLD 0.0119 -> 0.0083 on Gemma-3, 94.9 -> 98.4 % and 0.0150 -> 0.0105 on SmolLM2, for
-one byte a row (0.0125 / 0.0139 bpw). The default is rank 4, four bytes a row (0.05 / 0.056 bpw):
+one byte a row (0.0125 / 0.0139 bpw). The default is rank 4, four bytes a row (0.050 / 0.058 bpw):
 on SmolLM2 at k = 2048 the top-40 set is inside at 97.4 % (rank 1: 92.2 %), at 4096 at 99.6 %
 (rank 1: 99.0 %, and 99.7 % at 6144), so its files screen 4096 rows instead of 6144 (docs/RESULTS.md,
 session 19); rank 8 adds little more.
