@@ -12,7 +12,7 @@ calibration text, float scores): at k = 4096 the dense top-40 set inside the can
 one byte a row (0.0125 / 0.0139 bpw). The default is rank 4, four bytes a row (0.050 / 0.058 bpw):
 on SmolLM2 at k = 2048 the top-40 set is inside at 97.4 % (rank 1: 92.2 %), at 4096 at 99.6 %
 (rank 1: 99.0 %, and 99.7 % at 6144), so its files screen 4096 rows instead of 6144 (docs/RESULTS.md,
-session 19); rank 8 adds little more.
+session 20); rank 8 adds little more.
 """
 from __future__ import annotations
 

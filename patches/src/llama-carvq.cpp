@@ -1114,7 +1114,7 @@ int64_t llama_carvq_screen_default_k(int64_t n_vocab, bool own_index, int32_t fi
     }
     if (fix_rank >= LLAMA_CARVQ_SCREEN_FIX_RANK_K) {
         // a correction of rank 4 ranks as well at 4096 as rank 1 at 6144: SmolLM2's dense top-40
-        // set inside the candidates at 99.6 % against 99.7 % (docs/RESULTS.md, session 19)
+        // set inside the candidates at 99.6 % against 99.7 % (docs/RESULTS.md, session 20)
         return std::min<int64_t>(n_vocab, std::max<int64_t>(4096, std::min<int64_t>(6144, n_vocab / 12)));
     }
     if (fix_rank > 0) {
