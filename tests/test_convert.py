@@ -162,13 +162,14 @@ def test_target_bpw_picks_the_points_the_quality_bench_measured(V, n):
 
 def test_inspect_lists_tensors_and_totals(tiny_carvq, capsys):
     from carvq.cli import main
+    from carvq.converter import screen_fix
 
     out, report = tiny_carvq("llama")
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "token_embd.carvq.codes" in text and "I8" in text
     assert "CARVQ format 5" in text and "head copy" in text and "hot rows: 24 tokens with 2 more levels" in text
-    assert "screen correction (output.carvq.fix*, format v5): rank 1" in text
+    assert f"screen correction (output.carvq.fix*, format v5): rank {screen_fix.RANK}" in text
     assert f"{report.n_vocab} x {report.n_embd}" in text
 
 
