@@ -103,10 +103,11 @@ def fisher_diagonal(gguf_path, seqs, seed: int, progress: bool, reader=None,
         hidden.backward(_label_gradient(model, hidden.detach(), gen))
         # position 0 (BOS): see the module's docstring; the last one has no label, no gradient
         g = x.grad[0, 1:-1].double()  # bfloat16 too: its squares summed in float64
-        total = (g * g).sum(0) if total is None else total + (g * g).sum(0)
+        g2 = g * g
+        total = g2.sum(0) if total is None else total + g2.sum(0)
         positions += g.shape[0]
         ids = tokens[1:-1].numpy()
-        np.add.at(token_energy, ids, (g * g).sum(1).numpy())
+        np.add.at(token_energy, ids, g2.sum(1).numpy())
         np.add.at(token_count, ids, 1.0)
     del model
     if total is None or not torch.isfinite(total).all() or float(total.sum()) <= 0:
@@ -114,7 +115,7 @@ def fisher_diagonal(gguf_path, seqs, seed: int, progress: bool, reader=None,
     return Sensitivity((total / positions).numpy(), positions, token_energy, token_count)
 
 
-def token_factor(s: Sensitivity, power: float = None, prior: float = None) -> np.ndarray | None:
+def token_factor(s: Sensitivity, power: float | None = None, prior: float | None = None) -> np.ndarray | None:
     """(V,) each token's relative sensitivity, shrunk toward 1, to the power `power`; None at power 0."""
     power = TOKEN_POWER if power is None else power
     prior = TOKEN_PRIOR if prior is None else prior
