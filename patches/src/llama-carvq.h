@@ -160,7 +160,7 @@ void llama_carvq_check_data(llama_carvq & carvq, const llama_model_loader & ml);
 // at least LLAMA_CARVQ_HEAD_CACHE_ROUNDS x k (k as at load), or CARVQ_HEAD_CACHE_MIB (read at load;
 // 0 reads every row through the mapping). Gemma-3-270M at k = 8192: 62k distinct candidate rows
 // in 256 generated tokens, 98k in 512 tokens of Britannica. 5 x k rows: SmolLM2 at k = 4096 (7.7
-// MiB) peaks at 0.91x the stock file's RSS (8 x k: 0.93x) for about 120 rows read again a token.
+// MiB) peaks at 0.92x the stock file's RSS (8 x k: 0.93x) for about 120 rows read again a token.
 #define LLAMA_CARVQ_HEAD_CACHE_SHARE 4
 #define LLAMA_CARVQ_HEAD_CACHE_ROUNDS 5
 
