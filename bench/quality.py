@@ -238,12 +238,33 @@ def score(path: Path, ref: Path, text: Path, chunks: int, work: Path) -> dict:
     return result
 
 
+def _seed_args(seed: int) -> list[str]:
+    """`carvq convert`'s --seed; seed 0 is its default, left out so that earlier conversions stay cached."""
+    return ["--seed", str(seed)] if seed else []
+
+
+def _seeded(label: str, seed: int) -> str:
+    """A conversion's file label: another seed's is another file (make_carvq drops a label's older files)."""
+    return f"{label} seed{seed}" if seed else label
+
+
+def _mean_score(scores: list[dict]) -> dict:
+    """One score from several seeds' conversions: each figure's mean, and each seed's KLD and
+    delta perplexity under "seeds"."""
+    if len(scores) == 1:
+        return scores[0]
+    mean = {k: sum(s[k] for s in scores) / len(scores) for k in ("ppl", "delta_ppl", "kld", "kld_p99", "top1", "seconds")}
+    return {**mean, "ref_ppl": scores[0]["ref_ppl"],
+            "seeds": {"kld": [s["kld"] for s in scores], "delta_ppl": [s["delta_ppl"] for s in scores]}}
+
+
 def run_model(key: str, chunks: int, carvq_points: list[tuple], ik_types: list[str] = IK,
               only: frozenset[str] = frozenset(), variants: frozenset[str] = frozenset(),
-              self_tuned: bool = True) -> tuple[list[Row], list[dict]]:
+              self_tuned: bool = True, seeds: int = 1) -> tuple[list[Row], list[dict]]:
     """only / variants: score only the rows of these kinds ("carvq", "ik") / with these names;
     every other row and the head trade, which neither a converter change nor a new anchor
-    moves, are the latest saved run's (with its date)."""
+    moves, are the latest saved run's (with its date). seeds: each CARVQ point converted with
+    `--seed` 0..seeds-1, its row the mean (one fit's KLD moves by about 7 % with its seed)."""
     from tqdm import tqdm
 
     name, fetch = MODELS[key]
@@ -260,12 +281,14 @@ def run_model(key: str, chunks: int, carvq_points: list[tuple], ik_types: list[s
         args = (["--target-bpw", str(target)] if levels is None else
                 [*carvq_args(levels, hot_levels, rank, target, V, n), "--no-tiers"])
         args += ["--tune-steps", str(steps)] if steps else []
-        plan.append((label, "carvq", lambda label=label, a=args: make_carvq(src, label, a, calibration, work,
-                                                                           embd.tensor_type.name)))
-    plan.append((DEFAULT_POINT, "carvq", lambda: make_carvq(src, DEFAULT_POINT, [], None, work, embd.tensor_type.name)))
+        plan.append((label, "carvq", lambda seed=0, label=label, a=args: make_carvq(
+            src, _seeded(label, seed), [*a, *_seed_args(seed)], calibration, work, embd.tensor_type.name)))
+    plan.append((DEFAULT_POINT, "carvq", lambda seed=0: make_carvq(src, _seeded(DEFAULT_POINT, seed), _seed_args(seed), None, work,
+                                                                   embd.tensor_type.name)))
     if self_tuned:
-        plan.append((SELF_TUNED_POINT, "carvq", lambda: make_carvq(src, SELF_TUNED_POINT, ["--tune-steps", str(SELF_TUNE_STEPS)],
-                                                                   None, work, embd.tensor_type.name)))
+        plan.append((SELF_TUNED_POINT, "carvq", lambda seed=0: make_carvq(
+            src, _seeded(SELF_TUNED_POINT, seed), ["--tune-steps", str(SELF_TUNE_STEPS), *_seed_args(seed)], None, work,
+            embd.tensor_type.name)))
     order = {variant: i for i, (variant, _, _) in enumerate(plan)}
     partial = bool(only or variants)
     kept: list[Row] = []
@@ -278,8 +301,9 @@ def run_model(key: str, chunks: int, carvq_points: list[tuple], ik_types: list[s
                              "run without them")
     rows = list(kept)
     for variant, kind, build in tqdm(plan, desc=name, unit="variant"):
-        path = build()
-        s = score(path, ref, text, chunks, work)
+        per_seed = [build(seed) for seed in range(seeds)] if kind == "carvq" else [build()]
+        path = per_seed[0]
+        s = _mean_score([score(p, ref, text, chunks, work) for p in per_seed])
         # a simulated type is stored as F32 here; its bpw is what the type itself would take
         # (an ik type's with its row metadata, once per 4 embedding rows)
         ik = json.loads(ik_ggml.sidecar(path).read_text()) if kind == "ik" else {}
@@ -287,7 +311,8 @@ def run_model(key: str, chunks: int, carvq_points: list[tuple], ik_types: list[s
         rows.append(Row(name, variant, kind, bpw, s["ppl"], s["delta_ppl"], s["kld"], s["kld_p99"],
                         s["top1"], path.stat().st_size, {"ref_ppl": s["ref_ppl"], "file": path.name, "shape": [V, n],
                                                          "source_embd_bytes": int(embd.n_bytes),
-                                                         **({"rel_error": ik["rel_error"]} if ik else {})}))
+                                                         **({"rel_error": ik["rel_error"]} if ik else {}),
+                                                         **({"seeds": s["seeds"]} if "seeds" in s else {})}))
     rows.sort(key=lambda r: order.get(r.variant, len(order)))
     heads = _earlier_heads(name) if partial else head_trade(src, ref, text, chunks, work)
     return rows, heads
@@ -353,6 +378,12 @@ def target_checks(rows: list[Row]) -> list[dict]:
             "met": bool(best and best.kld < rival.kld and best.delta_ppl < rival.delta_ppl),
         })
     return out
+
+
+def _seed_range(r: Row) -> str:
+    """" (lo–hi, n seeds)" after a mean over seeds; nothing for one conversion."""
+    kld = r.extra.get("seeds", {}).get("kld", [])
+    return f" ({min(kld):.4f}–{max(kld):.4f}, {len(kld)} seeds)" if len(kld) > 1 else ""
 
 
 def _best_carvq_cells(entry: dict) -> str:
@@ -428,7 +459,9 @@ def markdown(all_rows: dict[str, list[Row]], checks: list[dict], heads: dict[str
              "\"simulated\": a 256-block type llama.cpp cannot store at this width, quantized through libggml "
              "(uniform importance vector); \"ik (simulated)\": an ik_llama.cpp type (which mainline llama.cpp cannot "
              "read), quantized and dequantized by ik's own libggml in rows of 4 embedding rows (uniform importance "
-             "vector too), its bpw ik's own row size with the row metadata; ★ = on llama.cpp's Pareto frontier.", ""]
+             "vector too), its bpw ik's own row size with the row metadata; ★ = on llama.cpp's Pareto frontier."
+             + (f" A CARVQ row measured this time is the mean of {meta['seeds']} conversions with seeds 0..{meta['seeds'] - 1} "
+                "(the range of their KLD in brackets)." if meta.get("seeds", 1) > 1 else ""), ""]
     for model, rows in all_rows.items():
         on_front = {id(r) for r in frontier(rows)}
         ref = next(r for r in rows if r.kind == "reference")
@@ -446,8 +479,8 @@ def markdown(all_rows: dict[str, list[Row]], checks: list[dict], heads: dict[str
         for r in sorted(rows, key=lambda r: -r.bpw):
             star = (" ★" if id(r) in on_front else "") + (" †" if r.extra.get("measured") and not all_kept else "")
             bold = "**" if r.kind == "carvq" else ""
-            lines.append(f"| {bold}{r.variant}{bold}{star} | {KIND_LABEL.get(r.kind, r.kind)} | {r.bpw:.3f} | {r.delta_ppl:+.3f} | {r.kld:.4f} | "
-                         f"{r.kld_p99:.3f} | {100 * r.top1:.1f} % |")
+            lines.append(f"| {bold}{r.variant}{bold}{star} | {KIND_LABEL.get(r.kind, r.kind)} | {r.bpw:.3f} | {r.delta_ppl:+.3f} | "
+                         f"{r.kld:.4f}{_seed_range(r)} | {r.kld_p99:.3f} | {100 * r.top1:.1f} % |")
         lines.append("")
     lines += ["**Targets** (CARVQ at ≤ the bpw limit against the llama.cpp type, both KLD and Δ perplexity lower):", "",
               "| model | limit | llama.cpp type | its bpw / KLD / ΔPPL | best CARVQ ≤ limit | its bpw / KLD / ΔPPL | met |",
@@ -544,7 +577,12 @@ def main() -> None:
                          "which a converter change or a new anchor does not move (Gemma-3's full run takes hours on 2 cores)")
     ap.add_argument("--variants", nargs="+", default=[], metavar="NAME",
                     help="score only the rows of these names (e.g. 'CARVQ L7 +4' IQ4_KT); keep the others likewise")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="convert each CARVQ point with this many seeds and score their mean (default 1; one fit's "
+                         "KLD moves by about 7 %% with its seed, docs/RESULTS.md session 21)")
     args = ap.parse_args()
+    if args.seeds < 1:
+        ap.error("--seeds must be at least 1")
     start = time.perf_counter()
     if args.fresh:
         shutil.rmtree(cache_dir() / "quality", ignore_errors=True)
@@ -554,13 +592,13 @@ def main() -> None:
     for key in args.models:
         points = [p for p in CARVQ_POINTS if not (args.no_tune and p[5])]
         rows, hs = run_model(key, args.chunks, points, [] if args.no_ik else IK, frozenset(args.only),
-                             frozenset(args.variants), not args.no_tune)
+                             frozenset(args.variants), not args.no_tune, args.seeds)
         all_rows[rows[0].model] = rows
         heads[rows[0].model] = hs
         checks += target_checks(rows)
         ik_check += ik_checks(rows)
         ik_verdict += ik_verdicts(rows)
-    meta = {"date": date.today().isoformat(), "machine": bench_convert.machine(), "chunks": args.chunks,
+    meta = {"date": date.today().isoformat(), "machine": bench_convert.machine(), "chunks": args.chunks, "seeds": args.seeds,
             "wall_s": round(time.perf_counter() - start)}
     for model, rows in _earlier_rows(set(all_rows)).items():  # a run of some models keeps the others' latest rows
         all_rows[model] = rows
