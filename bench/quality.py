@@ -200,12 +200,13 @@ def make_ik(ref: Path, qtype: str, work: Path) -> Path:
 
 
 def make_carvq(src: Path, label: str, args: list[str], calibration: Path | None, work: Path,
-               head_type: str | None = None) -> Path:
-    """`carvq convert` with the bench's calibration text; reused while the converter's
+               head_type: str | None = None, seed: int = 0) -> Path:
+    """`carvq convert` with the bench's calibration text and `seed`; reused while the converter's
     source, the arguments and the input are unchanged."""
     if head_type is None:  # the bench's rule: every variant keeps the source's head, byte for byte
         head_type = gio.tensor_by_name(gio.open_gguf(src), gio.EMBD).tensor_type.name
-    full = [*args, *(["--calibration", str(calibration)] if calibration else []), "--head-type", head_type]
+    label = _seeded(label, seed)
+    full = [*args, *_seed_args(seed), *(["--calibration", str(calibration)] if calibration else []), "--head-type", head_type]
     key = hashlib.sha256(json.dumps([converter_digest(), full, src.stat().st_size]).encode()).hexdigest()[:12]
     out = work / f"{label.replace(' ', '-')}.{key}.gguf"
     if out.exists():
@@ -281,14 +282,13 @@ def run_model(key: str, chunks: int, carvq_points: list[tuple], ik_types: list[s
         args = (["--target-bpw", str(target)] if levels is None else
                 [*carvq_args(levels, hot_levels, rank, target, V, n), "--no-tiers"])
         args += ["--tune-steps", str(steps)] if steps else []
-        plan.append((label, "carvq", lambda seed=0, label=label, a=args: make_carvq(
-            src, _seeded(label, seed), [*a, *_seed_args(seed)], calibration, work, embd.tensor_type.name)))
-    plan.append((DEFAULT_POINT, "carvq", lambda seed=0: make_carvq(src, _seeded(DEFAULT_POINT, seed), _seed_args(seed), None, work,
-                                                                   embd.tensor_type.name)))
+        plan.append((label, "carvq", lambda seed=0, label=label, a=args: make_carvq(src, label, a, calibration, work,
+                                                                                   embd.tensor_type.name, seed)))
+    plan.append((DEFAULT_POINT, "carvq", lambda seed=0: make_carvq(src, DEFAULT_POINT, [], None, work, embd.tensor_type.name,
+                                                                   seed)))
     if self_tuned:
-        plan.append((SELF_TUNED_POINT, "carvq", lambda seed=0: make_carvq(
-            src, _seeded(SELF_TUNED_POINT, seed), ["--tune-steps", str(SELF_TUNE_STEPS), *_seed_args(seed)], None, work,
-            embd.tensor_type.name)))
+        plan.append((SELF_TUNED_POINT, "carvq", lambda seed=0: make_carvq(src, SELF_TUNED_POINT, ["--tune-steps", str(SELF_TUNE_STEPS)],
+                                                                          None, work, embd.tensor_type.name, seed)))
     order = {variant: i for i, (variant, _, _) in enumerate(plan)}
     partial = bool(only or variants)
     kept: list[Row] = []
