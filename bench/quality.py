@@ -80,7 +80,13 @@ CARVQ_POINTS = [
     ("CARVQ tiers 2.1", None, 0, 0, 2.1, 0),
     ("CARVQ tiers 3.0", None, 0, 0, 3.0, 0),
     ("CARVQ tiers 4.0", None, 0, 0, 4.0, 0),
+    ("CARVQ tiers 3.0, frame", None, 0, 0, 3.0, 0),
+    ("CARVQ tiers 2.1, frame", None, 0, 0, 2.1, 0),
 ]
+# Points converted with the lookup's principal frame forced on (--transform pca, format v6):
+# the default (auto) takes it only where the matrix costs at most 0.1 bpw, so on SmolLM2 these
+# rows show what it costs and buys there
+EXTRA_ARGS = {"CARVQ tiers 3.0, frame": ["--transform", "pca"], "CARVQ tiers 2.1, frame": ["--transform", "pca"]}
 # What a new user gets: `carvq convert` without flags or calibration text (the bench's head kept)
 DEFAULT_POINT = "CARVQ default (no flags)"
 # The same without a text, tuned end to end on documents the model writes itself
@@ -282,6 +288,7 @@ def run_model(key: str, chunks: int, carvq_points: list[tuple], ik_types: list[s
         args = (["--target-bpw", str(target)] if levels is None else
                 [*carvq_args(levels, hot_levels, rank, target, V, n), "--no-tiers"])
         args += ["--tune-steps", str(steps)] if steps else []
+        args += EXTRA_ARGS.get(label, [])
         plan.append((label, "carvq", lambda seed=0, label=label, a=args: make_carvq(src, label, a, calibration, work,
                                                                                    embd.tensor_type.name, seed)))
     plan.append((DEFAULT_POINT, "carvq", lambda seed=0: make_carvq(src, DEFAULT_POINT, [], None, work, embd.tensor_type.name,

@@ -6,6 +6,7 @@ model gains an output.weight (converter/head.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from carvq import format as fmt
 from carvq import gguf_io as gio
 from carvq.converter import config as cfgmod
-from carvq.converter import frequency, hf, memory, metric, model_prior, polish, screen_fix, screen_index, tiers, train, tune
+from carvq.converter import frame, frequency, hf, memory, metric, model_prior, polish, screen_fix, screen_index, tiers, train, tune
 from carvq.converter.body import quantize_body
 from carvq.converter.config import DEFAULT_ITERS, Config
 from carvq.converter.head import default_head_type, head_tensor
@@ -154,7 +155,7 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
             body_type: str | None = None, progress: bool = True, force: bool = False,
             screen: Config | bool | None = None, tune_steps: int = 0, prior: str = "model",
             trim_to: float | None = None, tier_floor: int | None = None, tiered: bool = False,
-            fit_metric: str = "uniform", fix_screen: bool = True) -> Report:
+            fit_metric: str = "uniform", fix_screen: bool = True, transform: str = "none") -> Report:
     """tune_steps: Adam steps of end-to-end tuning of the codebooks on the calibration text, or
     without one on documents the model writes itself (converter/tune.py; 0 = none). screen: fit the head's own screen index (format v3; kept for a tied model only where it
     screens better than the lookup's codes): True for config.SCREEN_DEFAULT, a Config of its
@@ -170,7 +171,10 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
     (converter/metric.py; the CLI's default), "uniform" counts every dimension alike.
     fix_screen: for a tied model screened by the lookup's codes, add the screen correction
     (converter/screen_fix.py, format v5) when the model ran on a text (the calibration text or its
-    own documents)."""
+    own documents).
+    transform: fit and decode the codes in the principal axes of the embedding (converter/frame.py,
+    format v6): "pca", "none", or "auto" (where the matrix costs at most frame.AUTO_MAX_BPW; the
+    CLI's default)."""
     start = time.perf_counter()
     if screen is True:
         screen = cfgmod.SCREEN_DEFAULT
@@ -194,6 +198,8 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
         raise CarvqError("--tier-floor only means something with --trim-to")
     if fit_metric not in METRICS:
         raise CarvqError(f"--metric {fit_metric!r}: one of {', '.join(METRICS)}")
+    if transform not in frame.MODES:
+        raise CarvqError(f"--transform {transform!r}: one of {', '.join(frame.MODES)}")
     with tempfile.TemporaryDirectory(prefix="carvq-") as tmpdir:
         gguf_path = src
         if src.is_dir():
@@ -205,7 +211,7 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
         written = Path(tmpdir) / "carvq.gguf" if body_type else out
         report = _convert_reader(reader, src, written, gguf_path, base, target_bpw, iters, seed,
                                  calibration, head_type, progress, start, screen, tune_steps, prior, trim_to, tier_floor,
-                                 tiered, fit_metric, fix_screen)
+                                 tiered, fit_metric, fix_screen, transform)
         if body_type:
             quantize_body(written, out, body_type, keep_head=report.head_copied)
             report.output = str(out)
@@ -215,7 +221,7 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
 
 def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, calibration,
                     head_type, progress, start, screen, tune_steps, prior, trim_to=None, tier_floor=None,
-                    tiered=False, fit_metric="uniform", fix_screen=False) -> Report:
+                    tiered=False, fit_metric="uniform", fix_screen=False, transform="none") -> Report:
     arch = gio.field_value(reader, "general.architecture")
     if fmt.is_carvq(reader):
         raise CarvqError(f"{src}: already a CARVQ-GGUF")
@@ -286,17 +292,31 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
 
     if sens is not None:
         metric.scale_rows(M, sens.scale)  # the fit and the trim work in the metric (converter/metric.py)
+    cb_dtype = np.float16 if cfg.codebook_type == "F16" else np.float32
+    axes = None
+    if cfg.adaptor_rank == 0 and frame.wanted(transform, V, n, np.dtype(cb_dtype).itemsize):
+        axes = frame.principal_frame(M, w, cfg.group_size)
+        frame.rotate_rows(M, axes)  # the fit, trim and polish work in the principal frame
+    W = None if axes is None else frame.transform(axes, None if sens is None else 1.0 / sens.scale, cb_dtype)
     fit = train.compress(M, w, cfg, iters, seed, progress)
     memory.trim()
     if trim_to is not None:
-        fit.tensors, how = tiers.trim(fit.tensors, M, w, floor, trim_to * V * n / 8)
+        matrix = 0 if W is None else W.nbytes  # paid from the same budget
+        fit.tensors, how = tiers.trim(fit.tensors, M, w, floor, trim_to * V * n / 8 - matrix)
         notes.append(how)
         fit.tensors, how = polish.polish(fit.tensors, M, w, progress=progress)
         notes.append(how)
         memory.trim()
-    if sens is not None:
-        metric.unscale(fit.tensors, 1.0 / sens.scale)
-        del M  # the scaled rows; the source's, exactly, for what follows
+    if W is not None:
+        fit.tensors.layout = dataclasses.replace(fit.tensors.layout, transform=True)
+        fit.tensors.transform = W
+        notes.append(f"transform: the codes fit, and decode, in the principal axes of the weighted embedding"
+                     f"{' (in the metric)' if sens is not None else ''}; the {n} x {n} matrix costs "
+                     f"{8.0 * W.nbytes / (V * n):.4f} bpw (converter/frame.py)")
+    if sens is not None and W is None:
+        metric.unscale(fit.tensors, 1.0 / sens.scale)  # with a transform, its rows undo the scale
+    if sens is not None or W is not None:
+        del M  # the scaled or rotated rows; the source's, exactly, for what follows
         memory.trim()
         M = gio.dequantize(embd)
         gio.release_pages(reader, embd)

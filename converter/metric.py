@@ -12,7 +12,9 @@ the assignments and the beam change), and decodes as any other.
 Measured (docs/RESULTS.md, session 13): SmolLM2 L3 +2 (1.6 bpw, one hot set) KLD 0.1815 ->
 0.153; with hot tiers 0.1656 -> 0.1217, Gemma-3 0.1326 -> 0.0956. The diagonal's power (0.5,
 1, 1.5) moved it by less than 1 %. A full-matrix metric (a rotation the
-decoder would apply) reached 0.131; that needs a format change, not made here.
+decoder would apply) reached 0.131 there; with tiers at 3.0 bpw it gave nothing on top of the
+diagonal in the principal frame (KLD 0.0226 against 0.0217, session 22), and without that
+frame it was far worse (0.0359). The frame itself is converter/frame.py (format v6).
 
 F is estimated as the true Fisher: labels sampled from the model's own distribution at each
 position, gradients of their log-probabilities with respect to the input embeddings,

@@ -194,4 +194,5 @@ def part_bytes(t: CarvqTensors) -> dict[str, int]:
     """Bytes of each tensor group as written (the report's parts, from the tensors themselves)."""
     nb = lambda *arrs: sum(int(np.asarray(a).nbytes) for a in arrs if a is not None)  # noqa: E731
     return {"codes": nb(t.codes), "codebooks": nb(t.codebooks), "sigma0": nb(t.sigma0),
-            "mlp": nb(t.up_w, t.up_b, t.down_w, t.down_b), "hot": nb(t.hot_ids, t.hot_codes, t.hot_codebooks)}
+            "mlp": nb(t.up_w, t.up_b, t.down_w, t.down_b), "hot": nb(t.hot_ids, t.hot_codes, t.hot_codebooks),
+            **({"transform": nb(t.transform)} if t.transform is not None else {})}

@@ -102,6 +102,7 @@ class Lookup(torch.nn.Module):
                                               .astype(np.int64))
             self.hot_codebooks = torch.nn.Parameter(torch.from_numpy(t.hot_codebooks.astype(np.float32)).clone())
         self.adaptor = t.sigma0 is not None  # kept fixed: added as the reference decoder computes it
+        self.transform = None if t.transform is None else torch.from_numpy(t.transform.astype(np.float32))
 
     @staticmethod
     def _sum(codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -120,6 +121,8 @@ class Lookup(torch.nn.Module):
                 if rows.numel():
                     cb = self.hot_codebooks[tier * G:(tier + 1) * G]
                     e = e.index_add(0, rows, self._sum(cb, self.hot_codes[pos[rows]]))
+        if self.transform is not None:
+            e = e @ self.transform.T  # FORMAT.md "Lookup transform": fixed, as the codes are
         if self.adaptor:
             lo = self.t.layout
             ids = tokens.numpy()

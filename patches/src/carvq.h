@@ -36,7 +36,7 @@
 extern "C" {
 #endif
 
-#define CARVQ_FORMAT_VERSION     5 // newest version; every version from CARVQ_MIN_FORMAT_VERSION is read
+#define CARVQ_FORMAT_VERSION     6 // newest version; every version from CARVQ_MIN_FORMAT_VERSION is read
                                    // (3 = 2 + the output head's optional screen index, docs/SCREEN.md;
                                    //  4 = 3 + hot rows in tiers; 5 = 4 + the screen correction)
 #define CARVQ_MIN_FORMAT_VERSION 1 // version 1 = version 2 without hot rows

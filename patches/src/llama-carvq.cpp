@@ -53,6 +53,7 @@ namespace carvq_key {
     constexpr const char * HOT_LEVELS     = "carvq.hot_levels";
     constexpr const char * HOT_TIERS      = "carvq.hot_tiers";
     constexpr const char * HEAD_COPY      = "carvq.head_copy";
+    constexpr const char * TRANSFORM      = "carvq.transform"; // version 6
     // the output head's screen index (version 3)
     constexpr const char * SCREEN_GROUP_SIZE    = "carvq.screen.group_size";
     constexpr const char * SCREEN_LEVELS        = "carvq.screen.levels";
@@ -115,6 +116,22 @@ bool llama_carvq_present(const llama_model_loader & ml) {
 static bool carvq_head_copy(const gguf_context * meta) {
     const int64_t id = gguf_find_key(meta, carvq_key::HEAD_COPY);
     return id >= 0 && gguf_get_kv_type(meta, id) == GGUF_TYPE_BOOL && gguf_get_val_bool(meta, id);
+}
+
+// carvq.transform (version 6, optional BOOL): the codes decode in a frame of their own
+static bool carvq_key_transform(const gguf_context * meta, int32_t version) {
+    const int64_t id = gguf_find_key(meta, carvq_key::TRANSFORM);
+    if (id < 0) {
+        return false;
+    }
+    if (gguf_get_kv_type(meta, id) != GGUF_TYPE_BOOL) {
+        throw std::runtime_error(format("CARVQ: metadata key %s is not a BOOL", carvq_key::TRANSFORM));
+    }
+    if (version < 6) {
+        throw std::runtime_error(format("CARVQ: metadata key %s needs carvq.format_version 6, the file says %d",
+                                        carvq_key::TRANSFORM, version));
+    }
+    return gguf_get_val_bool(meta, id);
 }
 
 static bool carvq_has_screen_index(const gguf_context * meta) {
@@ -667,6 +684,13 @@ void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml,
             }
         }
     }
+    if (carvq_key_transform(meta, l.format_version)) {
+        carvq.transform = model.create_tensor(tn(LLM_TENSOR_CARVQ_TRANSFORM), {l.n_embd, l.n_embd}, 0);
+        carvq_expect_type(carvq.transform, true);
+    } else if (ml.get_tensor_meta(tn(LLM_TENSOR_CARVQ_TRANSFORM).str().c_str()) != nullptr) {
+        throw std::runtime_error(format("CARVQ: tensor %s present but the file has no true %s key",
+                                        tn(LLM_TENSOR_CARVQ_TRANSFORM).str().c_str(), carvq_key::TRANSFORM));
+    }
     carvq_load_screen_index(model, ml, carvq);
     carvq_load_screen_fix(model, ml, carvq);
     carvq_open_head_rows(ml, carvq);
@@ -702,7 +726,7 @@ void llama_carvq_check_data(llama_carvq & carvq, const llama_model_loader & ml) 
                                   carvq.down_b, carvq.hot_ids, carvq.hot_codes, carvq.hot_codebooks,
                                   carvq.screen_codes, carvq.screen_codebooks, carvq.screen_hot_ids,
                                   carvq.screen_hot_codes, carvq.screen_hot_codebooks, carvq.screen_projection,
-                                  carvq.screen_fix, carvq.screen_fix_dirs };
+                                  carvq.screen_fix, carvq.screen_fix_dirs, carvq.transform };
     for (const ggml_tensor * t : all) {
         if (t != nullptr && (t->buffer == nullptr || !ggml_backend_buffer_is_host(t->buffer))) {
             throw std::runtime_error(format("CARVQ: tensor %s was placed in buffer %s, which is not host memory; "
@@ -745,6 +769,17 @@ void llama_carvq_check_data(llama_carvq & carvq, const llama_model_loader & ml) 
         sc.hot_ids = carvq.hot_ids;
         sc.hot_codes = carvq.hot_codes;
         sc.hot_codebooks = carvq.hot_codebooks;
+        if (carvq.transform != nullptr) {
+            // the codes sum to rows in their own frame: the tables come from h projected by the
+            // transform (FORMAT.md "Lookup transform"), converted to F32 once here
+            sc.transform_f32.resize((size_t) ggml_nelements(carvq.transform));
+            if (carvq.transform->type == GGML_TYPE_F16) {
+                ggml_fp16_to_fp32_row((const ggml_fp16_t *) carvq.transform->data, sc.transform_f32.data(),
+                                      ggml_nelements(carvq.transform));
+            } else {
+                memcpy(sc.transform_f32.data(), carvq.transform->data, ggml_nbytes(carvq.transform));
+            }
+        }
         if (sc.layout.hot_tiers >= 2) {
             // the scan reads one sorted hot set: the first tier (first in hot_ids, hot_codes and
             // hot_codebooks), whose rows the converter's nesting makes the largest; deeper tiers
@@ -861,9 +896,11 @@ struct carvq_screen_scratch {
         q.resize((size_t) (GL + (GL & 1)) * 16);
         const int64_t GLh = G * l.hot_levels;
         qh.resize((size_t) std::max<int64_t>(2, GLh + (GLh & 1)) * 16);
-        if (s.projection != nullptr) {
+        const float * P = s.projection != nullptr ? (const float *) s.projection->data
+                        : !s.transform_f32.empty() ? s.transform_f32.data() : nullptr;
+        if (P != nullptr) {
             hp.resize((size_t) l.n_embd);
-            carvq_screen_project(l.n_embd, (const float *) s.projection->data, h, hp.data());
+            carvq_screen_project(l.n_embd, P, h, hp.data());
             h = hp.data();
         }
         carvq_screen_tables t;
@@ -1193,6 +1230,11 @@ ggml_tensor * llama_carvq_build_lookup(ggml_context * ctx, const llama_carvq & c
     const int n_tasks = tokens->ne[0] < 8 ? 1 : GGML_N_TASKS_MAX;
     ggml_tensor * cur = ggml_custom_4d(ctx, GGML_TYPE_F32, l.n_embd, tokens->ne[0], 1, 1, args, n_args,
                                        carvq_rvq_op, n_tasks, (void *) &carvq);
+    if (carvq.transform != nullptr) {
+        // format v6: the codes' sum is in a frame of its own; row = transform @ sum
+        ggml_set_name(cur, "carvq_codes_sum");
+        cur = ggml_mul_mat(ctx, carvq_as_f32(ctx, carvq.transform), cur);
+    }
     // build_inp_embd names the lookup's result "embd" (the node the runtime's embedding_rows()
     // reads back); the names here only label the nodes inside the lookup in graph dumps
     if (l.adaptor_rank == 0) {

@@ -93,6 +93,9 @@ struct llama_carvq_screen {
     std::vector<uint8_t> blocks, hot_blocks;
     // the codebooks as F32 when stored as F16: converted once at load, not at every token's tables
     std::vector<float> codebooks_f32, hot_codebooks_f32;
+    // the lookup's transform (format v6) as F32 {n, n}, where the scan reads the lookup's codes:
+    // tables from h @ transform, as from h @ P for an index (empty: none)
+    std::vector<float> transform_f32;
     // scan_work[b]: the scan's work for blocks [0, b) (code bytes, the hot rows' included), so
     // that threads split the scan by work, not by blocks: frequent tokens, the hot rows, have low ids
     std::vector<int64_t> scan_work;
@@ -112,6 +115,7 @@ struct llama_carvq {
     ggml_tensor * hot_ids   = nullptr; // I32 {N}              (hot rows only, format v2)
     ggml_tensor * hot_codes = nullptr; // I8  {Bh, N}
     ggml_tensor * hot_codebooks = nullptr; // F32/F16 {d, K, Lh, G}
+    ggml_tensor * transform = nullptr; // F32/F16 {n, n}: row = transform @ the codes' sum (format v6)
 
     carvq_layout layout = {};
     int activation = 0; // llama_carvq_act

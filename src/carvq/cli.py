@@ -25,6 +25,7 @@ def _cmd_convert(args) -> int:
                      calibration=args.calibration, head_type=args.head_type, hf_outtype=args.hf_outtype,
                      body_type=args.body_type, progress=not args.quiet, force=args.force, tune_steps=args.tune_steps, prior=args.prior,
                      trim_to=args.trim_to, tier_floor=args.tier_floor, tiered=args.tiers, fit_metric=args.metric, fix_screen=args.screen_fix,
+                     transform=args.transform,
                      screen=None if not args.screen_index else Config(group_size=args.screen_group_size,
                                                                      levels=args.screen_levels,
                                                                      hot_bpw=args.screen_hot_bpw))
@@ -238,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "KLD -27 %% on SmolLM2, -28 %% on Gemma-3, docs/RESULTS.md; the model runs in float32, or in "
                         "bfloat16 where float32 would take the conversion above 3x the float32 embedding, and not at "
                         "all, with a note, where bfloat16 would too), 'uniform' all alike (default: fisher)")
+    c.add_argument("--transform", choices=("auto", "pca", "none"), default="none",
+                   help="fit, and decode, the codes in the principal axes of the token-weighted embedding, mapped back "
+                        "by an n x n matrix stored in the file (format v6; it costs 16 n / V bits per weight, paid from "
+                        "the same budget; SmolLM2 at 3.0 bpw: KLD -10 %% before that price, docs/RESULTS.md): 'pca', "
+                        "'none', or 'auto', where the matrix costs at most 0.1 bpw (default: none)")
     c.add_argument("--trim-to", type=float, metavar="BPW",
                    help="then trim the fit to this lookup bpw in hot tiers (format v4): every row keeps between "
                         "--tier-floor levels and the fit's own, the levels going where they lower the token-weighted "

@@ -20,10 +20,11 @@ FORMAT_VERSION = 2  # what the writer writes for a file without a screen index o
 SCREEN_FORMAT_VERSION = 3  # ... with a screen index (version 3 = version 2 + the optional screen index)
 TIERS_FORMAT_VERSION = 4  # ... with hot rows in tiers (version 4 = version 3 + carvq.hot_tiers)
 FIX_FORMAT_VERSION = 5  # ... with a screen correction (version 5 = version 4 + carvq.screen_fix.*)
+TRANSFORM_FORMAT_VERSION = 6  # ... with a lookup transform (version 6 = version 5 + carvq.transform)
 # general.architecture values a CARVQ file may name (FORMAT.md "Architectures"; carvq.h's
 # CARVQ_ARCHITECTURES): graphs that read the input embedding only through build_inp_embd
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
-READABLE_VERSIONS = (1, 2, 3, 4, 5)  # version 1 is version 2 without hot rows
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)  # version 1 is version 2 without hot rows
 
 # limits (FORMAT.md "Metadata keys"; carvq.h CARVQ_MAX_*)
 MAX_LEVELS = 16  # L and Lh
@@ -56,6 +57,7 @@ class Key:
     HOT_ROWS = "carvq.hot_rows"
     HOT_LEVELS = "carvq.hot_levels"
     HOT_TIERS = "carvq.hot_tiers"
+    TRANSFORM = "carvq.transform"
 
 
 class ScreenKey:
@@ -83,6 +85,7 @@ class Tensor:
     HOT_IDS = PREFIX + "hot_ids"
     HOT_CODES = PREFIX + "hot_codes"
     HOT_CODEBOOKS = PREFIX + "hot_codebooks"
+    TRANSFORM = PREFIX + "transform"
     ADAPTOR = (SIGMA0, UP_W, UP_B, DOWN_W, DOWN_B)
     HOT = (HOT_IDS, HOT_CODES, HOT_CODEBOOKS)
 
@@ -116,6 +119,8 @@ class Layout:
     hot_levels: int = 0  # Lh
     # rows of each tier when the hot rows are T >= 2 consecutive tiers (version 4), else ()
     hot_tiers: tuple[int, ...] = ()
+    # the codes decode in a frame of their own, mapped to the embedding's by an n x n matrix (version 6)
+    transform: bool = False
 
     @property
     def n_groups(self) -> int:
@@ -191,6 +196,7 @@ class CarvqTensors:
     hot_ids: np.ndarray | None = None  # (N,) int32, strictly increasing within each tier
     hot_codes: np.ndarray | None = None  # (N, Bh) uint8, packed
     hot_codebooks: np.ndarray | None = None  # (T*G, Lh, K, d), the codebooks' type; tier t's are rows t*G..
+    transform: np.ndarray | None = None  # (n, n) float32 or float16: row = transform @ (what the codes sum to)
 
     screen: "ScreenIndex | None" = None  # the output head's own index (version 3)
     screen_fix: "ScreenFix | None" = None  # the screen correction (version 5)
@@ -204,6 +210,8 @@ class CarvqTensors:
         if self.layout.hot_rows:
             out += [(Tensor.HOT_IDS, self.hot_ids), (Tensor.HOT_CODES, self.hot_codes.view(np.int8)),
                     (Tensor.HOT_CODEBOOKS, self.hot_codebooks)]
+        if self.layout.transform:
+            out.append((Tensor.TRANSFORM, self.transform))
         return out
 
 
@@ -320,6 +328,7 @@ def read_layout(reader) -> Layout:
         hot_rows=u32(Key.HOT_ROWS) if version >= 2 else 0,  # required from version 2 on
         hot_levels=u32(Key.HOT_LEVELS) if version >= 2 else 0,
         hot_tiers=_hot_tiers(reader, version),
+        transform=_transform_flag(reader, version),
     )
     layout.check()
     _check_model_shape(reader, arch, layout)
@@ -342,6 +351,17 @@ def _hot_tiers(reader, version: int) -> tuple[int, ...]:
     if not 1 <= len(rows) <= MAX_HOT_TIERS:
         raise CarvqError(f"CARVQ metadata key {Key.HOT_TIERS} has {len(rows)} entries, outside 1..{MAX_HOT_TIERS}")
     return rows
+
+
+def _transform_flag(reader, version: int) -> bool:
+    """carvq.transform (version 6, optional BOOL): the codes decode in a frame of their own."""
+    value = _key(reader, Key.TRANSFORM, "BOOL", required=False)
+    if value is None:
+        return False
+    if version < TRANSFORM_FORMAT_VERSION:
+        raise CarvqError(f"CARVQ metadata key {Key.TRANSFORM} needs carvq.format_version {TRANSFORM_FORMAT_VERSION}, "
+                         f"the file says {version}")
+    return bool(value)
 
 
 def _check_model_shape(reader, arch: str, layout: Layout) -> None:
@@ -445,6 +465,10 @@ def read_tensors(source) -> CarvqTensors:
         found.down_b = _expect(reader, Tensor.DOWN_B, ("F32",), (n,))
     else:
         _refuse_stray(reader, Tensor.ADAPTOR, f"{Key.ADAPTOR_RANK} is 0")
+    if lo.transform:
+        found.transform = _expect(reader, Tensor.TRANSFORM, floats, (lo.n_embd, lo.n_embd))
+    else:
+        _refuse_stray(reader, (Tensor.TRANSFORM,), f"the file has no true {Key.TRANSFORM} key")
     bad = first_non_finite(found)
     if bad is not None:
         raise CarvqError(f"CARVQ tensor {bad} holds non-finite values")
@@ -554,8 +578,8 @@ def add_metadata(writer, layout: Layout, provenance: Provenance, screen: ScreenI
     import gguf
 
     tiered = len(layout.tier_rows) > 1
-    version = (FIX_FORMAT_VERSION if fix is not None else TIERS_FORMAT_VERSION if tiered else
-               FORMAT_VERSION if screen is None else SCREEN_FORMAT_VERSION)
+    version = (TRANSFORM_FORMAT_VERSION if layout.transform else FIX_FORMAT_VERSION if fix is not None else
+               TIERS_FORMAT_VERSION if tiered else FORMAT_VERSION if screen is None else SCREEN_FORMAT_VERSION)
     writer.add_uint32(Key.VERSION, version)
     writer.add_uint32(Key.GROUP_SIZE, layout.group_size)
     writer.add_uint32(Key.LEVELS, layout.levels)
@@ -582,6 +606,8 @@ def add_metadata(writer, layout: Layout, provenance: Provenance, screen: ScreenI
         writer.add_float32(ScreenKey.BPW, provenance.screen_bpw)
     if fix is not None:
         writer.add_uint32(FIX_RANK, int(fix.fix.shape[0]))
+    if layout.transform:
+        writer.add_bool(Key.TRANSFORM, True)
 
 
 def write_model(source_reader, out, arch: str, tensors: CarvqTensors, provenance: Provenance,

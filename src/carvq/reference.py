@@ -88,7 +88,15 @@ def decode_codes(tensors: CarvqTensors, token_ids) -> np.ndarray:
     It is also what the screened head's scan approximates logits with."""
     out = decode_rvq(tensors.layout, tensors.codes, tensors.codebooks, token_ids)
     add_hot(tensors.layout, tensors.hot_ids, tensors.hot_codes, tensors.hot_codebooks, token_ids, out)
+    if tensors.layout.transform:
+        out = transform_rows(tensors.transform, out)
     return out
+
+
+def transform_rows(transform, rows: np.ndarray) -> np.ndarray:
+    """FORMAT.md "Lookup transform": row[i] = sum_j transform[i, j] * row_codes[j], in float32
+    (a matrix product: its summation order is the implementation's, as the adaptor's)."""
+    return rows @ np.asarray(transform, np.float32).T
 
 
 def decode(tensors: CarvqTensors, token_ids) -> np.ndarray:
