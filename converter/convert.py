@@ -294,7 +294,15 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
         metric.scale_rows(M, sens.scale)  # the fit and the trim work in the metric (converter/metric.py)
     cb_dtype = np.float16 if cfg.codebook_type == "F16" else np.float32
     axes = None
-    if cfg.adaptor_rank == 0 and frame.wanted(transform, V, n, np.dtype(cb_dtype).itemsize):
+    use_frame = cfg.adaptor_rank == 0 and frame.wanted(transform, V, n, np.dtype(cb_dtype).itemsize)
+    if use_frame and trim_to is None and target_bpw is not None:
+        # only a trim pays the matrix from the budget: --target-bpw without tiers would overshoot
+        if transform == "auto":
+            use_frame = False
+        else:
+            notes.append(f"the transform's {frame.matrix_bpw(V, n, np.dtype(cb_dtype).itemsize):.4f} bpw comes on top "
+                         "of --target-bpw: only hot tiers pay it from the budget")
+    if use_frame:
         axes = frame.principal_frame(M, w, cfg.group_size)
         frame.rotate_rows(M, axes)  # the fit, trim and polish work in the principal frame
     W = None if axes is None else frame.transform(axes, None if sens is None else 1.0 / sens.scale, cb_dtype)
@@ -302,7 +310,13 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
     memory.trim()
     if trim_to is not None:
         matrix = 0 if W is None else W.nbytes  # paid from the same budget
-        fit.tensors, how = tiers.trim(fit.tensors, M, w, floor, trim_to * V * n / 8 - matrix)
+        try:
+            fit.tensors, how = tiers.trim(fit.tensors, M, w, floor, trim_to * V * n / 8 - matrix)
+        except CarvqError as exc:
+            if not matrix:
+                raise
+            raise CarvqError(f"{exc} (the transform's {n} x {n} matrix takes {matrix:,} bytes of it: "
+                             "--transform none leaves them to the codes)") from None
         notes.append(how)
         fit.tensors, how = polish.polish(fit.tensors, M, w, progress=progress)
         notes.append(how)

@@ -101,7 +101,13 @@ def test_screened_head_scans_in_the_codes_frame(transformed):
     from carvq.runtime.model import Model
 
     path, _ = transformed("gemma3", "F16")
-    k = 24
+    _check_candidates(path)
+
+
+def _check_candidates(path, k: int = 24) -> None:
+    from carvq import screen
+    from carvq.runtime.model import Model
+
     with Model(path, n_ctx=64, head="dense") as m:
         dense = m.logits(IDS)
         hidden = m.hidden_states(IDS)
@@ -185,3 +191,31 @@ def test_bad_transforms_are_refused(transformed, workdir, case):
         W[3, 5] = np.inf
         _rewrite(path, bad, transform=W)
         _refused(bad, fmt.Tensor.TRANSFORM, "non-finite")
+
+
+def test_the_matrix_is_paid_from_the_budget(workdir, tiny_gguf, monkeypatch):
+    """(A tiny model's matrix costs 3.2 bpw, its codebooks as much: hence the large budget.) Trimmed to a budget in hot tiers, the lookup with its matrix stays within it; --target-bpw
+    without tiers cannot pay it, so `auto` leaves the frame out there."""
+    from carvq.converter import frame
+    from carvq.converter.config import Config
+    from carvq.converter.convert import convert
+    from carvq.errors import CarvqError
+
+    cfg = Config(group_size=8, levels=4, codebook_type="F16")
+    out = workdir / "gemma3.transform.trimmed.carvq.gguf"
+    report = convert(tiny_gguf("gemma3"), out, cfg, iters=1, seed=0, progress=False, transform="pca", trim_to=12.0,
+                     tier_floor=2)
+    t = fmt.read_tensors(out)
+    assert t.layout.transform and report.parts["transform"] > 0
+    with pytest.raises(CarvqError, match="transform none"):  # a budget the matrix leaves too little of
+        convert(tiny_gguf("gemma3"), workdir / "too-small.gguf", cfg, iters=1, seed=0, progress=False, transform="pca",
+                trim_to=6.0, tier_floor=2)
+    assert report.bpw(report.lookup_bytes) <= 12.0 + 1e-9
+    assert len(t.layout.tier_rows) > 1
+    _check_candidates(out)  # the scan reads the first tier, in the codes' frame
+
+    monkeypatch.setattr(frame, "AUTO_MAX_BPW", 1e9)  # the tiny model's matrix is dear: make auto take it
+    out = workdir / "gemma3.transform.untiered.carvq.gguf"
+    report = convert(tiny_gguf("gemma3"), out, Config(group_size=8, codebook_type="F16"), iters=1, seed=0,
+                     progress=False, transform="auto", target_bpw=4.0)
+    assert not fmt.read_tensors(out).layout.transform and "transform" not in report.parts

@@ -26,7 +26,8 @@ def lookup_as_index(t: CarvqTensors) -> CarvqTensors:
         return t
     first = lo.tier_rows[0]
     return CarvqTensors(replace(lo, hot_rows=first, hot_tiers=()), t.codes, t.codebooks, hot_ids=t.hot_ids[:first],
-                        hot_codes=t.hot_codes[:first], hot_codebooks=t.hot_codebooks[:lo.n_groups])
+                        hot_codes=t.hot_codes[:first], hot_codebooks=t.hot_codebooks[:lo.n_groups],
+                        transform=t.transform)
 
 
 @dataclass(frozen=True)
