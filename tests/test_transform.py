@@ -76,6 +76,8 @@ def test_file_counts_and_decodes_the_transform(transformed, tiny_gguf, cb_type):
     lookup = sum(int(x.n_bytes) for x in reader.tensors if x.name.startswith(fmt.PREFIX))
     assert report.lookup_bytes == lookup
     assert abs(float(gio.field_value(reader, fmt.Key.BPW)) - 8.0 * lookup / (t.layout.n_vocab * n)) < 1e-4
+    from carvq.inspection import carvq_summary
+    assert any(f"transform (format v6): {n} x {n}" in line for line in carvq_summary(reader))
     # the decoded rows approximate the source (the frame is undone, the metric's scale too)
     source = gio.dequantize(gio.tensor_by_name(gio.open_gguf(tiny_gguf("gemma3")), gio.EMBD))
     err = np.linalg.norm(decode_all(path) - source) / np.linalg.norm(source)

@@ -89,6 +89,8 @@ def carvq_summary(reader) -> list[str]:
         "  hot rows: " + (f"{lo.hot_rows} tokens with {lo.hot_levels} more levels" if len(lo.tier_rows) == 1 else
                           f"{len(lo.tier_rows)} tiers of {', '.join(map(str, lo.tier_rows))} tokens, {lo.hot_levels} more "
                           "level(s) each (a row in k tiers has L + k levels)" if lo.hot_rows else "none"),
+        "  transform (format v6): " + (f"{lo.n_embd} x {lo.n_embd}, the codes decode in a frame of their own"
+                                       if lo.transform else "none"),
         f"  lookup: {carvq_bytes:,} bytes = {8 * carvq_bytes / n_w:.4f} bpw (metadata says {gio.field_value(reader, Key.BPW):.4f})",
     ]
     if head_copy and head is not None:
