@@ -150,6 +150,25 @@ def _check_paths(src: Path, out: Path, calibration, force: bool) -> None:
         raise CarvqError(f"output {out} is the calibration text; choose another path")
 
 
+def _frame(M: np.ndarray, w: np.ndarray, cfg: Config, sens, transform: str, trimmed: bool, target_bpw,
+           notes: list[str]) -> np.ndarray | None:
+    """The lookup transform W (converter/frame.py, format v6), M rotated in place into its frame
+    for the fit; None (M untouched) where it is not used."""
+    V, n = M.shape
+    cb_dtype = np.float16 if cfg.codebook_type == "F16" else np.float32
+    if cfg.adaptor_rank or not frame.wanted(transform, V, n, np.dtype(cb_dtype).itemsize):
+        return None
+    if not trimmed and target_bpw is not None:
+        # only a trim pays the matrix from the budget: --target-bpw without tiers would overshoot
+        if transform == "auto":
+            return None
+        notes.append(f"the transform's {frame.matrix_bpw(V, n, np.dtype(cb_dtype).itemsize):.4f} bpw comes on top "
+                     "of --target-bpw: only hot tiers pay it from the budget")
+    axes = frame.principal_frame(M, w, cfg.group_size)
+    frame.rotate_rows(M, axes)  # the fit, trim and polish work in the principal frame
+    return frame.transform(axes, None if sens is None else 1.0 / sens.scale, cb_dtype)
+
+
 def convert(input_path, output_path, base: Config, *, target_bpw: float | None = None, iters: int = DEFAULT_ITERS,
             seed: int = 0, calibration=None, head_type: str | None = None, hf_outtype: str = "auto",
             body_type: str | None = None, progress: bool = True, force: bool = False,
@@ -173,8 +192,8 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
     (converter/screen_fix.py, format v5) when the model ran on a text (the calibration text or its
     own documents).
     transform: fit and decode the codes in the principal axes of the embedding (converter/frame.py,
-    format v6): "pca", "none", or "auto" (where the matrix costs at most frame.AUTO_MAX_BPW; the
-    CLI's default)."""
+    format v6): "pca", "none" (the CLI's default), or "auto" (where the matrix costs at most
+    frame.AUTO_MAX_BPW)."""
     start = time.perf_counter()
     if screen is True:
         screen = cfgmod.SCREEN_DEFAULT
@@ -292,20 +311,7 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
 
     if sens is not None:
         metric.scale_rows(M, sens.scale)  # the fit and the trim work in the metric (converter/metric.py)
-    cb_dtype = np.float16 if cfg.codebook_type == "F16" else np.float32
-    axes = None
-    use_frame = cfg.adaptor_rank == 0 and frame.wanted(transform, V, n, np.dtype(cb_dtype).itemsize)
-    if use_frame and trim_to is None and target_bpw is not None:
-        # only a trim pays the matrix from the budget: --target-bpw without tiers would overshoot
-        if transform == "auto":
-            use_frame = False
-        else:
-            notes.append(f"the transform's {frame.matrix_bpw(V, n, np.dtype(cb_dtype).itemsize):.4f} bpw comes on top "
-                         "of --target-bpw: only hot tiers pay it from the budget")
-    if use_frame:
-        axes = frame.principal_frame(M, w, cfg.group_size)
-        frame.rotate_rows(M, axes)  # the fit, trim and polish work in the principal frame
-    W = None if axes is None else frame.transform(axes, None if sens is None else 1.0 / sens.scale, cb_dtype)
+    W = _frame(M, w, cfg, sens, transform, trim_to is not None, target_bpw, notes)
     fit = train.compress(M, w, cfg, iters, seed, progress)
     memory.trim()
     if trim_to is not None:
