@@ -242,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--transform", choices=("auto", "pca", "none"), default="none",
                    help="fit, and decode, the codes in the principal axes of the token-weighted embedding, mapped back "
                         "by an n x n matrix stored in the file (format v6; it costs 16 n / V bits per weight, paid from "
-                        "the same budget; SmolLM2 at 3.0 bpw: KLD -10 %% before that price, docs/RESULTS.md): 'pca', "
-                        "'none', or 'auto', where the matrix costs at most 0.1 bpw (default: none)")
+                        "the same budget; SmolLM2 at 3.0 bpw: KLD -10 %% before that price, +8 %% after its 0.19 bpw, docs/RESULTS.md): "
+                        "'pca', 'none', or 'auto', where the matrix costs at most 0.1 bpw (default: none)")
     c.add_argument("--trim-to", type=float, metavar="BPW",
                    help="then trim the fit to this lookup bpw in hot tiers (format v4): every row keeps between "
                         "--tier-floor levels and the fit's own, the levels going where they lower the token-weighted "
