@@ -101,8 +101,13 @@ def _fit_metric(reader, gguf_path: Path, tokens, mp: model_prior.ModelPrior | No
     else:
         return None, "no text to measure the model's sensitivity on (--prior tokenizer, no --calibration)"
     try:
-        dtype = metric.pass_dtype(reader, max(int(s.numel()) for s in seqs))
-        return metric.from_model(gguf_path, seqs, what, seed, progress, n_embd, reader, dtype), ""
+        longest = max(int(s.numel()) for s in seqs)
+        dtype, tokens = metric.pass_plan(reader, longest)
+        sens = metric.from_model(gguf_path, [s[:tokens] for s in seqs], what, seed, progress, n_embd, reader, dtype)
+        if tokens < longest:
+            sens.how += (f"; in float32 on the sequences' first {tokens} tokens, for memory: bfloat16 is slow on "
+                         "this CPU (no bfloat16 units)")
+        return sens, ""
     except CarvqError as exc:
         return None, str(exc)
     except (RuntimeError, ValueError, KeyError, IndexError, TypeError, OSError) as exc:

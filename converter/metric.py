@@ -24,6 +24,7 @@ gradients are those of one special row, weighted as the heaviest token anyway.
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -153,6 +154,42 @@ def pass_dtype(reader, seq_tokens: int, available: int | None = None) -> torch.d
     """The dtype the Fisher pass runs the model in (float32, else bfloat16) within the
     conversion's memory bound and `available` bytes (default: MemAvailable now); CarvqError (the
     conversion then goes on in the uniform metric) where neither fits."""
+    return pass_plan(reader, seq_tokens, available, bfloat16_fast=True)[0]
+
+
+# bfloat16 matrix products are fast only where the CPU has bfloat16 units: on an AVX2 EPYC they
+# ran at 0.3 GFLOP/s against float32's 36, and Gemma-3's bfloat16 pass took over an hour there
+# instead of a minute (docs/RESULTS.md, session 22). Slower than this many times float32 per
+# product: the pass runs in float32 on shorter sequences instead (down to MIN_PASS_TOKENS)
+BF16_SLOWDOWN_MAX = 4.0
+MIN_PASS_TOKENS = 64
+
+
+@functools.cache
+def bfloat16_is_fast() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices at least 1/BF16_SLOWDOWN_MAX as fast as
+    float32 ones (a probe of under a second, once per process)."""
+    def best(dtype) -> float:
+        # large enough that the products' own time, not a thread pool's start, is measured
+        a, b = torch.ones(256, 512, dtype=dtype), torch.ones(512, 512, dtype=dtype)
+        a @ b
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(torch.bfloat16) <= BF16_SLOWDOWN_MAX * best(torch.float32)
+
+
+def pass_plan(reader, seq_tokens: int, available: int | None = None,
+              bfloat16_fast: bool | None = None) -> tuple[torch.dtype, int]:
+    """(dtype, tokens per sequence) of the Fisher pass within the conversion's memory bound and
+    `available` bytes: float32 on whole sequences, else bfloat16 where this CPU multiplies it
+    fast (bfloat16_fast; None: probe it), else float32 on sequences cut to fewer tokens (halved
+    down to MIN_PASS_TOKENS). CarvqError (the conversion then goes on in the uniform metric)
+    where none fits."""
     import gguf
 
     from carvq import gguf_io as gio
@@ -170,17 +207,37 @@ def pass_dtype(reader, seq_tokens: int, available: int | None = None) -> torch.d
     rss = FIXED_COSTS  # not this process's RSS: the same input must give the same file (--seed)
     available = runtime_model._available_memory() if available is None else available
     bound = max(BOUND_X_EMBEDDING * 4 * V * n, FIXED_BUDGET)
-    for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
+
+    def extra_bytes(size: int, tokens: int) -> float:
         loading = PARSE_BYTES_PER_TOKEN * V + size * block_elements
-        running = size * (elements + ACTIVATION_VALUES * seq_tokens * layers * (12 * n + 4 * ffn)) + \
+        running = size * (elements + ACTIVATION_VALUES * tokens * layers * (12 * n + 4 * ffn)) + \
             4 * HEAD_COPIES * HEAD_CHUNK * V  # the logits are float32 in either dtype
-        extra = max(loading, running)
-        if rss + extra <= bound and (available is None or extra <= available):
-            return dtype
+        return max(loading, running)
+
+    def fits(extra: float) -> bool:
+        return rss + extra <= bound and (available is None or extra <= available)
+
+    extra = extra_bytes(4, seq_tokens)
+    if fits(extra):
+        return torch.float32, seq_tokens
+    plans = [(torch.float32, 4, seq_tokens)]
+    if bfloat16_fast if bfloat16_fast is not None else bfloat16_is_fast():  # probed only when needed
+        plans.append((torch.bfloat16, 2, seq_tokens))
+    else:
+        tokens = seq_tokens // 2
+        while tokens >= MIN_PASS_TOKENS:
+            plans.append((torch.float32, 4, tokens))
+            tokens //= 2
+    for dtype, size, tokens in plans:
+        extra = extra_bytes(size, tokens)
+        if fits(extra):
+            return dtype, tokens
+    dtype, size, tokens = plans[-1]
     why = (f"{(rss + extra) / 2**30:.1f} GiB in all, above the conversion's bound of {bound / 2**30:.1f} GiB "
            f"(3x the float32 embedding, at least {FIXED_BUDGET / 2**30:.1f})" if rss + extra > bound
            else f"{available / 2**30:.1f} GiB are available")
-    raise CarvqError(f"running the model in PyTorch would take about {extra / 2**30:.1f} GiB more even in bfloat16: {why}")
+    least = "even in bfloat16" if dtype == torch.bfloat16 else f"even in float32 on {tokens} tokens a sequence"
+    raise CarvqError(f"running the model in PyTorch would take about {extra / 2**30:.1f} GiB more {least}: {why}")
 
 
 def from_model(gguf_path, seqs, what: str, seed: int, progress: bool, n_embd: int, reader=None,

@@ -85,3 +85,22 @@ def test_the_pass_runs_in_the_dtype_that_keeps_the_conversion_in_its_bound():
         metric.pass_dtype(llama_1b, 256, available=None)  # 2.5 GB of bfloat16 weights alone
     with pytest.raises(CarvqError, match="GiB are available"):
         metric.pass_dtype(smollm2, 256, available=2**28)
+
+
+def test_without_fast_bfloat16_the_pass_runs_float32_on_shorter_sequences():
+    """On a CPU without bfloat16 units a bfloat16 pass is two orders of magnitude slower (Gemma-3:
+    over an hour); there the pass stays in float32 and cuts its sequences to fit the bound."""
+    import torch
+
+    from carvq.converter import metric
+
+    smollm2 = _reader(49152, 576, 30, 1536, 106_000_000)
+    gemma3 = _reader(262144, 640, 18, 2048, 100_000_000)
+    llama_1b = _reader(128256, 2048, 16, 8192, 973_000_000)
+    assert metric.pass_plan(gemma3, 256, available=None, bfloat16_fast=True) == (torch.bfloat16, 256)
+    dtype, tokens = metric.pass_plan(gemma3, 256, available=None, bfloat16_fast=False)
+    assert dtype == torch.float32 and metric.MIN_PASS_TOKENS <= tokens < 256
+    assert metric.pass_plan(smollm2, 256, available=None, bfloat16_fast=False) == (torch.float32, 256)
+    with pytest.raises(CarvqError, match="even in float32"):
+        metric.pass_plan(llama_1b, 256, available=None, bfloat16_fast=False)
+    assert isinstance(metric.bfloat16_is_fast(), bool)
