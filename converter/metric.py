@@ -220,7 +220,7 @@ def pass_plan(reader, seq_tokens: int, available: int | None = None,
     extra = extra_bytes(4, seq_tokens)
     if fits(extra):
         return torch.float32, seq_tokens
-    plans = [(torch.float32, 4, seq_tokens)]
+    plans = []  # float32 on whole sequences did not fit (just above)
     if bfloat16_fast if bfloat16_fast is not None else bfloat16_is_fast():  # probed only when needed
         plans.append((torch.bfloat16, 2, seq_tokens))
     else:
@@ -232,7 +232,7 @@ def pass_plan(reader, seq_tokens: int, available: int | None = None,
         extra = extra_bytes(size, tokens)
         if fits(extra):
             return dtype, tokens
-    dtype, size, tokens = plans[-1]
+    dtype, size, tokens = plans[-1] if plans else (torch.float32, 4, seq_tokens)
     why = (f"{(rss + extra) / 2**30:.1f} GiB in all, above the conversion's bound of {bound / 2**30:.1f} GiB "
            f"(3x the float32 embedding, at least {FIXED_BUDGET / 2**30:.1f})" if rss + extra > bound
            else f"{available / 2**30:.1f} GiB are available")
