@@ -394,5 +394,5 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
         config=cfg, weights_from=weights_from, parts=parts, head_bytes=head_bytes,
         head_type=(head[1].name if head is not None else "untied"), head_copied=head is not None, screen_bytes=screen_bytes,
         errors=errors, seconds=time.perf_counter() - start, rounds=fit.rounds, source_bytes=int(embd.n_bytes),
-        notes=notes, trimmed_to=trim_to,
+        notes=notes, trimmed_to=trim_to, peak_rss=memory.peak_rss(),
     )

@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+import sys
 
 
 @functools.lru_cache(maxsize=1)
@@ -30,3 +31,13 @@ def trim() -> None:
     fn = _malloc_trim()
     if fn is not None:
         fn(0)
+
+
+def peak_rss() -> int | None:
+    """This process's peak resident set so far, in bytes (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # macOS counts bytes, Linux KiB

@@ -59,6 +59,7 @@ class Report:
     source_bytes: int = 0
     screen_bytes: int = 0  # the output head's screen index and correction (output.carvq.*), 0 without either
     trimmed_to: float | None = None  # the lookup bpw the fit (config) was trimmed to in hot tiers, if it was
+    peak_rss: int | None = None  # the converting process's peak resident memory, bytes (None: unknown)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -103,8 +104,11 @@ class Report:
             f"  relative error (token-weighted) {self.errors.weighted_rel_error:.4f}",
             f"  row cosine similarity          mean {self.errors.mean_cos:.4f}, worst {self.errors.worst_cos:.4f}",
             f"  fit rounds used                {self.rounds}",
-            f"  time                           {self.seconds:.1f} s",
+            f"  time                           {self.seconds:.1f} s ({self.n_vocab / max(self.seconds, 1e-9):,.0f} rows/s)",
         ]
+        if self.peak_rss:  # issue 14 bounds it at 3x the float32 embedding
+            lines.append(f"  peak memory (RSS)              {self.peak_rss / 2**30:.2f} GiB "
+                         f"({self.peak_rss / (4 * self.n_weights):.1f}x the float32 embedding)")
         if self.head_copied:
             lines.append(f"  note: the source ties its output head to the embedding; the head copy costs "
                          f"{self.head_bytes / 2**20:.2f} MiB ({self.bpw(self.head_bytes):.3f} bpw)")

@@ -159,3 +159,63 @@ def until_answered(server, call, seconds: float = 180):
                 raise AssertionError("llama-server did not answer: " + (server.stderr.read()[-2000:]
                                      if server.poll() is not None else "timeout")) from None
             time.sleep(0.5)
+
+
+def rewrite_gguf(src: Path, dst: Path, *, version: int | None = None, drop_keys=(), replace=None,
+                 arch: str | None = None) -> None:
+    """Write a copy of `src` with the format version set to `version`, the keys `drop_keys`
+    left out, each tensor named in `replace` ({name: tensor -> new array, or None to drop it})
+    swapped for what its function returns, and the architecture `arch` written instead of the
+    source's: the tests' way to make a file that the readers must refuse or accept."""
+    import gguf
+
+    from carvq import format as fmt
+    from carvq import gguf_io as gio
+
+    replace = replace or {}
+    reader = gio.open_gguf(src)
+    writer = gguf.GGUFWriter(None, arch or gio.field_value(reader, "general.architecture"))
+    gio.copy_fields(reader, writer, skip=({fmt.Key.VERSION} if version is not None else set()) | set(drop_keys))
+    if version is not None:
+        writer.add_uint32(fmt.Key.VERSION, version)
+    for t in reader.tensors:
+        if t.name in replace and replace[t.name] is None:
+            continue
+        if t.name in replace:
+            writer.add_tensor(t.name, replace[t.name](t))
+        else:
+            gio.add_source_tensor(writer, t)
+    gio.write_gguf(writer, dst, progress=False)
+
+
+def check_screened_candidates(path: Path, ids: list[int], k: int) -> None:
+    """The patched llama.cpp's screened head at every position of `ids`: its k exact rows are the
+    NumPy reference's top-k of the same scan (src/carvq/screen.py: the head's own index with its
+    projection, else the lookup's codes in their frame, plus the screen correction), their logits
+    the dense head's, and (ties aside) no other row is exact."""
+    import numpy as np
+
+    from carvq import format as fmt
+    from carvq import screen
+    from carvq.runtime.model import Model
+
+    with Model(path, n_ctx=64, head="dense") as m:
+        dense = m.logits(ids)
+        hidden = m.hidden_states(ids)
+    with Model(path, n_ctx=64, head="screened", screen_k=k) as m:
+        screened = m.logits(ids)
+    t = fmt.read_tensors(path)
+    own = t.screen is not None
+    index = t.screen.rvq if own else screen.lookup_as_index(t)
+    for p in range(len(ids)):
+        h = screen.project(t.screen.projection, hidden[p]) if own else hidden[p]
+        scanned = screen.project(t.transform, h) if not own and t.transform is not None else h
+        tables = screen.tables(index.layout, index.codebooks, index.hot_codebooks, scanned)
+        scores = screen.scores(index.layout, index.codes, tables, index.hot_ids, index.hot_codes)
+        if t.screen_fix is not None:  # format v5: in h's coordinates, as the C scan adds it
+            scores = screen.fix_add(scores, t.screen_fix.fix, screen.fix_weights(t.screen_fix.dirs, h, tables.scale))
+        want = set(screen.topk(scores, k).tolist())
+        close = np.isclose(screened[p], dense[p], rtol=1e-5, atol=1e-5 * np.abs(dense[p]).max())
+        exact = set(np.nonzero(close)[0].tolist())
+        assert want <= exact, f"position {p}: candidates {sorted(want - exact)} are not exact"
+        assert len(exact - want) <= 3, f"position {p}: rows outside the top-k came out exact: {sorted(exact - want)}"

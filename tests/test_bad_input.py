@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, tiny_config
+from conftest import rewrite_gguf, run_cli, tiny_config
 
 
 def _digest(path: Path) -> str:
@@ -47,30 +47,16 @@ def test_truncated_gguf(tmp_path, tiny_gguf):
         assert _digest(src) == before
 
 
-def _rewrite_without(src: Path, dst: Path, drop: str = "", arch: str | None = None) -> None:
-    import gguf
-
-    from carvq import gguf_io as gio
-
-    reader = gio.open_gguf(src)
-    writer = gguf.GGUFWriter(None, arch or reader.get_field("general.architecture").contents())
-    gio.copy_fields(reader, writer, skip=set())
-    for t in reader.tensors:
-        if t.name != drop:
-            gio.add_source_tensor(writer, t)
-    gio.write_gguf(writer, dst, progress=False)
-
-
 def test_no_token_embd(tmp_path, tiny_gguf):
     src = tmp_path / "noembd.gguf"
-    _rewrite_without(tiny_gguf("llama"), src, drop="token_embd.weight")
+    rewrite_gguf(tiny_gguf("llama"), src, replace={"token_embd.weight": None})
     out = tmp_path / "out.gguf"
     assert_clean_failure(run_cli("convert", src, "-o", out, "-q"), out, "no token_embd.weight")
 
 
 def test_unsupported_architecture(tmp_path, tiny_gguf):
     src = tmp_path / "bert.gguf"
-    _rewrite_without(tiny_gguf("llama"), src, arch="bert")
+    rewrite_gguf(tiny_gguf("llama"), src, arch="bert")
     out = tmp_path / "out.gguf"
     assert_clean_failure(run_cli("convert", src, "-o", out, "-q"), out, "not supported")
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from carvq import format as fmt
-from conftest import TINY_ARCHES, llama_server, until_answered
+from conftest import TINY_ARCHES, llama_server, rewrite_gguf, until_answered
 from tiny_models import synthetic_corpus
 
 ARCHES = list(TINY_ARCHES)
@@ -185,27 +185,6 @@ def _load_in_subprocess(path: Path):
                           capture_output=True, text=True, errors="replace", timeout=120)
 
 
-def _rewrite(src: Path, dst: Path, *, version=None, codes_rows_delta=0, drop_keys=(), hot_ids=None):
-    import gguf
-
-    from carvq import gguf_io as gio
-
-    reader = gio.open_gguf(src)
-    writer = gguf.GGUFWriter(None, gio.field_value(reader, "general.architecture"))
-    gio.copy_fields(reader, writer, skip=({fmt.Key.VERSION} if version is not None else set()) | set(drop_keys))
-    if version is not None:
-        writer.add_uint32(fmt.Key.VERSION, version)
-    for t in reader.tensors:
-        if t.name == fmt.Tensor.CODES and codes_rows_delta:
-            data = np.asarray(t.data)[: data_rows(t) + codes_rows_delta]
-            writer.add_tensor(t.name, np.ascontiguousarray(data).view(np.int8))
-        elif t.name == fmt.Tensor.HOT_IDS and hot_ids is not None:
-            writer.add_tensor(t.name, np.asarray(hot_ids, np.int32))
-        else:
-            gio.add_source_tensor(writer, t)
-    gio.write_gguf(writer, dst, progress=False)
-
-
 def data_rows(t) -> int:
     return int(t.shape[1])
 
@@ -221,7 +200,8 @@ def test_bad_file_truncated(tiny_carvq, workdir):
 def test_bad_file_codes_wrong_size(tiny_carvq, workdir):
     path, _ = tiny_carvq("llama")
     bad = workdir / "badcodes.carvq.gguf"
-    _rewrite(path, bad, codes_rows_delta=-3)
+    rewrite_gguf(path, bad, replace={fmt.Tensor.CODES: lambda t: np.ascontiguousarray(
+        np.asarray(t.data)[: data_rows(t) - 3]).view(np.int8)})
     proc = _load_in_subprocess(bad)
     assert proc.returncode == 1 and "token_embd.carvq.codes" in proc.stderr, proc.stderr[-2000:]
 
@@ -229,7 +209,7 @@ def test_bad_file_codes_wrong_size(tiny_carvq, workdir):
 def test_bad_file_unknown_version(tiny_carvq, workdir):
     path, _ = tiny_carvq("llama")
     bad = workdir / "v99.carvq.gguf"
-    _rewrite(path, bad, version=99)
+    rewrite_gguf(path, bad, version=99)
     proc = _load_in_subprocess(bad)
     assert proc.returncode == 1 and "version" in proc.stderr, proc.stderr[-2000:]
 
@@ -241,7 +221,7 @@ def test_version_1_file_still_loads(tiny_carvq, workdir):
 
     path, _ = tiny_carvq("qwen2", fix=False)  # the arch converted without hot rows; no screen correction (v5)
     old = workdir / "v1.carvq.gguf"
-    _rewrite(path, old, version=1, drop_keys=(fmt.Key.HOT_ROWS, fmt.Key.HOT_LEVELS))
+    rewrite_gguf(path, old, version=1, drop_keys=(fmt.Key.HOT_ROWS, fmt.Key.HOT_LEVELS))
     assert np.array_equal(decode_rows(old, IDS), decode_rows(path, IDS))
     with Model(path, n_ctx=64, kv_f32=True) as new_model, Model(old, n_ctx=64, kv_f32=True) as old_model:
         assert np.array_equal(new_model.logits(IDS), old_model.logits(IDS))
@@ -254,7 +234,7 @@ def test_bad_file_hot_ids_unsorted(tiny_carvq, workdir):
     ids = np.asarray(gio.tensor_by_name(gio.open_gguf(path), fmt.Tensor.HOT_IDS).data).copy()
     ids[[0, 1]] = ids[[1, 0]]
     bad = workdir / "hotids.carvq.gguf"
-    _rewrite(path, bad, hot_ids=ids)
+    rewrite_gguf(path, bad, replace={fmt.Tensor.HOT_IDS: lambda t: np.asarray(ids, np.int32)})
     proc = _load_in_subprocess(bad)
     assert proc.returncode == 1 and "hot" in proc.stderr and "increase" in proc.stderr, proc.stderr[-2000:]
 

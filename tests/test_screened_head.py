@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import check_screened_candidates, run_cli
 
 TEXT_IDS = [1, 5, 17, 42, 99, 200, 7, 3, 250, 11, 64, 128, 300, 2, 19, 33]
 
@@ -26,7 +26,10 @@ def test_candidates_are_the_reference_top_k(arch, own_index, tiny_carvq):
     """k of V rows exact: which ones is decided by the scan, checked against src/carvq/screen.py,
     with the head's own index (format v3: projection, then its tables) and with the lookup's codes."""
     path, report = tiny_carvq(arch, screen=own_index)
-    _check_candidates(path, own_index, k=24)
+    from carvq import format as fmt
+
+    assert (fmt.read_tensors(path).screen is not None) == own_index
+    check_screened_candidates(path, TEXT_IDS, k=24)
 
 
 def test_an_untied_head_is_screened_with_its_own_index(workdir):
@@ -47,7 +50,8 @@ def test_an_untied_head_is_screened_with_its_own_index(workdir):
     report = convert(hf, out, tiny_config("qwen2"), iters=1, hf_outtype="f32", progress=False, screen=True,
                      calibration=text)
     assert not report.head_copied and report.screen_bytes > 0
-    _check_candidates(out, True, k=24)
+    assert fmt.read_tensors(out).screen is not None
+    check_screened_candidates(out, TEXT_IDS, k=24)
     # the index approximates this head, not the embedding
     t = fmt.read_tensors(out)
     head = gio.dequantize(gio.tensor_by_name(gio.open_gguf(out), gio.HEAD))
@@ -58,31 +62,6 @@ def test_an_untied_head_is_screened_with_its_own_index(workdir):
         tb = screen.tables(ix.layout, ix.codebooks, ix.hot_codebooks, screen.project(t.screen.projection, hidden[p]))
         approx = screen.scores(ix.layout, ix.codes, tb, ix.hot_ids, ix.hot_codes) * tb.scale + tb.bias
         assert np.corrcoef(approx, head @ hidden[p])[0, 1] > 0.5
-
-
-def _check_candidates(path, own_index: bool, k: int) -> None:
-    from carvq import format as fmt
-    from carvq import screen
-    from carvq.runtime.model import Model
-
-    dense = _logits(path, "dense")
-    screened = _logits(path, "screened", k)
-    with Model(path, n_ctx=64, head="dense") as m:
-        hidden = m.hidden_states(TEXT_IDS)
-    t = fmt.read_tensors(path)
-    assert (t.screen is not None) == own_index
-    index = t.screen.rvq if own_index else screen.lookup_as_index(t)
-    for p in range(len(TEXT_IDS)):
-        h = screen.project(t.screen.projection, hidden[p]) if own_index else hidden[p]
-        tables = screen.tables(index.layout, index.codebooks, index.hot_codebooks, h)
-        scores = screen.scores(index.layout, index.codes, tables, index.hot_ids, index.hot_codes)
-        if t.screen_fix is not None:  # the screen correction (format v5), as the C scan adds it
-            scores = screen.fix_add(scores, t.screen_fix.fix, screen.fix_weights(t.screen_fix.dirs, h, tables.scale))
-        want = set(screen.topk(scores, k).tolist())
-        close = np.isclose(screened[p], dense[p], rtol=1e-5, atol=1e-5 * np.abs(dense[p]).max())
-        exact = set(np.nonzero(close)[0].tolist())
-        assert want <= exact, f"position {p}: candidates {sorted(want - exact)} are not exact"
-        assert len(exact - want) <= 3, f"position {p}: rows outside the top-k came out exact: {sorted(exact - want)}"
 
 
 # the whole text, then windows of 4 tokens: one scan each, enough for the cache to age its rows'

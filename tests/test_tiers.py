@@ -166,11 +166,14 @@ def test_a_tiered_lookup_screens_with_its_first_tier(tiered_tiny):
     """The screened head on a tied model without an index of its own scans the lookup's codes:
     of a tiered lookup, the shared levels and the first tier (screen.lookup_as_index); its
     candidates are exactly that reference's top-k, and exact."""
-    from test_screened_head import _check_candidates
+    from conftest import check_screened_candidates
+
+    from test_screened_head import TEXT_IDS
 
     out, _, _ = tiered_tiny
     assert len(fmt.read_tensors(out).layout.tier_rows) >= 2
-    _check_candidates(out, False, k=24)
+    assert fmt.read_tensors(out).screen is None
+    check_screened_candidates(out, TEXT_IDS, k=24)
 
 
 @pytest.mark.parametrize("V, n", [(49152, 576), (262144, 640)])  # SmolLM2's and Gemma-3's shapes

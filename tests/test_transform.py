@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from carvq import format as fmt
+from conftest import check_screened_candidates, rewrite_gguf
 
 IDS = [1, 5, 17, 42, 99, 200, 7, 3, 250, 11, 64, 128, 300, 2, 19, 33]
 
@@ -99,34 +100,8 @@ def test_llama_lookup_applies_the_transform(transformed):
 def test_screened_head_scans_in_the_codes_frame(transformed):
     """A tied head screened by the lookup's codes: the tables come from h @ W (FORMAT.md), and the
     candidates are exactly the NumPy reference's top-k."""
-    from carvq import screen
-    from carvq.runtime.model import Model
-
     path, _ = transformed("gemma3", "F16")
-    _check_candidates(path)
-
-
-def _check_candidates(path, k: int = 24) -> None:
-    from carvq import screen
-    from carvq.runtime.model import Model
-
-    with Model(path, n_ctx=64, head="dense") as m:
-        dense = m.logits(IDS)
-        hidden = m.hidden_states(IDS)
-    with Model(path, n_ctx=64, head="screened", screen_k=k) as m:
-        screened = m.logits(IDS)
-    t = fmt.read_tensors(path)
-    index = screen.lookup_as_index(t)
-    for p in range(len(IDS)):
-        tables = screen.tables(index.layout, index.codebooks, index.hot_codebooks, screen.project(t.transform, hidden[p]))
-        scores = screen.scores(index.layout, index.codes, tables, index.hot_ids, index.hot_codes)
-        if t.screen_fix is not None:  # in the hidden state's own coordinates
-            scores = screen.fix_add(scores, t.screen_fix.fix, screen.fix_weights(t.screen_fix.dirs, hidden[p], tables.scale))
-        want = set(screen.topk(scores, k).tolist())
-        close = np.isclose(screened[p], dense[p], rtol=1e-5, atol=1e-5 * np.abs(dense[p]).max())
-        exact = set(np.nonzero(close)[0].tolist())
-        assert want <= exact, f"position {p}: candidates {sorted(want - exact)} are not exact"
-        assert len(exact - want) <= 3
+    check_screened_candidates(path, IDS, k=24)
 
 
 def test_tuning_keeps_the_transform(workdir, tiny_gguf):
@@ -141,25 +116,6 @@ def test_tuning_keeps_the_transform(workdir, tiny_gguf):
                      progress=False, transform="pca", tune_steps=2, calibration=text)
     assert fmt.read_tensors(out).layout.transform
     assert any("held-out" in n or "KL" in n for n in report.notes)
-
-
-def _rewrite(src, dst, *, version=None, drop_key=False, transform=None):
-    import gguf
-
-    from carvq import gguf_io as gio
-
-    reader = gio.open_gguf(src)
-    writer = gguf.GGUFWriter(None, gio.field_value(reader, "general.architecture"))
-    skip = ({fmt.Key.VERSION} if version is not None else set()) | ({fmt.Key.TRANSFORM} if drop_key else set())
-    gio.copy_fields(reader, writer, skip=skip)
-    if version is not None:
-        writer.add_uint32(fmt.Key.VERSION, version)
-    for t in reader.tensors:
-        if t.name == fmt.Tensor.TRANSFORM and transform is not None:
-            writer.add_tensor(t.name, transform)
-        else:
-            gio.add_source_tensor(writer, t)
-    gio.write_gguf(writer, dst, progress=False)
 
 
 def _refused(path, *needles):
@@ -180,18 +136,18 @@ def test_bad_transforms_are_refused(transformed, workdir, case):
     W = fmt.read_tensors(path).transform
     bad = workdir / f"bad-transform-{case.replace(' ', '-')}.gguf"
     if case == "old version":
-        _rewrite(path, bad, version=5)
+        rewrite_gguf(path, bad, version=5)
         _refused(bad, fmt.Key.TRANSFORM, "version")
     elif case == "tensor without key":
-        _rewrite(path, bad, drop_key=True)
+        rewrite_gguf(path, bad, drop_keys=(fmt.Key.TRANSFORM,))
         _refused(bad, fmt.Tensor.TRANSFORM)
     elif case == "wrong shape":
-        _rewrite(path, bad, transform=np.ascontiguousarray(W[:-1]))
+        rewrite_gguf(path, bad, replace={fmt.Tensor.TRANSFORM: lambda t: np.ascontiguousarray(W[:-1])})
         _refused(bad, fmt.Tensor.TRANSFORM, "shape")
     else:
         W = W.copy()
         W[3, 5] = np.inf
-        _rewrite(path, bad, transform=W)
+        rewrite_gguf(path, bad, replace={fmt.Tensor.TRANSFORM: lambda t: W})
         _refused(bad, fmt.Tensor.TRANSFORM, "non-finite")
 
 
@@ -214,7 +170,7 @@ def test_the_matrix_is_paid_from_the_budget(workdir, tiny_gguf, monkeypatch):
                 trim_to=6.0, tier_floor=2)
     assert report.bpw(report.lookup_bytes) <= 12.0 + 1e-9
     assert len(t.layout.tier_rows) > 1
-    _check_candidates(out)  # the scan reads the first tier, in the codes' frame
+    check_screened_candidates(out, IDS, k=24)  # the scan reads the first tier, in the codes' frame
 
     monkeypatch.setattr(frame, "AUTO_MAX_BPW", 1e9)  # the tiny model's matrix is dear: make auto take it
     out = workdir / "gemma3.transform.untiered.carvq.gguf"
