@@ -273,14 +273,10 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
     if fit_metric == "fisher":
         sens, why = _fit_metric(reader, gguf_path, tokens, mp, seed, progress, int(embd.shape[0]))
         notes.append(sens.how if sens is not None else f"every dimension weighted alike: {why}")
-    memory.trim()
-    M = gio.dequantize(embd)
-    gio.release_pages(reader, embd)  # M holds it now; a byte-copied head maps it again when written
-    memory.trim()
-    bad = _first_non_finite_row(M)
-    if bad is not None:
-        raise CarvqError(f"{src}: {gio.EMBD} holds non-finite values (row {bad}); nothing to compress")
-    # the source model runs here (mapped, a small context): less than the fit's own peak
+        memory.trim()
+    # the source model runs in llama.cpp for the hidden states before the embedding is unpacked:
+    # beside the float32 copy, its mapped weights and buffers were the conversion's peak (Gemma-3:
+    # 2.27 GiB, 3.6x the float32 embedding; docs/RESULTS.md, session 23)
     states = screen_index.hidden_states(gguf_path, calibration, progress) if screen else None
     fix_states = None
     if fix_screen and head_src is None and not screen:  # the scan reads the lookup's codes
@@ -290,6 +286,12 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
         if fix_states is None:
             notes.append("no screen correction: no text to take the hidden states from (--prior tokenizer, no --calibration)")
     memory.trim()
+    M = gio.dequantize(embd)
+    gio.release_pages(reader, embd)  # M holds it now; a byte-copied head maps it again when written
+    memory.trim()
+    bad = _first_non_finite_row(M)
+    if bad is not None:
+        raise CarvqError(f"{src}: {gio.EMBD} holds non-finite values (row {bad}); nothing to compress")
     V, n = M.shape
     w, weights_from = _token_weights(prior_w, prior_how, reader, V, calibration, None if tokens is None else tokens[0])
     if sens is not None and sens.token_factor is not None and sens.token_factor.shape == (V,):
