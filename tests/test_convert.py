@@ -445,6 +445,14 @@ def test_without_screen_index_and_correction_the_file_is_version_2(tiny_carvq):
     assert report.screen_bytes == 0
 
 
+def test_report_shows_speed_and_peak_memory(tiny_carvq):
+    """Issue 14 bounds a conversion's peak RSS at 3x the float32 embedding: the report says both."""
+    _, report = tiny_carvq("llama", fix=False)
+    text = report.format()
+    assert report.peak_rss and report.peak_rss > 0
+    assert "rows/s)" in text and "peak memory (RSS)" in text and "x the float32 embedding)" in text
+
+
 def test_screen_index_file_is_version_3_and_counts_every_byte(tiny_carvq):
     """--screen-index on a tiny model (k >= V: the held-out check keeps it): format version 3,
     carvq.screen.bpw over every output.carvq.* byte, and the choice noted in the report."""
