@@ -150,13 +150,6 @@ def _label_gradient(model, hidden: torch.Tensor, gen: torch.Generator) -> torch.
     return grad
 
 
-def pass_dtype(reader, seq_tokens: int, available: int | None = None) -> torch.dtype:
-    """The dtype the Fisher pass runs the model in (float32, else bfloat16) within the
-    conversion's memory bound and `available` bytes (default: MemAvailable now); CarvqError (the
-    conversion then goes on in the uniform metric) where neither fits."""
-    return pass_plan(reader, seq_tokens, available, bfloat16_fast=True)[0]
-
-
 # bfloat16 matrix products are fast only where the CPU has bfloat16 units: on an AVX2 EPYC they
 # ran at 0.3 GFLOP/s against float32's 36, and Gemma-3's bfloat16 pass took over an hour there
 # instead of a minute (docs/RESULTS.md, session 22). Slower than this many times float32 per

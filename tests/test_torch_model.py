@@ -63,7 +63,7 @@ def test_the_bfloat16_pass_measures_the_same_sensitivity(tiny_gguf):
 
 
 def _reader(V, n, layers, ffn, block_elements):
-    """What pass_dtype reads of a GGUF, at a real model's shape, without its bytes."""
+    """What pass_plan reads of a GGUF, at a real model's shape, without its bytes."""
     tensors = [SimpleNamespace(name="token_embd.weight", shape=(n, V), n_elements=V * n),
                SimpleNamespace(name="blk.all", shape=(block_elements,), n_elements=block_elements)]
     fields = {"general.architecture": "llama", "llama.block_count": layers, "llama.feed_forward_length": ffn}
@@ -79,12 +79,12 @@ def test_the_pass_runs_in_the_dtype_that_keeps_the_conversion_in_its_bound():
     smollm2 = _reader(49152, 576, 30, 1536, 106_000_000)
     gemma3 = _reader(262144, 640, 18, 2048, 100_000_000)
     llama_1b = _reader(128256, 2048, 16, 8192, 973_000_000)
-    assert metric.pass_dtype(smollm2, 256, available=None) == torch.float32
-    assert metric.pass_dtype(gemma3, 256, available=None) == torch.bfloat16  # float32 would peak at its bound
+    assert metric.pass_plan(smollm2, 256, available=None, bfloat16_fast=True)[0] == torch.float32
+    assert metric.pass_plan(gemma3, 256, available=None, bfloat16_fast=True)[0] == torch.bfloat16  # float32 would peak at its bound
     with pytest.raises(CarvqError, match="bound of 2.9 GiB"):
-        metric.pass_dtype(llama_1b, 256, available=None)  # 2.5 GB of bfloat16 weights alone
+        metric.pass_plan(llama_1b, 256, available=None, bfloat16_fast=True)  # 2.5 GB of bfloat16 weights alone
     with pytest.raises(CarvqError, match="GiB are available"):
-        metric.pass_dtype(smollm2, 256, available=2**28)
+        metric.pass_plan(smollm2, 256, available=2**28, bfloat16_fast=True)
 
 
 def test_without_fast_bfloat16_the_pass_runs_float32_on_shorter_sequences():
