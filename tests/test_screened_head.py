@@ -50,10 +50,10 @@ def test_an_untied_head_is_screened_with_its_own_index(workdir):
     report = convert(hf, out, tiny_config("qwen2"), iters=1, hf_outtype="f32", progress=False, screen=True,
                      calibration=text)
     assert not report.head_copied and report.screen_bytes > 0
-    assert fmt.read_tensors(out).screen is not None
+    t = fmt.read_tensors(out)
+    assert t.screen is not None
     check_screened_candidates(out, TEXT_IDS, k=24)
     # the index approximates this head, not the embedding
-    t = fmt.read_tensors(out)
     head = gio.dequantize(gio.tensor_by_name(gio.open_gguf(out), gio.HEAD))
     with Model(out, n_ctx=64, head="dense") as m:
         hidden = m.hidden_states(TEXT_IDS)
