@@ -116,7 +116,8 @@ def trim(t: CarvqTensors, M: np.ndarray, w: np.ndarray, floor: int, budget_bytes
         raise CarvqError(f"trimming {lo.levels} +{lo.hot_levels} levels to a floor of {floor} makes {tiers} hot tiers; "
                          f"a file holds at most {fmt.MAX_HOT_TIERS} (raise --tier-floor)")
     fixed = _fixed_bytes(V, G, floor, D, lo.codebook_size, lo.group_size, np.asarray(t.codebooks).dtype.itemsize)
-    per_level = (G + 1) // 2 + 4  # a tier row: its id and one level of codes
+    fixed += (V + 7) // 8 + tiers  # the hot map's first bitmap, and a padding byte per tier at most
+    per_level = (G + 1) // 2 + 1 / 8  # a tier row: one level of codes, its bit in the next tier's bitmap
     increments = int((budget_bytes - fixed) // per_level)
     if increments < 0:
         raise CarvqError(f"--trim-to leaves {budget_bytes - fixed:.0f} bytes below the floor's {floor} levels: raise it "
@@ -144,8 +145,9 @@ def pack(lo, codes: np.ndarray, cb: np.ndarray, levels: np.ndarray, floor: int, 
         tier_ids.append(rows.astype(np.int32))
         tier_codes.append(pack_codes(codes[rows, :, k:k + 1]))
         tier_cbs.append(cb[:, k:k + 1])
+    # the tiers nest (levels are prefixes): their ids are stored as nested bitmaps (format v7)
     layout = replace(lo, levels=floor, hot_rows=sum(sizes), hot_levels=1 if sizes else 0,
-                     hot_tiers=tuple(sizes) if len(sizes) > 1 else ())
+                     hot_tiers=tuple(sizes) if len(sizes) > 1 else (), hot_map=bool(sizes))
     out = CarvqTensors(layout, pack_codes(codes[:, :, :floor]), np.ascontiguousarray(cb[:, :floor]).astype(cb_type))
     if sizes:
         out.hot_ids = np.concatenate(tier_ids)
@@ -190,9 +192,16 @@ def deeper_fit(cfg: Config, n_vocab: int, n_embd: int) -> tuple[Config, int, flo
     return fit, floor, target
 
 
+def _hot_id_bytes(t: CarvqTensors) -> int:
+    """The hot rows' ids as written: the hot map (format v7) or 4 bytes a row."""
+    if not t.layout.hot_rows:
+        return 0
+    return t.layout.hot_map_bytes if t.layout.hot_map else int(np.asarray(t.hot_ids).nbytes)
+
+
 def part_bytes(t: CarvqTensors) -> dict[str, int]:
     """Bytes of each tensor group as written (the report's parts, from the tensors themselves)."""
     nb = lambda *arrs: sum(int(np.asarray(a).nbytes) for a in arrs if a is not None)  # noqa: E731
     return {"codes": nb(t.codes), "codebooks": nb(t.codebooks), "sigma0": nb(t.sigma0),
-            "mlp": nb(t.up_w, t.up_b, t.down_w, t.down_b), "hot": nb(t.hot_ids, t.hot_codes, t.hot_codebooks),
+            "mlp": nb(t.up_w, t.up_b, t.down_w, t.down_b), "hot": nb(t.hot_codes, t.hot_codebooks) + _hot_id_bytes(t),
             **({"transform": nb(t.transform)} if t.transform is not None else {})}

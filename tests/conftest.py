@@ -162,17 +162,18 @@ def until_answered(server, call, seconds: float = 180):
 
 
 def rewrite_gguf(src: Path, dst: Path, *, version: int | None = None, drop_keys=(), replace=None,
-                 arch: str | None = None) -> None:
+                 arch: str | None = None, rename=None) -> None:
     """Write a copy of `src` with the format version set to `version`, the keys `drop_keys`
     left out, each tensor named in `replace` ({name: tensor -> new array, or None to drop it})
-    swapped for what its function returns, and the architecture `arch` written instead of the
-    source's: the tests' way to make a file that the readers must refuse or accept."""
+    swapped for what its function returns (under the name `rename` gives it, if any), and the
+    architecture `arch` written instead of the source's: the tests' way to make a file that the
+    readers must refuse or accept."""
     import gguf
 
     from carvq import format as fmt
     from carvq import gguf_io as gio
 
-    replace = replace or {}
+    replace, rename = replace or {}, rename or {}
     reader = gio.open_gguf(src)
     writer = gguf.GGUFWriter(None, arch or gio.field_value(reader, "general.architecture"))
     gio.copy_fields(reader, writer, skip=({fmt.Key.VERSION} if version is not None else set()) | set(drop_keys))
@@ -182,7 +183,7 @@ def rewrite_gguf(src: Path, dst: Path, *, version: int | None = None, drop_keys=
         if t.name in replace and replace[t.name] is None:
             continue
         if t.name in replace:
-            writer.add_tensor(t.name, replace[t.name](t))
+            writer.add_tensor(rename.get(t.name, t.name), replace[t.name](t))
         else:
             gio.add_source_tensor(writer, t)
     gio.write_gguf(writer, dst, progress=False)

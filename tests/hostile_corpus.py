@@ -52,6 +52,10 @@ def rewrite(src: Path, dst: Path, *, keys: dict | None = None, tensors: dict | N
             gio.add_source_tensor(writer, t)
         elif tensors[t.name] is not None:
             writer.add_tensor(t.name, tensors[t.name])
+    have = {t.name for t in reader.tensors}
+    for name, arr in tensors.items():  # tensors the good file does not have, added at the end
+        if name not in have and arr is not None:
+            writer.add_tensor(name, arr)
     gio.write_gguf(writer, dst, progress=False)
 
 
@@ -68,6 +72,10 @@ def make(good: Path, out: Path) -> dict[str, str]:
     assert lo.adaptor_rank and lo.hot_rows, "the good file needs an adaptor and hot rows"
     codes, codebooks = _array(reader, Tensor.CODES), _array(reader, Tensor.CODEBOOKS)
     hot_ids = _array(reader, Tensor.HOT_IDS)
+    hot_map = fmt.pack_hot_map(lo, hot_ids).view(np.int8)
+    hot_map_extra = hot_map.copy()
+    free = int(np.setdiff1d(np.arange(lo.n_vocab), hot_ids)[0])  # a token that is not a hot row
+    hot_map_extra[free >> 3] |= np.int8(np.uint8(1 << (free & 7)).view(np.int8))
     cases: dict[str, tuple[dict, str]] = {
         # metadata: presence, type, range
         "version-string": (dict(keys={Key.VERSION: ("STRING", "2")}), Key.VERSION),
@@ -121,6 +129,19 @@ def make(good: Path, out: Path) -> dict[str, str]:
         "hot-tiers-codebooks-of-one": (dict(keys={Key.VERSION: ("UINT32", 4),
                                                   Key.HOT_TIERS: ("ARRAY_UINT32", [lo.hot_rows - 1, 1])}),
                                        Tensor.HOT_CODEBOOKS),
+        # the hot rows' ids as a hot map (version 7) instead of hot_ids
+        "hot-map-in-v6": (dict(keys={Key.VERSION: ("UINT32", 6), Key.HOT_MAP: ("BOOL", True)},
+                               tensors={Tensor.HOT_IDS: None, Tensor.HOT_MAP: hot_map}), "format_version 7"),
+        "hot-map-row-too-many": (dict(keys={Key.VERSION: ("UINT32", 7), Key.HOT_MAP: ("BOOL", True)},
+                                      tensors={Tensor.HOT_IDS: None, Tensor.HOT_MAP: hot_map_extra}), Tensor.HOT_MAP),
+        "hot-map-short": (dict(keys={Key.VERSION: ("UINT32", 7), Key.HOT_MAP: ("BOOL", True)},
+                               tensors={Tensor.HOT_IDS: None, Tensor.HOT_MAP: hot_map[:-1]}), Tensor.HOT_MAP),
+        "hot-map-and-hot-ids": (dict(keys={Key.VERSION: ("UINT32", 7), Key.HOT_MAP: ("BOOL", True)},
+                                     tensors={Tensor.HOT_MAP: hot_map}), "hot_ids present"),
+        "hot-map-without-key": (dict(keys={Key.VERSION: ("UINT32", 7)}, tensors={Tensor.HOT_MAP: hot_map}),
+                                "hot_map present"),
+        "hot-map-key-a-string": (dict(keys={Key.VERSION: ("UINT32", 7), Key.HOT_MAP: ("STRING", "yes")},
+                                      tensors={Tensor.HOT_IDS: None, Tensor.HOT_MAP: hot_map}), Key.HOT_MAP),
         # the model around it
         "architecture-mistral3": (dict(arch="mistral3"), "architecture"),
     }

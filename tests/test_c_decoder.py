@@ -305,6 +305,53 @@ def test_hot_check(libs):
     assert rc != 0 and "hot_ids[1] = 1" in msg and "each tier" in msg, msg
 
 
+def _nested_tiers(rng, V: int, T: int) -> tuple[tuple[int, ...], np.ndarray]:
+    """Random nested tiers (each within the one before it) and their ids, tier after tier."""
+    tiers, ids, parent = [], [], np.arange(V)
+    for _ in range(T):
+        tier = np.sort(rng.choice(parent, size=int(rng.integers(1, parent.size + 1)), replace=False))
+        tiers.append(int(tier.size))
+        ids.append(tier)
+        parent = tier
+    return tuple(tiers), np.concatenate(ids).astype(np.int32)
+
+
+def test_hot_map_expand_matches_the_reference(libs):
+    """carvq_hot_map_expand == format.unpack_hot_map on random nested tiers (V not a multiple of
+    8, one tier to eight), the map in a buffer that ends at a guarded page; and a wrong map
+    (a row too many or too few, a padding bit, a wrong size) is refused with a message."""
+    lib = libs["default"]
+    rng = np.random.default_rng(7)
+    for case in range(60):
+        V = int(rng.integers(1, 300))
+        tiers, ids = _nested_tiers(rng, V, int(rng.integers(1, fmt.MAX_HOT_TIERS + 1)))
+        lo = fmt.Layout(V, 8, 8, 1, 16, hot_rows=int(ids.size), hot_levels=1,
+                        hot_tiers=tiers if len(tiers) > 1 else (), hot_map=True)
+        packed = fmt.pack_hot_map(lo, ids)
+        assert np.array_equal(fmt.unpack_hot_map(lo, packed), ids)
+        lay = make_layout(lib, V, 8, 8, 1, 16, version=7, N=lo.hot_rows, Lh=1, tiers=lo.hot_tiers)
+        assert lib.lib.carvq_layout_hot_map_nbytes(lay) == lo.hot_map_bytes == packed.size
+        buf = guarded(packed.shape, np.uint8)
+        buf[:] = packed
+        out = guarded((lo.hot_rows,), np.int32)
+        rc, msg = check_msg(lib, lib.lib.carvq_hot_map_expand, lay, ptr(lib, "uint8_t *", buf), packed.size,
+                            ptr(lib, "int32_t *", out))
+        assert (rc, msg) == (0, "") and np.array_equal(out, ids), case
+        # one bit flipped anywhere: a tier's count or a padding bit is wrong, and both readers say so
+        bit = int(rng.integers(0, 8 * packed.size))
+        buf[:] = packed
+        buf[bit >> 3] ^= 1 << (bit & 7)
+        rc, msg = check_msg(lib, lib.lib.carvq_hot_map_expand, lay, ptr(lib, "uint8_t *", buf), packed.size,
+                            ptr(lib, "int32_t *", out))
+        assert rc != 0 and "hot_map" in msg, (case, bit)
+        with pytest.raises(CarvqError):
+            fmt.unpack_hot_map(lo, buf)
+    rc, msg = check_msg(lib, lib.lib.carvq_hot_map_expand, lay, ptr(lib, "uint8_t *", buf), packed.size - 1,
+                        ptr(lib, "int32_t *", out))
+    assert rc != 0 and "bytes" in msg, msg
+    assert lib.lib.carvq_layout_hot_map_nbytes(make_layout(lib, 10, 8, 8, 1, 16, version=7)) == -1  # no hot rows
+
+
 @pytest.mark.parametrize("f16", [False, True], ids=["f32", "f16"])
 @pytest.mark.parametrize("d", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16, 24])
 def test_decode_every_small_group_size(lib, d, f16):
@@ -319,7 +366,7 @@ def test_decode_every_small_group_size(lib, d, f16):
 def test_limits_are_the_headers(libs):
     """carvq.format's limits are carvq.h's CARVQ_* constants."""
     lib = libs["default"].lib
-    assert lib.CARVQ_FORMAT_VERSION == max(fmt.READABLE_VERSIONS) == fmt.TRANSFORM_FORMAT_VERSION
+    assert lib.CARVQ_FORMAT_VERSION == max(fmt.READABLE_VERSIONS) == fmt.HOT_MAP_FORMAT_VERSION
     assert lib.CARVQ_MAX_HOT_TIERS == fmt.MAX_HOT_TIERS
     assert lib.CARVQ_MIN_FORMAT_VERSION == min(fmt.READABLE_VERSIONS)
     assert lib.CARVQ_MAX_LEVELS == fmt.MAX_LEVELS
@@ -372,7 +419,7 @@ def test_layout_check_accepts_valid(libs):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (dict(version=7), "format_version 7"),
+    (dict(version=8), "format_version 8"),
     (dict(version=3, N=5, Lh=1, tiers=(2, 3)), "need carvq.format_version 4"),
     (dict(version=4, N=5, Lh=1, tiers=(2, 2)), "sum to 4 rows"),
     (dict(version=4, N=5, Lh=1, tiers=(5, 0)), "hot_tiers[1] = 0"),

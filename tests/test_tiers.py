@@ -1,10 +1,13 @@
 """Hot rows in tiers (format version 4, converter/tiers.py): trimming a fit, the file, the readers."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from carvq import format as fmt
+from carvq import gguf_io as gio
 from carvq import reference
 from carvq.errors import CarvqError
 
@@ -91,19 +94,48 @@ def test_trim_refuses_what_it_cannot_do(fit):
 
 
 def test_tiered_file_round_trip_and_version(fit, tmp_path):
-    from carvq import gguf_io as gio
     from carvq.converter import tiers
 
     M, w, t = fit
     V, n = M.shape
     trimmed, _ = tiers.trim(t, M, w, 2, 2.4 * V * n / 8)
-    path = tmp_path / "tiered.gguf"
-    _write_bare(path, trimmed)
-    reader = gio.open_gguf(path)
-    assert gio.field_value(reader, fmt.Key.VERSION) == fmt.TIERS_FORMAT_VERSION
-    back = fmt.read_tensors(reader)
-    assert back.layout == trimmed.layout
-    assert np.array_equal(reference.decode(back, np.arange(V)), reference.decode(trimmed, np.arange(V)))
+    assert trimmed.layout.hot_map, "a trim's nested tiers store their ids as a hot map"
+    # the same tensors with the ids as a hot map (version 7, what the converter writes) and as
+    # int32 ids (version 4, what earlier writers wrote): both read back to the same rows
+    as_ids = dataclasses.replace(trimmed, layout=dataclasses.replace(trimmed.layout, hot_map=False))
+    for tensors, version, present, absent in [(trimmed, fmt.HOT_MAP_FORMAT_VERSION, fmt.Tensor.HOT_MAP, fmt.Tensor.HOT_IDS),
+                                              (as_ids, fmt.TIERS_FORMAT_VERSION, fmt.Tensor.HOT_IDS, fmt.Tensor.HOT_MAP)]:
+        path = tmp_path / f"tiered-v{version}.gguf"
+        _write_bare(path, tensors)
+        reader = gio.open_gguf(path)
+        assert gio.field_value(reader, fmt.Key.VERSION) == version
+        assert gio.tensor_by_name(reader, present) is not None and gio.tensor_by_name(reader, absent) is None
+        back = fmt.read_tensors(reader)
+        assert back.layout == tensors.layout and np.array_equal(back.hot_ids, trimmed.hot_ids)
+        assert np.array_equal(reference.decode(back, np.arange(V)), reference.decode(trimmed, np.arange(V)))
+    # the map costs a bit a row of each tier's parent instead of 4 bytes a tier row
+    lo = trimmed.layout
+    assert lo.hot_map_bytes == sum((b + 7) // 8 for b in (V, *lo.tier_rows[:-1])) < 4 * lo.hot_rows
+
+
+def test_hot_map_packs_nested_tiers_and_refuses_a_wrong_map():
+    lo = fmt.Layout(20, 8, 8, 1, 16, hot_rows=9, hot_levels=1, hot_tiers=(6, 3), hot_map=True)
+    ids = np.array([0, 3, 4, 9, 17, 19, 3, 9, 19], np.int32)
+    packed = fmt.pack_hot_map(lo, ids)
+    assert packed.tolist() == [0b00011001, 0b00000010, 0b00001010, 0b00101010]  # LSB first: tokens, then tier 0's rows
+    assert np.array_equal(fmt.unpack_hot_map(lo, packed), ids)
+    with pytest.raises(CarvqError, match="within the tier before"):
+        fmt.pack_hot_map(lo, np.array([0, 3, 4, 9, 17, 19, 3, 10, 19], np.int32))  # 10 is not in tier 0
+    bad = packed.copy()
+    bad[0] |= 0b10  # token 1 marked too: 7 rows in tier 0
+    with pytest.raises(CarvqError, match="tier 0's bitmap marks 7 rows"):
+        fmt.unpack_hot_map(lo, bad)
+    bad = packed.copy()
+    bad[3] |= 0b01000000  # tier 1's bitmap covers tier 0's 6 rows: bit 6 is padding
+    with pytest.raises(CarvqError, match="padding bit"):
+        fmt.unpack_hot_map(lo, bad)
+    with pytest.raises(CarvqError, match="bytes, expected 4"):
+        fmt.unpack_hot_map(lo, packed[:3])
 
 
 def _write_bare(path, tensors: fmt.CarvqTensors) -> None:
@@ -132,7 +164,6 @@ def test_layout_checks_tiers():
 @pytest.fixture(scope="module")
 def tiered_tiny(tiny_gguf, workdir):
     """carvq convert --trim-to on the tiny llama (tied, no adaptor): (path, report, target bpw)."""
-    from carvq import gguf_io as gio
     from carvq.converter import config as cfgmod
     from carvq.converter.config import Config
     from carvq.converter.convert import convert
@@ -145,9 +176,12 @@ def tiered_tiny(tiny_gguf, workdir):
     return out, report, target
 
 
-def test_converted_tiered_model_loads_and_decodes_exactly(tiered_tiny):
-    """A version-4 file whose rows the patched llama.cpp decodes bit for bit as the NumPy
-    reference (no adaptor)."""
+def test_converted_tiered_model_loads_and_decodes_exactly(tiered_tiny, workdir):
+    """A tiered file (version 7: its ids as a hot map) whose rows the patched llama.cpp decodes
+    bit for bit as the NumPy reference (no adaptor); and the same file with the ids as hot_ids
+    (what versions 4 to 6 store) decodes to the same rows."""
+    from conftest import rewrite_gguf
+
     from carvq.reference import decode_rows
     from carvq.runtime.model import Model
 
@@ -155,11 +189,17 @@ def test_converted_tiered_model_loads_and_decodes_exactly(tiered_tiny):
     assert any("hot tiers" in note for note in report.notes), report.notes
     assert report.lookup_bytes * 8 / report.n_weights <= target
     t = fmt.read_tensors(out)
-    assert len(t.layout.tier_rows) >= 2 and t.layout.levels == 2
+    assert len(t.layout.tier_rows) >= 2 and t.layout.levels == 2 and t.layout.hot_map
+    as_ids = workdir / "llama.tiered.hot-ids.carvq.gguf"
+    rewrite_gguf(out, as_ids, version=fmt.TRANSFORM_FORMAT_VERSION, drop_keys=[fmt.Key.HOT_MAP],
+                 replace={fmt.Tensor.HOT_MAP: lambda _: t.hot_ids}, rename={fmt.Tensor.HOT_MAP: fmt.Tensor.HOT_IDS})
+    assert not fmt.read_layout(gio.open_gguf(as_ids)).hot_map
     ids = np.unique(np.concatenate([t.hot_ids[:8], np.arange(0, t.layout.n_vocab, 7)]))
-    with Model(out, n_ctx=64) as model:
-        got = model.embedding_rows(ids.tolist())
-    assert np.array_equal(got, decode_rows(out, ids)), "the tiered decode must be bit-exact"
+    expect = decode_rows(out, ids)
+    for path in (out, as_ids):
+        with Model(path, n_ctx=64) as model:
+            got = model.embedding_rows(ids.tolist())
+        assert np.array_equal(got, expect), f"the tiered decode must be bit-exact ({path.name})"
 
 
 def test_a_tiered_lookup_screens_with_its_first_tier(tiered_tiny):
@@ -251,7 +291,8 @@ def test_polish_refuses_tiers_that_are_not_nested(fit):
     first, second = lo.tier_rows[0], lo.tier_rows[1]
     ids = trimmed.hot_ids.copy()
     outside = np.setdiff1d(np.arange(V), ids[:first])[:second].astype(np.int32)  # rows not in tier 0
-    ids[first:first + second] = outside
+    ids[first:first + outside.size] = outside
+    ids[first:first + second].sort()
     bad = fmt.CarvqTensors(lo, trimmed.codes, trimmed.codebooks, hot_ids=ids, hot_codes=trimmed.hot_codes,
                            hot_codebooks=trimmed.hot_codebooks)
     with pytest.raises(CarvqError, match="nested"):

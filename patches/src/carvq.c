@@ -429,6 +429,63 @@ int carvq_hot_check(const struct carvq_layout * l, const int32_t * hot_ids, cons
             "hot_codes", err, err_size);
 }
 
+int64_t carvq_layout_hot_map_nbytes(const struct carvq_layout * l) {
+    struct carvq_sizes s;
+    if (carvq_layout_sizes(l, &s, NULL, 0) || l->hot_rows == 0) {
+        return -1;
+    }
+    // tier 0's bitmap over the V tokens, tier t's over the rows of tier t - 1, each in whole bytes
+    int64_t bytes = (l->n_vocab + 7) / 8;
+    for (int64_t t = 0; t + 1 < s.T; ++t) {
+        bytes += (carvq_tier_rows(l, t) + 7) / 8;
+    }
+    return bytes;
+}
+
+int carvq_hot_map_expand(const struct carvq_layout * l, const uint8_t * hot_map, int64_t map_bytes, int32_t * hot_ids,
+        char * err, size_t err_size) {
+    struct carvq_sizes s;
+    if (carvq_layout_sizes(l, &s, err, err_size)) {
+        return 1;
+    }
+    const int64_t expect = carvq_layout_hot_map_nbytes(l);
+    if (expect < 0 || map_bytes != expect) {
+        carvq_err_set(err, err_size, "hot_map has %" PRId64 " bytes, the layout needs %" PRId64, map_bytes, expect);
+        return 1;
+    }
+    // tier t's ids are written at its offset in hot_ids; bit i of its bitmap is row i of tier t - 1
+    // (for tier 0: token i), so each tier is expanded from the ids just written before it
+    const int32_t * parent = NULL; // NULL: the tokens 0..V-1
+    int64_t parent_rows = l->n_vocab, out = 0;
+    for (int64_t t = 0; t < s.T; ++t) {
+        const int64_t rows = carvq_tier_rows(l, t), start = out;
+        for (int64_t i = 0; i < parent_rows; ++i) {
+            if ((hot_map[i >> 3] >> (i & 7)) & 1) {
+                if (out - start == rows) {
+                    carvq_err_set(err, err_size, "hot_map: tier %" PRId64 "'s bitmap marks more than its %" PRId64
+                            " rows", t, rows);
+                    return 1;
+                }
+                hot_ids[out++] = parent ? parent[i] : (int32_t) i;
+            }
+        }
+        const int64_t nbytes = (parent_rows + 7) / 8;
+        if ((parent_rows & 7) && (hot_map[nbytes - 1] >> (parent_rows & 7)) != 0) {
+            carvq_err_set(err, err_size, "hot_map: tier %" PRId64 "'s bitmap sets a padding bit", t);
+            return 1;
+        }
+        if (out - start != rows) {
+            carvq_err_set(err, err_size, "hot_map: tier %" PRId64 "'s bitmap marks %" PRId64 " rows, the layout says %"
+                    PRId64, t, out - start, rows);
+            return 1;
+        }
+        hot_map += nbytes;
+        parent = hot_ids + start;
+        parent_rows = rows;
+    }
+    return 0;
+}
+
 int carvq_ids_check(const struct carvq_layout * l, const int32_t * ids, int64_t n_ids, char * err, size_t err_size) {
     if (carvq_layout_check(l, err, err_size)) {
         return 1;

@@ -1,4 +1,4 @@
-// carvq.h - decoder for CARVQ-compressed token embeddings (docs/FORMAT.md, versions 1 to 4)
+// carvq.h - decoder for CARVQ-compressed token embeddings (docs/FORMAT.md, versions 1 to 7)
 //
 // Self-contained: C11 + libc only, no ggml / llama.cpp dependency, so it can be unit-tested
 // on its own and called from a ggml custom op (each of nth threads decodes a slice of rows).
@@ -36,9 +36,10 @@
 extern "C" {
 #endif
 
-#define CARVQ_FORMAT_VERSION     6 // newest version; every version from CARVQ_MIN_FORMAT_VERSION is read
+#define CARVQ_FORMAT_VERSION     7 // newest version; every version from CARVQ_MIN_FORMAT_VERSION is read
                                    // (3 = 2 + the output head's optional screen index, docs/SCREEN.md;
-                                   //  4 = 3 + hot rows in tiers; 5 = 4 + the screen correction)
+                                   //  4 = 3 + hot rows in tiers; 5 = 4 + the screen correction;
+                                   //  6 = 5 + the lookup transform; 7 = 6 + the hot map)
 #define CARVQ_MIN_FORMAT_VERSION 1 // version 1 = version 2 without hot rows
 
 // general.architecture values a CARVQ file may name (FORMAT.md "Architectures"): the graphs
@@ -112,6 +113,15 @@ int carvq_codes_check(const struct carvq_layout * l, const uint8_t * codes, char
 // With N hot rows: non-zero unless each tier's hot_ids are strictly increasing ids in 0..V-1
 // and every hot code (N * Bh bytes) is < K with zero padding nibbles; err names the first bad entry.
 int carvq_hot_check(const struct carvq_layout * l, const int32_t * hot_ids, const uint8_t * hot_codes,
+        char * err, size_t err_size);
+
+// Format v7 (carvq.hot_map): the hot rows' ids stored as nested bitmaps (FORMAT.md "Hot map").
+// Bytes of token_embd.carvq.hot_map, or -1 when the layout fails carvq_layout_check or has no hot rows.
+int64_t carvq_layout_hot_map_nbytes(const struct carvq_layout * l);
+// Expands hot_map (map_bytes bytes) into hot_ids (N entries, tier after tier, each tier strictly
+// increasing), what a file of version <= 6 stores. Non-zero when map_bytes is not the layout's,
+// a tier's bitmap does not mark exactly its rows, or a padding bit is set; err says which.
+int carvq_hot_map_expand(const struct carvq_layout * l, const uint8_t * hot_map, int64_t map_bytes, int32_t * hot_ids,
         char * err, size_t err_size);
 
 // Non-zero when some ids[i] is outside 0..V-1; err names the first such position and id.

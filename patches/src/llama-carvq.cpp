@@ -54,6 +54,7 @@ namespace carvq_key {
     constexpr const char * HOT_TIERS      = "carvq.hot_tiers";
     constexpr const char * HEAD_COPY      = "carvq.head_copy";
     constexpr const char * TRANSFORM      = "carvq.transform"; // version 6
+    constexpr const char * HOT_MAP        = "carvq.hot_map";   // version 7
     // the output head's screen index (version 3)
     constexpr const char * SCREEN_GROUP_SIZE    = "carvq.screen.group_size";
     constexpr const char * SCREEN_LEVELS        = "carvq.screen.levels";
@@ -118,18 +119,19 @@ static bool carvq_head_copy(const gguf_context * meta) {
     return id >= 0 && gguf_get_kv_type(meta, id) == GGUF_TYPE_BOOL && gguf_get_val_bool(meta, id);
 }
 
-// carvq.transform (version 6, optional BOOL): the codes decode in a frame of their own
-static bool carvq_key_transform(const gguf_context * meta, int32_t version) {
-    const int64_t id = gguf_find_key(meta, carvq_key::TRANSFORM);
+// An optional BOOL key of format version `since` on: carvq.transform (6, the codes decode in a
+// frame of their own), carvq.hot_map (7, the hot rows' ids stored as nested bitmaps)
+static bool carvq_key_flag(const gguf_context * meta, const char * key, int32_t since, int32_t version) {
+    const int64_t id = gguf_find_key(meta, key);
     if (id < 0) {
         return false;
     }
     if (gguf_get_kv_type(meta, id) != GGUF_TYPE_BOOL) {
-        throw std::runtime_error(format("CARVQ: metadata key %s is not a BOOL", carvq_key::TRANSFORM));
+        throw std::runtime_error(format("CARVQ: metadata key %s is not a BOOL", key));
     }
-    if (version < 6) {
-        throw std::runtime_error(format("CARVQ: metadata key %s needs carvq.format_version 6, the file says %d",
-                                        carvq_key::TRANSFORM, version));
+    if (version < since) {
+        throw std::runtime_error(format("CARVQ: metadata key %s needs carvq.format_version %d, the file says %d",
+                                        key, since, version));
     }
     return gguf_get_val_bool(meta, id);
 }
@@ -193,16 +195,25 @@ struct carvq_hot_tensors {
 
 // The hot rows' three tensors of an RVQ (the lookup's, or the screen index's) with layout l:
 // created and type-checked when l.hot_rows > 0; refused when present while it is 0 (rows_key
-// names the key that says so).
+// names the key that says so). hot_map (the lookup's only): where non-null, the ids are the
+// file's token_embd.carvq.hot_map (format v7) when *hot_map_key, and the other is refused.
 static void carvq_create_hot(llama_model_base & model, llama_model_loader & ml, const carvq_layout & l,
                              const carvq_hot_tensors & names, const char * rows_key, const ggml_tensor * codebooks,
-                             ggml_tensor *& hot_ids, ggml_tensor *& hot_codes, ggml_tensor *& hot_codebooks) {
+                             ggml_tensor *& hot_ids, ggml_tensor *& hot_codes, ggml_tensor *& hot_codebooks,
+                             const bool * hot_map_key = nullptr, ggml_tensor ** hot_map = nullptr) {
     const LLM_TN & tn = model.tn;
+    const auto refuse = [&](llm_tensor t, const char * why) {
+        if (ml.get_tensor_meta(tn(t).str().c_str()) != nullptr) {
+            throw std::runtime_error(format("CARVQ: tensor %s present but %s", tn(t).str().c_str(), why));
+        }
+    };
     if (l.hot_rows == 0) {
+        const std::string why = format("%s is 0", rows_key);
         for (const llm_tensor t : { names.ids, names.codes, names.codebooks }) {
-            if (ml.get_tensor_meta(tn(t).str().c_str()) != nullptr) {
-                throw std::runtime_error(format("CARVQ: tensor %s present but %s is 0", tn(t).str().c_str(), rows_key));
-            }
+            refuse(t, why.c_str());
+        }
+        if (hot_map != nullptr) {
+            refuse(LLM_TENSOR_CARVQ_HOT_MAP, why.c_str());
         }
         return;
     }
@@ -210,13 +221,25 @@ static void carvq_create_hot(llama_model_base & model, llama_model_loader & ml, 
     int64_t hot_cb_ne[4];
     carvq_layout_hot_codes_ne(&l, hot_codes_ne);
     carvq_layout_hot_codebooks_ne(&l, hot_cb_ne);
-    hot_ids       = model.create_tensor(tn(names.ids),   {l.hot_rows}, 0);
+    if (hot_map != nullptr && *hot_map_key) {
+        refuse(names.ids, "the hot rows' ids are the hot map's (carvq.hot_map)");
+        *hot_map = model.create_tensor(tn(LLM_TENSOR_CARVQ_HOT_MAP), {carvq_layout_hot_map_nbytes(&l)}, 0);
+        if ((*hot_map)->type != GGML_TYPE_I8) {
+            throw std::runtime_error(format("CARVQ: tensor %s has type %s, expected i8", (*hot_map)->name,
+                                            ggml_type_name((*hot_map)->type)));
+        }
+    } else {
+        if (hot_map != nullptr) {
+            refuse(LLM_TENSOR_CARVQ_HOT_MAP, "the file has no true carvq.hot_map key");
+        }
+        hot_ids = model.create_tensor(tn(names.ids), {l.hot_rows}, 0);
+        if (hot_ids->type != GGML_TYPE_I32) {
+            throw std::runtime_error(format("CARVQ: tensor %s has type %s, expected i32", hot_ids->name,
+                                            ggml_type_name(hot_ids->type)));
+        }
+    }
     hot_codes     = model.create_tensor(tn(names.codes), {hot_codes_ne[0], hot_codes_ne[1]}, 0);
     hot_codebooks = model.create_tensor(tn(names.codebooks), {hot_cb_ne[0], hot_cb_ne[1], hot_cb_ne[2], hot_cb_ne[3]}, 0);
-    if (hot_ids->type != GGML_TYPE_I32) {
-        throw std::runtime_error(format("CARVQ: tensor %s has type %s, expected i32", hot_ids->name,
-                                        ggml_type_name(hot_ids->type)));
-    }
     carvq_expect_type(hot_codes, false, true);
     carvq_expect_type(hot_codebooks, true);
     if (hot_codebooks->type != codebooks->type) {
@@ -560,7 +583,7 @@ static void carvq_screen_work_index(llama_carvq_screen & sc) {
     const int64_t G = l.n_embd / l.group_size, GL = G * l.levels, GLh = G * l.hot_levels;
     const int64_t block_work = (GL + (GL & 1)) * 16, hot_row_work = (GLh + (GLh & 1)) * 16 / CARVQ_SCREEN_BLOCK + 8;
     const int64_t n_blocks = (l.n_vocab + CARVQ_SCREEN_BLOCK - 1) / CARVQ_SCREEN_BLOCK;
-    const int32_t * hot_ids = l.hot_rows > 0 ? (const int32_t *) sc.hot_ids->data : nullptr;
+    const int32_t * hot_ids = l.hot_rows > 0 ? sc.hot_ids : nullptr;
     sc.scan_work.assign((size_t) n_blocks + 1, 0);
     int64_t j = 0;
     for (int64_t b = 0; b < n_blocks; ++b) {
@@ -656,8 +679,14 @@ void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml,
     carvq_expect_type(carvq.codes, false, true);
     carvq_expect_type(carvq.codebooks, true);
 
+    carvq.hot_map_key = carvq_key_flag(meta, carvq_key::HOT_MAP, 7, l.format_version);
+    if (carvq.hot_map_key && l.hot_rows == 0) {
+        throw std::runtime_error(format("CARVQ: metadata key %s is true but %s is 0", carvq_key::HOT_MAP,
+                                        carvq_key::HOT_ROWS));
+    }
     carvq_create_hot(model, ml, l, { LLM_TENSOR_CARVQ_HOT_IDS, LLM_TENSOR_CARVQ_HOT_CODES, LLM_TENSOR_CARVQ_HOT_CODEBOOKS },
-                     carvq_key::HOT_ROWS, carvq.codebooks, carvq.hot_ids, carvq.hot_codes, carvq.hot_codebooks);
+                     carvq_key::HOT_ROWS, carvq.codebooks, carvq.hot_ids, carvq.hot_codes, carvq.hot_codebooks,
+                     &carvq.hot_map_key, &carvq.hot_map);
 
     if (l.adaptor_rank > 0) {
         const int64_t m = l.adaptor_rank, h = l.adaptor_hidden, n = l.n_embd, V = l.n_vocab;
@@ -684,7 +713,7 @@ void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml,
             }
         }
     }
-    if (carvq_key_transform(meta, l.format_version)) {
+    if (carvq_key_flag(meta, carvq_key::TRANSFORM, 6, l.format_version)) {
         carvq.transform = model.create_tensor(tn(LLM_TENSOR_CARVQ_TRANSFORM), {l.n_embd, l.n_embd}, 0);
         carvq_expect_type(carvq.transform, true);
     } else if (ml.get_tensor_meta(tn(LLM_TENSOR_CARVQ_TRANSFORM).str().c_str()) != nullptr) {
@@ -704,14 +733,13 @@ void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml,
 
 // Every code of an RVQ (the lookup's or the screen index's) below K, and its hot ids sorted and
 // in range: throws naming the tensor, or `hot_what` for the hot rows.
-static void carvq_check_codes(const carvq_layout & l, const ggml_tensor * codes, const ggml_tensor * hot_ids,
+static void carvq_check_codes(const carvq_layout & l, const ggml_tensor * codes, const int32_t * hot_ids,
                               const ggml_tensor * hot_codes, const char * hot_what) {
     char err[256];
     if (carvq_codes_check(&l, (const uint8_t *) codes->data, err, sizeof(err)) != 0) {
         throw std::runtime_error(format("CARVQ: tensor %s: %s", codes->name, err));
     }
-    if (l.hot_rows > 0 && carvq_hot_check(&l, (const int32_t *) hot_ids->data, (const uint8_t *) hot_codes->data, err,
-                                          sizeof(err)) != 0) {
+    if (l.hot_rows > 0 && carvq_hot_check(&l, hot_ids, (const uint8_t *) hot_codes->data, err, sizeof(err)) != 0) {
         throw std::runtime_error(format("CARVQ: %s: %s", hot_what, err));
     }
 }
@@ -723,7 +751,7 @@ void llama_carvq_check_data(llama_carvq & carvq, const llama_model_loader & ml) 
     // the decoder and the screen read the tensors' bytes on the CPU: an --override-tensor to a
     // device buffer must be refused here, before anything dereferences device memory
     const ggml_tensor * all[] = { carvq.codes, carvq.codebooks, carvq.sigma0, carvq.up_w, carvq.up_b, carvq.down_w,
-                                  carvq.down_b, carvq.hot_ids, carvq.hot_codes, carvq.hot_codebooks,
+                                  carvq.down_b, carvq.hot_ids, carvq.hot_map, carvq.hot_codes, carvq.hot_codebooks,
                                   carvq.screen_codes, carvq.screen_codebooks, carvq.screen_hot_ids,
                                   carvq.screen_hot_codes, carvq.screen_hot_codebooks, carvq.screen_projection,
                                   carvq.screen_fix, carvq.screen_fix_dirs, carvq.transform };
@@ -748,16 +776,26 @@ void llama_carvq_check_data(llama_carvq & carvq, const llama_model_loader & ml) 
             }
         }
     }
-    carvq_check_codes(carvq.layout, carvq.codes, carvq.hot_ids, carvq.hot_codes, "hot rows");
+    if (carvq.hot_map != nullptr) {
+        // format v7: the ids as the decoder and the screen read them, expanded once (4 bytes a hot row)
+        char err[256];
+        carvq.hot_map_ids.resize((size_t) carvq.layout.hot_rows);
+        if (carvq_hot_map_expand(&carvq.layout, (const uint8_t *) carvq.hot_map->data, ggml_nbytes(carvq.hot_map),
+                                 carvq.hot_map_ids.data(), err, sizeof(err)) != 0) {
+            throw std::runtime_error(format("CARVQ: tensor %s: %s", carvq.hot_map->name, err));
+        }
+    }
+    carvq_check_codes(carvq.layout, carvq.codes, carvq.hot_id_data(), carvq.hot_codes, "hot rows");
     llama_carvq_screen & sc = carvq.screen;
     if (carvq.screen_codes != nullptr) {
         // the screen index: host memory and finite floats checked above with the lookup
         const carvq_layout & l = carvq.screen_layout;
-        carvq_check_codes(l, carvq.screen_codes, carvq.screen_hot_ids, carvq.screen_hot_codes, "screen index hot rows");
+        carvq_check_codes(l, carvq.screen_codes, carvq.screen_hot_ids ? (const int32_t *) carvq.screen_hot_ids->data : nullptr,
+                          carvq.screen_hot_codes, "screen index hot rows");
         sc.layout = l;
         sc.codes = carvq.screen_codes;
         sc.codebooks = carvq.screen_codebooks;
-        sc.hot_ids = carvq.screen_hot_ids;
+        sc.hot_ids = carvq.screen_hot_ids ? (const int32_t *) carvq.screen_hot_ids->data : nullptr;
         sc.hot_codes = carvq.screen_hot_codes;
         sc.hot_codebooks = carvq.screen_hot_codebooks;
         sc.projection = carvq.screen_projection;
@@ -766,7 +804,7 @@ void llama_carvq_check_data(llama_carvq & carvq, const llama_model_loader & ml) 
         sc.layout = carvq.layout;
         sc.codes = carvq.codes;
         sc.codebooks = carvq.codebooks;
-        sc.hot_ids = carvq.hot_ids;
+        sc.hot_ids = carvq.hot_id_data();
         sc.hot_codes = carvq.hot_codes;
         sc.hot_codebooks = carvq.hot_codebooks;
         if (carvq.transform != nullptr) {
@@ -830,7 +868,7 @@ void llama_carvq_check_data(llama_carvq & carvq, const llama_model_loader & ml) 
 }
 
 // dst = RVQ rows of ids; src[0] codes, src[1] codebooks, src[2] ids, and with hot rows
-// src[3] hot_ids, src[4] hot_codes, src[5] hot_codebooks. Thread ith decodes a contiguous
+// src[3] hot_ids or hot_map (the ids read from carvq.hot_id_data()), src[4] hot_codes, src[5] hot_codebooks. Thread ith decodes a contiguous
 // slice of rows, after checking that slice's ids itself: llama_batch_allocr already refuses
 // out-of-range tokens, so this only turns a broken invariant into an abort, never a read
 // outside the codes.
@@ -869,7 +907,7 @@ static void carvq_rvq_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
                           (float *) dst->data, stride, first, last);
     }
     if (l->hot_rows > 0) {
-        carvq_rows_hot_add(l, (const int32_t *) dst->src[3]->data, (const uint8_t *) dst->src[4]->data,
+        carvq_rows_hot_add(l, carvq.hot_id_data(), (const uint8_t *) dst->src[4]->data,
                            dst->src[5]->data, cb_type, (const int32_t *) ids->data, n_ids, (float *) dst->data,
                            stride, first, last);
     }
@@ -955,7 +993,7 @@ static void carvq_screen_scan_op(ggml_tensor * dst, int ith, int nth, void * use
     if (b0 >= b1 && ith != 0) {
         return; // thread 0 always builds the tables: it writes their scale and bias after the scores
     }
-    const int32_t * hot_ids = l.hot_rows > 0 ? (const int32_t *) c.hot_ids->data : nullptr;
+    const int32_t * hot_ids = l.hot_rows > 0 ? c.hot_ids : nullptr;
     const int64_t j0 = hot_ids ? std::lower_bound(hot_ids, hot_ids + l.hot_rows, (int32_t) (b0 * CARVQ_SCREEN_BLOCK)) - hot_ids : 0;
     const int64_t j1 = hot_ids ? std::lower_bound(hot_ids, hot_ids + l.hot_rows,
                                                   (int32_t) std::min<int64_t>(l.n_vocab, b1 * CARVQ_SCREEN_BLOCK)) - hot_ids : 0;
@@ -1223,7 +1261,9 @@ static ggml_tensor * carvq_gelu_tanh(ggml_context * ctx, ggml_tensor * x) {
 
 ggml_tensor * llama_carvq_build_lookup(ggml_context * ctx, const llama_carvq & carvq, ggml_tensor * tokens) {
     const carvq_layout & l = carvq.layout;
-    ggml_tensor * args[6] = { carvq.codes, carvq.codebooks, tokens, carvq.hot_ids, carvq.hot_codes, carvq.hot_codebooks };
+    // (the hot ids are read from carvq.hot_id_data(): src[3] is the tensor they come from, ids or map)
+    ggml_tensor * args[6] = { carvq.codes, carvq.codebooks, tokens, carvq.hot_map ? carvq.hot_map : carvq.hot_ids,
+                              carvq.hot_codes, carvq.hot_codebooks };
     const int n_args = l.hot_rows > 0 ? 6 : 3;
     // rows are the unit of work: a few rows (generation) decode on one thread, which
     // spares the other threads' wake-up (measured in bench/lookup_bench.c)

@@ -82,7 +82,7 @@ struct llama_carvq_screen {
     carvq_layout layout = {};
     const ggml_tensor * codes         = nullptr;
     const ggml_tensor * codebooks     = nullptr;
-    const ggml_tensor * hot_ids       = nullptr;
+    const int32_t     * hot_ids       = nullptr; // N ids, tier after tier (the lookup's maybe expanded from its map)
     const ggml_tensor * hot_codes     = nullptr;
     const ggml_tensor * hot_codebooks = nullptr;
     const ggml_tensor * projection    = nullptr; // F32 {n, n}: tables from h @ P
@@ -113,6 +113,9 @@ struct llama_carvq {
     ggml_tensor * down_w    = nullptr; // F32/F16 {h, n}
     ggml_tensor * down_b    = nullptr; // F32 {n}
     ggml_tensor * hot_ids   = nullptr; // I32 {N}              (hot rows only, format v2)
+    ggml_tensor * hot_map   = nullptr; // I8 {map bytes}: the ids as nested bitmaps instead (format v7)
+    bool hot_map_key = false;          // carvq.hot_map
+    std::vector<int32_t> hot_map_ids;  // hot_map expanded at load (llama_carvq_check_data)
     ggml_tensor * hot_codes = nullptr; // I8  {Bh, N}
     ggml_tensor * hot_codebooks = nullptr; // F32/F16 {d, K, Lh, G}
     ggml_tensor * transform = nullptr; // F32/F16 {n, n}: row = transform @ the codes' sum (format v6)
@@ -133,6 +136,10 @@ struct llama_carvq {
     llama_carvq_screen screen; // what the screened head reads (empty: no screened head)
     // lookup decodes from screen.blocks (the same codes, re-laid) instead of `codes`
     bool lookup_from_blocks() const { return screen.enabled() && screen.codes == codes; }
+    // the hot rows' ids, tier after tier: the file's hot_ids, or its hot map expanded
+    const int32_t * hot_id_data() const {
+        return hot_map != nullptr ? hot_map_ids.data() : hot_ids != nullptr ? (const int32_t *) hot_ids->data : nullptr;
+    }
 
     bool enabled() const { return codes != nullptr; }
 };

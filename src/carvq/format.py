@@ -21,10 +21,11 @@ SCREEN_FORMAT_VERSION = 3  # ... with a screen index (version 3 = version 2 + th
 TIERS_FORMAT_VERSION = 4  # ... with hot rows in tiers (version 4 = version 3 + carvq.hot_tiers)
 FIX_FORMAT_VERSION = 5  # ... with a screen correction (version 5 = version 4 + carvq.screen_fix.*)
 TRANSFORM_FORMAT_VERSION = 6  # ... with a lookup transform (version 6 = version 5 + carvq.transform)
+HOT_MAP_FORMAT_VERSION = 7  # ... with the hot rows' membership as a bitmap (version 7 = version 6 + carvq.hot_map)
 # general.architecture values a CARVQ file may name (FORMAT.md "Architectures"; carvq.h's
 # CARVQ_ARCHITECTURES): graphs that read the input embedding only through build_inp_embd
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)  # version 1 is version 2 without hot rows
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)  # version 1 is version 2 without hot rows
 
 # limits (FORMAT.md "Metadata keys"; carvq.h CARVQ_MAX_*)
 MAX_LEVELS = 16  # L and Lh
@@ -58,6 +59,7 @@ class Key:
     HOT_LEVELS = "carvq.hot_levels"
     HOT_TIERS = "carvq.hot_tiers"
     TRANSFORM = "carvq.transform"
+    HOT_MAP = "carvq.hot_map"
 
 
 class ScreenKey:
@@ -85,6 +87,7 @@ class Tensor:
     HOT_IDS = PREFIX + "hot_ids"
     HOT_CODES = PREFIX + "hot_codes"
     HOT_CODEBOOKS = PREFIX + "hot_codebooks"
+    HOT_MAP = PREFIX + "hot_map"
     TRANSFORM = PREFIX + "transform"
     ADAPTOR = (SIGMA0, UP_W, UP_B, DOWN_W, DOWN_B)
     HOT = (HOT_IDS, HOT_CODES, HOT_CODEBOOKS)
@@ -121,6 +124,8 @@ class Layout:
     hot_tiers: tuple[int, ...] = ()
     # the codes decode in a frame of their own, mapped to the embedding's by an n x n matrix (version 6)
     transform: bool = False
+    # the hot rows' ids are stored as nested bitmaps, token_embd.carvq.hot_map (version 7)
+    hot_map: bool = False
 
     @property
     def n_groups(self) -> int:
@@ -146,6 +151,12 @@ class Layout:
     def tier_starts(self) -> list[int]:
         """Index in hot_ids of each tier's first row."""
         return [sum(self.tier_rows[:t]) for t in range(len(self.tier_rows))]
+
+    @property
+    def hot_map_bytes(self) -> int:
+        """Bytes of token_embd.carvq.hot_map: tier 0's bitmap over the V tokens, then each later
+        tier's over the rows of the tier before it, each padded to whole bytes."""
+        return sum((bits + 7) // 8 for bits in (self.n_vocab, *self.tier_rows[:-1]))
 
     def hot_layout(self) -> "Layout":
         """The hot levels seen as an RVQ of their own over the N hot rows (for packing)."""
@@ -178,6 +189,8 @@ class Layout:
             if min(self.hot_tiers) < 1 or sum(self.hot_tiers) != self.hot_rows:
                 raise CarvqError(f"hot tiers {list(self.hot_tiers)}: each needs a row, and together the "
                                  f"{self.hot_rows} hot rows")
+        if self.hot_map and not self.hot_rows:
+            raise CarvqError("a hot map without hot rows")
 
 
 @dataclass
@@ -208,8 +221,9 @@ class CarvqTensors:
         if self.layout.adaptor_rank:
             out += list(zip(Tensor.ADAPTOR, (self.sigma0, self.up_w, self.up_b, self.down_w, self.down_b)))
         if self.layout.hot_rows:
-            out += [(Tensor.HOT_IDS, self.hot_ids), (Tensor.HOT_CODES, self.hot_codes.view(np.int8)),
-                    (Tensor.HOT_CODEBOOKS, self.hot_codebooks)]
+            ids = ((Tensor.HOT_MAP, pack_hot_map(self.layout, self.hot_ids).view(np.int8)) if self.layout.hot_map
+                   else (Tensor.HOT_IDS, self.hot_ids))
+            out += [ids, (Tensor.HOT_CODES, self.hot_codes.view(np.int8)), (Tensor.HOT_CODEBOOKS, self.hot_codebooks)]
         if self.layout.transform:
             out.append((Tensor.TRANSFORM, self.transform))
         return out
@@ -329,6 +343,7 @@ def read_layout(reader) -> Layout:
         hot_levels=u32(Key.HOT_LEVELS) if version >= 2 else 0,
         hot_tiers=_hot_tiers(reader, version),
         transform=_transform_flag(reader, version),
+        hot_map=_hot_map_flag(reader, version),
     )
     layout.check()
     _check_model_shape(reader, arch, layout)
@@ -362,6 +377,59 @@ def _transform_flag(reader, version: int) -> bool:
         raise CarvqError(f"CARVQ metadata key {Key.TRANSFORM} needs carvq.format_version {TRANSFORM_FORMAT_VERSION}, "
                          f"the file says {version}")
     return bool(value)
+
+
+def _hot_map_flag(reader, version: int) -> bool:
+    """carvq.hot_map (version 7, optional BOOL): the hot rows' ids stored as nested bitmaps."""
+    value = _key(reader, Key.HOT_MAP, "BOOL", required=False)
+    if value is None:
+        return False
+    if version < HOT_MAP_FORMAT_VERSION:
+        raise CarvqError(f"CARVQ metadata key {Key.HOT_MAP} needs carvq.format_version {HOT_MAP_FORMAT_VERSION}, "
+                         f"the file says {version}")
+    return bool(value)
+
+
+def pack_hot_map(lo: Layout, hot_ids: np.ndarray) -> np.ndarray:
+    """FORMAT.md "Hot map": the hot rows' ids, tier after tier, as nested bitmaps (uint8, least
+    significant bit first). Each tier's rows must be rows of the tier before it (the converter's
+    tiers are): CarvqError otherwise."""
+    ids = np.asarray(hot_ids, np.int64)
+    parent = np.arange(lo.n_vocab)  # tier 0 is a subset of the tokens
+    maps = []
+    for start, rows in zip(lo.tier_starts(), lo.tier_rows):
+        tier = ids[start:start + rows]
+        pos = np.searchsorted(parent, tier)
+        if (pos >= parent.size).any() or not np.array_equal(parent[np.minimum(pos, parent.size - 1)], tier) \
+                or (np.diff(tier) <= 0).any():
+            raise CarvqError("a hot map needs sorted tiers, each within the tier before it")
+        bits = np.zeros(parent.size, np.uint8)
+        bits[pos] = 1
+        maps.append(np.packbits(bits, bitorder="little"))
+        parent = tier
+    return np.concatenate(maps)
+
+
+def unpack_hot_map(lo: Layout, hot_map: np.ndarray, name: str = Tensor.HOT_MAP) -> np.ndarray:
+    """The hot rows' ids (int32, tier after tier) of a hot map; CarvqError when a tier's bitmap
+    does not hold exactly its carvq.hot_tiers rows or a padding bit is set (carvq_hot_map_expand)."""
+    raw = np.asarray(hot_map).view(np.uint8).reshape(-1)
+    if raw.size != lo.hot_map_bytes:
+        raise CarvqError(f"CARVQ tensor {name} has {raw.size} bytes, expected {lo.hot_map_bytes}")
+    parent = np.arange(lo.n_vocab)
+    out, at = [], 0
+    for t, rows in enumerate(lo.tier_rows):
+        nbytes = (parent.size + 7) // 8
+        bits = np.unpackbits(raw[at:at + nbytes], bitorder="little")
+        if bits[parent.size:].any():
+            raise CarvqError(f"CARVQ tensor {name}: tier {t}'s bitmap sets a padding bit")
+        if int(bits.sum()) != rows:
+            raise CarvqError(f"CARVQ tensor {name}: tier {t}'s bitmap marks {int(bits.sum())} rows, "
+                             f"{Key.HOT_TIERS if lo.hot_tiers else Key.HOT_ROWS} says {rows}")
+        parent = parent[np.nonzero(bits[:parent.size])[0]]
+        out.append(parent)
+        at += nbytes
+    return np.concatenate(out).astype(np.int32)
 
 
 def _check_model_shape(reader, arch: str, layout: Layout) -> None:
@@ -426,16 +494,21 @@ def _read_rvq(reader, lo: Layout, name, hot_key: str) -> CarvqTensors:
     codebooks = _expect(reader, name(Tensor.CODEBOOKS), floats, (lo.n_groups, lo.levels, lo.codebook_size, lo.group_size))
     found = CarvqTensors(lo, codes, codebooks)
     if lo.hot_rows:
-        hot_ids = _expect(reader, name(Tensor.HOT_IDS), ("I32",), (lo.hot_rows,))
-        check_hot_ids(hot_ids, lo, name(Tensor.HOT_IDS))
-        found.hot_ids = hot_ids
+        if lo.hot_map:  # (the screen index has no hot map: its layout never sets it)
+            _refuse_stray(reader, [name(Tensor.HOT_IDS)], f"{Key.HOT_MAP} is true")
+            found.hot_ids = unpack_hot_map(lo, _expect(reader, name(Tensor.HOT_MAP), ("I8",), (lo.hot_map_bytes,)))
+        else:
+            _refuse_stray(reader, [name(Tensor.HOT_MAP)], f"{Key.HOT_MAP} is not true")
+            hot_ids = _expect(reader, name(Tensor.HOT_IDS), ("I32",), (lo.hot_rows,))
+            check_hot_ids(hot_ids, lo, name(Tensor.HOT_IDS))
+            found.hot_ids = hot_ids
         found.hot_codes = _expect(reader, name(Tensor.HOT_CODES), ("I8",), (lo.hot_rows, lo.hot_code_row_bytes)).view(np.uint8)
         check_codes(found.hot_codes, lo.n_groups * lo.hot_levels, lo.codebook_size, name(Tensor.HOT_CODES))
         found.hot_codebooks = _expect(reader, name(Tensor.HOT_CODEBOOKS),
                                       (gio.tensor_by_name(reader, name(Tensor.CODEBOOKS)).tensor_type.name,),
                                       (len(lo.tier_rows) * lo.n_groups, lo.hot_levels, lo.codebook_size, lo.group_size))
     else:
-        _refuse_stray(reader, [name(t) for t in Tensor.HOT], f"{hot_key} is 0")
+        _refuse_stray(reader, [name(t) for t in (*Tensor.HOT, Tensor.HOT_MAP)], f"{hot_key} is 0")
     return found
 
 
@@ -578,7 +651,8 @@ def add_metadata(writer, layout: Layout, provenance: Provenance, screen: ScreenI
     import gguf
 
     tiered = len(layout.tier_rows) > 1
-    version = (TRANSFORM_FORMAT_VERSION if layout.transform else FIX_FORMAT_VERSION if fix is not None else
+    version = (HOT_MAP_FORMAT_VERSION if layout.hot_map else
+               TRANSFORM_FORMAT_VERSION if layout.transform else FIX_FORMAT_VERSION if fix is not None else
                TIERS_FORMAT_VERSION if tiered else FORMAT_VERSION if screen is None else SCREEN_FORMAT_VERSION)
     writer.add_uint32(Key.VERSION, version)
     writer.add_uint32(Key.GROUP_SIZE, layout.group_size)
@@ -608,6 +682,8 @@ def add_metadata(writer, layout: Layout, provenance: Provenance, screen: ScreenI
         writer.add_uint32(FIX_RANK, int(fix.fix.shape[0]))
     if layout.transform:
         writer.add_bool(Key.TRANSFORM, True)
+    if layout.hot_map:
+        writer.add_bool(Key.HOT_MAP, True)
 
 
 def write_model(source_reader, out, arch: str, tensors: CarvqTensors, provenance: Provenance,

@@ -25,7 +25,7 @@ def lookup_as_index(t: CarvqTensors) -> CarvqTensors:
     if len(lo.tier_rows) <= 1:
         return t
     first = lo.tier_rows[0]
-    return CarvqTensors(replace(lo, hot_rows=first, hot_tiers=()), t.codes, t.codebooks, hot_ids=t.hot_ids[:first],
+    return CarvqTensors(replace(lo, hot_rows=first, hot_tiers=(), hot_map=False), t.codes, t.codebooks, hot_ids=t.hot_ids[:first],
                         hot_codes=t.hot_codes[:first], hot_codebooks=t.hot_codebooks[:lo.n_groups],
                         transform=t.transform)
 

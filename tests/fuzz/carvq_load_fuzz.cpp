@@ -32,12 +32,13 @@ static std::string g_arch;
 static const char * const KEYS[] = {
     "carvq.format_version", "carvq.group_size", "carvq.levels", "carvq.codebook_size", "carvq.adaptor_rank",
     "carvq.adaptor_hidden", "carvq.adaptor_activation", "carvq.hot_rows", "carvq.hot_levels", "carvq.head_copy",
-    "general.architecture", nullptr /* {arch}.embedding_length */,
+    "carvq.hot_map", "general.architecture", nullptr /* {arch}.embedding_length */,
 };
 static const char * const TENSORS[] = {
     "token_embd.carvq.codes", "token_embd.carvq.codebooks", "token_embd.carvq.sigma0", "token_embd.carvq.up.weight",
     "token_embd.carvq.up.bias", "token_embd.carvq.down.weight", "token_embd.carvq.down.bias",
     "token_embd.carvq.hot_ids", "token_embd.carvq.hot_codes", "token_embd.carvq.hot_codebooks", "output.weight",
+    "token_embd.carvq.hot_map", // a tiered base file (format v7)
 };
 
 static void quiet_log(enum ggml_log_level, const char *, void *) {}
