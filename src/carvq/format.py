@@ -342,8 +342,8 @@ def read_layout(reader) -> Layout:
         hot_rows=u32(Key.HOT_ROWS) if version >= 2 else 0,  # required from version 2 on
         hot_levels=u32(Key.HOT_LEVELS) if version >= 2 else 0,
         hot_tiers=_hot_tiers(reader, version),
-        transform=_transform_flag(reader, version),
-        hot_map=_hot_map_flag(reader, version),
+        transform=_flag(reader, Key.TRANSFORM, TRANSFORM_FORMAT_VERSION, version),
+        hot_map=_flag(reader, Key.HOT_MAP, HOT_MAP_FORMAT_VERSION, version),
     )
     layout.check()
     _check_model_shape(reader, arch, layout)
@@ -368,25 +368,15 @@ def _hot_tiers(reader, version: int) -> tuple[int, ...]:
     return rows
 
 
-def _transform_flag(reader, version: int) -> bool:
-    """carvq.transform (version 6, optional BOOL): the codes decode in a frame of their own."""
-    value = _key(reader, Key.TRANSFORM, "BOOL", required=False)
+def _flag(reader, key: str, since: int, version: int) -> bool:
+    """An optional BOOL key of format version `since` on (carvq_key_flag in the loader):
+    carvq.transform (6: the codes decode in a frame of their own), carvq.hot_map (7: the hot
+    rows' ids stored as nested bitmaps). False when absent."""
+    value = _key(reader, key, "BOOL", required=False)
     if value is None:
         return False
-    if version < TRANSFORM_FORMAT_VERSION:
-        raise CarvqError(f"CARVQ metadata key {Key.TRANSFORM} needs carvq.format_version {TRANSFORM_FORMAT_VERSION}, "
-                         f"the file says {version}")
-    return bool(value)
-
-
-def _hot_map_flag(reader, version: int) -> bool:
-    """carvq.hot_map (version 7, optional BOOL): the hot rows' ids stored as nested bitmaps."""
-    value = _key(reader, Key.HOT_MAP, "BOOL", required=False)
-    if value is None:
-        return False
-    if version < HOT_MAP_FORMAT_VERSION:
-        raise CarvqError(f"CARVQ metadata key {Key.HOT_MAP} needs carvq.format_version {HOT_MAP_FORMAT_VERSION}, "
-                         f"the file says {version}")
+    if version < since:
+        raise CarvqError(f"CARVQ metadata key {key} needs carvq.format_version {since}, the file says {version}")
     return bool(value)
 
 
