@@ -1,4 +1,5 @@
-"""Hot rows in tiers (format version 4): each row keeps as many levels of a deeper fit as it earns.
+"""Hot rows in tiers (format version 4; their ids as a hot map, version 7): each row keeps as
+many levels of a deeper fit as it earns.
 
 A fit gives every row L levels and its N hottest rows Lh more. Trimming keeps `floor` levels
 for every row and hands out the rest one level at a time, to the rows where the level lowers
