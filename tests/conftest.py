@@ -114,6 +114,23 @@ def tiny_carvq(workdir, tiny_gguf):
 
 
 @pytest.fixture(scope="session")
+def tiered_tiny(tiny_gguf, workdir):
+    """carvq convert --trim-to on the tiny llama (tied, no adaptor; its ids a hot
+    map, format v7): (path, report, target bpw)."""
+    from carvq.converter import config as cfgmod
+    from carvq.converter.config import Config
+    from carvq.converter.convert import convert
+    from carvq import gguf_io as gio
+
+    out = workdir / "llama.tiered.carvq.gguf"
+    cfg = Config(group_size=8, levels=4, codebook_type="F32", hot_rows=24, hot_levels=2, hot_bpw=0.0)
+    n, V = (int(x) for x in gio.tensor_by_name(gio.open_gguf(tiny_gguf("llama")), gio.EMBD).shape[:2])
+    target = cfgmod.bpw(cfg, V, n) - 0.6  # the tiny vocabulary's codebooks cost several bpw: trim a little
+    report = convert(tiny_gguf("llama"), out, cfg, iters=1, seed=0, progress=False, trim_to=target, tier_floor=2)
+    return out, report, target
+
+
+@pytest.fixture(scope="session")
 def stock_perplexity() -> Path:
     """llama-perplexity built from the same tree without the patch series (ccache makes it cheap)."""
     repo = Path(__file__).resolve().parent.parent

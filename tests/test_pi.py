@@ -79,32 +79,13 @@ def tiny_model(tiny_carvq) -> Path:
     return tiny_carvq("llama")[0]  # with a corrective adaptor
 
 
-@pytest.fixture(scope="session")
-def tiny_tiered(tiny_gguf, workdir) -> Path:
-    """The tiny llama trimmed into hot tiers (no adaptor): its ids stored as a hot map, format v7."""
-    from carvq.converter import config as cfgmod
-    from carvq.converter.config import Config
-    from carvq.converter.convert import convert
-
-    from carvq import format as fmt
-    from carvq import gguf_io as gio
-
-    out = workdir / "llama.tiered.pi.carvq.gguf"
-    cfg = Config(group_size=8, levels=4, codebook_type="F32", hot_rows=24, hot_levels=2, hot_bpw=0.0)
-    n, V = (int(x) for x in gio.tensor_by_name(gio.open_gguf(tiny_gguf("llama")), gio.EMBD).shape[:2])
-    convert(tiny_gguf("llama"), out, cfg, iters=1, seed=0, progress=False, trim_to=cfgmod.bpw(cfg, V, n) - 0.6,
-            tier_floor=2)
-    assert fmt.read_layout(gio.open_gguf(out)).hot_map
-    return out
-
-
 @pytest.mark.parametrize("profile", list(pi.PROFILES))
-def test_lookup_matches_reference_on_arm(pi_venv, tiny_carvq, tiny_tiered, profile):
+def test_lookup_matches_reference_on_arm(pi_venv, tiny_carvq, tiered_tiny, profile):
     """RVQ with hot rows (tiny gemma3) and with hot tiers whose ids are a hot map (format v7)
     bit for bit; with an adaptor (tiny llama) within float rounding, since its matrix products
     sum in ggml's order (as on x86, tests/test_llama.py)."""
     cases = [(arch, *tiny_carvq(arch)) for arch in ("gemma3", "llama")]
-    for name, path, adaptor in [(a, p, r.config.adaptor_rank) for a, p, r in cases] + [("tiered", tiny_tiered, 0)]:
+    for name, path, adaptor in [(a, p, r.config.adaptor_rank) for a, p, r in cases] + [("tiered", tiered_tiny[0], 0)]:
         out = _probe(pi_venv(profile) / "bin" / "python", "decode", path)
         assert out["machine"] == "aarch64"
         if adaptor == 0:

@@ -161,21 +161,6 @@ def test_layout_checks_tiers():
             fmt.Layout(10, 8, 8, 1, 16, hot_rows=15, hot_levels=1, hot_tiers=tiers_).check()
 
 
-@pytest.fixture(scope="module")
-def tiered_tiny(tiny_gguf, workdir):
-    """carvq convert --trim-to on the tiny llama (tied, no adaptor): (path, report, target bpw)."""
-    from carvq.converter import config as cfgmod
-    from carvq.converter.config import Config
-    from carvq.converter.convert import convert
-
-    out = workdir / "llama.tiered.carvq.gguf"
-    cfg = Config(group_size=8, levels=4, codebook_type="F32", hot_rows=24, hot_levels=2, hot_bpw=0.0)
-    n, V = (int(x) for x in gio.tensor_by_name(gio.open_gguf(tiny_gguf("llama")), gio.EMBD).shape[:2])
-    target = cfgmod.bpw(cfg, V, n) - 0.6  # the tiny vocabulary's codebooks cost several bpw: trim a little
-    report = convert(tiny_gguf("llama"), out, cfg, iters=1, seed=0, progress=False, trim_to=target, tier_floor=2)
-    return out, report, target
-
-
 def test_converted_tiered_model_loads_and_decodes_exactly(tiered_tiny, workdir):
     """A tiered file (version 7: its ids as a hot map) whose rows the patched llama.cpp decodes
     bit for bit as the NumPy reference (no adaptor); and the same file with the ids as hot_ids
