@@ -8,9 +8,10 @@ bits, then `rate` bits a step: b + (T - 1) * rate bits a row. Viterbi finds the 
 weighted squared error.
 
 Why: a level of K = 16 in d = 8 buys less each time it is added (on Gaussian data, six levels
-sit 3.4 dB above the rate-distortion bound, docs/RESULTS.md session 27), while a trellis of
-1024 states codes any rate within about half a dB of it. The states' values are fitted to the
-data by Lloyd steps (each value the weighted mean of the targets its state was chosen for).
+sit 3.4 dB above the rate-distortion bound), while a trellis of 1024 states at 1 bit a value,
+or 4096 at 2 bits, comes within about half a dB of it (docs/RESULTS.md, session 27). The
+states' values are fitted to the data by Lloyd steps (each value the weighted mean of the
+targets its state was chosen for).
 
 Written here rather than taken from a library: no maintained PyTorch or NumPy package offers a
 batched weighted Viterbi over a shift-register trellis (the ones that exist decode
