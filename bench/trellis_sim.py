@@ -33,7 +33,8 @@ import quality  # noqa: E402
 
 from carvq import gguf_io as gio  # noqa: E402
 from carvq.converter import convert as conv  # noqa: E402
-from carvq.converter import metric, rvq, tiers, trellis  # noqa: E402
+from carvq.converter import metric, rvq, tiers, train, trellis  # noqa: E402
+from carvq.converter.config import Config  # noqa: E402
 from carvq.dense import write_dense_embedding  # noqa: E402
 
 GROUP, K = 8, 16
@@ -73,15 +74,11 @@ class Sim:
     def bpw(self, bits: float) -> float:
         return bits / (self.V * self.n)
 
-    def weighted_error(self, R: torch.Tensor) -> float:
-        return float(((R ** 2).sum(1) * self.w).sum() / ((self.M ** 2).sum(1) * self.w).sum())
-
     def rvq(self, L: int) -> tuple[torch.Tensor, float]:
-        """(the rows' L-level RVQ reconstruction, its bits): codes and F16 codebooks."""
+        """(the rows' L-level RVQ reconstruction, its bits): the converter's fit, F16 codebooks."""
         if L not in self._levels:
-            gen = torch.Generator().manual_seed(0)
-            cb = rvq.fit(self.M, self.w, GROUP, L, K, 12, 3, gen, beam=4).half().float()
-            self._levels[L] = rvq.RVQ(cb, rvq.encode(self.M, cb, beam=4)).reconstruct()
+            cfg = Config(group_size=GROUP, levels=L, codebook_size=K, codebook_type="F16")
+            self._levels[L] = train._fit_rvq(self.M, self.w, cfg, torch.Generator().manual_seed(0), None).reconstruct()
         G = self.n // GROUP
         return self._levels[L], self.V * G * L * 4 + G * L * K * GROUP * 16
 
@@ -144,7 +141,7 @@ def run(variants: list[str], sim: Sim, scale: np.ndarray, model: str, chunks: in
         out = work / f"trellis-sim-{v.replace(' ', '-').replace('+', '_')}.gguf"
         write_dense_embedding(ref, out, (Mh / torch.from_numpy(scale)[None, :]).numpy())
         s = quality.score(out, ref, text, chunks, work)
-        rows.append({"variant": v, "bpw": sim.bpw(bits), "weighted_error": sim.weighted_error(sim.M - Mh),
+        rows.append({"variant": v, "bpw": sim.bpw(bits), "weighted_error": train.weighted_error(sim.M, Mh, sim.w),
                      "kld": s["kld"], "delta_ppl": s["delta_ppl"], "top1": s["top1"], "note": note,
                      "seconds": time.perf_counter() - start})
         print(json.dumps(rows[-1]), flush=True)
