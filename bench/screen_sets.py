@@ -4,7 +4,14 @@ over positions of the Britannica text. Hidden states from the runtime (`Model.hi
 approximate scores from the NumPy reference of the scan (src/carvq/screen.py, bit-exact with the
 C scan), exact logits from the dequantized head copy. Not timed.
 
-    python bench/screen_sets.py [--model gemma3] [--positions 256] [--ks 4096 8192 16384]
+With `--kld`, also the KL divergence of the screened logits from the dense ones as the exact op
+writes them (the candidates exact, every other row `a + b * approx + s2 / 2`, the regression of
+docs/SCREEN.md), the part of it the tail's total mass explains (the KLD left when the tail is
+shifted to its true mass), and for `--margins T ...` a candidate count that follows each
+position: the rows whose approximate logit is within T nats of the best one, clamped to
+`--k-range`, reported by its mean k.
+
+    python bench/screen_sets.py [--model gemma3] [--positions 256] [--ks 4096 8192 16384] [--kld --margins 10 12]
 """
 from __future__ import annotations
 
@@ -33,6 +40,10 @@ def main() -> None:
     ap.add_argument("--file", type=Path, help="a CARVQ file of the model instead of the bench's default conversion")
     ap.add_argument("--fix", action=argparse.BooleanOptionalAction, default=True,
                     help="apply the file's screen correction (format v5), as the C scan does (default: yes)")
+    ap.add_argument("--kld", action="store_true", help="also the screened logits' KLD against the dense ones")
+    ap.add_argument("--margins", type=float, nargs="*", default=[],
+                    help="with --kld: candidates within this many nats of the best approximate logit")
+    ap.add_argument("--k-range", type=int, nargs=2, default=[1024, 8192], help="the margin rule's clamp")
     args = ap.parse_args()
     from carvq.runtime.model import Model
 
@@ -49,6 +60,8 @@ def main() -> None:
         toks = m.tokenize(text)[: args.positions]
         h = m.hidden_states(toks)
     hits = {k: {"top1": 0, "top40": 0} for k in args.ks}
+    rules = [("k", k) for k in args.ks] + [("margin", m) for m in args.margins]
+    kl = {r: {"k": [], "kld": [], "kld_true_tail_mass": [], "top40": 0} for r in rules}
     for p in tqdm(range(len(toks)), desc="positions"):
         exact = head @ h[p]
         top40 = set(np.argpartition(-exact, 40)[:40].tolist())
@@ -62,10 +75,51 @@ def main() -> None:
             cand = set(order[:k].tolist())
             hits[k]["top1"] += top1 in cand
             hits[k]["top40"] += top40 <= cand
+        if args.kld:
+            approx = s.astype(np.float64) * tb.scale + tb.bias
+            for rule in rules:
+                k = rule[1] if rule[0] == "k" else _margin_k(approx, order, rule[1], *args.k_range)
+                kld, kld_mass = _screened_kld(exact.astype(np.float64), approx, order[:k])
+                kl[rule]["k"].append(k)
+                kl[rule]["kld"].append(kld)
+                kl[rule]["kld_true_tail_mass"].append(kld_mass)
+                kl[rule]["top40"] += top40 <= set(order[:k].tolist())
     n = len(toks)
     res = {"model": label, "file": path.name, "screen_fix": fix is not None, "positions": n,
            "k": {k: {"top1_inside": v["top1"] / n, "top40_inside": v["top40"] / n} for k, v in hits.items()}}
+    if args.kld:
+        res["kld"] = {f"{kind} {v:g}": {"mean_k": float(np.mean(r["k"])), "kld": float(np.mean(r["kld"])),
+                                        "kld_true_tail_mass": float(np.mean(r["kld_true_tail_mass"])),
+                                        "top40_inside": r["top40"] / n}
+                      for (kind, v), r in kl.items()}
     print(json.dumps(res, indent=1))
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    m = x.max()
+    return x - m - np.log(np.exp(x - m).sum())
+
+
+def _screened_kld(exact: np.ndarray, approx: np.ndarray, cand: np.ndarray) -> tuple[float, float]:
+    """(KL(dense || screened), the same with the tail shifted to its true total mass)."""
+    b, a = np.polyfit(approx[cand], exact[cand], 1)
+    s2 = float(np.var(exact[cand] - (a + b * approx[cand])))
+    out = a + b * approx + s2 / 2
+    out[cand] = exact[cand]
+    lp = _log_softmax(exact)
+    p = np.exp(lp)
+    tail = np.ones(len(exact), bool)
+    tail[cand] = False
+    top = exact.max()
+    shifted = out.copy()
+    shifted[tail] += np.log(np.exp(exact[tail] - top).sum()) - np.log(np.exp(out[tail] - top).sum())
+    return float((p * (lp - _log_softmax(out))).sum()), float((p * (lp - _log_softmax(shifted))).sum())
+
+
+def _margin_k(approx: np.ndarray, order: np.ndarray, margin: float, k_min: int, k_max: int) -> int:
+    """How many rows lie within `margin` of the best approximate logit, clamped to k_min..k_max."""
+    inside = int(np.count_nonzero(approx >= approx[order[0]] - margin))
+    return min(max(inside, k_min), k_max)
 
 
 if __name__ == "__main__":
