@@ -47,8 +47,8 @@ MODELS = {"smollm2": ("SmolLM2-135M-Instruct", models.smollm2, 20), "gemma3": ("
 
 
 def _converted(name: str, stock: Path, own_index: bool = False) -> Path:
-    """The default conversion (format v5: the screen reads the lookup's codes and its correction), or with
-    --screen-index (format v3 where the held-out check keeps the head's own index)."""
+    """The default conversion (format v5 or later: the screen reads the lookup's codes and its correction),
+    or with --screen-index (format v3 where the held-out check keeps the head's own index)."""
     kind = "v3" if own_index else "v5"
     out = cache_dir() / "bench" / f"{name}.default.{kind}.{converter_digest()}.carvq.gguf"
     if not out.exists():  # made again whenever the converter's code changes
@@ -221,7 +221,7 @@ def _write(results: dict) -> None:
 def table(results: dict) -> str:
     mib = lambda n: f"{n / 2**20:.1f}"  # noqa: E731
     lines = [f"Latest run {date.today().isoformat()} on {machine()}; default `carvq convert` (tied head copy Q5_0, "
-             "the lookup's codes screening with the screen correction, format v5; rows marked --screen-index: converted "
+             "the lookup's codes screening with the screen correction, format v5 or later, the default of the run (v7 from 2026-12-06); rows marked --screen-index: converted "
              "with it, the head's own index screening, format v3); "
              "KLD / top-1 / Δ perplexity of the screened head against the dense head of the same file on the "
              "Britannica text; speeds are generation (64 tokens) tokens/s; A/B ratios over alternating llama-bench "
