@@ -3,7 +3,10 @@ through llama-bench (the project's own benchmark scripts, with committed results
 
 Each round runs llama-bench once on each model, in alternating order (A B, B A, ...), so
 slow drifts of the machine (thermal, other load) hit both alike. Reported: mean tokens/s
-of each model and the per-round ratio model/baseline with its standard deviation.
+of each model and the per-round ratio model/baseline: its mean, standard deviation (the
+spread of one round), median, and the 95 % confidence interval of the mean (Student's t), which
+says whether a target ratio is resolved by the rounds run: on a noisy 2-core host one round's
+ratio spreads by 10-20 %, and 20 rounds narrow the mean's interval to about a third of that.
 """
 from __future__ import annotations
 
@@ -16,6 +19,21 @@ from pathlib import Path
 
 from carvq.errors import CarvqError
 from carvq.runtime import tool_path
+
+
+# Student's t, two-sided 95 %, by degrees of freedom (1..30); beyond 30 the normal 1.96 is within 4 %
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042)
+
+
+def ratio_stats(r: list[float]) -> dict[str, float]:
+    """Mean, standard deviation, median and the 95 % confidence half-width of the mean of per-round ratios."""
+    n = len(r)
+    std = statistics.stdev(r) if n > 1 else 0.0
+    t = _T95[n - 2] if 2 <= n <= len(_T95) + 1 else 1.96
+    return {"ratio": statistics.fmean(r), "ratio_std": std, "ratio_median": statistics.median(r),
+            "ratio_ci95": t * std / n ** 0.5 if n > 1 else None}
 
 
 @dataclass
@@ -37,15 +55,19 @@ class SpeedResult:
         for test, s in self.samples.items():
             r = self.ratios(test)
             out[test] = {"model_tps": statistics.fmean(s["model"]), "baseline_tps": statistics.fmean(s["baseline"]),
-                         "ratio": statistics.fmean(r), "ratio_std": statistics.stdev(r) if len(r) > 1 else 0.0}
+                         **ratio_stats(r)}
         return out
 
     def table(self) -> str:
         lines = [f"model    {self.model}", f"baseline {self.baseline}",
                  f"{self.rounds} alternating rounds, {self.threads} threads", "",
-                 f"{'test':<10}{'model t/s':>12}{'baseline t/s':>14}{'ratio':>9}{'± std':>8}"]
+                 f"{'test':<10}{'model t/s':>12}{'baseline t/s':>14}{'ratio':>9}{'± std':>8}{'median':>9}"
+                 f"{'95% CI of the ratio':>22}"]
         for test, v in self.summary().items():
-            lines.append(f"{test:<10}{v['model_tps']:>12.1f}{v['baseline_tps']:>14.1f}{v['ratio']:>9.3f}{v['ratio_std']:>8.3f}")
+            half = v["ratio_ci95"]
+            ci = f"{v['ratio'] - half:.3f} .. {v['ratio'] + half:.3f}" if half is not None else "(one round)"
+            lines.append(f"{test:<10}{v['model_tps']:>12.1f}{v['baseline_tps']:>14.1f}{v['ratio']:>9.3f}"
+                         f"{v['ratio_std']:>8.3f}{v['ratio_median']:>9.3f}{ci:>22}")
         return "\n".join(lines)
 
     def to_json(self) -> str:
