@@ -6,7 +6,7 @@ slow drifts of the machine (thermal, other load) hit both alike. Reported: mean 
 of each model and the per-round ratio model/baseline: its mean, standard deviation (the
 spread of one round), median, and the 95 % confidence interval of the mean (Student's t), which
 says whether a target ratio is resolved by the rounds run: on a noisy 2-core host one round's
-ratio spreads by 10-20 %, and 20 rounds narrow the mean's interval to about a third of that.
+ratio spreads by 10-20 %, and over 20 rounds the half-width of the mean's interval is about half that spread.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
         2.045, 2.042)
 
 
-def ratio_stats(r: list[float]) -> dict[str, float]:
+def ratio_stats(r: list[float]) -> dict[str, float | None]:
     """Mean, standard deviation, median and the 95 % confidence half-width of the mean of per-round ratios."""
     n = len(r)
     std = statistics.stdev(r) if n > 1 else 0.0
