@@ -50,7 +50,7 @@ class GainPatch:
         self.tensors = None
 
     def scale_rows(self, M, scale):
-        self._orig["scale_rows"](M, scale)
+        self._scale_rows(M, scale)
         g = np.ones(M.shape[0], np.float32)
         if self.use_gain:
             rms = np.sqrt((M.astype(np.float64) ** 2).mean(1))
@@ -63,23 +63,25 @@ class GainPatch:
         return np.asarray(w, np.float64) * self.gains.astype(np.float64) ** 2
 
     def __enter__(self):
-        o = self._orig = {"scale_rows": metric.scale_rows, "compress": train.compress, "trim": tiers.trim,
-                          "polish": polish.polish, "write": fmt.write_model}
+        self._saved = [(module, name, getattr(module, name)) for module, name in (
+            (metric, "scale_rows"), (train, "compress"), (tiers, "trim"), (polish, "polish"), (fmt, "write_model"))]
+        o = {name: original for _, name, original in self._saved}
+        self._scale_rows = o["scale_rows"]
         gain_bytes = lambda M: M.shape[0] if self.use_gain else 0  # noqa: E731
+
+        def write(reader, out, arch, tensors, *a, **k):
+            self.tensors = tensors
+            return o["write_model"](reader, out, arch, tensors, *a, **k)
         metric.scale_rows = self.scale_rows
         train.compress = lambda M, w, *a, **k: o["compress"](M, self._w(w), *a, **k)
         tiers.trim = lambda t, M, w, floor, budget: o["trim"](t, M, self._w(w), floor, budget - gain_bytes(M))
         polish.polish = lambda t, M, w, **k: o["polish"](t, M, self._w(w), **k)
-
-        def write(reader, out, arch, tensors, *a, **k):
-            self.tensors = tensors
-            return o["write"](reader, out, arch, tensors, *a, **k)
         fmt.write_model = write
         return self
 
     def __exit__(self, *exc):
-        metric.scale_rows, train.compress, tiers.trim = (self._orig[k] for k in ("scale_rows", "compress", "trim"))
-        polish.polish, fmt.write_model = self._orig["polish"], self._orig["write"]
+        for module, name, original in self._saved:
+            setattr(module, name, original)
 
 
 def main() -> None:
