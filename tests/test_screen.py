@@ -293,9 +293,10 @@ def test_select_wide_score_ranges(libs):
 
 
 def test_select_on_vocabulary_sized_scores(lib):
-    """Vocabulary-sized inputs take the fast path (a sampled cut, then the exact threshold among
-    the rows above it); ties, an all-equal vector and a cut the sample misjudges fall back to the
-    full histogram. Either way: exactly the reference's rows, in id order."""
+    """Vocabulary-sized inputs take the fast path (a cut from every 64th row, then the exact
+    threshold among the rows above it); ties, an all-equal vector, extremes the sample does not
+    see and a cut the sample misjudges fall back to the full histogram or are collected anyway.
+    Either way: exactly the reference's rows, in id order."""
     ffi, clib = lib
     rng = np.random.default_rng(5)
     n_cases = 0
@@ -304,7 +305,11 @@ def test_select_on_vocabulary_sized_scores(lib):
         frequent_first = normal.copy()
         frequent_first[: n // 16] += 4000  # low ids score high, as frequent tokens do
         coarse = rng.integers(0, 40, n).astype(np.int32)  # every score shared by thousands of rows
-        for s in (normal, frequent_first, coarse, np.full(n, 7, np.int32)):
+        # extremes between the sampled rows (every 64th): the cut's span comes from the sample
+        outliers = normal.copy()
+        outliers[1::997] = np.iinfo(np.int32).max
+        outliers[2::991] = np.iinfo(np.int32).min
+        for s in (normal, frequent_first, coarse, np.full(n, 7, np.int32), outliers):
             for k in (1, 40, 1024, 8192, 16384, 30000):
                 sel = np.full(k, -1, np.int32)
                 hist = np.empty(65536, np.uint32)
@@ -312,7 +317,7 @@ def test_select_on_vocabulary_sized_scores(lib):
                                              _ptr(ffi, "uint32_t *", hist))
                 assert m == k and np.array_equal(sel, np.sort(screen.topk(s, k))), (n, k, s[:4])
                 n_cases += 1
-    assert n_cases == 48
+    assert n_cases == 60
 
 
 def test_scores_approximate_the_logits(libs):

@@ -507,15 +507,6 @@ static_assert((1 << CARVQ_SCREEN_HIST_BITS) == CARVQ_SCREEN_HIST, "CARVQ_SCREEN_
 #define CARVQ_SCREEN_COARSE_BITS 11
 #define CARVQ_SCREEN_COARSE_BINS (1 << CARVQ_SCREEN_COARSE_BITS)
 
-// Rows with score >= t (a loop the compiler vectorizes)
-static int64_t carvq_screen_count_ge(const int32_t * scores, int64_t n, int32_t t) {
-    uint32_t c = 0; // n < 2^32: a vocabulary
-    for (int64_t r = 0; r < n; ++r) {
-        c += scores[r] >= t;
-    }
-    return c;
-}
-
 // The ids of rows with score >= t, in increasing order, into out (room for cap + 8); returns
 // how many, or -1 past cap. The AVX2 path compresses 8 rows at a time without a branch per
 // row: a row passes at random (a few percent of them), which a branch would mispredict.
@@ -535,7 +526,7 @@ static int64_t carvq_screen_collect_ge(const int32_t * scores, int64_t n, int32_
     }
     const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
     const __m256i seven = _mm256_set1_epi32(7), step = _mm256_set1_epi32(8);
-    const __m256i tm1 = _mm256_set1_epi32(t - 1); // t > INT32_MIN (carvq_screen_cut_estimate)
+    const __m256i tm1 = _mm256_set1_epi32(t - 1); // t > INT32_MIN (carvq_screen_collect_cut)
     __m256i row = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for (; r + 8 <= n; r += 8, row = _mm256_add_epi32(row, step)) {
         const __m256i x = _mm256_loadu_si256((const __m256i *) (scores + r));
@@ -562,23 +553,30 @@ static int64_t carvq_screen_collect_ge(const int32_t * scores, int64_t n, int32_
     return c > cap ? -1 : c;
 }
 
-// A score t that at least k rows reach and not many more, from every 64th row's histogram,
-// checked by counting; INT32_MIN when none was found in a few tries (the caller then takes the
-// full histogram).
-static int32_t carvq_screen_cut_estimate(const int32_t * scores, int64_t n, int64_t k, int64_t cap,
-        uint32_t * hist) {
+// The rows that score at least a cut t, in increasing id order, into rows (room for cap + 8).
+// t comes from a histogram of every 64th row (their own span: the scores are read once, by the
+// collection itself), as the score about 1.1 k rows reach (plus 3 sigma of the sample's noise),
+// lowered a bin at a time while fewer than k reach it. Returns their count (at least k), or -1
+// when no cut within cap was found in a few tries (the caller then takes the full histogram).
+static int64_t carvq_screen_collect_cut(const int32_t * scores, int64_t n, int64_t k, int64_t cap,
+        uint32_t * hist, uint32_t * rows) {
     enum { STRIDE = 64, BINS = CARVQ_SCREEN_COARSE_BINS }; // one row in four cache lines
     if (n < 64 * STRIDE || k * 2 > cap) {
-        return INT32_MIN;
+        return -1;
     }
-    int32_t mn, mx;
-    const int shift = carvq_screen_span(scores, n, BINS, &mn, &mx);
+    int32_t mn = scores[0], mx = scores[0];
+    for (int64_t r = STRIDE; r < n; r += STRIDE) {
+        mn = scores[r] < mn ? scores[r] : mn;
+        mx = scores[r] > mx ? scores[r] : mx;
+    }
+    int shift = 0;
+    while ((((int64_t) mx - mn) >> shift) >= BINS) {
+        ++shift;
+    }
     memset(hist, 0, BINS * sizeof(uint32_t));
     for (int64_t r = 0; r < n; r += STRIDE) {
         hist[(uint32_t) ((int64_t) scores[r] - mn) >> shift]++;
     }
-    // walk down until the sample says about 1.1 k rows (plus 3 sigma of its noise) score
-    // at or above the bin; then count exactly, and go one bin lower while that is short of k
     const double expect = (double) k / STRIDE;
     const int64_t want = (int64_t) (1.1 * expect + 3.0 * sqrt(expect)) + 2;
     int64_t b = (((int64_t) mx - mn) >> shift), seen = 0;
@@ -586,16 +584,16 @@ static int32_t carvq_screen_cut_estimate(const int32_t * scores, int64_t n, int6
         seen += hist[b];
     }
     for (int tries = 0; tries < 4 && b >= 0; ++tries, --b) {
-        const int32_t t = (int32_t) ((int64_t) mn + ((int64_t) b << shift));
-        const int64_t c = carvq_screen_count_ge(scores, n, t);
-        if (c > cap) {
-            return INT32_MIN;
+        const int64_t t = (int64_t) mn + (b << shift);
+        if (t <= INT32_MIN) {
+            return -1; // collect_ge compares with t - 1
         }
-        if (c >= k) {
-            return t;
+        const int64_t c = carvq_screen_collect_ge(scores, n, (int32_t) t, rows, cap);
+        if (c < 0 || c >= k) {
+            return c;
         }
     }
-    return INT32_MIN;
+    return -1;
 }
 
 int64_t carvq_screen_select(const int32_t * scores, int64_t n, int64_t k, int32_t * ids, uint32_t * hist) {
@@ -603,14 +601,14 @@ int64_t carvq_screen_select(const int32_t * scores, int64_t n, int64_t k, int32_
     if (k <= 0) {
         return 0;
     }
-    // Fast path: the rows at or above an estimated cut t (a superset of the k best, in id
-    // order) and their scores into hist's space, and the exact threshold among those alone.
-    // Same rows as the full path below; it reads the scores about three times instead of four
-    // to five with a random-access histogram (Gemma-3, k = 8192: 410 -> about 100 us).
+    // Fast path: the rows at or above an estimated cut (a superset of the k best, in id order)
+    // and their scores into hist's space, and the exact threshold among those alone. Same rows
+    // as the full path below; it reads the scores once, where the full path reads them four to
+    // five times with a random-access histogram (Gemma-3, k = 8192: 410 -> about 100 us with
+    // three reads; one read since session 29).
     const int64_t cap = (CARVQ_SCREEN_HIST - CARVQ_SCREEN_COARSE_BINS) / 2 - 8;
     uint32_t * rows = hist + CARVQ_SCREEN_COARSE_BINS, * kept = rows + cap + 8;
-    const int32_t t = carvq_screen_cut_estimate(scores, n, k, cap, hist);
-    const int64_t c = t == INT32_MIN ? -1 : carvq_screen_collect_ge(scores, n, t, rows, cap);
+    const int64_t c = carvq_screen_collect_cut(scores, n, k, cap, hist, rows);
     int32_t S;
     int64_t above;
     if (c >= k) {
