@@ -94,9 +94,11 @@ def llama_bench(model: Path, prompt: int, gen: int, threads: int, env: dict[str,
 
 
 def bench(model, baseline, *, rounds: int = 5, prompt: int = 128, gen: int = 32, threads: int | None = None,
-          progress: bool = True, head: str = "auto", baseline_head: str = "auto") -> SpeedResult:
+          progress: bool = True, head: str = "auto", baseline_head: str = "auto", reps: int = 1) -> SpeedResult:
     """head / baseline_head: CARVQ_HEAD for each side (auto, screened or dense), so that one
-    CARVQ file can be compared with itself, screened against dense."""
+    CARVQ file can be compared with itself, screened against dense. reps: llama-bench's
+    repetitions in each side's one process (its mean is the round's sample), e.g. 3 for a
+    steady state that the first repetition has warmed."""
     from tqdm import tqdm
 
     model, baseline = Path(model), Path(baseline)
@@ -112,6 +114,6 @@ def bench(model, baseline, *, rounds: int = 5, prompt: int = 128, gen: int = 32,
         if i % 2:
             order.reverse()
         for side, path, side_head in order:
-            for test, tps in llama_bench(path, prompt, gen, threads, {"CARVQ_HEAD": side_head}).items():
+            for test, tps in llama_bench(path, prompt, gen, threads, {"CARVQ_HEAD": side_head}, reps).items():
                 result.samples.setdefault(test, {"model": [], "baseline": []})[side].append(tps)
     return result
