@@ -168,7 +168,7 @@ PARENT_EXTRA_BPW = 0.9
 
 def deeper_fit(cfg: Config, n_vocab: int, n_embd: int) -> tuple[Config, int, float] | None:
     """The tiered form of configuration `cfg` (what carvq convert does by default): (the fit,
-    the floor: one level fewer than cfg, the bpw to trim to: cfg's own), or None where tiers do
+    the floor: one level fewer than cfg, two from 4 levels on, the bpw to trim to: cfg's own), or None where tiers do
     not apply (an adaptor, 16 levels, or codebooks that leave no bytes for tier rows). The fit
     is the bench's family at cfg's bpw + PARENT_EXTRA_BPW where cfg has its group size (d = 8)
     and that family has one level more than cfg, else cfg with one level more and its hot rows."""
@@ -185,7 +185,12 @@ def deeper_fit(cfg: Config, n_vocab: int, n_embd: int) -> tuple[Config, int, flo
         # (3.0 and 4.0 bpw: the family is two levels deeper there, not measured better)
         fit = replace(cfg, levels=cfg.levels + 1)
     depth = fit.levels + (fit.hot_levels if fit.hot_rows else 0)
-    floor = max(1, cfg.levels - 1, depth - fmt.MAX_HOT_TIERS)
+    # the floor: one level under cfg, two from 4 levels on. At 2.1 bpw floor 3 held half of
+    # SmolLM2's rows (25.7k, the rare ones) at the floor; floor 2 lets the trim take 5.3k of
+    # them down a level: KLD 0.0517 -> 0.0471 (two seeds; floor 1: 0.0477). At 3.0, floor 3
+    # instead of 4: 0.0190 -> 0.0189, 24 rows below 4 (docs/RESULTS.md, session 29). At 1.6 the
+    # floor stays 2: the screen of a tied model reads the floor's codes of every row.
+    floor = max(1, cfg.levels - (2 if cfg.levels >= 4 else 1), depth - fmt.MAX_HOT_TIERS)
     fixed = _fixed_bytes(n_vocab, n_embd // cfg.group_size, floor, depth, cfg.codebook_size, cfg.group_size,
                          cfgmod.TYPE_BYTES[cfg.codebook_type])
     if floor >= fit.levels or fixed >= target * n_vocab * n_embd / 8:
