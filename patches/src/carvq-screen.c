@@ -434,10 +434,12 @@ void carvq_screen_hot_scan(const struct carvq_layout * l, const uint8_t * hot_bl
 
 // ---- top-k ------------------------------------------------------------------------------
 
-// The lowest and highest score, and the shift that fits their span into `bins` bins
-static int carvq_screen_span(const int32_t * scores, int64_t n, int64_t bins, int32_t * mn_out, int32_t * mx_out) {
+// The lowest and highest score of every stride-th row, and the shift that fits their span into
+// `bins` bins (inline: each caller's constant stride keeps its loop simple)
+static inline int carvq_screen_span(const int32_t * scores, int64_t n, int64_t stride, int64_t bins,
+        int32_t * mn_out, int32_t * mx_out) {
     int32_t mn = scores[0], mx = scores[0];
-    for (int64_t r = 1; r < n; ++r) {
+    for (int64_t r = stride; r < n; r += stride) {
         mn = scores[r] < mn ? scores[r] : mn;
         mx = scores[r] > mx ? scores[r] : mx;
     }
@@ -459,7 +461,7 @@ static int carvq_screen_span(const int32_t * scores, int64_t n, int64_t bins, in
 static inline void carvq_screen_threshold(const int32_t * scores, int64_t n, int64_t k, uint32_t * hist, int bits,
         int32_t * s_out, int64_t * above_out) {
     int32_t mn, mx;
-    int shift = carvq_screen_span(scores, n, (int64_t) 1 << bits, &mn, &mx);
+    int shift = carvq_screen_span(scores, n, 1, (int64_t) 1 << bits, &mn, &mx);
     // the k-th best row scores in [lo, lo + width)
     int64_t lo = mn, width = ((int64_t) mx - mn) + 1, above = 0;
     for (;;) {
@@ -564,15 +566,8 @@ static int64_t carvq_screen_collect_cut(const int32_t * scores, int64_t n, int64
     if (n < 64 * STRIDE || k * 2 > cap) {
         return -1;
     }
-    int32_t mn = scores[0], mx = scores[0];
-    for (int64_t r = STRIDE; r < n; r += STRIDE) {
-        mn = scores[r] < mn ? scores[r] : mn;
-        mx = scores[r] > mx ? scores[r] : mx;
-    }
-    int shift = 0;
-    while ((((int64_t) mx - mn) >> shift) >= BINS) {
-        ++shift;
-    }
+    int32_t mn, mx;
+    const int shift = carvq_screen_span(scores, n, STRIDE, BINS, &mn, &mx);
     memset(hist, 0, BINS * sizeof(uint32_t));
     for (int64_t r = 0; r < n; r += STRIDE) {
         hist[(uint32_t) ((int64_t) scores[r] - mn) >> shift]++;
