@@ -20,7 +20,7 @@ from carvq.converter import config as cfgmod
 from carvq.converter import frame, frequency, hf, memory, metric, model_prior, polish, screen_fix, screen_index, tiers, train, tune
 from carvq.converter.body import quantize_body
 from carvq.converter.config import DEFAULT_ITERS, Config
-from carvq.converter.head import default_head_type, head_tensor
+from carvq.converter.head import CODED_HEAD, default_head_type, head_tensor
 from carvq.converter.report import ErrorStats, Report
 from carvq.converter.search import check_target, choose_config
 from carvq.errors import CarvqError
@@ -131,6 +131,13 @@ def _first_non_finite_row(M: np.ndarray) -> int | None:
         if not ok.all():
             return a + int(np.argmin(ok))
     return None
+
+
+def _coded_rows(tensors):
+    """head_rows(a, b) of a coded head: the lookup's own rows, decoded (FORMAT.md "Coded head")."""
+    from carvq import reference
+
+    return lambda a, b: reference.decode(tensors, np.arange(a, b, dtype=np.int32))
 
 
 def _head_rows(head, M: np.ndarray):
@@ -259,6 +266,13 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
     if embd is None:
         raise CarvqError(f"{src}: no {gio.EMBD} tensor")
     head_src = gio.tensor_by_name(reader, gio.HEAD)
+    coded_head = head_type is not None and head_type.lower() == CODED_HEAD
+    if coded_head and head_src is not None:
+        raise CarvqError(f"--head-type {CODED_HEAD}: {src} has an {gio.HEAD} of its own (an untied head); a coded head "
+                         "is the lookup's rows, only for a model whose head is its embedding")
+    if coded_head and screen:
+        raise CarvqError(f"--head-type {CODED_HEAD} with --screen-index: a coded head is screened by the lookup's own "
+                         "codes; leave out --screen-index")
     if head_src is not None and tuple(int(x) for x in head_src.shape[:2]) != tuple(int(x) for x in embd.shape[:2]):
         raise CarvqError(f"{src}: {gio.HEAD} has shape {tuple(head_src.shape)}, {gio.EMBD} {tuple(embd.shape)}")
     if target_bpw is not None:
@@ -355,7 +369,10 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
     memory.trim()
 
     head = None
-    if head_src is None:
+    if coded_head and fit.tensors.layout.adaptor_rank:
+        raise CarvqError(f"--head-type {CODED_HEAD} needs the lookup without an adaptor (the head's rows are the "
+                         "codes' sums); leave out --adaptor-rank")
+    if head_src is None and not coded_head:
         head = head_tensor(embd, M, head_type or default_head_type(embd, n))
     if states is not None:
         # the index is fitted to the head's rows: the embedding's for a tied model (overwritten in
@@ -379,7 +396,8 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
             keep = True  # an untied head has no other screen
         fit.tensors.screen = index if keep else None
     if fix_states is not None:  # taken only for a head copy (tied) without a screen index
-        fit.tensors.screen_fix, how = screen_fix.fit(fit.tensors, _head_rows(head, M), fix_states)
+        rows = _coded_rows(fit.tensors) if coded_head else _head_rows(head, M)
+        fit.tensors.screen_fix, how = screen_fix.fit(fit.tensors, rows, fix_states)
         notes.append(how)
     del M  # the write reads the output back to validate it: not beside a float32 copy of the embedding
     memory.trim()
@@ -387,14 +405,15 @@ def _convert_reader(reader, src, out, gguf_path, base, target_bpw, iters, seed, 
     screen_bytes = fit.tensors.screen.nbytes if fit.tensors.screen is not None else 0
     screen_bytes += fit.tensors.screen_fix.nbytes if fit.tensors.screen_fix is not None else 0
     parts = tiers.part_bytes(fit.tensors)  # what is written, trimmed or not (equal to cfgmod.part_bytes untrimmed)
-    provenance = fmt.Provenance(source_type=embd.tensor_type.name, head_copy=head is not None,
+    fit.tensors.head_codes = coded_head
+    provenance = fmt.Provenance(source_type=embd.tensor_type.name, head_copy=head is not None, head_codes=coded_head,
                                 bpw=8.0 * sum(parts.values()) / (V * n), head_bpw=8.0 * head_bytes / (V * n),
                                 screen_bpw=8.0 * screen_bytes / (V * n))
     fmt.write_model(reader, out, arch, fit.tensors, provenance, head, progress)
     return Report(
         input=str(src), output=str(out), arch=arch, n_vocab=V, n_embd=n, source_type=embd.tensor_type.name,
         config=cfg, weights_from=weights_from, parts=parts, head_bytes=head_bytes,
-        head_type=(head[1].name if head is not None else "untied"), head_copied=head is not None, screen_bytes=screen_bytes,
+        head_type=(head[1].name if head is not None else CODED_HEAD if coded_head else "untied"), head_copied=head is not None, screen_bytes=screen_bytes,
         errors=errors, seconds=time.perf_counter() - start, rounds=fit.rounds, source_bytes=int(embd.n_bytes),
         notes=notes, trimmed_to=trim_to, peak_rss=memory.peak_rss(),
     )

@@ -12,6 +12,9 @@ from carvq.errors import CarvqError
 # than the stock one. Q5_0 is also what llama-quantize stores for a Q4_K head at widths
 # that are not a multiple of 256.
 DEFAULT_HEAD_TYPE = "Q5_0"
+# --head-type codes: no head copy at all; the tied head is the lookup's own rows, its logits
+# computed from the codes by the patched llama.cpp (format v8, FORMAT.md "Coded head")
+CODED_HEAD = "codes"
 
 
 def default_head_type(embd, n_embd: int) -> str:

@@ -112,5 +112,8 @@ class Report:
         if self.head_copied:
             lines.append(f"  note: the source ties its output head to the embedding; the head copy costs "
                          f"{self.head_bytes / 2**20:.2f} MiB ({self.bpw(self.head_bytes):.3f} bpw)")
+        elif self.head_type == "codes":
+            lines.append("  note: coded head (format v8): the tied head is the lookup's own rows, no head copy; "
+                         "lookup + head = the lookup's bpw")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)

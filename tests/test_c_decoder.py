@@ -366,7 +366,7 @@ def test_decode_every_small_group_size(lib, d, f16):
 def test_limits_are_the_headers(libs):
     """carvq.format's limits are carvq.h's CARVQ_* constants."""
     lib = libs["default"].lib
-    assert lib.CARVQ_FORMAT_VERSION == max(fmt.READABLE_VERSIONS) == fmt.HOT_MAP_FORMAT_VERSION
+    assert lib.CARVQ_FORMAT_VERSION == max(fmt.READABLE_VERSIONS) == fmt.HEAD_CODES_FORMAT_VERSION
     assert lib.CARVQ_MAX_HOT_TIERS == fmt.MAX_HOT_TIERS
     assert lib.CARVQ_MIN_FORMAT_VERSION == min(fmt.READABLE_VERSIONS)
     assert lib.CARVQ_MAX_LEVELS == fmt.MAX_LEVELS
@@ -419,7 +419,7 @@ def test_layout_check_accepts_valid(libs):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (dict(version=8), "format_version 8"),
+    (dict(version=9), "format_version 9"),
     (dict(version=3, N=5, Lh=1, tiers=(2, 3)), "need carvq.format_version 4"),
     (dict(version=4, N=5, Lh=1, tiers=(2, 2)), "sum to 4 rows"),
     (dict(version=4, N=5, Lh=1, tiers=(5, 0)), "hot_tiers[1] = 0"),

@@ -36,10 +36,11 @@
 extern "C" {
 #endif
 
-#define CARVQ_FORMAT_VERSION     7 // newest version; every version from CARVQ_MIN_FORMAT_VERSION is read
+#define CARVQ_FORMAT_VERSION     8 // newest version; every version from CARVQ_MIN_FORMAT_VERSION is read
                                    // (3 = 2 + the output head's optional screen index, docs/SCREEN.md;
                                    //  4 = 3 + hot rows in tiers; 5 = 4 + the screen correction;
-                                   //  6 = 5 + the lookup transform; 7 = 6 + the hot map)
+                                   //  6 = 5 + the lookup transform; 7 = 6 + the hot map;
+                                   //  8 = 7 + the coded head: a tied head read from the lookup's codes)
 #define CARVQ_MIN_FORMAT_VERSION 1 // version 1 = version 2 without hot rows
 
 // general.architecture values a CARVQ file may name (FORMAT.md "Architectures"): the graphs

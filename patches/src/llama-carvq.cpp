@@ -56,6 +56,7 @@ namespace carvq_key {
     constexpr const char * HEAD_COPY      = "carvq.head_copy";
     constexpr const char * TRANSFORM      = "carvq.transform"; // version 6
     constexpr const char * HOT_MAP        = "carvq.hot_map";   // version 7
+    constexpr const char * HEAD_CODES     = "carvq.head_codes"; // version 8
     // the output head's screen index (version 3)
     constexpr const char * SCREEN_GROUP_SIZE    = "carvq.screen.group_size";
     constexpr const char * SCREEN_LEVELS        = "carvq.screen.levels";
@@ -137,6 +138,13 @@ static bool carvq_key_flag(const gguf_context * meta, const char * key, int32_t 
     return gguf_get_val_bool(meta, id);
 }
 
+// carvq.head_codes (version 8): a tied source's head is the lookup's own rows, decoded from its
+// codes; the file has no output.weight (FORMAT.md "Coded head")
+static bool carvq_head_codes(const gguf_context * meta) {
+    const int32_t version = (int32_t) std::min<uint32_t>(carvq_key_u32(meta, carvq_key::VERSION), INT32_MAX);
+    return carvq_key_flag(meta, carvq_key::HEAD_CODES, 8, version);
+}
+
 static bool carvq_has_screen_index(const gguf_context * meta) {
     return gguf_find_key(meta, carvq_key::SCREEN_LEVELS) >= 0;
 }
@@ -159,6 +167,11 @@ int llama_carvq_tensor_flags(llama_model_loader & ml, llm_tensor tensor, int fla
     if (tensor == LLM_TENSOR_TOKEN_EMBD && !(flags & llama_model_loader::TENSOR_DUPLICATED)) {
         carvq_check_arch(ml);
         return flags | llama_model_loader::TENSOR_NOT_REQUIRED; // token_embd.carvq.* stand in for the dense table
+    }
+    if (tensor == LLM_TENSOR_TOKEN_EMBD && carvq_head_codes(ml.metadata)) {
+        // the tied head's fallback to the input embedding: a coded head has neither, so
+        // model.output stays null and llama_carvq_build_head computes the logits from the codes
+        return flags | llama_model_loader::TENSOR_NOT_REQUIRED;
     }
     // The screened head reads k rows of the head copy per token: map it without prefetch, so
     // that only the rows it touches become resident. Only for a head on the CPU: a lazy tensor
@@ -660,6 +673,25 @@ void llama_carvq_load_tensors(llama_model_base & model, llama_model_loader & ml,
     }
 
     carvq.head_copy = carvq_head_copy(meta);
+    carvq.head_codes = carvq_head_codes(meta);
+    if (carvq.head_codes) {
+        if (carvq.head_copy) {
+            throw std::runtime_error(format("CARVQ: metadata keys %s and %s are both true: the head is either "
+                                            "a copy in output.weight or the codes", carvq_key::HEAD_CODES, carvq_key::HEAD_COPY));
+        }
+        if (ml.get_tensor_meta("output.weight") != nullptr || model.output != nullptr) {
+            throw std::runtime_error(format("CARVQ: metadata key %s says the head is read from the codes, but the "
+                                            "file has an output.weight too", carvq_key::HEAD_CODES));
+        }
+        if (l.adaptor_rank > 0) {
+            throw std::runtime_error(format("CARVQ: metadata key %s needs carvq.adaptor_rank 0 (the head's rows "
+                                            "are the codes' sums), the file says %d", carvq_key::HEAD_CODES, l.adaptor_rank));
+        }
+        if (carvq_has_screen_index(meta)) {
+            throw std::runtime_error(format("CARVQ: metadata key %s: a coded head is screened by the lookup's own "
+                                            "codes, but the file has a screen index (output.carvq.*) too", carvq_key::HEAD_CODES));
+        }
+    }
 
     const std::string act = carvq_key_str(meta, carvq_key::ACTIVATION);
     if (l.adaptor_rank == 0) {
@@ -806,8 +838,9 @@ void llama_carvq_check_data(llama_carvq & carvq, const llama_model_loader & ml) 
         sc.hot_codes = carvq.screen_hot_codes;
         sc.hot_codebooks = carvq.screen_hot_codebooks;
         sc.projection = carvq.screen_projection;
-    } else if (carvq.head_copy) {
+    } else if (carvq.head_copy || carvq.head_codes) {
         // no index of its own: a tied source's head is the embedding, which the lookup's codes index
+        // (a coded head is those very rows, so the screen ranks it with the lookup's codes too)
         sc.layout = carvq.layout;
         sc.codes = carvq.codes;
         sc.codebooks = carvq.codebooks;
@@ -933,6 +966,9 @@ struct carvq_screen_scratch {
     std::vector<uint8_t> row; // a head row read past a full cache
 
     std::vector<float> hp; // the hidden state projected into a screen index's metric
+    std::vector<float> rows_f32;   // a coded head's rows, decoded (carvq_coded_head_row)
+    std::vector<float> hps;        // the dense coded head's hidden states, projected
+    std::vector<float> coded_t, coded_th; // a coded head's tables (carvq_coded_tables_build)
 
     carvq_screen_tables build(const llama_carvq_screen & s, const float * h) {
         const carvq_layout & l = s.layout;
@@ -1187,6 +1223,191 @@ static void carvq_screen_logits_op(ggml_tensor * dst, int ith, int nth, void * u
     }
 }
 
+// ---- the coded head (format v8): the tied head's logits from the lookup's codes ------------
+
+// Row `id` of the lookup before its transform (the RVQ levels, then the hot tiers' levels) into
+// out (n floats): what carvq_rvq_op writes for that token, so a logit is this row times the
+// hidden state projected by the transform (carvq_coded_head_state), as the screen's tables are.
+// (F32 codebooks: the screen converted F16 ones at load, and the hot levels' scalar adds would
+// otherwise convert every value they read)
+static const float * carvq_coded_head_codebooks(const llama_carvq & carvq, bool hot) {
+    const llama_carvq_screen & sc = carvq.screen;
+    if (hot) {
+        return !sc.hot_codebooks_f32.empty() ? sc.hot_codebooks_f32.data() : (const float *) carvq.hot_codebooks->data;
+    }
+    return !sc.codebooks_f32.empty() ? sc.codebooks_f32.data() : (const float *) carvq.codebooks->data;
+}
+
+// One row's packed lookup codes
+// (a coded head keeps the file's codes: llama_carvq::lookup_from_blocks)
+static const uint8_t * carvq_coded_head_codes(const llama_carvq & carvq, int32_t id) {
+    const carvq_layout & l = carvq.layout;
+    return (const uint8_t *) carvq.codes->data + (int64_t) id * ((l.n_embd / l.group_size * l.levels + 1) / 2);
+}
+
+static void carvq_coded_head_row(const llama_carvq & carvq, int32_t id, float * out) {
+    const carvq_layout * l = &carvq.layout;
+    const int32_t zero = 0;
+    carvq_rows_decode(l, carvq_coded_head_codes(carvq, id), carvq_coded_head_codebooks(carvq, false),
+                      CARVQ_CODEBOOK_F32, &zero, 1, out, l->n_embd, 0, 1);
+    if (l->hot_rows > 0) {
+        carvq_rows_hot_add(l, carvq.hot_id_data(), (const uint8_t *) carvq.hot_codes->data,
+                           carvq_coded_head_codebooks(carvq, true), CARVQ_CODEBOOK_F32, &id, 1, out, l->n_embd, 0, 1);
+    }
+}
+
+// Per-token tables of the coded head's exact op: entry (g, l, c) = hp_g . C[g][l][c], for the
+// lookup's levels and each hot tier's, in the codebooks' order ({d, K, L, G}; hot {d, K, Lh, T*G}).
+// A row's logit is then the sum of its codes' entries, G x (L + Lh per tier it is in) adds instead
+// of decoding n floats (the hot levels through the scalar path) and a dot product.
+static void carvq_coded_tables_build(const float * cb, int64_t GL, int64_t per_group, int64_t G, int64_t K, int64_t d,
+                                     const float * hp, std::vector<float> & out) {
+    out.resize((size_t) (GL * K));
+    for (int64_t gl = 0; gl < GL; ++gl) {
+        const float * h = hp + ((gl / per_group) % G) * d; // hot tiers: T x G groups
+        for (int64_t c = 0; c < K; ++c) {
+            const float * v = cb + (gl * K + c) * d;
+            float acc = 0.0f;
+            for (int64_t i = 0; i < d; ++i) {
+                acc += h[i] * v[i];
+            }
+            out[(size_t) (gl * K + c)] = acc;
+        }
+    }
+}
+
+static inline float carvq_coded_sum(const uint8_t * crow, const float * table, int64_t GL, int64_t K) {
+    float acc[4] = { 0.0f, 0.0f, 0.0f, 0.0f };
+    int64_t j = 0;
+    for (; j + 4 <= GL; j += 4) {
+        const uint8_t b0 = crow[j >> 1], b1 = crow[(j >> 1) + 1];
+        acc[0] += table[(j + 0) * K + (b0 & 15)];
+        acc[1] += table[(j + 1) * K + (b0 >> 4)];
+        acc[2] += table[(j + 2) * K + (b1 & 15)];
+        acc[3] += table[(j + 3) * K + (b1 >> 4)];
+    }
+    for (; j < GL; ++j) {
+        acc[0] += table[j * K + ((crow[j >> 1] >> ((j & 1) * 4)) & 15)];
+    }
+    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+// Rows of hot tier t (one tier when the file has no tiers)
+static int64_t carvq_coded_tier_rows(const carvq_layout & l, int64_t t) {
+    return l.hot_tiers >= 2 ? l.hot_tier_rows[t] : l.hot_rows;
+}
+
+// The hidden state h as the rows above meet it: h @ transform (format v6), else h itself
+static const float * carvq_coded_head_state(const llama_carvq & carvq, const float * h, float * projected) {
+    const std::vector<float> & t = carvq.screen.transform_f32;
+    if (t.empty()) {
+        return h;
+    }
+    carvq_screen_project(carvq.layout.n_embd, t.data(), h, projected);
+    return projected;
+}
+
+// dst (F32 [k, n_out, 2]) as carvq_screen_exact_op's, the candidates' logits from their decoded
+// rows (a coded head has no output.weight to read). src[0] the scores, src[1] the hidden states.
+static void carvq_coded_head_exact_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const llama_carvq & carvq = *(const llama_carvq *) userdata;
+    const ggml_tensor * scores_t = dst->src[0];
+    const ggml_tensor * cur = dst->src[1];
+    const int64_t n = cur->ne[0], k = dst->ne[0];
+    const int64_t V = scores_t->ne[0] - CARVQ_SCORES_TRAILER;
+    const carvq_layout & l = carvq.layout;
+    const int64_t G = l.n_embd / l.group_size, GL = G * l.levels, GLh = G * l.hot_levels, K = l.codebook_size;
+    const int64_t n_tiers = l.hot_rows == 0 ? 0 : std::max<int64_t>(1, l.hot_tiers);
+    const int32_t * hot_ids = carvq.hot_id_data();
+    const uint8_t * hot_codes = l.hot_rows > 0 ? (const uint8_t *) carvq.hot_codes->data : nullptr;
+    const int64_t Bh = (GLh + 1) / 2;
+    carvq_screen_scratch & sc = carvq_scratch;
+    sc.ids.resize((size_t) k);
+    sc.hp.resize((size_t) n);
+    for (int64_t p = 0; p < dst->ne[1]; ++p) {
+        const int32_t * scores = (const int32_t *) ((const char *) scores_t->data + p * scores_t->nb[1]);
+        const int64_t m = carvq_screen_select(scores, V, k, sc.ids.data(), sc.hist.data());
+        if (ith == 0) {
+            memcpy(carvq_candidate_ids(dst, p), sc.ids.data(), (size_t) m * sizeof(int32_t));
+        }
+        const float * h = carvq_coded_head_state(carvq, carvq_column(cur, p), sc.hp.data());
+        // every thread builds the tables (a few hundred thousand multiply-adds; no barrier inside an op)
+        carvq_coded_tables_build(carvq_coded_head_codebooks(carvq, false), GL, l.levels, G, K, l.group_size, h, sc.coded_t);
+        if (n_tiers > 0) {
+            carvq_coded_tables_build(carvq_coded_head_codebooks(carvq, true), n_tiers * GLh, l.hot_levels, G, K,
+                                     l.group_size, h, sc.coded_th);
+        }
+        float * out = (float *) ((char *) dst->data + p * dst->nb[1]);
+        // runs of CARVQ_EXACT_RUN candidates dealt out in turn, as in carvq_screen_exact_op; the
+        // ids increase, so each tier's position is found once a run and then only moves forward
+        for (int64_t run = ith; run * CARVQ_EXACT_RUN < m; run += nth) {
+            const int64_t i0 = run * CARVQ_EXACT_RUN, i1 = std::min(m, i0 + CARVQ_EXACT_RUN);
+            int64_t at[CARVQ_MAX_HOT_TIERS];
+            for (int64_t t = 0, start = 0; t < n_tiers; start += carvq_coded_tier_rows(l, t), ++t) {
+                at[t] = std::lower_bound(hot_ids + start, hot_ids + start + carvq_coded_tier_rows(l, t), sc.ids[(size_t) i0]) -
+                        hot_ids;
+            }
+            for (int64_t i = i0; i < i1; ++i) {
+                const int32_t id = sc.ids[(size_t) i];
+                if (i + 8 < i1) {
+                    // the rows are scattered: hint a later candidate's codes while summing this one's
+                    carvq_prefetch_bytes(carvq_coded_head_codes(carvq, sc.ids[(size_t) i + 8]), (size_t) ((GL + 1) / 2));
+                }
+                float logit = carvq_coded_sum(carvq_coded_head_codes(carvq, id), sc.coded_t.data(), GL, K);
+                for (int64_t t = 0, start = 0; t < n_tiers; start += carvq_coded_tier_rows(l, t), ++t) {
+                    const int64_t end = start + carvq_coded_tier_rows(l, t);
+                    while (at[t] < end && hot_ids[at[t]] < id) {
+                        ++at[t];
+                    }
+                    if (at[t] < end && hot_ids[at[t]] == id) {
+                        logit += carvq_coded_sum(hot_codes + at[t] * Bh, sc.coded_th.data() + t * GLh * K, GLh, K);
+                    }
+                }
+                out[i] = logit;
+            }
+        }
+    }
+}
+
+// Rows a thread of the dense coded head decodes before it multiplies them by every hidden state
+#define CARVQ_DENSE_ROWS 16
+
+// dst (F32 [V, n_out]) = every logit of a coded head: thread ith decodes a contiguous slice of
+// the rows, CARVQ_DENSE_ROWS at a time, and multiplies each block by every output's hidden state
+// (for prompts and llama-perplexity; nothing of the head stays in memory between calls).
+static void carvq_coded_head_dense_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const llama_carvq & carvq = *(const llama_carvq *) userdata;
+    const ggml_tensor * cur = dst->src[0];
+    const int64_t n = cur->ne[0], n_out = cur->ne[1], V = dst->ne[0];
+    const int64_t per = (V + nth - 1) / nth, v0 = per * ith, v1 = std::min(V, v0 + per);
+    if (v0 >= v1) {
+        return;
+    }
+    const ggml_vec_dot_t dot = ggml_get_type_traits_cpu(GGML_TYPE_F32)->vec_dot;
+    carvq_screen_scratch & sc = carvq_scratch;
+    const bool projected = !carvq.screen.transform_f32.empty();
+    if (projected) {
+        sc.hps.resize((size_t) (n * n_out));
+        for (int64_t p = 0; p < n_out; ++p) {
+            carvq_coded_head_state(carvq, carvq_column(cur, p), sc.hps.data() + p * n);
+        }
+    }
+    sc.rows_f32.resize((size_t) (n * CARVQ_DENSE_ROWS));
+    for (int64_t b = v0; b < v1; b += CARVQ_DENSE_ROWS) {
+        const int64_t rows = std::min<int64_t>(CARVQ_DENSE_ROWS, v1 - b);
+        for (int64_t r = 0; r < rows; ++r) {
+            carvq_coded_head_row(carvq, (int32_t) (b + r), sc.rows_f32.data() + r * n);
+        }
+        for (int64_t p = 0; p < n_out; ++p) {
+            const float * h = projected ? sc.hps.data() + p * n : carvq_column(cur, p);
+            float * out = (float *) ((char *) dst->data + p * dst->nb[1]) + b;
+            for (int64_t r = 0; r < rows; ++r) {
+                dot((int) n, out + r, 0, sc.rows_f32.data() + r * n, 0, h, 0, 1);
+            }
+        }
+    }
+}
+
 int64_t llama_carvq_screen_default_k(int64_t n_vocab, bool own_index, int32_t fix_rank) {
     if (own_index) {
         // the head's own index ranks about 4x better than the lookup's codes: SmolLM2 at k = 2048
@@ -1211,10 +1432,61 @@ int64_t llama_carvq_screen_default_k(int64_t n_vocab, bool own_index, int32_t fi
     return std::min<int64_t>(n_vocab, std::max<int64_t>(4096, std::min<int64_t>(8192, n_vocab / 4)));
 }
 
+// The screened head's three ops, because each needs all of the previous one: the scan (threads
+// over blocks of rows), the candidates' exact logits (threads over candidates; `exact_op` with
+// src {scores, cur, w...}), the logits (threads over rows)
+static ggml_tensor * carvq_build_screened(ggml_context * ctx, const llama_carvq_screen & screen, ggml_tensor * cur, int64_t k,
+                                          ggml_custom_op_t exact_op, ggml_tensor * w, void * exact_userdata) {
+    const carvq_layout & l = screen.layout;
+    ggml_tensor * scan_args[1] = { cur };
+    ggml_tensor * scores = ggml_custom_4d(ctx, GGML_TYPE_I32, l.n_vocab + CARVQ_SCORES_TRAILER, cur->ne[1], 1, 1, scan_args, 1,
+                                          carvq_screen_scan_op, GGML_N_TASKS_MAX, (void *) &screen);
+    ggml_set_name(scores, "carvq_screen_scores");
+    ggml_tensor * exact_args[3] = { scores, cur, w };
+    ggml_tensor * exact = ggml_custom_4d(ctx, GGML_TYPE_F32, k, cur->ne[1], 2, 1, exact_args, w != nullptr ? 3 : 2,
+                                         exact_op, GGML_N_TASKS_MAX, exact_userdata);
+    ggml_set_name(exact, "carvq_screen_exact");
+    ggml_tensor * logits_args[3] = { scores, cur, exact };
+    ggml_tensor * logits = ggml_custom_4d(ctx, GGML_TYPE_F32, l.n_vocab, cur->ne[1], 1, 1, logits_args, 3,
+                                          carvq_screen_logits_op, GGML_N_TASKS_MAX, (void *) &screen);
+    ggml_set_name(logits, "carvq_screen_logits");
+    return logits;
+}
+
+// The coded head (format v8): screened like a head copy, its candidates' logits from their decoded
+// rows; otherwise every row decoded (carvq_coded_head_dense_op)
+static ggml_tensor * carvq_build_coded_head(ggml_context * ctx, const llama_carvq & carvq, ggml_tensor * cur) {
+    const llama_carvq_screen & screen = carvq.screen;
+    const carvq_layout & l = carvq.layout;
+    if (cur->type != GGML_TYPE_F32 || cur->ne[0] != l.n_embd || cur->ne[2] != 1 || cur->ne[3] != 1) {
+        GGML_ABORT("CARVQ coded head: hidden states of type %s and shape %lld x %lld x %lld x %lld, expected F32 %lld x n",
+                   ggml_type_name(cur->type), (long long) cur->ne[0], (long long) cur->ne[1], (long long) cur->ne[2],
+                   (long long) cur->ne[3], (long long) l.n_embd);
+    }
+    const std::string mode = carvq_env("CARVQ_HEAD", "auto");
+    bool screened = screen.enabled() && cur->ne[1] >= 1 && mode != "dense" &&
+                    (mode == "screened" || cur->ne[1] <= LLAMA_CARVQ_SCREEN_MAX_OUTPUTS);
+    const long long k = screened ? carvq_screen_k(screen, true) : 0;
+    if (screened && mode != "screened" && k * LLAMA_CARVQ_SCREEN_MIN_SHARE > l.n_vocab) {
+        screened = false;
+    }
+    if (screened) {
+        return carvq_build_screened(ctx, screen, cur, k, carvq_coded_head_exact_op, nullptr, (void *) &carvq);
+    }
+    ggml_tensor * args[1] = { cur };
+    ggml_tensor * logits = ggml_custom_4d(ctx, GGML_TYPE_F32, l.n_vocab, cur->ne[1], 1, 1, args, 1,
+                                          carvq_coded_head_dense_op, GGML_N_TASKS_MAX, (void *) &carvq);
+    ggml_set_name(logits, "carvq_head_dense");
+    return logits;
+}
+
 ggml_tensor * llama_carvq_build_head(ggml_context * ctx, const llama_carvq & carvq, ggml_tensor * w, ggml_tensor * cur) {
+    if (w == nullptr) {
+        return carvq.head_codes ? carvq_build_coded_head(ctx, carvq, cur) : nullptr;
+    }
     const llama_carvq_screen & screen = carvq.screen;
     const carvq_layout & l = screen.layout;
-    if (!screen.enabled() || w == nullptr || strcmp(ggml_get_name(w), "output.weight") != 0 ||
+    if (!screen.enabled() || strcmp(ggml_get_name(w), "output.weight") != 0 ||
         w->ne[0] != l.n_embd || w->ne[1] != l.n_vocab || !ggml_is_contiguous(w) ||
         // rows read in the stored layout on the CPU: not a GPU head, not a CPU-repacked one
         w->buffer == nullptr || !ggml_backend_buffer_is_host(w->buffer) ||
@@ -1234,22 +1506,7 @@ ggml_tensor * llama_carvq_build_head(ggml_context * ctx, const llama_carvq & car
     if (mode != "screened" && k * LLAMA_CARVQ_SCREEN_MIN_SHARE > l.n_vocab) {
         return nullptr; // auto: reading k exact rows as well as the codes does not pay (bench/screen.py)
     }
-
-    // three ops, because each needs all of the previous one: the scan (threads over blocks of
-    // rows), the candidates' exact logits (threads over candidates), the logits (threads over rows)
-    ggml_tensor * scan_args[1] = { cur };
-    ggml_tensor * scores = ggml_custom_4d(ctx, GGML_TYPE_I32, l.n_vocab + CARVQ_SCORES_TRAILER, cur->ne[1], 1, 1, scan_args, 1,
-                                          carvq_screen_scan_op, GGML_N_TASKS_MAX, (void *) &screen);
-    ggml_set_name(scores, "carvq_screen_scores");
-    ggml_tensor * exact_args[3] = { scores, cur, w };
-    ggml_tensor * exact = ggml_custom_4d(ctx, GGML_TYPE_F32, k, cur->ne[1], 2, 1, exact_args, 3,
-                                         carvq_screen_exact_op, GGML_N_TASKS_MAX, (void *) &screen);
-    ggml_set_name(exact, "carvq_screen_exact");
-    ggml_tensor * logits_args[3] = { scores, cur, exact };
-    ggml_tensor * logits = ggml_custom_4d(ctx, GGML_TYPE_F32, l.n_vocab, cur->ne[1], 1, 1, logits_args, 3,
-                                          carvq_screen_logits_op, GGML_N_TASKS_MAX, (void *) &screen);
-    ggml_set_name(logits, "carvq_screen_logits");
-    return logits;
+    return carvq_build_screened(ctx, screen, cur, k, carvq_screen_exact_op, w, (void *) &screen);
 }
 
 static ggml_tensor * carvq_as_f32(ggml_context * ctx, ggml_tensor * t) {

@@ -126,6 +126,9 @@ struct llama_carvq {
     // carvq.head_copy: output.weight is the tied source's own matrix, so the codes index the
     // head too and can screen it (docs/SCREEN.md)
     bool head_copy = false;
+    // carvq.head_codes (format v8): no output.weight; the tied head is the lookup's rows, its
+    // logits computed from the codes (llama_carvq_build_head with a null head)
+    bool head_codes = false;
     // the screen index's tensors as loaded (all null without one: output.carvq.*)
     ggml_tensor * screen_codes = nullptr, * screen_codebooks = nullptr, * screen_hot_ids = nullptr,
                 * screen_hot_codes = nullptr, * screen_hot_codebooks = nullptr, * screen_projection = nullptr;
@@ -134,8 +137,10 @@ struct llama_carvq {
     ggml_tensor * screen_fix = nullptr, * screen_fix_dirs = nullptr;
     int32_t screen_fix_rank = 0;
     llama_carvq_screen screen; // what the screened head reads (empty: no screened head)
-    // lookup decodes from screen.blocks (the same codes, re-laid) instead of `codes`
-    bool lookup_from_blocks() const { return screen.enabled() && screen.codes == codes; }
+    // lookup decodes from screen.blocks (the same codes, re-laid) instead of `codes`; not for a
+    // coded head, whose exact op reads thousands of rows a token: a row of the blocks spans one
+    // byte in 16 of G*L*16 bytes, a row of `codes` two cache lines
+    bool lookup_from_blocks() const { return screen.enabled() && screen.codes == codes && !head_codes; }
     // the hot rows' ids, tier after tier: the file's hot_ids, or its hot map expanded
     const int32_t * hot_id_data() const {
         return hot_map != nullptr ? hot_map_ids.data() : hot_ids != nullptr ? (const int32_t *) hot_ids->data : nullptr;
@@ -195,6 +200,8 @@ void llama_carvq_check_data(llama_carvq & carvq, const llama_model_loader & ml);
 #define LLAMA_CARVQ_SCREEN_INDEX_K_MIN 2048
 #define LLAMA_CARVQ_SCREEN_INDEX_K_MAX 4096
 int64_t llama_carvq_screen_default_k(int64_t n_vocab, bool own_index, int32_t fix_rank);
+// A coded head (format v8) has no w: the logits come from the codes, screened as above or, for
+// many outputs or CARVQ_HEAD=dense, every row decoded a block at a time (never nullptr then).
 ggml_tensor * llama_carvq_build_head(ggml_context * ctx, const llama_carvq & carvq, ggml_tensor * w, ggml_tensor * cur);
 
 // The input embeddings of `tokens` (I32 [n_tokens]) as an F32 [n_embd, n_tokens] tensor:

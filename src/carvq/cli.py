@@ -219,7 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(instant, but SentencePiece-BPE vocabularies such as Gemma's rank their single characters "
                         "last) (default: model)")
     c.add_argument("--head-type", help="type of the output.weight written for a tied model (default: Q5_0, or a byte "
-                                       "copy of the source embedding when that is as small); the source type keeps the head exact")
+                                       "copy of the source embedding when that is as small); the source type keeps the head exact; "
+                                       "'codes' writes no head at all: the tied head is the lookup's own rows, its logits "
+                                       "computed from the codes (format v8; pair it with --target-bpw 3 or more, "
+                                       "docs/FORMAT.md \"Coded head\")")
     c.add_argument("--tiers", action=argparse.BooleanOptionalAction, default=True,
                    help="hot rows in tiers (format v4): fit one level deeper than the configuration (up to 2.1 bpw the "
                         "--target-bpw family's point at its bpw + 0.9, wider hot rows) and trim it back to "

@@ -22,10 +22,11 @@ TIERS_FORMAT_VERSION = 4  # ... with hot rows in tiers (version 4 = version 3 + 
 FIX_FORMAT_VERSION = 5  # ... with a screen correction (version 5 = version 4 + carvq.screen_fix.*)
 TRANSFORM_FORMAT_VERSION = 6  # ... with a lookup transform (version 6 = version 5 + carvq.transform)
 HOT_MAP_FORMAT_VERSION = 7  # ... with the hot rows' membership as a bitmap (version 7 = version 6 + carvq.hot_map)
+HEAD_CODES_FORMAT_VERSION = 8  # ... with a coded head (version 8 = version 7 + carvq.head_codes)
 # general.architecture values a CARVQ file may name (FORMAT.md "Architectures"; carvq.h's
 # CARVQ_ARCHITECTURES): graphs that read the input embedding only through build_inp_embd
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)  # version 1 is version 2 without hot rows
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)  # version 1 is version 2 without hot rows
 
 # limits (FORMAT.md "Metadata keys"; carvq.h CARVQ_MAX_*)
 MAX_LEVELS = 16  # L and Lh
@@ -60,6 +61,7 @@ class Key:
     HOT_TIERS = "carvq.hot_tiers"
     TRANSFORM = "carvq.transform"
     HOT_MAP = "carvq.hot_map"
+    HEAD_CODES = "carvq.head_codes"
 
 
 class ScreenKey:
@@ -213,6 +215,8 @@ class CarvqTensors:
 
     screen: "ScreenIndex | None" = None  # the output head's own index (version 3)
     screen_fix: "ScreenFix | None" = None  # the screen correction (version 5)
+    # the coded head (version 8): a tied source's head is these very rows, no output.weight
+    head_codes: bool = False
 
     def named(self) -> list[tuple[str, np.ndarray]]:
         """(tensor name, array) in file order, packed codes as I8 as stored; the screen
@@ -536,13 +540,37 @@ def read_tensors(source) -> CarvqTensors:
     if bad is not None:
         raise CarvqError(f"CARVQ tensor {bad} holds non-finite values")
     found.screen = read_screen_index(reader, lo)
-    found.screen_fix = read_screen_fix(reader, lo, found.screen is not None)
+    found.head_codes = read_head_codes(reader, lo, found.screen is not None)
+    found.screen_fix = read_screen_fix(reader, lo, found.screen is not None or found.head_codes)
     return found
+
+
+def read_head_codes(reader, lo: Layout, has_index: bool) -> bool:
+    """carvq.head_codes (FORMAT.md "Coded head", version 8), checked as the loader checks it:
+    the head is the lookup's rows, so the file has no output.weight, no head copy, no adaptor
+    and no screen index of its own."""
+    version = int(_key(reader, Key.VERSION, "UINT32"))
+    if not _flag(reader, Key.HEAD_CODES, HEAD_CODES_FORMAT_VERSION, version):
+        return False
+    if bool(gio.field_value(reader, Key.HEAD_COPY, False)):
+        raise CarvqError(f"CARVQ metadata keys {Key.HEAD_CODES} and {Key.HEAD_COPY} are both true: the head is "
+                         f"either a copy in {gio.HEAD} or the codes")
+    if gio.tensor_by_name(reader, gio.HEAD) is not None:
+        raise CarvqError(f"CARVQ metadata key {Key.HEAD_CODES} says the head is read from the codes, but the file "
+                         f"has an {gio.HEAD} too")
+    if lo.adaptor_rank:
+        raise CarvqError(f"CARVQ metadata key {Key.HEAD_CODES} needs {Key.ADAPTOR_RANK} 0 (the head's rows are the "
+                         f"codes' sums), the file says {lo.adaptor_rank}")
+    if has_index:
+        raise CarvqError(f"CARVQ metadata key {Key.HEAD_CODES}: a coded head is screened by the lookup's own codes, "
+                         "but the file has a screen index (output.carvq.*) too")
+    return True
 
 
 def read_screen_fix(reader, lo: Layout, has_index: bool) -> ScreenFix | None:
     """The screen correction (FORMAT.md "Screen correction", version 5), or None without one. It
-    corrects a screen: the file must have a head copy or a screen index, and output.weight."""
+    corrects a screen: the file must have a head copy or a screen index, and output.weight, or a
+    coded head (has_index is then true: the lookup's codes screen it)."""
     if reader.get_field(FIX_RANK) is None:
         _refuse_stray(reader, (SCREEN_FIX, SCREEN_FIX_DIRS), f"the file has no {FIX_RANK} key")
         return None
@@ -554,7 +582,10 @@ def read_screen_fix(reader, lo: Layout, has_index: bool) -> ScreenFix | None:
         raise CarvqError(f"CARVQ metadata key {FIX_RANK} is {rank}, expected 1..{MAX_FIX_RANK}")
     head = gio.tensor_by_name(reader, gio.HEAD)
     head_copy = bool(gio.field_value(reader, Key.HEAD_COPY)) if reader.get_field(Key.HEAD_COPY) is not None else False
-    if head is None or tuple(int(x) for x in head.shape[:2]) != (lo.n_embd, lo.n_vocab) or not (head_copy or has_index):
+    coded = bool(_key(reader, Key.HEAD_CODES, "BOOL", required=False))
+    if coded and has_index and head is None:
+        pass  # a coded head: the lookup's codes screen the lookup's own rows
+    elif head is None or tuple(int(x) for x in head.shape[:2]) != (lo.n_embd, lo.n_vocab) or not (head_copy or has_index):
         raise CarvqError(f"CARVQ tensor {SCREEN_FIX} corrects a screen, but the file has none "
                          f"(a {lo.n_vocab} x {lo.n_embd} {gio.HEAD} with a head copy or a screen index)")
 
@@ -619,6 +650,7 @@ class Provenance:
     head_copy: bool  # the writer added output.weight for a tied source
     bpw: float  # carvq.bpw: the lookup, every token_embd.carvq.* tensor
     head_bpw: float  # carvq.head_bpw: the head copy, 0 without one
+    head_codes: bool = False  # carvq.head_codes: no head copy, the tied head is the lookup's rows (version 8)
     screen_bpw: float = 0.0  # carvq.screen.bpw: the screen index, every output.carvq.* tensor
 
 
@@ -641,7 +673,7 @@ def add_metadata(writer, layout: Layout, provenance: Provenance, screen: ScreenI
     import gguf
 
     tiered = len(layout.tier_rows) > 1
-    version = (HOT_MAP_FORMAT_VERSION if layout.hot_map else
+    version = (HEAD_CODES_FORMAT_VERSION if provenance.head_codes else HOT_MAP_FORMAT_VERSION if layout.hot_map else
                TRANSFORM_FORMAT_VERSION if layout.transform else FIX_FORMAT_VERSION if fix is not None else
                TIERS_FORMAT_VERSION if tiered else FORMAT_VERSION if screen is None else SCREEN_FORMAT_VERSION)
     writer.add_uint32(Key.VERSION, version)
@@ -674,6 +706,8 @@ def add_metadata(writer, layout: Layout, provenance: Provenance, screen: ScreenI
         writer.add_bool(Key.TRANSFORM, True)
     if layout.hot_map:
         writer.add_bool(Key.HOT_MAP, True)
+    if provenance.head_codes:
+        writer.add_bool(Key.HEAD_CODES, True)
 
 
 def write_model(source_reader, out, arch: str, tensors: CarvqTensors, provenance: Provenance,
