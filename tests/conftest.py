@@ -206,11 +206,12 @@ def rewrite_gguf(src: Path, dst: Path, *, version: int | None = None, drop_keys=
     gio.write_gguf(writer, dst, progress=False)
 
 
-def check_screened_candidates(path: Path, ids: list[int], k: int) -> None:
+def check_screened_candidates(path: Path, ids: list[int], k: int, max_others_exact: int = 3) -> None:
     """The patched llama.cpp's screened head at every position of `ids`: its k exact rows are the
     NumPy reference's top-k of the same scan (src/carvq/screen.py: the head's own index with its
     projection, else the lookup's codes in their frame, plus the screen correction), their logits
-    the dense head's, and (ties aside) no other row is exact."""
+    the dense head's, and (ties aside) no other row is exact. A coded head's tail is approximated
+    from the very codes it is, so rows outside the top-k may come out exact there too."""
     import numpy as np
 
     from carvq import format as fmt
@@ -236,4 +237,4 @@ def check_screened_candidates(path: Path, ids: list[int], k: int) -> None:
         close = np.isclose(screened[p], dense[p], rtol=1e-5, atol=1e-5 * np.abs(dense[p]).max())
         exact = set(np.nonzero(close)[0].tolist())
         assert want <= exact, f"position {p}: candidates {sorted(want - exact)} are not exact"
-        assert len(exact - want) <= 3, f"position {p}: rows outside the top-k came out exact: {sorted(exact - want)}"
+        assert len(exact - want) <= max_others_exact, f"position {p}: rows outside the top-k came out exact: {sorted(exact - want)}"
