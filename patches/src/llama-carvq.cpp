@@ -968,7 +968,7 @@ struct carvq_screen_scratch {
     std::vector<float> hp; // the hidden state projected into a screen index's metric
     std::vector<float> rows_f32;   // a coded head's rows, decoded (carvq_coded_head_row)
     std::vector<float> hps;        // the dense coded head's hidden states, projected
-    std::vector<float> coded_t, coded_th; // a coded head's tables (carvq_coded_tables_build)
+    std::vector<float> coded_t, coded_th, coded_single; // a coded head's tables (carvq_coded_tables_build)
 
     carvq_screen_tables build(const llama_carvq_screen & s, const float * h) {
         const carvq_layout & l = s.layout;
@@ -1118,6 +1118,7 @@ static char * carvq_candidate_ids(const ggml_tensor * exact_t, int64_t p) {
 // and deterministic, and cheaper than a barrier) and computes an nth of them; thread 0 stores
 // the ids.
 #define CARVQ_EXACT_RUN 64 // candidates a thread takes at a time
+#define CARVQ_CODED_AHEAD 6 // candidates ahead whose codes the coded head's exact op hints
 
 static void carvq_screen_exact_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const llama_carvq_screen & screen = *(const llama_carvq_screen *) userdata;
@@ -1256,40 +1257,60 @@ static void carvq_coded_head_row(const llama_carvq & carvq, int32_t id, float * 
     }
 }
 
-// Per-token tables of the coded head's exact op: entry (g, l, c) = hp_g . C[g][l][c], for the
-// lookup's levels and each hot tier's, in the codebooks' order ({d, K, L, G}; hot {d, K, Lh, T*G}).
-// A row's logit is then the sum of its codes' entries, G x (L + Lh per tier it is in) adds instead
-// of decoding n floats (the hot levels through the scalar path) and a dot product.
-static void carvq_coded_tables_build(const float * cb, int64_t GL, int64_t per_group, int64_t G, int64_t K, int64_t d,
-                                     const float * hp, std::vector<float> & out) {
-    out.resize((size_t) (GL * K));
-    for (int64_t gl = 0; gl < GL; ++gl) {
-        const float * h = hp + ((gl / per_group) % G) * d; // hot tiers: T x G groups
-        for (int64_t c = 0; c < K; ++c) {
-            const float * v = cb + (gl * K + c) * d;
-            float acc = 0.0f;
-            for (int64_t i = 0; i < d; ++i) {
-                acc += h[i] * v[i];
+// Per-token tables of the coded head's exact op. First, per code position j = g*L + l of a row,
+// the 16 entries hp_g . C[g][l][c] (the codebooks' order: {d, K, L, G}; a hot tier's {d, K, Lh, G}
+// after the tiers before it); then, per packed byte of a row (positions 2i and 2i + 1), the 256
+// sums of its two entries, so that a row's logit is one lookup a byte: G*L/2 (+ G*Lh/2 a tier it
+// is in) adds instead of decoding n floats (the hot levels through the scalar path) and a dot
+// product. Gemma-3 at 3.0 bpw: 120 bytes a row, the byte tables 120 KiB.
+static void carvq_coded_tables_build(const float * cb, int64_t n_sets, int64_t GL, int64_t L, int64_t K, int64_t d,
+                                     const float * hp, std::vector<float> & single, std::vector<float> & pairs) {
+    const int64_t B = (GL + 1) / 2;
+    single.assign((size_t) (GL * 16), 0.0f);
+    pairs.resize((size_t) (n_sets * B * 256));
+    for (int64_t set = 0; set < n_sets; ++set) {
+        for (int64_t j = 0; j < GL; ++j) {
+            const float * h = hp + (j / L) * d;
+            for (int64_t c = 0; c < K; ++c) {
+                const float * v = cb + ((set * GL + j) * K + c) * d;
+                float acc = 0.0f;
+                for (int64_t i = 0; i < d; ++i) {
+                    acc += h[i] * v[i];
+                }
+                single[(size_t) (j * 16 + c)] = acc;
             }
-            out[(size_t) (gl * K + c)] = acc;
+        }
+        float * out = pairs.data() + set * B * 256;
+        for (int64_t b = 0; b < B; ++b) {
+            const float * lo = single.data() + (2 * b) * 16;
+            const bool has_hi = 2 * b + 1 < GL; // an odd G*L leaves the last byte's high nibble as padding
+            for (int64_t x = 0; x < 256; ++x) {
+                out[b * 256 + x] = lo[x & 15] + (has_hi ? lo[16 + (x >> 4)] : 0.0f);
+            }
         }
     }
 }
 
-static inline float carvq_coded_sum(const uint8_t * crow, const float * table, int64_t GL, int64_t K) {
-    float acc[4] = { 0.0f, 0.0f, 0.0f, 0.0f };
-    int64_t j = 0;
-    for (; j + 4 <= GL; j += 4) {
-        const uint8_t b0 = crow[j >> 1], b1 = crow[(j >> 1) + 1];
-        acc[0] += table[(j + 0) * K + (b0 & 15)];
-        acc[1] += table[(j + 1) * K + (b0 >> 4)];
-        acc[2] += table[(j + 2) * K + (b1 & 15)];
-        acc[3] += table[(j + 3) * K + (b1 >> 4)];
+// acc[r] += the sum of row r's bytes' entries in a set of byte tables, for n rows of B bytes
+static void carvq_coded_sums(const uint8_t * const * rows, int64_t n, const float * pairs, int64_t B, float * acc) {
+    for (int64_t b = 0; b < B; ++b) {
+        const float * table = pairs + b * 256;
+        for (int64_t r = 0; r < n; ++r) {
+            acc[r] += table[rows[r][b]];
+        }
     }
-    for (; j < GL; ++j) {
-        acc[0] += table[j * K + ((crow[j >> 1] >> ((j & 1) * 4)) & 15)];
+}
+
+// The first position in [at, end) of sorted ids whose id is >= id: a gallop from `at` (the ids a
+// run asks for increase, and dozens of hot rows may lie between two of them), then a bisection
+static int64_t carvq_coded_seek(const int32_t * ids, int64_t at, int64_t end, int32_t id) {
+    int64_t step = 1, lo = at;
+    while (at < end && ids[at] < id) {
+        lo = at + 1;
+        at = std::min(end, at + step);
+        step *= 2;
     }
-    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    return std::lower_bound(ids + lo, ids + at, id) - ids;
 }
 
 // Rows of hot tier t (one tier when the file has no tiers)
@@ -1332,39 +1353,46 @@ static void carvq_coded_head_exact_op(ggml_tensor * dst, int ith, int nth, void 
         }
         const float * h = carvq_coded_head_state(carvq, carvq_column(cur, p), sc.hp.data());
         // every thread builds the tables (a few hundred thousand multiply-adds; no barrier inside an op)
-        carvq_coded_tables_build(carvq_coded_head_codebooks(carvq, false), GL, l.levels, G, K, l.group_size, h, sc.coded_t);
+        carvq_coded_tables_build(carvq_coded_head_codebooks(carvq, false), 1, GL, l.levels, K, l.group_size, h,
+                                 sc.coded_single, sc.coded_t);
         if (n_tiers > 0) {
-            carvq_coded_tables_build(carvq_coded_head_codebooks(carvq, true), n_tiers * GLh, l.hot_levels, G, K,
-                                     l.group_size, h, sc.coded_th);
+            carvq_coded_tables_build(carvq_coded_head_codebooks(carvq, true), n_tiers, GLh, l.hot_levels, K,
+                                     l.group_size, h, sc.coded_single, sc.coded_th);
         }
         float * out = (float *) ((char *) dst->data + p * dst->nb[1]);
-        // runs of CARVQ_EXACT_RUN candidates dealt out in turn, as in carvq_screen_exact_op; the
-        // ids increase, so each tier's position is found once a run and then only moves forward
+        // runs of CARVQ_EXACT_RUN candidates dealt out in turn, as in carvq_screen_exact_op. A run
+        // first finds its rows' codes, the lookup's and each hot tier's (the ids increase, so each
+        // tier's position only moves forward), then adds them up a byte position at a time over all
+        // its rows: that position's table (1 KiB) stays in L1, and the run's scattered code rows are
+        // fetched side by side, not one after another
         for (int64_t run = ith; run * CARVQ_EXACT_RUN < m; run += nth) {
-            const int64_t i0 = run * CARVQ_EXACT_RUN, i1 = std::min(m, i0 + CARVQ_EXACT_RUN);
-            int64_t at[CARVQ_MAX_HOT_TIERS];
+            const int64_t i0 = run * CARVQ_EXACT_RUN, nr = std::min(m, i0 + CARVQ_EXACT_RUN) - i0;
+            const uint8_t * rows[CARVQ_EXACT_RUN];
+            float acc[CARVQ_EXACT_RUN];
+            for (int64_t r = 0; r < nr; ++r) {
+                rows[r] = carvq_coded_head_codes(carvq, sc.ids[(size_t) (i0 + r)]);
+                acc[r] = 0.0f;
+            }
+            carvq_coded_sums(rows, nr, sc.coded_t.data(), (GL + 1) / 2, acc);
             for (int64_t t = 0, start = 0; t < n_tiers; start += carvq_coded_tier_rows(l, t), ++t) {
-                at[t] = std::lower_bound(hot_ids + start, hot_ids + start + carvq_coded_tier_rows(l, t), sc.ids[(size_t) i0]) -
-                        hot_ids;
-            }
-            for (int64_t i = i0; i < i1; ++i) {
-                const int32_t id = sc.ids[(size_t) i];
-                if (i + 8 < i1) {
-                    // the rows are scattered: hint a later candidate's codes while summing this one's
-                    carvq_prefetch_bytes(carvq_coded_head_codes(carvq, sc.ids[(size_t) i + 8]), (size_t) ((GL + 1) / 2));
-                }
-                float logit = carvq_coded_sum(carvq_coded_head_codes(carvq, id), sc.coded_t.data(), GL, K);
-                for (int64_t t = 0, start = 0; t < n_tiers; start += carvq_coded_tier_rows(l, t), ++t) {
-                    const int64_t end = start + carvq_coded_tier_rows(l, t);
-                    while (at[t] < end && hot_ids[at[t]] < id) {
-                        ++at[t];
-                    }
-                    if (at[t] < end && hot_ids[at[t]] == id) {
-                        logit += carvq_coded_sum(hot_codes + at[t] * Bh, sc.coded_th.data() + t * GLh * K, GLh, K);
+                const int64_t end = start + carvq_coded_tier_rows(l, t);
+                const uint8_t * hot[CARVQ_EXACT_RUN];
+                float hot_acc[CARVQ_EXACT_RUN];
+                int64_t of[CARVQ_EXACT_RUN], n_hot = 0, at = start;
+                for (int64_t r = 0; r < nr; ++r) {
+                    at = carvq_coded_seek(hot_ids, at, end, sc.ids[(size_t) (i0 + r)]);
+                    if (at < end && hot_ids[at] == sc.ids[(size_t) (i0 + r)]) {
+                        hot[n_hot] = hot_codes + at * Bh;
+                        hot_acc[n_hot] = 0.0f;
+                        of[n_hot++] = r;
                     }
                 }
-                out[i] = logit;
+                carvq_coded_sums(hot, n_hot, sc.coded_th.data() + t * Bh * 256, Bh, hot_acc);
+                for (int64_t j = 0; j < n_hot; ++j) {
+                    acc[of[j]] += hot_acc[j];
+                }
             }
+            memcpy(out + i0, acc, (size_t) nr * sizeof(float));
         }
     }
 }

@@ -98,6 +98,9 @@ def carvq_summary(reader) -> list[str]:
         lines.append(f"  head copy added for a tied source: {head.tensor_type.name}, {hb:,} bytes = {8 * hb / n_w:.4f} bpw; "
                      f"lookup + head = {8 * (carvq_bytes + hb) / n_w:.4f} bpw")
     tensors = fmt.read_tensors(reader)
+    if tensors.head_codes:
+        lines.append(f"  coded head (format v8): the tied head is the lookup's own rows, no head copy; "
+                     f"lookup + head = {8 * carvq_bytes / n_w:.4f} bpw")
     screen = tensors.screen
     if tensors.screen_fix is not None:
         fb = tensors.screen_fix.nbytes
