@@ -36,6 +36,8 @@ print(f"embedding lookup: {mib(embd.n_bytes):.2f} MiB ({embd.tensor_type.name}) 
 if gio.field_value(out, fmt.Key.HEAD_COPY):
     print(f"output head: the source shares it with the lookup; CARVQ needs its own copy: "
           f"+{mib(head.n_bytes):.2f} MiB ({head.tensor_type.name}; --head-type trades its precision for size)")
+elif gio.field_value(out, fmt.Key.HEAD_CODES, False):
+    print("output head: the lookup itself, as in the source (a coded head, format v8: no head copy)")
 a, b = (os.path.getsize(p) for p in sys.argv[1:3])
 print(f"file: {mib(a):.1f} MiB -> {mib(b):.1f} MiB")
 PY
