@@ -1118,7 +1118,6 @@ static char * carvq_candidate_ids(const ggml_tensor * exact_t, int64_t p) {
 // and deterministic, and cheaper than a barrier) and computes an nth of them; thread 0 stores
 // the ids.
 #define CARVQ_EXACT_RUN 64 // candidates a thread takes at a time
-#define CARVQ_CODED_AHEAD 6 // candidates ahead whose codes the coded head's exact op hints
 
 static void carvq_screen_exact_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const llama_carvq_screen & screen = *(const llama_carvq_screen *) userdata;
@@ -1226,10 +1225,7 @@ static void carvq_screen_logits_op(ggml_tensor * dst, int ith, int nth, void * u
 
 // ---- the coded head (format v8): the tied head's logits from the lookup's codes ------------
 
-// Row `id` of the lookup before its transform (the RVQ levels, then the hot tiers' levels) into
-// out (n floats): what carvq_rvq_op writes for that token, so a logit is this row times the
-// hidden state projected by the transform (carvq_coded_head_state), as the screen's tables are.
-// (F32 codebooks: the screen converted F16 ones at load, and the hot levels' scalar adds would
+// The codebooks as F32 (the screen converted F16 ones at load; the hot levels' scalar adds would
 // otherwise convert every value they read)
 static const float * carvq_coded_head_codebooks(const llama_carvq & carvq, bool hot) {
     const llama_carvq_screen & sc = carvq.screen;
@@ -1246,6 +1242,9 @@ static const uint8_t * carvq_coded_head_codes(const llama_carvq & carvq, int32_t
     return (const uint8_t *) carvq.codes->data + (int64_t) id * ((l.n_embd / l.group_size * l.levels + 1) / 2);
 }
 
+// Row `id` of the lookup before its transform (the RVQ levels, then the hot tiers' levels) into
+// out (n floats): what carvq_rvq_op writes for that token, so a logit is this row times the
+// hidden state projected by the transform (carvq_coded_head_state), as the screen's tables are
 static void carvq_coded_head_row(const llama_carvq & carvq, int32_t id, float * out) {
     const carvq_layout * l = &carvq.layout;
     const int32_t zero = 0;
