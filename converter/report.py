@@ -9,6 +9,7 @@ import numpy as np
 from carvq.gguf_io import row_chunks
 
 from carvq.converter.config import Config
+from carvq.converter.head import CODED_HEAD
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class Report:
         if self.head_copied:
             lines.append(f"  note: the source ties its output head to the embedding; the head copy costs "
                          f"{self.head_bytes / 2**20:.2f} MiB ({self.bpw(self.head_bytes):.3f} bpw)")
-        elif self.head_type == "codes":
+        elif self.head_type == CODED_HEAD:
             lines.append("  note: coded head (format v8): the tied head is the lookup's own rows, no head copy; "
                          "lookup + head = the lookup's bpw")
         lines += [f"  note: {n}" for n in self.notes]

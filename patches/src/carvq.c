@@ -130,7 +130,7 @@ static int carvq_fits_size_t(int64_t x) {
 }
 
 // hot tiers of a layout whose hot_tiers is in 0..CARVQ_MAX_HOT_TIERS: 0 and 1 both mean one tier
-static int64_t carvq_tier_count(const struct carvq_layout * l) {
+int64_t carvq_layout_hot_tier_count(const struct carvq_layout * l) {
     return l->hot_tiers >= 2 ? l->hot_tiers : 1;
 }
 
@@ -186,7 +186,7 @@ static int carvq_layout_sizes(const struct carvq_layout * l, struct carvq_sizes 
         return 1;
     }
     // a row may be in every tier: N is at most T*V
-    const int64_t tiers = carvq_tier_count(l);
+    const int64_t tiers = carvq_layout_hot_tier_count(l);
     const int64_t max_hot = l->n_vocab > INT64_MAX / tiers ? INT64_MAX : l->n_vocab * tiers;
     if (l->hot_rows < 0 || l->hot_rows > max_hot) {
         carvq_err_set(err, err_size, "carvq.hot_rows %" PRId64 " outside 0..%" PRId64, l->hot_rows, max_hot);
@@ -267,7 +267,7 @@ static int carvq_layout_sizes(const struct carvq_layout * l, struct carvq_sizes 
         s->GLh = GLh;
         s->Bh = GLh / 2 + (GLh & 1);
         s->hot_cb_nel = hot_cb_nel;
-        s->T = carvq_tier_count(l);
+        s->T = carvq_layout_hot_tier_count(l);
     }
     return 0;
 }
@@ -406,7 +406,7 @@ int carvq_codes_check(const struct carvq_layout * l, const uint8_t * codes, char
 }
 
 // rows of hot tier t of a checked layout (the one tier of N rows when hot_tiers < 2)
-static int64_t carvq_tier_rows(const struct carvq_layout * l, int64_t t) {
+int64_t carvq_layout_hot_tier_rows(const struct carvq_layout * l, int64_t t) {
     return l->hot_tiers >= 2 ? l->hot_tier_rows[t] : l->hot_rows;
 }
 
@@ -416,8 +416,8 @@ int carvq_hot_check(const struct carvq_layout * l, const int32_t * hot_ids, cons
     if (carvq_layout_sizes(l, &s, err, err_size)) {
         return 1;
     }
-    for (int64_t t = 0, j = 0, start = 0; t < s.T; start += carvq_tier_rows(l, t), ++t) {
-        for (; j < start + carvq_tier_rows(l, t); ++j) {
+    for (int64_t t = 0, j = 0, start = 0; t < s.T; start += carvq_layout_hot_tier_rows(l, t), ++t) {
+        for (; j < start + carvq_layout_hot_tier_rows(l, t); ++j) {
             if (hot_ids[j] < 0 || hot_ids[j] >= l->n_vocab || (j > start && hot_ids[j] <= hot_ids[j - 1])) {
                 carvq_err_set(err, err_size, "hot_ids[%" PRId64 "] = %" PRId32 ": hot ids must increase strictly "
                         "within 0..%" PRId64 " in each tier", j, hot_ids[j], l->n_vocab - 1);
@@ -437,7 +437,7 @@ int64_t carvq_layout_hot_map_nbytes(const struct carvq_layout * l) {
     // tier 0's bitmap over the V tokens, tier t's over the rows of tier t - 1, each in whole bytes
     int64_t bytes = (l->n_vocab + 7) / 8;
     for (int64_t t = 0; t + 1 < s.T; ++t) {
-        bytes += (carvq_tier_rows(l, t) + 7) / 8;
+        bytes += (carvq_layout_hot_tier_rows(l, t) + 7) / 8;
     }
     return bytes;
 }
@@ -458,7 +458,7 @@ int carvq_hot_map_expand(const struct carvq_layout * l, const uint8_t * hot_map,
     const int32_t * parent = NULL; // NULL: the tokens 0..V-1
     int64_t parent_rows = l->n_vocab, out = 0;
     for (int64_t t = 0; t < s.T; ++t) {
-        const int64_t rows = carvq_tier_rows(l, t), start = out;
+        const int64_t rows = carvq_layout_hot_tier_rows(l, t), start = out;
         for (int64_t i = 0; i < parent_rows; ++i) {
             if ((hot_map[i >> 3] >> (i & 7)) & 1) {
                 if (out - start == rows) {
@@ -834,8 +834,8 @@ void carvq_rows_hot_add(const struct carvq_layout * l, const int32_t * hot_ids, 
     struct carvq_geom gm;
     carvq_geom_init(&gm, l, l->hot_levels, 1);
     const int64_t tier_cb_bytes = gm.G * gm.LKD * (cb_type == CARVQ_CODEBOOK_F16 ? 2 : 4); // one tier's (G, Lh, K, d)
-    for (int64_t t = 0, start = 0; t < carvq_tier_count(l); start += carvq_tier_rows(l, t), ++t) {
-        const int64_t rows = carvq_tier_rows(l, t);
+    for (int64_t t = 0, start = 0; t < carvq_layout_hot_tier_count(l); start += carvq_layout_hot_tier_rows(l, t), ++t) {
+        const int64_t rows = carvq_layout_hot_tier_rows(l, t);
         const void * cb = (const uint8_t *) hot_codebooks + t * tier_cb_bytes;
         for (int64_t r = first; r < last; ++r) {
             const int64_t j = carvq_hot_find(hot_ids + start, rows, ids[r]);

@@ -104,6 +104,10 @@ int carvq_layout_codebooks_ne(const struct carvq_layout * l, int64_t ne[4]);
 // Bh = ceil(G*Lh / 2), hot_codebooks ne = { d, K, Lh, T*G } (T = 1 unless hot_tiers >= 2).
 int carvq_layout_hot_codes_ne    (const struct carvq_layout * l, int64_t ne[2]);
 int carvq_layout_hot_codebooks_ne(const struct carvq_layout * l, int64_t ne[4]);
+// The hot tiers: T (1 when hot_tiers < 2), and N_t, the rows of tier t in 0..T-1 (N when
+// hot_tiers < 2). Unchecked, for hot loops: the layout must have passed carvq_layout_check.
+int64_t carvq_layout_hot_tier_count(const struct carvq_layout * l);
+int64_t carvq_layout_hot_tier_rows (const struct carvq_layout * l, int64_t t);
 
 // ---- data checks (the layout must have passed carvq_layout_check) ------------------------
 

@@ -1312,11 +1312,6 @@ static int64_t carvq_coded_seek(const int32_t * ids, int64_t at, int64_t end, in
     return std::lower_bound(ids + lo, ids + at, id) - ids;
 }
 
-// Rows of hot tier t (one tier when the file has no tiers)
-static int64_t carvq_coded_tier_rows(const carvq_layout & l, int64_t t) {
-    return l.hot_tiers >= 2 ? l.hot_tier_rows[t] : l.hot_rows;
-}
-
 // The hidden state h as the rows above meet it: h @ transform (format v6), else h itself
 static const float * carvq_coded_head_state(const llama_carvq & carvq, const float * h, float * projected) {
     const std::vector<float> & t = carvq.screen.transform_f32;
@@ -1327,8 +1322,9 @@ static const float * carvq_coded_head_state(const llama_carvq & carvq, const flo
     return projected;
 }
 
-// dst (F32 [k, n_out, 2]) as carvq_screen_exact_op's, the candidates' logits from their decoded
-// rows (a coded head has no output.weight to read). src[0] the scores, src[1] the hidden states.
+// dst (F32 [k, n_out, 2]) as carvq_screen_exact_op's, the candidates' logits summed from their
+// codes by byte tables (a coded head has no output.weight to read). src[0] the scores, src[1] the
+// hidden states.
 static void carvq_coded_head_exact_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const llama_carvq & carvq = *(const llama_carvq *) userdata;
     const ggml_tensor * scores_t = dst->src[0];
@@ -1337,7 +1333,7 @@ static void carvq_coded_head_exact_op(ggml_tensor * dst, int ith, int nth, void 
     const int64_t V = scores_t->ne[0] - CARVQ_SCORES_TRAILER;
     const carvq_layout & l = carvq.layout;
     const int64_t G = l.n_embd / l.group_size, GL = G * l.levels, GLh = G * l.hot_levels, K = l.codebook_size;
-    const int64_t n_tiers = l.hot_rows == 0 ? 0 : std::max<int64_t>(1, l.hot_tiers);
+    const int64_t n_tiers = l.hot_rows == 0 ? 0 : carvq_layout_hot_tier_count(&l);
     const int32_t * hot_ids = carvq.hot_id_data();
     const uint8_t * hot_codes = l.hot_rows > 0 ? (const uint8_t *) carvq.hot_codes->data : nullptr;
     const int64_t Bh = (GLh + 1) / 2;
@@ -1373,8 +1369,8 @@ static void carvq_coded_head_exact_op(ggml_tensor * dst, int ith, int nth, void 
                 acc[r] = 0.0f;
             }
             carvq_coded_sums(rows, nr, sc.coded_t.data(), (GL + 1) / 2, acc);
-            for (int64_t t = 0, start = 0; t < n_tiers; start += carvq_coded_tier_rows(l, t), ++t) {
-                const int64_t end = start + carvq_coded_tier_rows(l, t);
+            for (int64_t t = 0, start = 0; t < n_tiers; start += carvq_layout_hot_tier_rows(&l, t), ++t) {
+                const int64_t end = start + carvq_layout_hot_tier_rows(&l, t);
                 const uint8_t * hot[CARVQ_EXACT_RUN];
                 float hot_acc[CARVQ_EXACT_RUN];
                 int64_t of[CARVQ_EXACT_RUN], n_hot = 0, at = start;
@@ -1459,6 +1455,19 @@ int64_t llama_carvq_screen_default_k(int64_t n_vocab, bool own_index, int32_t fi
     return std::min<int64_t>(n_vocab, std::max<int64_t>(4096, std::min<int64_t>(8192, n_vocab / 4)));
 }
 
+// CARVQ_HEAD for a batch of n_out outputs: screened (true, k its candidates), or dense. "auto"
+// screens at most LLAMA_CARVQ_SCREEN_MAX_OUTPUTS outputs, where k is at most a
+// 1/LLAMA_CARVQ_SCREEN_MIN_SHARE of the rows (reading k exact rows as well as the codes does not
+// pay above that, bench/screen.py)
+static bool carvq_head_screens(const llama_carvq_screen & screen, int64_t n_out, long long * k) {
+    const std::string mode = carvq_env("CARVQ_HEAD", "auto");
+    if (mode == "dense" || (mode != "screened" && n_out > LLAMA_CARVQ_SCREEN_MAX_OUTPUTS)) {
+        return false;
+    }
+    *k = carvq_screen_k(screen, true);
+    return mode == "screened" || *k * LLAMA_CARVQ_SCREEN_MIN_SHARE <= screen.layout.n_vocab;
+}
+
 // The screened head's three ops, because each needs all of the previous one: the scan (threads
 // over blocks of rows), the candidates' exact logits (threads over candidates; `exact_op` with
 // src {scores, cur, w...}), the logits (threads over rows)
@@ -1480,8 +1489,8 @@ static ggml_tensor * carvq_build_screened(ggml_context * ctx, const llama_carvq_
     return logits;
 }
 
-// The coded head (format v8): screened like a head copy, its candidates' logits from their decoded
-// rows; otherwise every row decoded (carvq_coded_head_dense_op)
+// The coded head (format v8): screened like a head copy, its candidates' logits from their codes
+// (carvq_coded_head_exact_op); otherwise every row decoded (carvq_coded_head_dense_op)
 static ggml_tensor * carvq_build_coded_head(ggml_context * ctx, const llama_carvq & carvq, ggml_tensor * cur) {
     const llama_carvq_screen & screen = carvq.screen;
     const carvq_layout & l = carvq.layout;
@@ -1490,14 +1499,8 @@ static ggml_tensor * carvq_build_coded_head(ggml_context * ctx, const llama_carv
                    ggml_type_name(cur->type), (long long) cur->ne[0], (long long) cur->ne[1], (long long) cur->ne[2],
                    (long long) cur->ne[3], (long long) l.n_embd);
     }
-    const std::string mode = carvq_env("CARVQ_HEAD", "auto");
-    bool screened = screen.enabled() && cur->ne[1] >= 1 && mode != "dense" &&
-                    (mode == "screened" || cur->ne[1] <= LLAMA_CARVQ_SCREEN_MAX_OUTPUTS);
-    const long long k = screened ? carvq_screen_k(screen, true) : 0;
-    if (screened && mode != "screened" && k * LLAMA_CARVQ_SCREEN_MIN_SHARE > l.n_vocab) {
-        screened = false;
-    }
-    if (screened) {
+    long long k = 0;
+    if (screen.enabled() && cur->ne[1] >= 1 && carvq_head_screens(screen, cur->ne[1], &k)) {
         return carvq_build_screened(ctx, screen, cur, k, carvq_coded_head_exact_op, nullptr, (void *) &carvq);
     }
     ggml_tensor * args[1] = { cur };
@@ -1525,13 +1528,9 @@ ggml_tensor * llama_carvq_build_head(ggml_context * ctx, const llama_carvq & car
                                                     ggml_get_type_traits_cpu(tr->vec_dot_type)->from_float == nullptr)) {
         return nullptr;
     }
-    const std::string mode = carvq_env("CARVQ_HEAD", "auto");
-    if (mode == "dense" || (mode != "screened" && cur->ne[1] > LLAMA_CARVQ_SCREEN_MAX_OUTPUTS)) {
+    long long k = 0;
+    if (!carvq_head_screens(screen, cur->ne[1], &k)) {
         return nullptr;
-    }
-    const long long k = carvq_screen_k(screen, true);
-    if (mode != "screened" && k * LLAMA_CARVQ_SCREEN_MIN_SHARE > l.n_vocab) {
-        return nullptr; // auto: reading k exact rows as well as the codes does not pay (bench/screen.py)
     }
     return carvq_build_screened(ctx, screen, cur, k, carvq_screen_exact_op, w, (void *) &screen);
 }

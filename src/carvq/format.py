@@ -541,7 +541,7 @@ def read_tensors(source) -> CarvqTensors:
         raise CarvqError(f"CARVQ tensor {bad} holds non-finite values")
     found.screen = read_screen_index(reader, lo)
     found.head_codes = read_head_codes(reader, lo, found.screen is not None)
-    found.screen_fix = read_screen_fix(reader, lo, found.screen is not None or found.head_codes)
+    found.screen_fix = read_screen_fix(reader, lo, found.screen is not None, found.head_codes)
     return found
 
 
@@ -567,10 +567,10 @@ def read_head_codes(reader, lo: Layout, has_index: bool) -> bool:
     return True
 
 
-def read_screen_fix(reader, lo: Layout, has_index: bool) -> ScreenFix | None:
+def read_screen_fix(reader, lo: Layout, has_index: bool, coded_head: bool = False) -> ScreenFix | None:
     """The screen correction (FORMAT.md "Screen correction", version 5), or None without one. It
     corrects a screen: the file must have a head copy or a screen index, and output.weight, or a
-    coded head (has_index is then true: the lookup's codes screen it)."""
+    coded head (read_head_codes; the lookup's codes screen the lookup's own rows)."""
     if reader.get_field(FIX_RANK) is None:
         _refuse_stray(reader, (SCREEN_FIX, SCREEN_FIX_DIRS), f"the file has no {FIX_RANK} key")
         return None
@@ -582,10 +582,8 @@ def read_screen_fix(reader, lo: Layout, has_index: bool) -> ScreenFix | None:
         raise CarvqError(f"CARVQ metadata key {FIX_RANK} is {rank}, expected 1..{MAX_FIX_RANK}")
     head = gio.tensor_by_name(reader, gio.HEAD)
     head_copy = bool(gio.field_value(reader, Key.HEAD_COPY)) if reader.get_field(Key.HEAD_COPY) is not None else False
-    coded = bool(_key(reader, Key.HEAD_CODES, "BOOL", required=False))
-    if coded and has_index and head is None:
-        pass  # a coded head: the lookup's codes screen the lookup's own rows
-    elif head is None or tuple(int(x) for x in head.shape[:2]) != (lo.n_embd, lo.n_vocab) or not (head_copy or has_index):
+    if not coded_head and (head is None or tuple(int(x) for x in head.shape[:2]) != (lo.n_embd, lo.n_vocab)
+                           or not (head_copy or has_index)):
         raise CarvqError(f"CARVQ tensor {SCREEN_FIX} corrects a screen, but the file has none "
                          f"(a {lo.n_vocab} x {lo.n_embd} {gio.HEAD} with a head copy or a screen index)")
 
