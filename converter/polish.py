@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from carvq.converter import rvq, tiers
+from carvq.converter import encoder, rvq, tiers
 from carvq.errors import CarvqError
 from carvq.format import CarvqTensors
 from carvq.gguf_io import row_chunks
@@ -39,21 +39,9 @@ ROUNDS = 2
 
 
 def _decode(cb: np.ndarray, codes: np.ndarray, depth: np.ndarray, skip: int = -1) -> np.ndarray:
-    """Rows (T, G, d): the sum of each row's first depth levels in order, level `skip` left out."""
-    T, G, D = codes.shape
-    K, d = cb.shape[2], cb.shape[3]
-    acc = np.zeros((T, G, d), np.float32)
-    offset = (np.arange(G, dtype=np.intp) * K)[None, :]
-    for k in range(D):
-        if k == skip:
-            continue
-        level = np.ascontiguousarray(cb[:, k]).reshape(G * K, d)  # one index per (row, group): np.take, not a 2-D gather
-        rows = np.nonzero(depth > k)[0]
-        if rows.size == T:
-            acc += level.take(offset + codes[:, :, k], axis=0)
-        elif rows.size:
-            acc[rows] += level.take(offset + codes[rows, :, k], axis=0)
-    return acc
+    """Rows (T, G, d): the sum of each row's first depth levels in order, level `skip` left out
+    (in C: converter/encoder.py)."""
+    return encoder.levels_sum(codes, depth, cb, skip)
 
 
 def weighted_error(M: np.ndarray, w: np.ndarray, codes: np.ndarray, cb: np.ndarray, depth: np.ndarray) -> float:
@@ -70,30 +58,13 @@ def _refit_level(M, w, codes, cb, depth, k: int, dtype, reassign: bool = False) 
     """Level k's codebooks: each vector the weighted mean of what the other levels leave, over
     the rows keeping level k that chose it; a vector no such row chose keeps its value.
     reassign: first each such row's level-k code becomes the vector nearest to what the other
-    levels leave (a k-means step on that level: neither half raises the error)."""
-    G, K, d = cb.shape[0], cb.shape[2], cb.shape[3]
-    num = np.zeros((G * K, d))
-    mass = np.zeros(G * K)
-    offset = (np.arange(G) * K)[None, :]
-    level_cb = torch.from_numpy(np.ascontiguousarray(cb[:, k]))
-    for a, b in row_chunks(M.shape[0]):
-        rows = a + np.nonzero(depth[a:b] > k)[0]
-        if rows.size == 0:
-            continue
-        left = np.asarray(M[rows], np.float32).reshape(-1, G, d) - _decode(cb, codes[rows], depth[rows], skip=k)
-        if reassign:
-            x = torch.from_numpy(np.ascontiguousarray(left.transpose(1, 0, 2)))
-            codes[rows, :, k] = rvq.assign(x, level_cb).T.numpy().astype(np.uint8)
-        slot = (offset + codes[rows, :, k]).reshape(-1)
-        weight = np.repeat(w[rows], G)
-        mass += np.bincount(slot, weights=weight, minlength=G * K)
-        left = left.reshape(-1, d)
-        for i in range(d):
-            num[:, i] += np.bincount(slot, weights=weight * left[:, i], minlength=G * K)
+    levels leave (a k-means step on that level: neither half raises the error). One pass over
+    the rows in C (converter/encoder.py), without a decoded copy of them."""
+    num, mass = encoder.level_refit(M, codes, depth, w, cb, k, reassign)
     chosen = mass > 0
-    level = cb[:, k].reshape(G * K, d)  # a copy (cb[:, k] is not contiguous): written back below
+    level = cb[:, k].copy()  # (G, K, d); written back below
     level[chosen] = (num[chosen] / mass[chosen, None]).astype(dtype).astype(np.float32)
-    cb[:, k] = level.reshape(G, K, d)
+    cb[:, k] = level
 
 
 def _reencode(M, codes, cb, depth, beam: int) -> None:
@@ -126,6 +97,7 @@ def polish(t: CarvqTensors, M: np.ndarray, w: np.ndarray, rounds: int = ROUNDS, 
     if lo.hot_rows and lo.hot_levels != 1:
         raise CarvqError("polishing works on trimmed fits (tiers of one level each)")
     codes, cb, depth = tiers.all_levels(t)  # the stored values, as float32
+    M = np.ascontiguousarray(M, np.float32)  # the C passes read its rows in place (a copy only if it is not)
     w = np.asarray(w, np.float64)
     dtype = np.asarray(t.codebooks).dtype
     before = weighted_error(M, w, codes, cb, depth)

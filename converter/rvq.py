@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from carvq.converter import memory
+from carvq.converter import encoder, memory
 from carvq.gguf_io import row_chunks
 
 # Codebooks are learnt on at most this many rows; every row is encoded at the end.
@@ -43,24 +43,13 @@ def _pick(cb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(cb, 1, idx.unsqueeze(-1).expand(-1, -1, cb.shape[2]))
 
 
-# Rows per distance block: (G x rows x K) float32 small enough to stay in cache. One big
-# (G, V, K) tensor per call spent most of the fit in page faults and memory traffic
-# (Gemma-3: assign 0.50 s -> 0.15 s per call at 65536 rows).
-_ASSIGN_ROWS = 2048
-
-
 def assign(x: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
-    """Nearest centroid per group: x (G, V, d), cb (G, K, d) -> (G, V) int64."""
+    """Nearest centroid per group: x (G, V, d), cb (G, K, d) -> (G, V) int64. In C
+    (converter/encoder.py): PyTorch's argmin over a small last dimension ran at a few GB/s."""
     G, V, _ = x.shape
-    out = torch.empty(G, V, dtype=torch.long)
-    norms = (cb * cb).sum(-1).unsqueeze(1)  # (G, 1, K); ||x||^2 does not change the argmin
-    cb_t = cb.transpose(1, 2).contiguous()
-    buf = torch.empty(G, min(V, _ASSIGN_ROWS), cb.shape[1])
-    for start in range(0, V, _ASSIGN_ROWS):
-        stop = min(V, start + _ASSIGN_ROWS)
-        dist = torch.baddbmm(norms, x[:, start:stop], cb_t, alpha=-2, out=buf[:, : stop - start])
-        out[:, start:stop] = dist.argmin(-1)
-    return out
+    out = torch.empty(G, V, 1, dtype=torch.uint8)
+    encoder.search(x.permute(1, 0, 2), cb.unsqueeze(1), 1, out.permute(1, 0, 2))
+    return out.squeeze(2).long()
 
 
 def _weighted_means(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, K: int):
@@ -73,18 +62,33 @@ def _weighted_means(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, K: int)
     return sums, mass
 
 
+def _draw(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One index per row of p (G, V), drawn with probability proportional to p: by inverting the
+    cumulative sum (torch.multinomial took 30x as long: 17 s of a 110 s conversion)."""
+    cdf = p.double().cumsum(1)
+    u = torch.rand(p.shape[0], 1, generator=gen, dtype=torch.float64) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(1).clamp_max(p.shape[1] - 1)
+
+
 def _kmeanspp(x: torch.Tensor, w: torch.Tensor, K: int, gen: torch.Generator) -> torch.Tensor:
-    """Weighted k-means++ seeding, batched over groups: x (G, V, d) -> (G, K, d)."""
+    """Weighted k-means++ seeding, batched over groups: x (G, V, d) -> (G, K, d). Distances as
+    ||x||^2 - 2 x.c + ||c||^2 (a batched matrix-vector product per seed): the direct
+    ((x - c)**2).sum(-1) made a (G, V, d) temporary per seed, a quarter of a 3.0 bpw fit."""
     G, V, d = x.shape
     first = torch.multinomial(w, G, replacement=True, generator=gen)  # one seed row per group
     cb = torch.empty(G, K, d)
     cb[:, 0] = x[torch.arange(G), first]
-    best = ((x - cb[:, :1]) ** 2).sum(-1)  # (G, V)
+    norms = (x * x).sum(-1)  # (G, V)
+
+    def dist(c: torch.Tensor) -> torch.Tensor:  # (G, d) -> (G, V)
+        return torch.baddbmm(norms.unsqueeze(-1), x, c.unsqueeze(-1), alpha=-2).squeeze(-1).add_(
+            (c * c).sum(-1, keepdim=True)).clamp_min_(0)
+
+    best = dist(cb[:, 0])
     for k in range(1, K):
-        p = best * w.view(1, V) + 1e-30
-        pick = torch.multinomial(p, 1, generator=gen).squeeze(1)
+        pick = _draw(best * w.view(1, V) + 1e-30, gen)
         cb[:, k] = x[torch.arange(G), pick]
-        best = torch.minimum(best, ((x - cb[:, k : k + 1]) ** 2).sum(-1))
+        torch.minimum(best, dist(cb[:, k]), out=best)
     return cb
 
 
@@ -201,75 +205,19 @@ def encode(M: torch.Tensor, codebooks: torch.Tensor, beam: int = 1) -> torch.Ten
     left. beam > 1 keeps the `beam` best partial code paths of every sub-vector through
     the levels and returns the path with the least final error, which greedy misses when
     an early choice that is not the nearest leaves a residual the later levels fit better.
-    The decoder is the same; only the chosen codes differ."""
+    The decoder is the same; only the chosen codes differ. The search is C's
+    (converter/csrc/carvq-encode.h), on M's rows in place: no copy of M."""
     G, L, K, d = codebooks.shape
     V = M.shape[0]
     codes = torch.empty(V, G, L, dtype=torch.uint8)
-    for a, b in row_chunks(V):  # a chunk at a time: never a second (V, n) copy of M
-        x = M[a:b].reshape(b - a, G, d).permute(1, 0, 2).contiguous()
-        if beam <= 1:
-            residual, idxs = x, []
-            for level in range(L):
-                idx = assign(residual, codebooks[:, level])
-                residual = residual - _pick(codebooks[:, level], idx)
-                idxs.append(idx)
-            codes[a:b] = torch.stack(idxs, dim=-1).permute(1, 0, 2).to(torch.uint8)
-        else:
-            codes[a:b] = _beam_codes(x, codebooks, beam).permute(1, 0, 2)
+    for a, b in row_chunks(V):  # a chunk at a time: a non-contiguous M is copied a chunk at a time
+        encoder.search(M[a:b].reshape(b - a, G, d), codebooks, beam, codes[a:b])
     return codes
 
 
 def _beam_codes(x: torch.Tensor, codebooks: torch.Tensor, beam: int) -> torch.Tensor:
-    """Beam-searched codes of x (G, V, d): (G, V, L) uint8, in blocks of rows."""
+    """Beam-searched codes of x (G, V, d): (G, V, L) uint8."""
     G, L, K, d = codebooks.shape
-    V = x.shape[1]
-    codes = torch.empty(G, V, L, dtype=torch.uint8)
-    rows = max(1, _ASSIGN_ROWS // beam)
-    for start in range(0, V, rows):
-        stop = min(V, start + rows)
-        codes[:, start:stop] = _beam_block(x[:, start:stop], codebooks, beam)
-    return codes
-
-
-def _smallest(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k smallest entries of the last dimension, ascending, and their indices. For the
-    beam's small k, k min passes take two thirds of torch.topk's time on CPU (a beam of 4
-    over 64 candidates); `values` is overwritten."""
-    best = torch.empty(*values.shape[:-1], k, dtype=values.dtype)
-    picked = torch.empty(*values.shape[:-1], k, dtype=torch.long)
-    for j in range(k):
-        low, idx = values.min(-1, keepdim=True)
-        best[..., j : j + 1], picked[..., j : j + 1] = low, idx
-        if j + 1 < k:
-            values.scatter_(-1, idx, float("inf"))
-    return best, picked
-
-
-def _beam_block(x: torch.Tensor, codebooks: torch.Tensor, beam: int) -> torch.Tensor:
-    """Beam search over the levels for x (G, R, d) -> codes (G, R, L)."""
-    G, L, K, d = codebooks.shape
-    R = x.shape[1]
-    residual = x.unsqueeze(2)  # (G, R, B, d): B partial paths per sub-vector, B = 1 at first
-    err = (residual * residual).sum(-1)  # (G, R, B)
-    parents, centroids = [], []  # per level (G, R, B): the path each survivor extends, and its centroid
-    for level in range(L):
-        cb = codebooks[:, level]  # (G, K, d)
-        B = residual.shape[2]
-        # ||r - c||^2 = ||r||^2 - 2 r.c + ||c||^2 for every path and centroid: (G, R, B*K)
-        cand = torch.baddbmm((cb * cb).sum(-1).unsqueeze(1), residual.reshape(G, R * B, d), cb.transpose(1, 2),
-                             alpha=-2).view(G, R, B * K)
-        cand += err.repeat_interleave(K, dim=2)
-        keep = min(beam, B * K)
-        err, flat = _smallest(cand, keep)
-        parent, centroid = flat // K, flat % K
-        residual = torch.gather(residual, 2, parent.unsqueeze(-1).expand(-1, -1, -1, d)) - _pick(
-            cb, centroid.view(G, R * keep)).view(G, R, keep, d)
-        parents.append(parent)
-        centroids.append(centroid)
-    # _smallest is sorted: path 0 has the least error; walk its back-pointers to the first level
-    codes = torch.empty(G, R, L, dtype=torch.uint8)
-    slot = torch.zeros(G, R, 1, dtype=torch.long)
-    for level in reversed(range(L)):
-        codes[:, :, level] = torch.gather(centroids[level], 2, slot).squeeze(2)
-        slot = torch.gather(parents[level], 2, slot)
+    codes = torch.empty(G, x.shape[1], L, dtype=torch.uint8)
+    encoder.search(x.permute(1, 0, 2), codebooks, beam, codes.permute(1, 0, 2))
     return codes
