@@ -39,6 +39,10 @@ def _calibration_tokens(gguf_path: Path, calibration: Path, n_vocab: int) -> tup
 
 
 PRIORS = ("model", "tokenizer")
+# A tied model's default file: the coded head (no head copy) at this lookup bpw. Measured against
+# the stock file (docs/RESULTS.md, sessions 30-31): SmolLM2 75.4 MiB and KLD 0.065, Gemma-3 132.4
+# MiB and 0.053, where the 1.6 bpw lookup + Q5_0 copy gave 89.3 MiB / 0.148 and 214.1 MiB / 0.087.
+TIED_DEFAULT_BPW = 3.0
 METRICS = ("fisher", "uniform")
 
 
@@ -186,7 +190,8 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
             body_type: str | None = None, progress: bool = True, force: bool = False,
             screen: Config | bool | None = None, tune_steps: int = 0, prior: str = "model",
             trim_to: float | None = None, tier_floor: int | None = None, tiered: bool = False,
-            fit_metric: str = "uniform", fix_screen: bool = True, transform: str = "none") -> Report:
+            fit_metric: str = "uniform", fix_screen: bool = True, transform: str = "none",
+            tied_default: bool = False) -> Report:
     """tune_steps: Adam steps of end-to-end tuning of the codebooks on the calibration text, or
     without one on documents the model writes itself (converter/tune.py; 0 = none). screen: fit the head's own screen index (format v3; kept for a tied model only where it
     screens better than the lookup's codes): True for config.SCREEN_DEFAULT, a Config of its
@@ -205,7 +210,10 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
     own documents).
     transform: fit and decode the codes in the principal axes of the embedding (converter/frame.py,
     format v6): "pca", "none" (the CLI's default), or "auto" (where the matrix costs at most
-    frame.AUTO_MAX_BPW)."""
+    frame.AUTO_MAX_BPW).
+    tied_default: the caller left the file's shape to the default (the CLI: no shape option); a
+    tied source then gets the coded head at TIED_DEFAULT_BPW, in tiers (format v8), instead of
+    `base` and a head copy. An untied source keeps `base`."""
     start = time.perf_counter()
     if screen is True:
         screen = cfgmod.SCREEN_DEFAULT
@@ -240,9 +248,15 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
             hf.convert_hf(src, gguf_path, hf_outtype)
         reader = gio.open_gguf(gguf_path)
         written = Path(tmpdir) / "carvq.gguf" if body_type else out
+        if tied_default and gio.tensor_by_name(reader, gio.HEAD) is None and not screen:
+            target_bpw, head_type, tiered = TIED_DEFAULT_BPW, CODED_HEAD, True
         report = _convert_reader(reader, src, written, gguf_path, base, target_bpw, iters, seed,
                                  calibration, head_type, progress, start, screen, tune_steps, prior, trim_to, tier_floor,
                                  tiered, fit_metric, fix_screen, transform)
+        if head_type == CODED_HEAD and tied_default:
+            report.notes.append(f"tied model, no shape option: the default is the coded head at {TIED_DEFAULT_BPW:g} bpw "
+                                "(lookup and head together); --head-type Q5_0 keeps a head copy beside a 1.6 bpw lookup "
+                                "(README, \"Coded head\")")
         if body_type:
             quantize_body(written, out, body_type, keep_head=report.head_copied)
             report.output = str(out)

@@ -151,3 +151,43 @@ def test_converter_refuses_a_coded_head_for_an_untied_model(workdir):
     with pytest.raises(CarvqError, match="an untied head"):
         convert(hf, out, tiny_config("qwen2"), iters=1, hf_outtype="f32", progress=False, head_type="codes")
     assert not out.exists()
+
+
+def test_tied_default_is_the_coded_head(tiny_gguf, workdir):
+    """`carvq convert` with no shape option: a tied model gets the coded head at 3.0 bpw (lookup
+    and head together); any shape option keeps the head copy beside the lookup."""
+    from carvq import format as fmt
+    from carvq import gguf_io as gio
+    from conftest import run_cli
+
+    out = workdir / "tied-default.carvq.gguf"
+    proc = run_cli("convert", tiny_gguf("llama"), "-o", out, "--force", "--prior", "tokenizer")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the default is the coded head at 3 bpw" in proc.stdout, proc.stdout[-3000:]
+    reader = gio.open_gguf(out)
+    assert gio.field_value(reader, fmt.Key.HEAD_CODES) and gio.tensor_by_name(reader, gio.HEAD) is None
+    assert fmt.read_tensors(out).head_codes  # the reader's own check of a coded head
+    assert not fmt.read_layout(reader).adaptor_rank
+    assert 2.5 < float(gio.field_value(reader, fmt.Key.BPW)) <= 3.0  # lookup and head together
+
+    shaped = workdir / "tied-shaped.carvq.gguf"
+    proc = run_cli("convert", tiny_gguf("llama"), "-o", shaped, "--force", "--prior", "tokenizer", "--levels", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reader = gio.open_gguf(shaped)
+    assert not gio.field_value(reader, fmt.Key.HEAD_CODES, False) and gio.tensor_by_name(reader, gio.HEAD) is not None
+
+
+@pytest.mark.parametrize("argv, default", [
+    ([], True),
+    (["--prior", "tokenizer", "--seed", "3", "--calibration", "t.txt", "--tune-steps", "4"], True),  # not shape
+    (["--target-bpw", "3.0"], False),
+    (["--head-type", "codes"], False),
+    (["--levels", "4"], False),
+    (["--no-tiers"], False),
+    (["--transform", "pca"], False),
+    (["--hot-rows", "10"], False),
+])
+def test_shape_options_decide_the_default(argv, default):
+    from carvq.cli import _shape_left_to_default, build_parser
+
+    assert _shape_left_to_default(build_parser().parse_args(["convert", "in.gguf", "-o", "o.gguf", *argv])) == default

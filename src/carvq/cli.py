@@ -17,20 +17,43 @@ def _cmd_convert(args) -> int:
     from carvq.converter.config import Config
     from carvq.converter.convert import convert
 
-    base = Config(group_size=args.group_size, levels=args.levels, adaptor_rank=args.adaptor_rank,
-                  adaptor_hidden=args.adaptor_hidden if args.adaptor_rank else 0, activation=args.activation,
-                  hot_rows=args.hot_rows or 0, hot_levels=args.hot_levels,
-                  hot_bpw=0.0 if args.hot_rows is not None else args.hot_bpw)
-    report = convert(args.input, args.output, base, target_bpw=args.target_bpw, iters=args.iters, seed=args.seed,
-                     calibration=args.calibration, head_type=args.head_type, hf_outtype=args.hf_outtype,
+    o = _shape_options(args)
+    base = Config(group_size=o["group_size"], levels=o["levels"], adaptor_rank=o["adaptor_rank"],
+                  adaptor_hidden=o["adaptor_hidden"] if o["adaptor_rank"] else 0, activation=o["activation"],
+                  hot_rows=o["hot_rows"] or 0, hot_levels=o["hot_levels"],
+                  hot_bpw=0.0 if o["hot_rows"] is not None else o["hot_bpw"])
+    report = convert(args.input, args.output, base, target_bpw=o["target_bpw"], iters=args.iters, seed=args.seed,
+                     tied_default=_shape_left_to_default(args),
+                     calibration=args.calibration, head_type=o["head_type"], hf_outtype=args.hf_outtype,
                      body_type=args.body_type, progress=not args.quiet, force=args.force, tune_steps=args.tune_steps, prior=args.prior,
-                     trim_to=args.trim_to, tier_floor=args.tier_floor, tiered=args.tiers, fit_metric=args.metric, fix_screen=args.screen_fix,
-                     transform=args.transform,
-                     screen=None if not args.screen_index else Config(group_size=args.screen_group_size,
-                                                                     levels=args.screen_levels,
-                                                                     hot_bpw=args.screen_hot_bpw))
+                     trim_to=o["trim_to"], tier_floor=o["tier_floor"], tiered=o["tiers"], fit_metric=args.metric, fix_screen=args.screen_fix,
+                     transform=o["transform"],
+                     screen=None if not o["screen_index"] else Config(group_size=args.screen_group_size,
+                                                                      levels=args.screen_levels,
+                                                                      hot_bpw=args.screen_hot_bpw))
     print(report.format())
     return 0
+
+
+# The options that shape the file. Their parsed default is None (given or not is then plain), and
+# SHAPE_DEFAULTS the value they take when not given. With none of them given, a tied model gets
+# the coded head at 3.0 bpw (converter.convert.TIED_DEFAULT_BPW) instead of the 1.6 bpw lookup
+# and a Q5_0 head copy.
+SHAPE_DEFAULTS: dict = {}  # filled by build_parser()
+
+
+def _shape_options(args) -> dict:
+    return {name: SHAPE_DEFAULTS[name] if getattr(args, name) is None else getattr(args, name) for name in SHAPE_DEFAULTS}
+
+
+def _shape_default(name: str, value):
+    """Records `value` as the shape option's default; the parser's own default is None."""
+    SHAPE_DEFAULTS[name] = value
+    return None
+
+
+def _shape_left_to_default(args) -> bool:
+    return all(getattr(args, name) is None for name in SHAPE_DEFAULTS)
 
 
 def screen_index_defaults():
@@ -191,20 +214,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("input", help="a GGUF file or a Hugging Face checkpoint directory")
     c.add_argument("-o", "--output", required=True, help="the CARVQ-GGUF to write")
     c.add_argument("--force", action="store_true", help="replace the output if it exists")
-    c.add_argument("--group-size", type=int, default=D.group_size, help=f"columns per sub-vector, d (default {D.group_size})")
-    c.add_argument("--levels", type=int, default=D.levels, help=f"residual levels per group, L (default {D.levels})")
-    c.add_argument("--adaptor-rank", type=int, default=D.adaptor_rank,
+    c.add_argument("--group-size", type=int, default=_shape_default("group_size", D.group_size), help=f"columns per sub-vector, d (default {D.group_size})")
+    c.add_argument("--levels", type=int, default=_shape_default("levels", D.levels), help=f"residual levels per group, L (default {D.levels})")
+    c.add_argument("--adaptor-rank", type=int, default=_shape_default("adaptor_rank", D.adaptor_rank),
                    help="width m of the per-token table sigma_0 of the corrective adaptor; 0 = no adaptor (default "
                         f"{D.adaptor_rank}: at equal bits hot rows measured better, docs/RESULTS.md); 4 is a good size")
-    c.add_argument("--adaptor-hidden", type=int, default=DEFAULT_ADAPTOR_HIDDEN,
+    c.add_argument("--adaptor-hidden", type=int, default=_shape_default("adaptor_hidden", DEFAULT_ADAPTOR_HIDDEN),
                    help=f"hidden width of the adaptor MLP (default {DEFAULT_ADAPTOR_HIDDEN})")
-    c.add_argument("--activation", choices=ACTIVATIONS, default=D.activation)
-    c.add_argument("--hot-bpw", type=float, default=D.hot_bpw,
+    c.add_argument("--activation", choices=ACTIVATIONS, default=_shape_default("activation", D.activation))
+    c.add_argument("--hot-bpw", type=float, default=_shape_default("hot_bpw", D.hot_bpw),
                    help="bits per weight spent on hot rows: the most frequent tokens get extra residual levels, "
                         f"as many as this pays for; 0 = none (default {D.hot_bpw}). With --target-bpw, "
                         "whatever the levels leave of the target goes to hot rows too")
     c.add_argument("--hot-rows", type=int, help="exactly this many hot rows instead (overrides --hot-bpw)")
-    c.add_argument("--hot-levels", type=int, default=D.hot_levels,
+    c.add_argument("--hot-levels", type=int, default=_shape_default("hot_levels", D.hot_levels),
                    help=f"extra residual levels of a hot row (default {D.hot_levels})")
     c.add_argument("--iters", type=int, default=DEFAULT_ITERS,
                    help=f"RVQ/adaptor alternation rounds at most, with an adaptor (default {DEFAULT_ITERS}; one fit without)")
@@ -218,12 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "cores) into half the prior, the tokenizer's order the other half; 'tokenizer' that order alone "
                         "(instant, but SentencePiece-BPE vocabularies such as Gemma's rank their single characters "
                         "last) (default: model)")
-    c.add_argument("--head-type", help="type of the output.weight written for a tied model (default: Q5_0, or a byte "
-                                       "copy of the source embedding when that is as small); the source type keeps the head exact; "
-                                       "'codes' writes no head at all: the tied head is the lookup's own rows, its logits "
-                                       "computed from the codes (format v8; pair it with --target-bpw 3 or more, "
-                                       "docs/FORMAT.md \"Coded head\")")
-    c.add_argument("--tiers", action=argparse.BooleanOptionalAction, default=True,
+    c.add_argument("--head-type", help="for a tied model: 'codes' writes no head at all, the tied head is the lookup's own "
+                                       "rows, its logits computed from the codes (format v8, docs/FORMAT.md \"Coded head\"); "
+                                       "or the type of the output.weight copy written beside the lookup, e.g. Q5_0 (the "
+                                       "source type keeps the head exact). Default: with no option that shapes the file "
+                                       "(--target-bpw, --group-size, --levels, --hot-*, --adaptor-*, --tiers, --transform, "
+                                       "--trim-to, --screen-index), 'codes' at --target-bpw 3.0; with any of them, Q5_0, "
+                                       "or a byte copy of the source embedding when that is as small")
+    c.add_argument("--tiers", action=argparse.BooleanOptionalAction, default=_shape_default("tiers", True),
                    help="hot rows in tiers (format v4): fit one level deeper than the configuration (up to 2.1 bpw the "
                         "--target-bpw family's point at its bpw + 0.9, wider hot rows) and trim it back to "
                         "the configuration's size, every row keeping the levels that lower its token-weighted error "
@@ -242,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "KLD -27 %% on SmolLM2, -28 %% on Gemma-3, docs/RESULTS.md; the model runs in float32, or in "
                         "bfloat16 where float32 would take the conversion above 3x the float32 embedding, and not at "
                         "all, with a note, where bfloat16 would too), 'uniform' all alike (default: fisher)")
-    c.add_argument("--transform", choices=("auto", "pca", "none"), default="none",
+    c.add_argument("--transform", choices=("auto", "pca", "none"), default=_shape_default("transform", "none"),
                    help="fit, and decode, the codes in the principal axes of the token-weighted embedding, mapped back "
                         "by an n x n matrix stored in the file (format v6; it costs 16 n / V bits per weight, paid from "
                         "the same budget; SmolLM2 at 3.0 bpw: KLD -10 %% before that price, +8 %% after its 0.19 bpw, docs/RESULTS.md): "
@@ -258,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "divergence between the source model and the model reading the CARVQ lookup, through the frozen "
                         "model in PyTorch; on the --calibration text, or without one on documents the model writes itself "
                         "(default 0: none)")
-    c.add_argument("--screen-index", action="store_true",
+    c.add_argument("--screen-index", action="store_true", default=None,
                    help="also fit an index of the output head of its own (output.carvq.*, format v3) in the metric of "
                         "the model's hidden states, and keep it where it screens better than the lookup's codes "
                         "(SmolLM2: the same KLD with 3072 exact rows instead of 8192, for 1.97 bpw more; docs/SCREEN.md)"),
@@ -271,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--hf-outtype", default="auto", help="outtype passed to convert_hf_to_gguf.py for a HF checkpoint")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=_cmd_convert)
+    for name in ("hot_rows", "target_bpw", "head_type", "trim_to", "tier_floor", "screen_index"):
+        SHAPE_DEFAULTS.setdefault(name, None)  # options without a value of their own when not given
 
     i = sub.add_parser("inspect", help="tensors, types, sizes and CARVQ parameters of a GGUF")
     i.add_argument("file")
