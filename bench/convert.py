@@ -55,12 +55,22 @@ def convert_one(name: str, src: Path, target: float | None) -> dict:
         "rows_per_s": round(lo.n_vocab / wall),
         "lookup_bpw": grab(r"lookup total\s+[\d,]+\s+([\d.]+)"),
         "head_bpw": grab(r"head copy \(\w+\)\s+[\d,]+\s+([\d.]+)") if "head copy (" in report else 0.0,
+        "head": _head(report),
         "rel_error": grab(r"relative error \(Frobenius\)\s+([\d.]+)"),
         "weighted_rel_error": grab(r"relative error \(token-weighted\)\s+([\d.]+)"),
         "config": re.search(r"^\s*(?:config|fit[^:]*): (.*)", report, re.M).group(1).strip(),
         "metric": _metric(report),
         "report": report,
     }
+
+
+def _head(report: str) -> str:
+    """What serves as the output head: a copy beside the lookup (its type), the lookup's own codes
+    (a coded head, format v8), or the source's untied head."""
+    copy = re.search(r"head copy \((\w+)\)", report)
+    if copy:
+        return f"{copy.group(1)} copy"
+    return "coded (the lookup's rows)" if "note: coded head" in report else "untied (the source's)"
 
 
 def _metric(report: str) -> str:
@@ -100,10 +110,11 @@ def main() -> None:
     (RESULTS / "convert.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     how = "`carvq convert` with no flags" if args.target_bpw is None else f"`carvq convert --target-bpw {args.target_bpw}`"
     lines = [f"Measured {meta['date']} on {meta['machine']}; {how}.", "",
-             "| model | config chosen | fit's metric (Fisher pass) | lookup bpw | head copy bpw | rel. error | weighted rel. error | wall time | rows/s | peak RSS (x F32 embedding) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | config chosen | fit's metric (Fisher pass) | lookup bpw | head | head copy bpw | rel. error | weighted rel. error | wall time | rows/s | peak RSS (x F32 embedding) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['config']} | {r['metric']} | {r['lookup_bpw']:.4f} | {r['head_bpw']:.3f} | {r['rel_error']:.4f} | "
+        lines.append(f"| {r['model']} | {r['config']} | {r['metric']} | {r['lookup_bpw']:.4f} | {r.get('head', '')} | "
+                     f"{r['head_bpw']:.3f} | {r['rel_error']:.4f} | "
                      f"{r['weighted_rel_error']:.4f} | {r['wall_s']:.0f} s | {r['rows_per_s']:,} | "
                      f"{r['peak_rss_mib']:.0f} MiB ({r['peak_over_f32']:.2f}x) |")
     (RESULTS / "convert.md").write_text("\n".join(lines) + "\n")
