@@ -1,8 +1,8 @@
-"""Group residual vector quantization with token-frequency weights, in PyTorch.
+"""Group residual vector quantization with token-frequency weights, in PyTorch, its searches in
+C (converter/encoder.py: nearest-centroid assignment and the beam-search encoder).
 
 Rows of the embedding M (V x n) are cut into G = n/d sub-vectors; each group has L
-levels of K centroids. All groups are processed together as a batch (G, V, d), in
-blocks of rows so the distances stay in cache.
+levels of K centroids. All groups are processed together as a batch (G, V, d).
 
 Every fit minimises the *weighted* squared error sum_t w_t ||x_t - x^_t||^2: frequent
 tokens are atypical rows, and plain k-means sacrifices exactly them.

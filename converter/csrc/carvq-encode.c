@@ -170,9 +170,8 @@ int32_t carvq_rows_encode(const float * x, int64_t n_rows, int64_t x_row_stride,
 }
 
 // one row's kept levels of group g, level `skip` left out, summed in level order from zero
-static void carvq_group_levels_sum(const uint8_t * row_codes, int32_t depth, const float * group_cb, int32_t n_levels,
-                                   int32_t k, int32_t d, int32_t skip, float * acc) {
-    (void) n_levels;
+static void carvq_group_levels_sum(const uint8_t * row_codes, int32_t depth, const float * group_cb, int32_t k,
+                                   int32_t d, int32_t skip, float * acc) {
     for (int32_t j = 0; j < d; j++) {
         acc[j] = 0.0f;
     }
@@ -194,8 +193,8 @@ void carvq_rows_levels_sum(const uint8_t * codes, const int32_t * depth, int64_t
     for (int64_t r = 0; r < n_rows; r++) {
         const int32_t keep = depth[r] < n_levels ? depth[r] : n_levels;
         for (int32_t g = g0; g < g1; g++) {
-            carvq_group_levels_sum(codes + ((size_t) r * n_groups + g) * n_levels, keep, codebooks + g * per_group,
-                                   n_levels, k, d, skip, out + ((size_t) r * n_groups + g) * d);
+            carvq_group_levels_sum(codes + ((size_t) r * n_groups + g) * n_levels, keep, codebooks + g * per_group, k,
+                                   d, skip, out + ((size_t) r * n_groups + g) * d);
         }
     }
 }
@@ -215,7 +214,7 @@ void carvq_level_refit(const float * x, uint8_t * codes, const int32_t * depth, 
             uint8_t * row_codes = codes + ((size_t) r * n_groups + g) * n_levels;
             const float * group_cb = codebooks + g * per_group;
             const float * xg = x + ((size_t) r * n_groups + g) * d;
-            carvq_group_levels_sum(row_codes, keep, group_cb, n_levels, k, d, level, acc);
+            carvq_group_levels_sum(row_codes, keep, group_cb, k, d, level, acc);
             for (int32_t j = 0; j < d; j++) {
                 left[j] = xg[j] - acc[j];
             }
