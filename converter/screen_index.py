@@ -107,9 +107,15 @@ FIX_RANK_SMALL_K = 4  # LLAMA_CARVQ_SCREEN_FIX_RANK_K
 TOP = 40  # llama.cpp's default sampler draws from the 40 best tokens
 
 
-def default_k(n_vocab: int, own_index: bool, fix_rank: int = 0) -> int:
+CODED_HEAD_K = 2048  # LLAMA_CARVQ_CODED_HEAD_K
+
+
+def default_k(n_vocab: int, own_index: bool, fix_rank: int = 0, coded_head: bool = False) -> int:
     """llama_carvq_screen_default_k (patches/src/llama-carvq.cpp); fix_rank: the rank of the
-    file's screen correction (format v5), 0 without one."""
+    file's screen correction (format v5), 0 without one; coded_head: the file's head is the
+    lookup's codes (format v8)."""
+    if coded_head:
+        return min(n_vocab, CODED_HEAD_K)
     if own_index:
         return min(n_vocab, max(2048, min(4096, n_vocab // 16)))
     if fix_rank >= FIX_RANK_SMALL_K:

@@ -623,7 +623,8 @@ static const char * carvq_env(const char * name, const char * fallback) {
 // Candidates per output: CARVQ_SCREEN_K (read whenever a graph is built) or the default, at most V
 static long long carvq_screen_k(const llama_carvq_screen & screen, bool warn) {
     const carvq_layout & l = screen.layout;
-    const long long k_default = llama_carvq_screen_default_k(l.n_vocab, screen.projection != nullptr, screen.fix != nullptr ? screen.fix_rank : 0);
+    const long long k_default = llama_carvq_screen_default_k(l.n_vocab, screen.projection != nullptr,
+                                                             screen.fix != nullptr ? screen.fix_rank : 0, screen.coded_head);
     char * end = nullptr;
     const char * k_env = carvq_env("CARVQ_SCREEN_K", "");
     long long k = *k_env ? strtoll(k_env, &end, 10) : k_default;
@@ -842,6 +843,7 @@ void llama_carvq_check_data(llama_carvq & carvq, const llama_model_loader & ml) 
         // no index of its own: a tied source's head is the embedding, which the lookup's codes index
         // (a coded head is those very rows, so the screen ranks it with the lookup's codes too)
         sc.layout = carvq.layout;
+        sc.coded_head = carvq.head_codes;
         sc.codes = carvq.codes;
         sc.codebooks = carvq.codebooks;
         sc.hot_ids = carvq.hot_id_data();
@@ -1431,7 +1433,10 @@ static void carvq_coded_head_dense_op(ggml_tensor * dst, int ith, int nth, void 
     }
 }
 
-int64_t llama_carvq_screen_default_k(int64_t n_vocab, bool own_index, int32_t fix_rank) {
+int64_t llama_carvq_screen_default_k(int64_t n_vocab, bool own_index, int32_t fix_rank, bool coded_head) {
+    if (coded_head) {
+        return std::min<int64_t>(n_vocab, LLAMA_CARVQ_CODED_HEAD_K);
+    }
     if (own_index) {
         // the head's own index ranks about 4x better than the lookup's codes: SmolLM2 at k = 2048
         // keeps the dense top-40 set inside the candidates at 99.6 % of positions, KLD 0.015

@@ -90,6 +90,7 @@ struct llama_carvq_screen {
     const ggml_tensor * fix           = nullptr;
     const ggml_tensor * fix_dirs      = nullptr;
     int32_t fix_rank = 0;
+    bool coded_head = false; // the head it screens is the lookup's codes (format v8): a smaller default k
     std::vector<uint8_t> blocks, hot_blocks;
     // the codebooks as F32 when stored as F16: converted once at load, not at every token's tables
     std::vector<float> codebooks_f32, hot_codebooks_f32;
@@ -199,7 +200,12 @@ void llama_carvq_check_data(llama_carvq & carvq, const llama_model_loader & ml);
 #define LLAMA_CARVQ_SCREEN_FIX_RANK_K 4
 #define LLAMA_CARVQ_SCREEN_INDEX_K_MIN 2048
 #define LLAMA_CARVQ_SCREEN_INDEX_K_MAX 4096
-int64_t llama_carvq_screen_default_k(int64_t n_vocab, bool own_index, int32_t fix_rank);
+// A coded head (format v8) scores a candidate by summing its codes' table entries, up to 10 levels,
+// where a head copy reads one row: fewer candidates pay. Gemma-3 at 3.0 bpw (docs/RESULTS.md,
+// session 31): KLD added by screening +0.0073 at 2048 (+0.0019 at 6144), generation 1.68-1.84x the
+// stock file against 1.34-1.42x; SmolLM2 +0.0064.
+#define LLAMA_CARVQ_CODED_HEAD_K 2048
+int64_t llama_carvq_screen_default_k(int64_t n_vocab, bool own_index, int32_t fix_rank, bool coded_head);
 // A coded head (format v8) has no w: the logits come from the codes, screened as above or, for
 // many outputs or CARVQ_HEAD=dense, every row decoded a block at a time (never nullptr then).
 ggml_tensor * llama_carvq_build_head(ggml_context * ctx, const llama_carvq & carvq, ggml_tensor * w, ggml_tensor * cur);
