@@ -12,7 +12,7 @@ kept, with the file's layout, byte count and decoder unchanged:
   vector of level k nearest to what their other levels leave, then each vector becomes the
   token-weighted mean of that, over the rows that chose it (with the codes fixed, the
   least-squares optimum of that vector), rounded to the stored type at once;
-- then every row beam-searched (beam 4, the converter's) through exactly its own levels, the new
+- then every row beam-searched (the converter's beam, train.ENCODE_BEAM) through exactly its own levels, the new
   codes kept where they lower that row's error, and the vectors refitted once more for them.
 
 No step can raise the token-weighted error (in the fit's metric). Measured (docs/RESULTS.md,
