@@ -40,8 +40,8 @@ def _calibration_tokens(gguf_path: Path, calibration: Path, n_vocab: int) -> tup
 
 PRIORS = ("model", "tokenizer")
 # A tied model's default file: the coded head (no head copy) at this lookup bpw. Measured against
-# the stock file (docs/RESULTS.md, sessions 30-31): SmolLM2 75.4 MiB and KLD 0.065, Gemma-3 132.4
-# MiB and 0.053, where the 1.6 bpw lookup + Q5_0 copy gave 89.3 MiB / 0.148 and 214.1 MiB / 0.087.
+# the stock file (docs/RESULTS.md, session 31, dense head): SmolLM2 75.4 MiB and KLD 0.061, Gemma-3
+# 132.4 MiB and 0.046, where the 1.6 bpw lookup + Q5_0 copy gave 89.3 MiB / 0.148 and 214.1 MiB / 0.087.
 TIED_DEFAULT_BPW = 3.0
 METRICS = ("fisher", "uniform")
 
