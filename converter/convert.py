@@ -248,12 +248,13 @@ def convert(input_path, output_path, base: Config, *, target_bpw: float | None =
             hf.convert_hf(src, gguf_path, hf_outtype)
         reader = gio.open_gguf(gguf_path)
         written = Path(tmpdir) / "carvq.gguf" if body_type else out
-        if tied_default and gio.tensor_by_name(reader, gio.HEAD) is None and not screen:
+        coded_default = tied_default and gio.tensor_by_name(reader, gio.HEAD) is None and not screen
+        if coded_default:
             target_bpw, head_type, tiered = TIED_DEFAULT_BPW, CODED_HEAD, True
         report = _convert_reader(reader, src, written, gguf_path, base, target_bpw, iters, seed,
                                  calibration, head_type, progress, start, screen, tune_steps, prior, trim_to, tier_floor,
                                  tiered, fit_metric, fix_screen, transform)
-        if head_type == CODED_HEAD and tied_default:
+        if coded_default:
             report.notes.append(f"tied model, no shape option: the default is the coded head at {TIED_DEFAULT_BPW:g} bpw "
                                 "(lookup and head together); --head-type Q5_0 keeps a head copy beside a 1.6 bpw lookup "
                                 "(README, \"Coded head\")")

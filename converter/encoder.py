@@ -60,15 +60,14 @@ def search(x: torch.Tensor, codebooks: torch.Tensor, beam: int, out: torch.Tenso
         if status != 0:
             raise MemoryError("carvq encoder: out of memory")
 
-    n = _threads()
-    _run([(R * i // n, R * (i + 1) // n) for i in range(n) if R * i // n < R * (i + 1) // n], run)
+    _run(_spans(R), run)
 
 
-def _group_spans(G: int) -> list[tuple[int, int]]:
-    """The groups split between threads: the polish's passes share rows by groups, so no two
-    threads write one output."""
-    n = min(G, _threads())
-    return [(G * i // n, G * (i + 1) // n) for i in range(n)]
+def _spans(total: int) -> list[tuple[int, int]]:
+    """[0, total) in one nonempty span a thread: rows for the search; groups for the polish's
+    passes, so that no two threads write one output."""
+    n = min(total, _threads())
+    return [(total * i // n, total * (i + 1) // n) for i in range(n)]
 
 
 def _polish_args(codes: np.ndarray, depth: np.ndarray, cb: np.ndarray):
@@ -93,7 +92,7 @@ def levels_sum(codes: np.ndarray, depth: np.ndarray, cb: np.ndarray, skip: int =
         return out
     c_ptr, dp, cbp, op = (ffi.from_buffer("uint8_t[]", codes), ffi.from_buffer("int32_t[]", depth32),
                           ffi.from_buffer("float[]", cb32), ffi.from_buffer("float[]", out))
-    _run(_group_spans(G), lambda g0, g1: lib.carvq_rows_levels_sum(c_ptr, dp, R, cbp, G, D, K, d, skip, g0, g1, op))
+    _run(_spans(G), lambda g0, g1: lib.carvq_rows_levels_sum(c_ptr, dp, R, cbp, G, D, K, d, skip, g0, g1, op))
     return out
 
 
@@ -118,6 +117,6 @@ def level_refit(x: np.ndarray, codes: np.ndarray, depth: np.ndarray, w: np.ndarr
     ptrs = (ffi.from_buffer("float[]", x), ffi.from_buffer("uint8_t[]", codes), ffi.from_buffer("int32_t[]", depth32),
             ffi.from_buffer("double[]", w))
     cbp, nump, massp = ffi.from_buffer("float[]", cb32), ffi.from_buffer("double[]", num), ffi.from_buffer("double[]", mass)
-    _run(_group_spans(G), lambda g0, g1: lib.carvq_level_refit(*ptrs, R, cbp, G, D, K, d, level, int(reassign), g0, g1,
+    _run(_spans(G), lambda g0, g1: lib.carvq_level_refit(*ptrs, R, cbp, G, D, K, d, level, int(reassign), g0, g1,
                                                               nump, massp))
     return num, mass

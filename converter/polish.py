@@ -38,18 +38,12 @@ from carvq.gguf_io import row_chunks
 ROUNDS = 2
 
 
-def _decode(cb: np.ndarray, codes: np.ndarray, depth: np.ndarray, skip: int = -1) -> np.ndarray:
-    """Rows (T, G, d): the sum of each row's first depth levels in order, level `skip` left out
-    (in C: converter/encoder.py)."""
-    return encoder.levels_sum(codes, depth, cb, skip)
-
-
 def weighted_error(M: np.ndarray, w: np.ndarray, codes: np.ndarray, cb: np.ndarray, depth: np.ndarray) -> float:
     """sum_r w_r ||M_r - decode_r||^2."""
     G, d = cb.shape[0], cb.shape[3]
     total = 0.0
     for a, b in row_chunks(M.shape[0]):
-        diff = np.asarray(M[a:b], np.float32).reshape(b - a, G, d) - _decode(cb, codes[a:b], depth[a:b])
+        diff = np.asarray(M[a:b], np.float32).reshape(b - a, G, d) - encoder.levels_sum(codes[a:b], depth[a:b], cb)
         total += float(np.dot(w[a:b], (diff * diff).sum((1, 2), dtype=np.float64)))
     return total
 
@@ -78,8 +72,8 @@ def _reencode(M, codes, cb, depth, beam: int) -> None:
             new = rvq.encode(torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(cb[:, :D])), beam=beam).numpy()
             x = x.reshape(-1, G, d)
             full = np.full(r.size, D)
-            old_err = ((x - _decode(cb[:, :D], codes[r, :, :D], full)) ** 2).sum((1, 2))
-            new_err = ((x - _decode(cb[:, :D], new, full)) ** 2).sum((1, 2))
+            old_err = ((x - encoder.levels_sum(codes[r, :, :D], full, cb[:, :D])) ** 2).sum((1, 2))
+            new_err = ((x - encoder.levels_sum(new, full, cb[:, :D])) ** 2).sum((1, 2))
             better = r[new_err < old_err]
             codes[better, :, :D] = new[new_err < old_err]
 
