@@ -32,10 +32,23 @@ int64_t carvq_screen_blocks_nbytes(const struct carvq_layout * l);
 // Rows past V and the padding position j = G*L (odd G*L) hold code 0.
 void carvq_screen_relayout(const struct carvq_layout * l, const uint8_t * codes, uint8_t * blocks);
 
+// carvq_screen_relayout for rows [r0, r1) only, into blocks zeroed beforehand (every row is
+// OR-ed into its block). Re-laying a large table a slice at a time lets the caller release each
+// slice of the source as it goes (llama-carvq.cpp drops the file's mapped pages).
+void carvq_screen_relayout_rows(const struct carvq_layout * l, const uint8_t * codes, int64_t r0, int64_t r1,
+        uint8_t * blocks);
+
 // The packed codes of one row (B bytes, as in the file) read back from the blocks: the inverse
 // of carvq_screen_relayout for row `row` (0 <= row < V, not checked). Lets the lookup decode from
 // the blocks, so that the file's copy of the codes need not stay resident beside them.
 void carvq_screen_row_codes(const struct carvq_layout * l, const uint8_t * blocks, int64_t row, uint8_t * codes);
+
+// out[i] = the sum over j of tables[j * 16 + code(rows[i], j)], for n rows (0 <= rows[i] < V, not
+// checked) read from the blocks: with float tables t[j][c] = h_g . C[g][l][c] a coded head's exact
+// logits (FORMAT.md "Coded head") without the file's copy of the codes. Order: two partial sums,
+// s[j % 2] += t[j][code] in order of j, then s0 + s1, all float32.
+void carvq_screen_rows_sum(const struct carvq_layout * l, const uint8_t * blocks, const int32_t * rows, int64_t n,
+        const float * tables, float * out);
 
 struct carvq_screen_tables {
     float   scale;      // logits per score unit

@@ -173,6 +173,14 @@ int llama_carvq_tensor_flags(llama_model_loader & ml, llm_tensor tensor, int fla
         // model.output stays null and llama_carvq_build_head computes the logits from the codes
         return flags | llama_model_loader::TENSOR_NOT_REQUIRED;
     }
+    // The screen re-lays the lookup's codes of a tied source at load and reads them from its blocks
+    // after (llama_carvq::lookup_from_blocks): map the file's copy without prefetch, so that
+    // carvq_relayout_codes can release it a slice at a time instead of holding both copies at once.
+    if (tensor == LLM_TENSOR_CARVQ_CODES && ml.lazy.mode != LLAMA_LAZY_MODE_OFF && !carvq_has_screen_index(ml.metadata) &&
+        (carvq_head_copy(ml.metadata) || carvq_head_codes(ml.metadata))) {
+        ml.lazy.mode = LLAMA_LAZY_MODE_ON;
+        return flags | llama_model_loader::TENSOR_READ_LAZY;
+    }
     // The screened head reads k rows of the head copy per token: map it without prefetch, so
     // that only the rows it touches become resident. Only for a head on the CPU: a lazy tensor
     // is never offloaded, and a GPU head runs dense anyway. AUTO covers tensors over 4 GiB
@@ -569,30 +577,54 @@ static void carvq_open_head_rows(llama_model_loader & ml, llama_carvq & carvq) {
 #endif
 }
 
-// After the codes are re-laid, the lookup decodes from the blocks: the file's copy of the codes
-// (Gemma-3-270M: 31.5 MiB) is read no more, so its pages leave the process. MADV_DONTNEED on a
-// read-only file mapping only unmaps them (a later read faults them back in, same bytes).
-static void carvq_drop_mapped_codes(const llama_carvq & carvq, const llama_model_loader & ml) {
-#if defined(__linux__)
-    if (!carvq.lookup_from_blocks()) {
-        return;
-    }
-    // only pages of a file mapping: the same call on a heap copy (--no-mmap, a buffer the loader
-    // copied into) would zero it
-    const uintptr_t lo = (uintptr_t) carvq.codes->data, hi = lo + ggml_nbytes(carvq.codes);
+// The screen's blocks from its codes. Where the lookup then decodes from the blocks too
+// (llama_carvq::lookup_from_blocks), the file's copy of the codes (Gemma-3-270M: 30-32 MiB) is
+// read no more: when it lies in a file mapping (mapped lazily, so not yet resident), it is
+// re-laid a slice at a time and each slice's pages leave the process after it (MADV_DONTNEED on
+// a read-only file mapping only unmaps them: a later read faults the same bytes back in), so
+// both copies are never resident together.
+#define CARVQ_RELAYOUT_SLICE (4u << 20) // bytes of codes re-laid between two releases
+
+static void carvq_relayout_codes(const llama_carvq & carvq, const llama_model_loader & ml, llama_carvq_screen & sc) {
+    const carvq_layout & l = sc.layout;
+    const uint8_t * codes = (const uint8_t *) sc.codes->data;
+    sc.blocks.assign((size_t) carvq_screen_blocks_nbytes(&l), 0);
     bool mapped = false;
+#if defined(__linux__)
+    // only pages of a file mapping: the same call on a heap copy (--no-mmap without lazy tensors,
+    // a buffer the loader copied into) would zero it
+    const uintptr_t lo = (uintptr_t) codes, hi = lo + ggml_nbytes(sc.codes);
     for (const auto & m : ml.mappings) {
         const uintptr_t a = m ? (uintptr_t) m->addr() : 0;
         mapped = mapped || (m && lo >= a && hi <= a + m->size());
     }
-    const uintptr_t page = (uintptr_t) sysconf(_SC_PAGESIZE);
-    const uintptr_t first = (lo + page - 1) / page * page, last = hi / page * page;
-    if (mapped && last > first) {
-        madvise((void *) first, last - first, MADV_DONTNEED);
-    }
+    mapped = mapped && carvq.lookup_from_blocks();
 #else
     (void) carvq;
     (void) ml;
+#endif
+    if (!mapped) {
+        carvq_screen_relayout_rows(&l, codes, 0, l.n_vocab, sc.blocks.data());
+        return;
+    }
+#if defined(__linux__)
+    const uintptr_t page = (uintptr_t) sysconf(_SC_PAGESIZE);
+    const int64_t B = carvq_layout_code_row_bytes(&l);
+    const int64_t slice = std::max<int64_t>(1, CARVQ_RELAYOUT_SLICE / B);
+    uintptr_t released = (lo + page - 1) / page * page; // pages before this one are gone (or not ours)
+    for (int64_t r0 = 0; r0 < l.n_vocab; r0 += slice) {
+        const int64_t r1 = std::min<int64_t>(l.n_vocab, r0 + slice);
+        // the tensor is mapped with POSIX_MADV_RANDOM (no readahead): ask for the slice in one go
+        const uintptr_t a = (lo + r0 * B) / page * page, b = std::min<uintptr_t>(hi, lo + r1 * B);
+        posix_madvise((void *) a, b - a, POSIX_MADV_WILLNEED);
+        carvq_screen_relayout_rows(&l, codes, r0, r1, sc.blocks.data());
+        // whole pages of this tensor that every later slice lies beyond (the last one only if it ends the tensor)
+        const uintptr_t upto = (r1 == l.n_vocab ? hi : lo + r1 * B) / page * page;
+        if (upto > released) {
+            madvise((void *) released, upto - released, MADV_DONTNEED);
+            released = upto;
+        }
+    }
 #endif
 }
 
@@ -891,14 +923,12 @@ void llama_carvq_check_data(llama_carvq & carvq, const llama_model_loader & ml) 
             to_f32(sc.hot_codebooks, sc.hot_codebooks_f32);
         }
     }
-    sc.blocks.resize((size_t) carvq_screen_blocks_nbytes(&sc.layout));
-    carvq_screen_relayout(&sc.layout, (const uint8_t *) sc.codes->data, sc.blocks.data());
+    carvq_relayout_codes(carvq, ml, sc);
     if (sc.layout.hot_rows > 0) {
         sc.hot_blocks.resize((size_t) carvq_screen_hot_blocks_nbytes(&sc.layout));
         carvq_screen_hot_relayout(&sc.layout, (const uint8_t *) sc.hot_codes->data, sc.hot_blocks.data());
     }
     carvq_screen_work_index(sc);
-    carvq_drop_mapped_codes(carvq, ml);
     if (sc.head_rows && !sc.head_rows->allocate(carvq_head_cache_rows(*sc.head_rows, carvq_screen_k(sc, false)))) {
         sc.head_rows.reset();
     }
@@ -935,7 +965,7 @@ static void carvq_rvq_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const carvq_codebook_type cb_type = cb->type == GGML_TYPE_F16 ? CARVQ_CODEBOOK_F16 : CARVQ_CODEBOOK_F32;
     const int64_t stride = (int64_t) (dst->nb[1] / sizeof(float));
     if (carvq.lookup_from_blocks()) {
-        // the same codes from the screen's blocks, a row at a time (carvq_drop_mapped_codes)
+        // the same codes from the screen's blocks, a row at a time (carvq_relayout_codes)
         static thread_local std::vector<uint8_t> packed;
         packed.resize((size_t) carvq_layout_code_row_bytes(l));
         uint8_t * row = packed.data();
@@ -970,7 +1000,7 @@ struct carvq_screen_scratch {
     std::vector<float> hp; // the hidden state projected into a screen index's metric
     std::vector<float> rows_f32;   // a coded head's rows, decoded (carvq_coded_head_row)
     std::vector<float> hps;        // the dense coded head's hidden states, projected
-    std::vector<float> coded_t, coded_th, coded_single; // a coded head's tables (carvq_coded_tables_build)
+    std::vector<float> coded_t, coded_th, coded_single; // a coded head's tables (carvq_coded_tables_single, _pairs)
 
     carvq_screen_tables build(const llama_carvq_screen & s, const float * h) {
         const carvq_layout & l = s.layout;
@@ -1237,50 +1267,52 @@ static const float * carvq_coded_head_codebooks(const llama_carvq & carvq, bool 
     return !sc.codebooks_f32.empty() ? sc.codebooks_f32.data() : (const float *) carvq.codebooks->data;
 }
 
-// One row's packed lookup codes
-// (a coded head keeps the file's codes: llama_carvq::lookup_from_blocks)
-static const uint8_t * carvq_coded_head_codes(const llama_carvq & carvq, int32_t id) {
-    const carvq_layout & l = carvq.layout;
-    return (const uint8_t *) carvq.codes->data + (int64_t) id * ((l.n_embd / l.group_size * l.levels + 1) / 2);
-}
-
 // Row `id` of the lookup before its transform (the RVQ levels, then the hot tiers' levels) into
 // out (n floats): what carvq_rvq_op writes for that token, so a logit is this row times the
-// hidden state projected by the transform (carvq_coded_head_state), as the screen's tables are
-static void carvq_coded_head_row(const llama_carvq & carvq, int32_t id, float * out) {
+// hidden state projected by the transform (carvq_coded_head_state), as the screen's tables are.
+// The codes come from the screen's blocks (llama_carvq::lookup_from_blocks); packed: B bytes of scratch.
+static void carvq_coded_head_row(const llama_carvq & carvq, int32_t id, uint8_t * packed, float * out) {
     const carvq_layout * l = &carvq.layout;
     const int32_t zero = 0;
-    carvq_rows_decode(l, carvq_coded_head_codes(carvq, id), carvq_coded_head_codebooks(carvq, false),
-                      CARVQ_CODEBOOK_F32, &zero, 1, out, l->n_embd, 0, 1);
+    carvq_screen_row_codes(l, carvq.screen.blocks.data(), id, packed);
+    carvq_rows_decode(l, packed, carvq_coded_head_codebooks(carvq, false), CARVQ_CODEBOOK_F32, &zero, 1, out,
+                      l->n_embd, 0, 1);
     if (l->hot_rows > 0) {
         carvq_rows_hot_add(l, carvq.hot_id_data(), (const uint8_t *) carvq.hot_codes->data,
                            carvq_coded_head_codebooks(carvq, true), CARVQ_CODEBOOK_F32, &id, 1, out, l->n_embd, 0, 1);
     }
 }
 
-// Per-token tables of the coded head's exact op. First, per code position j = g*L + l of a row,
-// the 16 entries hp_g . C[g][l][c] (the codebooks' order: {d, K, L, G}; a hot tier's {d, K, Lh, G}
-// after the tiers before it); then, per packed byte of a row (positions 2i and 2i + 1), the 256
-// sums of its two entries, so that a row's logit is one lookup a byte: G*L/2 (+ G*Lh/2 a tier it
-// is in) adds instead of decoding n floats (the hot levels through the scalar path) and a dot
-// product. Gemma-3 at 3.0 bpw: 120 bytes a row, the byte tables 120 KiB.
-static void carvq_coded_tables_build(const float * cb, int64_t n_sets, int64_t GL, int64_t L, int64_t K, int64_t d,
-                                     const float * hp, std::vector<float> & single, std::vector<float> & pairs) {
-    const int64_t B = (GL + 1) / 2;
-    single.assign((size_t) (GL * 16), 0.0f);
-    pairs.resize((size_t) (n_sets * B * 256));
-    for (int64_t set = 0; set < n_sets; ++set) {
-        for (int64_t j = 0; j < GL; ++j) {
-            const float * h = hp + (j / L) * d;
-            for (int64_t c = 0; c < K; ++c) {
-                const float * v = cb + ((set * GL + j) * K + c) * d;
-                float acc = 0.0f;
+// Per-token tables of the coded head's exact op: per code position j = g*L + l of a row, the 16
+// entries hp_g . C[g][l][c] (the codebooks' order: {d, K, L, G}; entries c >= K zero), as
+// carvq_screen_rows_sum reads them for the lookup's levels. single: GL * 16 floats.
+static void carvq_coded_tables_single(const float * cb, int64_t GL, int64_t L, int64_t K, int64_t d, const float * hp,
+                                      float * single) {
+    for (int64_t j = 0; j < GL; ++j) {
+        const float * h = hp + (j / L) * d;
+        for (int64_t c = 0; c < 16; ++c) {
+            float acc = 0.0f;
+            if (c < K) {
+                const float * v = cb + (j * K + c) * d;
                 for (int64_t i = 0; i < d; ++i) {
                     acc += h[i] * v[i];
                 }
-                single[(size_t) (j * 16 + c)] = acc;
             }
+            single[j * 16 + c] = acc;
         }
+    }
+}
+
+// The hot tiers' tables (their codes are packed rows, {d, K, Lh, G} a tier after the tiers before
+// it): per packed byte of a row (positions 2i and 2i + 1), the 256 sums of its two entries, so
+// that a hot row adds one lookup a byte, G*Lh/2 adds. pairs: n_sets * B * 256 floats.
+static void carvq_coded_tables_pairs(const float * cb, int64_t n_sets, int64_t GL, int64_t L, int64_t K, int64_t d,
+                                     const float * hp, std::vector<float> & single, std::vector<float> & pairs) {
+    const int64_t B = (GL + 1) / 2;
+    single.resize((size_t) (GL * 16));
+    pairs.resize((size_t) (n_sets * B * 256));
+    for (int64_t set = 0; set < n_sets; ++set) {
+        carvq_coded_tables_single(cb + set * GL * K * d, GL, L, K, d, hp, single.data());
         float * out = pairs.data() + set * B * 256;
         for (int64_t b = 0; b < B; ++b) {
             const float * lo = single.data() + (2 * b) * 16;
@@ -1350,27 +1382,24 @@ static void carvq_coded_head_exact_op(ggml_tensor * dst, int ith, int nth, void 
         }
         const float * h = carvq_coded_head_state(carvq, carvq_column(cur, p), sc.hp.data());
         // every thread builds the tables (a few hundred thousand multiply-adds; no barrier inside an op)
-        carvq_coded_tables_build(carvq_coded_head_codebooks(carvq, false), 1, GL, l.levels, K, l.group_size, h,
-                                 sc.coded_single, sc.coded_t);
+        sc.coded_t.resize((size_t) (GL * 16));
+        carvq_coded_tables_single(carvq_coded_head_codebooks(carvq, false), GL, l.levels, K, l.group_size, h,
+                                  sc.coded_t.data());
         if (n_tiers > 0) {
-            carvq_coded_tables_build(carvq_coded_head_codebooks(carvq, true), n_tiers, GLh, l.hot_levels, K,
+            carvq_coded_tables_pairs(carvq_coded_head_codebooks(carvq, true), n_tiers, GLh, l.hot_levels, K,
                                      l.group_size, h, sc.coded_single, sc.coded_th);
         }
         float * out = (float *) ((char *) dst->data + p * dst->nb[1]);
         // runs of CARVQ_EXACT_RUN candidates dealt out in turn, as in carvq_screen_exact_op. A run
-        // first finds its rows' codes, the lookup's and each hot tier's (the ids increase, so each
-        // tier's position only moves forward), then adds them up a byte position at a time over all
-        // its rows: that position's table (1 KiB) stays in L1, and the run's scattered code rows are
-        // fetched side by side, not one after another
+        // sums its rows' lookup levels from the screen's blocks (the tables, G*L*64 bytes, stay in
+        // L1), then finds each hot tier's rows among its own (the ids increase, so each tier's
+        // position only moves forward) and adds them up a byte position at a time over all of
+        // them: that position's table (1 KiB) stays in L1, and the scattered hot rows are fetched
+        // side by side, not one after another
         for (int64_t run = ith; run * CARVQ_EXACT_RUN < m; run += nth) {
             const int64_t i0 = run * CARVQ_EXACT_RUN, nr = std::min(m, i0 + CARVQ_EXACT_RUN) - i0;
-            const uint8_t * rows[CARVQ_EXACT_RUN];
             float acc[CARVQ_EXACT_RUN];
-            for (int64_t r = 0; r < nr; ++r) {
-                rows[r] = carvq_coded_head_codes(carvq, sc.ids[(size_t) (i0 + r)]);
-                acc[r] = 0.0f;
-            }
-            carvq_coded_sums(rows, nr, sc.coded_t.data(), (GL + 1) / 2, acc);
+            carvq_screen_rows_sum(&l, carvq.screen.blocks.data(), sc.ids.data() + i0, nr, sc.coded_t.data(), acc);
             for (int64_t t = 0, start = 0; t < n_tiers; start += carvq_layout_hot_tier_rows(&l, t), ++t) {
                 const int64_t end = start + carvq_layout_hot_tier_rows(&l, t);
                 const uint8_t * hot[CARVQ_EXACT_RUN];
@@ -1418,10 +1447,11 @@ static void carvq_coded_head_dense_op(ggml_tensor * dst, int ith, int nth, void 
         }
     }
     sc.rows_f32.resize((size_t) (n * CARVQ_DENSE_ROWS));
+    sc.row.resize((size_t) carvq_layout_code_row_bytes(&carvq.layout));
     for (int64_t b = v0; b < v1; b += CARVQ_DENSE_ROWS) {
         const int64_t rows = std::min<int64_t>(CARVQ_DENSE_ROWS, v1 - b);
         for (int64_t r = 0; r < rows; ++r) {
-            carvq_coded_head_row(carvq, (int32_t) (b + r), sc.rows_f32.data() + r * n);
+            carvq_coded_head_row(carvq, (int32_t) (b + r), sc.row.data(), sc.rows_f32.data() + r * n);
         }
         for (int64_t p = 0; p < n_out; ++p) {
             const float * h = projected ? sc.hps.data() + p * n : carvq_column(cur, p);

@@ -151,3 +151,24 @@ def relayout(layout: Layout, codes_packed) -> np.ndarray:
     blk = padded.reshape(n_blocks, 2, BLOCK // 2, GLp)  # rows i and i + 16 share a byte
     out = blk[:, 0] | (blk[:, 1] << 4)  # (n_blocks, 16, GLp)
     return np.ascontiguousarray(out.transpose(0, 2, 1)).reshape(-1)
+
+
+def coded_tables(layout: Layout, codebooks, h) -> np.ndarray:
+    """A coded head's float tables (llama-carvq.cpp's carvq_coded_tables_single): t[j, c] =
+    h_g . C[g][l][c] for code position j = g*L + l, 16 entries a position (c >= K zero)."""
+    t = _dots(codebooks, h, layout.group_size)
+    out = np.zeros((t.shape[0], 16), np.float32)
+    out[:, : t.shape[1]] = t
+    return out
+
+
+def rows_sum(layout: Layout, codes_packed, rows, tables) -> np.ndarray:
+    """carvq_screen_rows_sum: each row's sum over j of tables[j, code(row, j)], as two partial
+    sums s[j % 2] in order of j, then s0 + s1, float32."""
+    codes = unpack_codes(codes_packed, layout).reshape(layout.n_vocab, -1)[np.asarray(rows, np.int64)]
+    t = np.asarray(tables, np.float32).reshape(-1, 16)
+    picked = t[np.arange(codes.shape[1]), codes]  # (rows, GL)
+    s = np.zeros((len(codes), 2), np.float32)
+    for j in range(codes.shape[1]):
+        s[:, j % 2] = s[:, j % 2] + picked[:, j]
+    return s[:, 0] + s[:, 1]
