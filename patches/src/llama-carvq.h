@@ -117,6 +117,11 @@ struct llama_carvq {
     ggml_tensor * hot_map   = nullptr; // I8 {map bytes}: the ids as nested bitmaps instead (format v7)
     bool hot_map_key = false;          // carvq.hot_map
     std::vector<int32_t> hot_map_ids;  // hot_map expanded at load (llama_carvq_check_data)
+    // a coded head's hot tiers as bitmaps with ranks (built at load): whether row v is in tier t,
+    // and its position there, in O(1) (carvq_tier_find) instead of a search of the tier's ids
+    int64_t tier_words = 0;            // 64-bit words a tier: ceil(V / 64)
+    std::vector<uint64_t> tier_bits;   // T * tier_words: bit v of tier t set when v is one of its rows
+    std::vector<uint32_t> tier_rank;   // T * tier_words: tier t's rows below word w's first id
     ggml_tensor * hot_codes = nullptr; // I8  {Bh, N}
     ggml_tensor * hot_codebooks = nullptr; // F32/F16 {d, K, Lh, G}
     ggml_tensor * transform = nullptr; // F32/F16 {n, n}: row = transform @ the codes' sum (format v6)
