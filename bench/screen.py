@@ -1,5 +1,6 @@
 """The screened output head (docs/SCREEN.md) on SmolLM2-135M-Instruct and Gemma-3-270M (both
-from PyPI, converted with the default `carvq convert`):
+from PyPI, converted with the default `carvq convert`: since session 31 a tied model's head is the
+lookup's codes, format v8; rows of the head-copy default before it are kept, marked):
 
 - quality against k: KLD, top-1 agreement and delta perplexity of the screened head against the
   dense head of the same file (llama-perplexity on the 1911 Britannica text), and generation
@@ -47,9 +48,10 @@ MODELS = {"smollm2": ("SmolLM2-135M-Instruct", models.smollm2, 20), "gemma3": ("
 
 
 def _converted(name: str, stock: Path, own_index: bool = False) -> Path:
-    """The default conversion (format v5 or later: the screen reads the lookup's codes and its correction),
-    or with --screen-index (format v3 where the held-out check keeps the head's own index)."""
-    kind = "v3" if own_index else "v5"
+    """The default conversion (the screen reads the lookup's codes and its correction; a tied source's
+    head is those codes since format v8), or with --screen-index (format v3 where the held-out check
+    keeps the head's own index)."""
+    kind = "v3" if own_index else "v8"
     out = cache_dir() / "bench" / f"{name}.default.{kind}.{converter_digest()}.carvq.gguf"
     if not out.exists():  # made again whenever the converter's code changes
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -70,10 +72,15 @@ def _screen_calibration() -> Path:
     return out
 
 
-def _default_k(n_vocab: int, own_index: bool = False, fix_rank: int = 0) -> int:
+def _default_k(n_vocab: int, own_index: bool = False, fix_rank: int = 0, coded_head: bool = False) -> int:
     from carvq.converter.screen_index import default_k
 
-    return default_k(n_vocab, own_index, fix_rank)
+    return default_k(n_vocab, own_index, fix_rank, coded_head)
+
+
+# rows measured when the default kept a Q5_0 copy of a tied head (until session 30), renamed so
+# that the coded head's rows do not replace them
+COPY_LABEL = " (Q5_0 head copy, v7, until session 30)"
 
 
 LONG_GEN, LONG_REPS = 256, 3  # the long-generation A/B: llama-bench -n 256 -r 3, one process a side
@@ -184,10 +191,11 @@ def main() -> None:
         name += INDEX_LABEL if own_index else ""
         V = fmt.read_layout(gio.open_gguf(carvq)).n_vocab
         tensors = fmt.read_tensors(carvq)
-        k0 = _default_k(V, tensors.screen is not None, tensors.screen_fix.rank if tensors.screen_fix is not None else 0)
+        k0 = _default_k(V, tensors.screen is not None, tensors.screen_fix.rank if tensors.screen_fix is not None else 0,
+                        tensors.head_codes)
         print(f"{name}: quality and speed against k ...", flush=True)
         ks = sorted({1024, 2048, 4096, k0, min(V, 2 * k0)})
-        r = {"default_k": k0, "n_vocab": V, "screen_index": tensors.screen is not None,
+        r = {"default_k": k0, "n_vocab": V, "screen_index": tensors.screen is not None, "head": "codes" if tensors.head_codes else "copy",
              "quality": quality_vs_k(carvq, text, chunks, ks)}
         r["stock_tg_tps"] = _tg_speed(stock, {})
         print(f"{name}: A/B speed ...", flush=True)
@@ -209,6 +217,9 @@ def main() -> None:
     previous = RESULTS / "screen.json"
     if previous.exists():  # a run of some models keeps the others' latest results
         old = json.loads(previous.read_text())
+        # a default row of the head-copy design ("head" absent or "copy") keeps its place under its own label
+        old = {(k + COPY_LABEL if k in results and v.get("head", "copy") != results[k].get("head") else k): v
+               for k, v in old.items()}
         results = {**{k: v for k, v in old.items() if k not in results}, **results}
         order = [n + suffix for suffix in ("", INDEX_LABEL) for n, _, _ in MODELS.values()]
         order += [name for name in results if name not in order]  # rows of earlier designs, kept
@@ -235,8 +246,11 @@ def _long_ratio(r: dict) -> str:
 
 def table(results: dict) -> str:
     mib = lambda n: f"{n / 2**20:.1f}"  # noqa: E731
-    lines = [f"Latest run {date.today().isoformat()} on {machine()}; default `carvq convert` (tied head copy Q5_0, "
-             "the lookup's codes screening with the screen correction, format v5 or later, the default of the run (v7 from 2026-12-06); rows marked --screen-index: converted "
+    lines = [f"Latest run {date.today().isoformat()} on {machine()}; default `carvq convert` (since session 31 a tied "
+             "model's head is the lookup's codes, format v8, the coded head at 3.0 bpw, screened at k = 2048: its dense "
+             "head decodes every row from the codes; rows marked 'Q5_0 head copy': the default until session 30, a "
+             "1.6 bpw lookup and a Q5_0 copy of the head, screened by the lookup's codes with the screen correction, "
+             "format v7; rows marked --screen-index: converted "
              "with it, the head's own index screening, format v3); "
              "KLD / top-1 / Δ perplexity of the screened head against the dense head of the same file on the "
              "Britannica text; speeds are generation (64 tokens) tokens/s; A/B ratios over alternating llama-bench "
