@@ -2,7 +2,8 @@
 the dense top-1 and the dense top-40 set (llama.cpp's default sampler draws from the top 40),
 over positions of the Britannica text. Hidden states from the runtime (`Model.hidden_states`),
 approximate scores from the NumPy reference of the scan (src/carvq/screen.py, bit-exact with the
-C scan), exact logits from the dequantized head copy. Not timed.
+C scan), exact logits from the dequantized head copy, or a coded head's rows decoded by the NumPy
+reference decoder. Not timed.
 
 With `--kld`, also the KL divergence of the screened logits from the dense ones as the exact op
 writes them (the candidates exact, every other row `a + b * approx + s2 / 2`, the regression of
@@ -54,7 +55,12 @@ def main() -> None:
     t = screen.lookup_as_index(tensors)  # what the scan reads of a tiered lookup
     fix = tensors.screen_fix if args.fix else None  # the screen correction (format v5), if the file has one
     lo = t.layout
-    head = gio.dequantize(gio.tensor_by_name(reader, gio.HEAD))  # (V, n)
+    if tensors.head_codes:  # a coded head (format v8): the head's rows are the lookup's own
+        from carvq import reference
+
+        head = reference.decode_all(path)
+    else:
+        head = gio.dequantize(gio.tensor_by_name(reader, gio.HEAD))  # (V, n)
     text = models.britannica_text().read_text(encoding="utf-8")[:20000]
     with Model(path, n_ctx=1024) as m:
         toks = m.tokenize(text)[: args.positions]

@@ -57,6 +57,12 @@ def test_dense_logits_are_the_reference_rows(arch, coded):
         hidden = m.hidden_states(TEXT_IDS)
     want = hidden @ reference.decode_all(path).T
     np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    # batches of 3 outputs: the dense op sums every row's tables (generation's path) instead of
+    # decoding rows; the hidden states of 3-token batches, which round a little differently
+    with Model(path, n_ctx=64, n_batch=3, head="dense") as m:
+        few = m.logits(TEXT_IDS)
+        want = m.hidden_states(TEXT_IDS) @ reference.decode_all(path).T
+    np.testing.assert_allclose(few, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
