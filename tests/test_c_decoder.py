@@ -265,6 +265,18 @@ def run_hot_decode(lib: Lib, V, n, d, L, K, f16: bool, rng):
     untouched = np.ones(out.shape, bool)
     untouched[first:last, :n] = False
     assert np.all(out.view(np.uint32)[untouched] == sentinel), "wrote outside its rows: " + case
+    # carvq_hot_row_add, given each row's place in each tier, continues the same sums
+    alone = np.empty((max(last - first, 1), n), np.float32)
+    lib.lib.carvq_rows_decode(lay, ptr(lib, "uint8_t *", arrays["codes"]), ptr(lib, "void *", arrays["cb"]), cb_type,
+                              ptr(lib, "int32_t *", ids), n_ids, ptr(lib, "float *", alone) - first * n, n, first, last)
+    for t, start in enumerate(np.cumsum((0, *(tiers or (N,))))[:-1]):
+        tier_ids = hot_ids_np[start : start + (tiers[t] if tiers else N)]
+        for r in range(first, last):
+            at = int(np.searchsorted(tier_ids, ids_np[r]))
+            if at < tier_ids.size and tier_ids[at] == ids_np[r]:
+                lib.lib.carvq_hot_row_add(lay, t, int(start) + at, ptr(lib, "uint8_t *", arrays["hot_codes"]),
+                                          ptr(lib, "void *", arrays["hot_cb"]), cb_type, ptr(lib, "float *", alone[r - first]))
+    assert np.array_equal(alone[: last - first].view(np.uint32), want.view(np.uint32)), "carvq_hot_row_add: " + case
 
 
 @pytest.mark.parametrize("f16", [False, True], ids=["f32", "f16"])

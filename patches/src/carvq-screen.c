@@ -52,6 +52,16 @@ static inline unsigned carvq_screen_code(const uint8_t * crow, int64_t j) {
     return (crow[j >> 1] >> ((j & 1) * 4)) & 15u;
 }
 
+// Where row r lives in the blocks: its byte of code position 0 (position j's is 16 * j bytes
+// further), and the shift of its nibble there
+static inline int64_t carvq_screen_row_offset(const struct carvq_screen_geom * s, int64_t r) {
+    return (r / CARVQ_SCREEN_BLOCK) * s->block_bytes + r % CARVQ_SCREEN_HALF;
+}
+
+static inline int carvq_screen_row_shift(int64_t r) {
+    return r % CARVQ_SCREEN_BLOCK < CARVQ_SCREEN_HALF ? 0 : 4;
+}
+
 int64_t carvq_screen_blocks_nbytes(const struct carvq_layout * l) {
     struct carvq_screen_geom s;
     if (carvq_screen_geom_init(l, &s)) {
@@ -80,11 +90,10 @@ void carvq_screen_relayout_rows(const struct carvq_layout * l, const uint8_t * c
     const int64_t B = carvq_layout_code_row_bytes(l);
     for (int64_t r = r0 < 0 ? 0 : r0; r < r1 && r < l->n_vocab; ++r) {
         const uint8_t * crow = codes + r * B;
-        uint8_t * blk = blocks + (r / CARVQ_SCREEN_BLOCK) * s.block_bytes;
-        const int64_t i = r % CARVQ_SCREEN_BLOCK;
-        const int shift = i < CARVQ_SCREEN_HALF ? 0 : 4;
+        uint8_t * p = blocks + carvq_screen_row_offset(&s, r);
+        const int shift = carvq_screen_row_shift(r);
         for (int64_t j = 0; j < s.GL; ++j) {
-            blk[j * 16 + (i % CARVQ_SCREEN_HALF)] |= (uint8_t) (carvq_screen_code(crow, j) << shift);
+            p[j * 16] |= (uint8_t) (carvq_screen_code(crow, j) << shift);
         }
     }
 }
@@ -94,12 +103,11 @@ void carvq_screen_row_codes(const struct carvq_layout * l, const uint8_t * block
     if (carvq_screen_geom_init(l, &s)) {
         return;
     }
-    const uint8_t * blk = blocks + (row / CARVQ_SCREEN_BLOCK) * s.block_bytes;
-    const int64_t i = row % CARVQ_SCREEN_BLOCK;
-    const int shift = i < CARVQ_SCREEN_HALF ? 0 : 4;
+    const uint8_t * p = blocks + carvq_screen_row_offset(&s, row);
+    const int shift = carvq_screen_row_shift(row);
     memset(codes, 0, (size_t) carvq_layout_code_row_bytes(l));
     for (int64_t j = 0; j < s.GL; ++j) {
-        const unsigned c = (blk[j * 16 + (i % CARVQ_SCREEN_HALF)] >> shift) & 15u;
+        const unsigned c = (p[j * 16] >> shift) & 15u;
         codes[j >> 1] |= (uint8_t) (c << ((j & 1) * 4));
     }
 }
@@ -130,11 +138,10 @@ void carvq_screen_rows_sum(const struct carvq_layout * l, const uint8_t * blocks
         float even[LANES], odd[LANES];
         for (int64_t r = 0; r < LANES; ++r) {
             const int64_t row = rows[i0 + (r < m ? r : 0)];
-            p[r] = blocks + (row / CARVQ_SCREEN_BLOCK) * s.block_bytes + row % CARVQ_SCREEN_HALF;
-            shift[r] = row % CARVQ_SCREEN_BLOCK < CARVQ_SCREEN_HALF ? 0 : 4;
+            p[r] = blocks + carvq_screen_row_offset(&s, row);
+            shift[r] = carvq_screen_row_shift(row);
             even[r] = odd[r] = 0.0f;
-            const int64_t ahead = i0 + AHEAD + r < n ? rows[i0 + AHEAD + r] : row;
-            next[r] = blocks + (ahead / CARVQ_SCREEN_BLOCK) * s.block_bytes + ahead % CARVQ_SCREEN_HALF;
+            next[r] = blocks + carvq_screen_row_offset(&s, i0 + AHEAD + r < n ? rows[i0 + AHEAD + r] : row);
         }
         int64_t j = 0;
         for (; j + 1 < s.GL; j += 2) {

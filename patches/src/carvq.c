@@ -823,6 +823,12 @@ static int64_t carvq_hot_find(const int32_t * hot_ids, int64_t n_hot, int32_t t)
 // Hot rows are few and the adds are Lh per element: the scalar reference, continuing each
 // element's sum from the value carvq_rows_decode stored (a float32, so the sum is the same
 // as one uninterrupted accumulation). Geometry once per call, element type once per row.
+// tier t's codebooks: (G, Lh, K, d) each, tier after tier
+static const void * carvq_hot_tier_codebooks(const struct carvq_geom * gm, const void * hot_codebooks, int64_t t,
+        enum carvq_codebook_type cb_type) {
+    return (const uint8_t *) hot_codebooks + t * gm->G * gm->LKD * (cb_type == CARVQ_CODEBOOK_F16 ? 2 : 4);
+}
+
 void carvq_rows_hot_add(const struct carvq_layout * l, const int32_t * hot_ids, const uint8_t * hot_codes,
         const void * hot_codebooks, enum carvq_codebook_type cb_type, const int32_t * ids, int64_t n_ids,
         float * out, int64_t out_row_stride, int64_t first, int64_t last) {
@@ -833,10 +839,9 @@ void carvq_rows_hot_add(const struct carvq_layout * l, const int32_t * hot_ids, 
     if (last > n_ids) last = n_ids;
     struct carvq_geom gm;
     carvq_geom_init(&gm, l, l->hot_levels, 1);
-    const int64_t tier_cb_bytes = gm.G * gm.LKD * (cb_type == CARVQ_CODEBOOK_F16 ? 2 : 4); // one tier's (G, Lh, K, d)
     for (int64_t t = 0, start = 0; t < carvq_layout_hot_tier_count(l); start += carvq_layout_hot_tier_rows(l, t), ++t) {
         const int64_t rows = carvq_layout_hot_tier_rows(l, t);
-        const void * cb = (const uint8_t *) hot_codebooks + t * tier_cb_bytes;
+        const void * cb = carvq_hot_tier_codebooks(&gm, hot_codebooks, t, cb_type);
         for (int64_t r = first; r < last; ++r) {
             const int64_t j = carvq_hot_find(hot_ids + start, rows, ids[r]);
             if (j < 0) {
@@ -847,4 +852,12 @@ void carvq_rows_hot_add(const struct carvq_layout * l, const int32_t * hot_ids, 
             carvq_groups_scalar(&gm, crow, cb, o, 0, cb_type == CARVQ_CODEBOOK_F16, 1);
         }
     }
+}
+
+void carvq_hot_row_add(const struct carvq_layout * l, int64_t t, int64_t j, const uint8_t * hot_codes,
+        const void * hot_codebooks, enum carvq_codebook_type cb_type, float * out) {
+    struct carvq_geom gm;
+    carvq_geom_init(&gm, l, l->hot_levels, 1);
+    carvq_groups_scalar(&gm, hot_codes + j * gm.B, carvq_hot_tier_codebooks(&gm, hot_codebooks, t, cb_type), out, 0,
+                        cb_type == CARVQ_CODEBOOK_F16, 1);
 }

@@ -191,6 +191,19 @@ void carvq_rows_hot_add(
         int64_t          first,
         int64_t          last);
 
+// carvq_rows_hot_add's sums for one row whose place is known: out (n floats) continues with the
+// levels of hot row j (0 <= j < N, an index into hot_codes, not checked), a row of tier t, with
+// that tier's codebooks. For a caller that finds a token's hot rows by its own index
+// (llama-carvq.cpp's tier bitmaps) instead of a search of hot_ids.
+void carvq_hot_row_add(
+        const struct carvq_layout * l,
+        int64_t          t,
+        int64_t          j,
+        const uint8_t  * hot_codes,
+        const void     * hot_codebooks,
+        enum carvq_codebook_type cb_type,
+        float          * out);
+
 // Which path carvq_rows_decode takes for cb_type in this build:
 // "avx", "f16c", "sse2", "neon" or "scalar".
 const char * carvq_simd_name(enum carvq_codebook_type cb_type);

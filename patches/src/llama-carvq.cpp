@@ -1307,31 +1307,16 @@ static inline int64_t carvq_tier_find(const llama_carvq & carvq, int64_t t, int3
     return (word & bit) ? (int64_t) carvq.tier_rank[(size_t) w] + carvq_popcount64(word & (bit - 1)) : -1;
 }
 
-// out (n floats) += row `id`'s hot levels, tier after tier and level after level (the decoder's
-// order, so the sums are carvq_rows_hot_add's), its tiers found by carvq_tier_find: the
-// decoder's search of each tier's ids, once per row of a dense head, took 88 % of Gemma-3's
+// out (n floats) += row `id`'s hot levels, tier after tier (carvq_rows_hot_add's sums), its tiers
+// found by carvq_tier_find: the decoder's search of each tier's ids, once per row of a dense
+// head, took 88 % of Gemma-3's
 static void carvq_coded_hot_add(const llama_carvq & carvq, int32_t id, float * out) {
     const carvq_layout & l = carvq.layout;
-    const int64_t G = l.n_embd / l.group_size, Lh = l.hot_levels, K = l.codebook_size, d = l.group_size;
-    const int64_t Bh = (G * Lh + 1) / 2;
-    const uint8_t * hot_codes = (const uint8_t *) carvq.hot_codes->data;
-    const float * cb = carvq_coded_head_codebooks(carvq, true);
     for (int64_t t = 0, start = 0; t < carvq_layout_hot_tier_count(&l); start += carvq_layout_hot_tier_rows(&l, t), ++t) {
         const int64_t at = carvq_tier_find(carvq, t, id);
-        if (at < 0) {
-            continue;
-        }
-        const uint8_t * crow = hot_codes + (start + at) * Bh;
-        const float * tier_cb = cb + t * G * Lh * K * d;
-        for (int64_t g = 0; g < G; ++g) {
-            for (int64_t lh = 0; lh < Lh; ++lh) {
-                const int64_t j = g * Lh + lh;
-                const unsigned c = (crow[j / 2] >> ((j & 1) * 4)) & 15u;
-                const float * v = tier_cb + (j * K + c) * d;
-                for (int64_t i = 0; i < d; ++i) {
-                    out[g * d + i] += v[i];
-                }
-            }
+        if (at >= 0) {
+            carvq_hot_row_add(&l, t, start + at, (const uint8_t *) carvq.hot_codes->data,
+                              carvq_coded_head_codebooks(carvq, true), CARVQ_CODEBOOK_F32, out);
         }
     }
 }
@@ -1403,7 +1388,6 @@ static void carvq_coded_sums(const uint8_t * const * rows, int64_t n, const floa
         }
     }
 }
-
 
 // The hidden state h as the rows above meet it: h @ transform (format v6), else h itself
 static const float * carvq_coded_head_state(const llama_carvq & carvq, const float * h, float * projected) {

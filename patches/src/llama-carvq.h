@@ -146,7 +146,8 @@ struct llama_carvq {
     // the lookup, and a coded head's exact rows, decode from screen.blocks (the same codes, re-laid)
     // instead of `codes`, whose mapped pages then leave the process: a row of the blocks spans one
     // byte in 16 of G*L*16 bytes, a row of `codes` two cache lines, but a second copy of the codes
-    // would cost more memory (Gemma-3: 30 MiB) than the reads cost time (about 2 % of generation)
+    // costs more memory (Gemma-3: 30 MiB) than the reads cost time (about 0.3 ms of a 9 ms token,
+    // within the host's noise in A/B runs: docs/RESULTS.md, session 32)
     bool lookup_from_blocks() const { return screen.enabled() && screen.codes == codes; }
     // the hot rows' ids, tier after tier: the file's hot_ids, or its hot map expanded
     const int32_t * hot_id_data() const {
