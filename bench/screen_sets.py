@@ -1,6 +1,8 @@
 """How often the screened head's exact candidates contain what the sampler needs, against k:
 the dense top-1 and the dense top-40 set (llama.cpp's default sampler draws from the top 40),
-over positions of the Britannica text. Hidden states from the runtime (`Model.hidden_states`),
+over positions of the Britannica text: by default `--windows 8` contexts spread evenly over
+the whole text (an article's own difficulty moves the figure: SmolLM2's first window, Shakespeare,
+is its hardest; `--windows 1` reads only the text's first positions, as before session 33). Hidden states from the runtime (`Model.hidden_states`),
 approximate scores from the NumPy reference of the scan (src/carvq/screen.py, bit-exact with the
 C scan), exact logits from the dequantized head copy, or a coded head's rows decoded by the NumPy
 reference decoder. Not timed.
@@ -12,7 +14,7 @@ shifted to its true mass), and for `--margins T ...` a candidate count that foll
 position: the rows whose approximate logit is within T nats of the best one, clamped to
 `--k-range`, reported by its mean k.
 
-    python bench/screen_sets.py [--model gemma3] [--positions 256] [--ks 4096 8192 16384] [--kld --margins 10 12]
+    python bench/screen_sets.py [--model gemma3] [--positions 1024] [--windows 8] [--ks 2048 4096] [--kld --margins 10 12]
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ from carvq import screen  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gemma3", choices=sorted(MODELS))
-    ap.add_argument("--positions", type=int, default=256)
+    ap.add_argument("--positions", type=int, default=1024, help="positions in all")
+    ap.add_argument("--windows", type=int, default=8, help="contexts the positions are split over, spread evenly over the text")
     ap.add_argument("--ks", type=int, nargs="+", default=[4096, 8192, 16384])
     ap.add_argument("--file", type=Path, help="a CARVQ file of the model instead of the bench's default conversion")
     ap.add_argument("--fix", action=argparse.BooleanOptionalAction, default=True,
@@ -61,10 +64,16 @@ def main() -> None:
         head = reference.decode_all(path)
     else:
         head = gio.dequantize(gio.tensor_by_name(reader, gio.HEAD))  # (V, n)
-    text = models.britannica_text().read_text(encoding="utf-8")[:20000]
-    with Model(path, n_ctx=1024) as m:
-        toks = m.tokenize(text)[: args.positions]
-        h = m.hidden_states(toks)
+    text = models.britannica_text().read_text(encoding="utf-8")
+    per = -(-args.positions // args.windows)
+    toks, states = [], []
+    with Model(path, n_ctx=per + 8) as m:
+        for w in range(args.windows):
+            start = len(text) * w // args.windows
+            window = m.tokenize(text[start:start + 40 * per])[:per]  # a fresh context: its first position is a BOS's
+            toks += window
+            states.append(m.hidden_states(window))
+    h = np.concatenate(states)
     hits = {k: {"top1": 0, "top40": 0} for k in args.ks}
     rules = [("k", k) for k in args.ks] + [("margin", m) for m in args.margins]
     kl = {r: {"k": [], "kld": [], "kld_true_tail_mass": [], "top40": 0} for r in rules}
@@ -95,7 +104,7 @@ def main() -> None:
                     top40_inside[k] = top40 <= set(order[:k].tolist())
                 kl[rule]["top40"] += top40_inside[k]
     n = len(toks)
-    res = {"model": label, "file": path.name, "screen_fix": fix is not None, "positions": n,
+    res = {"model": label, "file": path.name, "screen_fix": fix is not None, "positions": n, "windows": args.windows,
            "k": {k: {"top1_inside": v["top1"] / n, "top40_inside": v["top40"] / n} for k, v in hits.items()}}
     if args.kld:
         res["kld"] = {f"{kind} {v:g}": {"mean_k": float(np.mean(r["k"])), "kld": float(np.mean(r["kld"])),
