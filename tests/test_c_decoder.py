@@ -286,6 +286,29 @@ def test_decode_hot_rows(lib, f16):
         run_hot_decode(lib, *random_case(rng), f16, rng)
 
 
+@pytest.mark.parametrize("n", [1, 7, 8, 13, 64, 576])
+def test_rows_dot_against_numpy(lib, n):
+    """carvq_rows_dot (the dense coded head's products) against float64 NumPy, over shapes that
+    leave partial tiles (rows not a multiple of 4, states not of 3, n not of the vector width),
+    and each product the same bits as the same pair alone (a logit does not depend on its batch)."""
+    rng = np.random.default_rng(n)
+    for n_rows, n_states in [(1, 1), (3, 2), (4, 3), (9, 5), (13, 7), (64, 10)]:
+        rows = rng.standard_normal((n_rows, n)).astype(np.float32)
+        hs = rng.standard_normal((n_states, n)).astype(np.float32)
+        ld = n_rows + 2
+        out = np.full((n_states, ld), 7.0, np.float32)
+        lib.lib.carvq_rows_dot(ptr(lib, "float *", rows), n_rows, ptr(lib, "float *", hs), n_states, n,
+                               ptr(lib, "float *", out), ld)
+        want = hs.astype(np.float64) @ rows.astype(np.float64).T
+        np.testing.assert_allclose(out[:, :n_rows], want, rtol=1e-5, atol=1e-5 * np.sqrt(n))
+        assert np.all(out[:, n_rows:] == 7.0), "wrote past its rows"
+        one = np.zeros(1, np.float32)
+        for s_, r in [(0, 0), (n_states - 1, n_rows - 1), (n_states // 2, n_rows // 2)]:
+            row, h = rows[r].copy(), hs[s_].copy()  # kept alive through the call
+            lib.lib.carvq_rows_dot(ptr(lib, "float *", row), 1, ptr(lib, "float *", h), 1, n, ptr(lib, "float *", one), 1)
+            assert one.view(np.uint32)[0] == out[s_, r:r + 1].view(np.uint32)[0]
+
+
 def test_hot_check(libs):
     lib = libs["default"]
     V, n, d, L, K, N, Lh = 50, 16, 8, 2, 5, 4, 3

@@ -204,6 +204,13 @@ void carvq_hot_row_add(
         enum carvq_codebook_type cb_type,
         float          * out);
 
+// Dense products of decoded rows with states (a coded head's logits for many outputs):
+// out[s * ld + r] = sum over i < n of rows[r * n + i] * hs[s * n + i], for r < n_rows, s < n_states;
+// nothing when ld < n_rows. Each product is summed in one order whatever the batch (carvq.c
+// names it): within a build, a logit does not depend on the rows or states beside it.
+void carvq_rows_dot(const float * rows, int64_t n_rows, const float * hs, int64_t n_states, int64_t n, float * out,
+        int64_t ld);
+
 // Which path carvq_rows_decode takes for cb_type in this build:
 // "avx", "f16c", "sse2", "neon" or "scalar".
 const char * carvq_simd_name(enum carvq_codebook_type cb_type);

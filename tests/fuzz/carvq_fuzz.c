@@ -123,6 +123,40 @@ static int codes_valid(const uint8_t * codes, int64_t rows, int64_t B, int64_t G
     return 1;
 }
 
+static int same_bits(float a, float b) {
+    uint32_t x, y;
+    memcpy(&x, &a, 4);
+    memcpy(&y, &b, 4);
+    return x == y || ((x & 0x7fffffffu) > 0x7f800000u && (y & 0x7fffffffu) > 0x7f800000u);
+}
+
+// carvq_rows_dot: each product the same bits whatever the tile around it (every row and state
+// at once against one pair at a time), and nothing written between a state's n_rows outputs and
+// the next state's (ld > n_rows)
+static void check_rows_dot(const float * rows, int64_t n_rows, const float * hs, int64_t n_states, int64_t n) {
+    const int64_t ld = n_rows + 3;
+    float * all = malloc((size_t) (n_states * ld) * sizeof(float) + 1);
+    for (int64_t e = 0; e < n_states * ld; ++e) memcpy(&all[e], &SENTINEL, 4);
+    carvq_rows_dot(rows, n_rows, hs, n_states, n, all, ld);
+    for (int64_t s = 0; s < n_states; ++s) {
+        for (int64_t r = 0; r < ld; ++r) {
+            if (r >= n_rows) {
+                uint32_t got;
+                memcpy(&got, &all[s * ld + r], 4);
+                if (got != SENTINEL) FUZZ_FAIL("rows_dot wrote past its rows (state %" PRId64 ")", s);
+                continue;
+            }
+            float one = 0.0f;
+            carvq_rows_dot(rows + r * n, 1, hs + s * n, 1, n, &one, 1);
+            if (!same_bits(one, all[s * ld + r])) {
+                FUZZ_FAIL("rows_dot depends on its tile: n=%" PRId64 " rows=%" PRId64 " states=%" PRId64 " (%" PRId64
+                          ", %" PRId64 ")", n, n_rows, n_states, r, s);
+            }
+        }
+    }
+    free(all);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t * data, size_t size);
 
 int LLVMFuzzerTestOneInput(const uint8_t * data, size_t size) {
@@ -249,6 +283,28 @@ int LLVMFuzzerTestOneInput(const uint8_t * data, size_t size) {
                     FUZZ_FAIL("decode wrote outside its rows (row %" PRId64 ", elem %" PRId64 ")", row, e);
                 }
             }
+        }
+        if (!short_stride && last > first && n > 0) {
+            // carvq_hot_row_add (SIMD where W | d) continues the same sums as carvq_rows_hot_add
+            float * alone = malloc((size_t) ((last - first) * n) * sizeof(float) + 1);
+            carvq_rows_decode(&l, codes, cb, type, ids + first, last - first, alone, n, 0, last - first);
+            for (int64_t row = first; row < last; ++row) {
+                for (int64_t j = 0; j < N; ++j) {
+                    if (hot_ids[j] == ids[row]) {
+                        carvq_hot_row_add(&l, 0, j, hot_codes, hot_cb, type, alone + (row - first) * n);
+                    }
+                }
+                for (int64_t e = 0; e < n; ++e) {
+                    if (!same_bits(alone[(row - first) * n + e], out[1][row * stride + e])) {
+                        FUZZ_FAIL("%s hot_row_add differs from rows_hot_add: n=%" PRId64 " d=%d Lh=%d f16=%d row %" PRId64,
+                                  carvq_simd_name(type), n, l.group_size, l.hot_levels, f16, row);
+                    }
+                }
+            }
+            // the decoded rows times themselves as states (values of every kind: NaN, inf, subnormals)
+            const int64_t n_rows = last - first, n_states = n_rows < 7 ? n_rows : 7;
+            check_rows_dot(alone, n_rows, alone + (n_rows - n_states) * n, n_states, n);
+            free(alone);
         }
         free(out[0]);
         free(out[1]);
