@@ -1,11 +1,12 @@
 """How often the screened head's exact candidates contain what the sampler needs, against k:
 the dense top-1 and the dense top-40 set (llama.cpp's default sampler draws from the top 40),
 over positions of the Britannica text: by default `--windows 8` contexts spread evenly over
-the whole text (an article's own difficulty moves the figure: SmolLM2's first window, Shakespeare,
-is its hardest; `--windows 1` reads only the text's first positions, as before session 33). Hidden states from the runtime (`Model.hidden_states`),
-approximate scores from the NumPy reference of the scan (src/carvq/screen.py, bit-exact with the
-C scan), exact logits from the dequantized head copy, or a coded head's rows decoded by the NumPy
-reference decoder. Not timed.
+the whole text (an article's own difficulty moves the figure: SmolLM2's first window,
+Shakespeare, is its hardest; `--windows 1` reads only the text's first positions, as before
+session 33). Hidden states from the runtime (`Model.hidden_states`), approximate scores from
+the NumPy reference of the scan (src/carvq/screen.py, bit-exact with the C scan), exact logits
+from the dequantized head copy, or a coded head's rows decoded by the NumPy reference decoder.
+Not timed.
 
 With `--kld`, also the KL divergence of the screened logits from the dense ones as the exact op
 writes them (the candidates exact, every other row `a + b * approx + s2 / 2`, the regression of
@@ -39,7 +40,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gemma3", choices=sorted(MODELS))
     ap.add_argument("--positions", type=int, default=1024, help="positions in all")
-    ap.add_argument("--windows", type=int, default=8, help="contexts the positions are split over, spread evenly over the text")
+    ap.add_argument("--windows", type=int, default=8,
+                    help="contexts the positions are split over, spread evenly over the text")
     ap.add_argument("--ks", type=int, nargs="+", default=[4096, 8192, 16384])
     ap.add_argument("--file", type=Path, help="a CARVQ file of the model instead of the bench's default conversion")
     ap.add_argument("--fix", action=argparse.BooleanOptionalAction, default=True,
@@ -70,7 +72,8 @@ def main() -> None:
     with Model(path, n_ctx=per + 8) as m:
         for w in range(args.windows):
             start = len(text) * w // args.windows
-            window = m.tokenize(text[start:start + 40 * per])[:per]  # a fresh context: its first position is a BOS's
+            # a fresh context (its first position a BOS's); 40 characters a token is ample for English
+            window = m.tokenize(text[start:start + 40 * per])[:per]
             toks += window
             states.append(m.hidden_states(window))
     h = np.concatenate(states)

@@ -829,15 +829,15 @@ static int64_t carvq_hot_find(const int32_t * hot_ids, int64_t n_hot, int32_t t)
     return lo < n_hot && hot_ids[lo] == t ? lo : -1;
 }
 
-// Hot rows are few and the adds are Lh per element: the scalar reference, continuing each
-// element's sum from the value carvq_rows_decode stored (a float32, so the sum is the same
-// as one uninterrupted accumulation). Geometry once per call, element type once per row.
-// tier t's codebooks: (G, Lh, K, d) each, tier after tier
+// Tier t's codebooks: (G, Lh, K, d) each, tier after tier
 static const void * carvq_hot_tier_codebooks(const struct carvq_geom * gm, const void * hot_codebooks, int64_t t,
         enum carvq_codebook_type cb_type) {
     return (const uint8_t *) hot_codebooks + t * gm->G * gm->LKD * (cb_type == CARVQ_CODEBOOK_F16 ? 2 : 4);
 }
 
+// Hot rows are few and the adds are Lh per element: the scalar reference, continuing each
+// element's sum from the value carvq_rows_decode stored (a float32, so the sum is the same
+// as one uninterrupted accumulation). Geometry once per call, element type once per row.
 void carvq_rows_hot_add(const struct carvq_layout * l, const int32_t * hot_ids, const uint8_t * hot_codes,
         const void * hot_codebooks, enum carvq_codebook_type cb_type, const int32_t * ids, int64_t n_ids,
         float * out, int64_t out_row_stride, int64_t first, int64_t last) {

@@ -272,8 +272,7 @@ int LLVMFuzzerTestOneInput(const uint8_t * data, size_t size) {
                 memcpy(&got, &out[0][row * stride + e], 4);
                 memcpy(&want, &out[1][row * stride + e], 4);
                 if (inside && e < n) {
-                    const int both_nan = (got & 0x7fffffffu) > 0x7f800000u && (want & 0x7fffffffu) > 0x7f800000u;
-                    if (got != want && !both_nan) {
+                    if (!same_bits(out[0][row * stride + e], out[1][row * stride + e])) {
                         FUZZ_FAIL("%s decode differs from the scalar reference: V=%" PRId64 " n=%" PRId64 " d=%d L=%d "
                                 "K=%d N=%" PRId64 " Lh=%d f16=%d row %" PRId64 " elem %" PRId64 ": %08x vs %08x",
                                 carvq_simd_name(type), V, n, l.group_size, l.levels, l.codebook_size, N, l.hot_levels,
